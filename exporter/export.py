@@ -1,0 +1,131 @@
+"""Library entry point: checkpoint folder or preset -> OUT/model.onnx (+ external data) and OUT/export.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qwen_export import __version__
+from qwen_export.errors import QwenExportError
+from qwen_export.exporter.checkpoint import Checkpoint
+from qwen_export.exporter.model import build_decoder, present_shape, state_specs
+from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json, spec_from_config
+from qwen_export.fsutil import atomic_output_dir, check_writable_parent
+from qwen_export.memory import peak_rss_mib
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    spec: ModelSpec
+    info: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.out_dir / MODEL_FILE
+
+
+def resolve_source(preset: str | None, model_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """(checkpoint folder, human description) for exactly one of --preset / --model."""
+    if (preset is None) == (model_dir is None):
+        raise QwenExportError("pass exactly one of --preset NAME or --model DIR")
+    if preset is not None:
+        from qwen_export.presets import materialize
+
+        return materialize(preset), f"preset:{preset}"
+    path = Path(model_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise QwenExportError(f"{path}: not a folder; pass a Hugging Face checkpoint folder (config.json + *.safetensors)")
+    return path, str(path)
+
+
+def load_model_source(model_dir: Path) -> tuple[dict[str, Any], ModelSpec, Checkpoint]:
+    config = read_config_json(model_dir)
+    spec = spec_from_config(config, model_dir / "config.json")
+    return config, spec, Checkpoint.open(model_dir)
+
+
+def io_signature(spec: ModelSpec) -> dict[str, list[dict[str, Any]]]:
+    states = state_specs(spec)
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+    ] + [{"name": s.input_name, "dtype": "float32", "shape": list(s.shape)} for s in states]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", spec.vocab_size]}] + [
+        {"name": s.output_name, "dtype": "float32", "shape": present_shape(s)} for s in states
+    ]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "qwen_export": __version__,
+        "python": platform.python_version(),
+        "onnx": onnx.__version__,
+        "onnx_ir": ir.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def export_model(
+    out: str | os.PathLike,
+    preset: str | None = None,
+    model_dir: str | os.PathLike | None = None,
+    debug_hidden_states: bool = False,
+    log=None,
+) -> ExportResult:
+    """Export the text tower to OUT/model.onnx with external weights; nothing is left at OUT on failure."""
+    out_path = check_writable_parent(Path(out))
+    start = time.perf_counter()
+    source_dir, source = resolve_source(preset, model_dir)
+    config, spec, ckpt = load_model_source(source_dir)
+    model = build_decoder(spec, ckpt, debug_hidden_states=debug_hidden_states)
+    left_out = ckpt.account()
+    if log:
+        log(f"{source}: {spec.architecture}, {spec.num_layers} layers, {len(ckpt.used)} of {len(ckpt.tensors)} "
+            "checkpoint tensors used")
+        for part, count in left_out.items():
+            log(f"left out on purpose: {part} ({count} tensors)")
+    build_s = time.perf_counter() - start
+
+    with atomic_output_dir(out_path) as tmp:
+        save_start = time.perf_counter()
+        ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE)
+        save_s = time.perf_counter() - save_start
+        info = {
+            "format": "qwen-export/export@1",
+            "source": source,
+            "source_dir": str(source_dir),
+            "architecture": spec.architecture,
+            "family": spec.family,
+            "config_sha256": config_hash(config),
+            "spec": spec.to_json(),
+            "versions": tool_versions(),
+            "io": io_signature(spec),
+            "checkpoint": {"tensors": len(ckpt.tensors), "used": len(ckpt.used), "left_out": left_out},
+            "graph": {"nodes": len(model.graph), "initializers": len(model.graph.initializers),
+                      "opset": dict(model.opset_imports), "debug_hidden_states": debug_hidden_states},
+            "timings_s": {"load_and_build": round(build_s, 3), "save": round(save_s, 3),
+                          "total": round(time.perf_counter() - start, 3)},
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+        }
+        (tmp / "export.json").write_text(json.dumps(info, indent=2))
+    return ExportResult(out_path, spec, info)

@@ -1,0 +1,75 @@
+"""Feed-forward blocks: the sparse MoE (router, SwiGLU experts, gated shared expert) and the dense MLP."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qwen_export.exporter.builder import GraphBuilder
+from qwen_export.exporter.checkpoint import expert_layout
+from qwen_export.exporter.spec import ModelSpec
+from qwen_export.exporter.weights import Weights, stack_experts
+
+
+def swiglu_mlp(gb: GraphBuilder, w: Weights, p: str, x: ir.Value, hidden: int, inter: int) -> ir.Value:
+    gate = gb.op("MatMul", x, w.linear_t(p + "gate_proj.weight", inter, hidden))
+    up = gb.op("MatMul", x, w.linear_t(p + "up_proj.weight", inter, hidden))
+    return gb.op("MatMul", gb.op("Mul", gb.silu(gate), up), w.linear_t(p + "down_proj.weight", hidden, inter))
+
+
+def _expert_weights(w: Weights, p: str, spec: ModelSpec) -> tuple[ir.Value, ir.Value]:
+    """Stacked expert weights in MatMul layout: gate_up [E, H, 2I] and down [E, I, H]."""
+    e, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+    if expert_layout(w.ckpt, w.prefix + p, spec) == "stacked":
+        gate_up = w.derived(p + "experts.gate_up_proj.T", [(p + "experts.gate_up_proj", (e, 2 * i, h))], (e, h, 2 * i),
+                            lambda a: a[0].transpose(0, 2, 1))
+        down = w.derived(p + "experts.down_proj.T", [(p + "experts.down_proj", (e, h, i))], (e, i, h),
+                         lambda a: a[0].transpose(0, 2, 1))
+        return gate_up, down
+    gates = [(f"{p}experts.{k}.gate_proj.weight", (i, h)) for k in range(e)]
+    ups = [(f"{p}experts.{k}.up_proj.weight", (i, h)) for k in range(e)]
+    downs = [(f"{p}experts.{k}.down_proj.weight", (h, i)) for k in range(e)]
+    gate_up = w.derived(p + "experts.gate_up_proj.T", gates + ups, (e, h, 2 * i),
+                        lambda a: np.concatenate([stack_experts(a[:e]), stack_experts(a[e:])], axis=1)
+                        .transpose(0, 2, 1))
+    down = w.derived(p + "experts.down_proj.T", downs, (e, i, h), lambda a: stack_experts(a).transpose(0, 2, 1))
+    return gate_up, down
+
+
+def sparse_moe(gb: GraphBuilder, w: Weights, layer: int, x: ir.Value, spec: ModelSpec) -> ir.Value:
+    """softmax(fp32) router -> top-k -> renormalise -> SwiGLU experts -> + sigmoid-gated shared expert.
+
+    Every expert's weights are in the graph. This portable form evaluates all experts and weights the
+    unselected ones by exactly zero; the fusion passes replace it with a sparse MoE op.
+    """
+    p = f"layers.{layer}.mlp."
+    h, e, inter = spec.hidden_size, spec.num_experts, spec.moe_intermediate_size
+    tokens = gb.reshape(x, [-1, h])  # [N, H]
+
+    with gb.scope("router"):
+        logits = gb.op("MatMul", tokens, w.linear_t(p + "gate.weight", e, h))
+        probs = gb.op("Softmax", logits, axis=-1)
+        top_values, top_indices = gb.op_multi("TopK", [probs, gb.const([spec.num_experts_per_tok])], 2, axis=-1)
+        if spec.norm_topk_prob:
+            top_values = gb.op("Div", top_values, gb.op("ReduceSum", top_values, gb.const([-1]), keepdims=1))
+        zeros = gb.op("ConstantOfShape", gb.op("Shape", probs), value=ir.tensor(np.zeros(1, np.float32)))
+        routing = gb.op("ScatterElements", zeros, top_indices, top_values, axis=1)  # [N, E]
+
+    with gb.scope("experts"):
+        gate_up, down = _expert_weights(w, p, spec)
+        hidden_up = gb.op("MatMul", tokens, gate_up)  # [E, N, 2I]
+        gate, up = gb.op_multi("Split", [hidden_up, gb.const([inter, inter])], 2, axis=-1)
+        expert_out = gb.op("MatMul", gb.op("Mul", gb.silu(gate), up), down)  # [E, N, H]
+        weights = gb.unsqueeze(gb.transpose(routing, [1, 0]), [2])  # [E, N, 1]
+        routed = gb.op("ReduceSum", gb.op("Mul", expert_out, weights), gb.const([0]), keepdims=0)
+
+    with gb.scope("shared_expert"):
+        shared = swiglu_mlp(gb, w, p + "shared_expert.", tokens, h, spec.shared_expert_intermediate_size)
+        shared_gate = gb.op("Sigmoid", gb.op("MatMul", tokens, w.linear_t(p + "shared_expert_gate.weight", 1, h)))
+        shared = gb.op("Mul", shared, shared_gate)
+
+    return gb.op("Reshape", gb.op("Add", routed, shared), gb.op("Shape", x))
+
+
+def dense_mlp(gb: GraphBuilder, w: Weights, layer: int, x: ir.Value, spec: ModelSpec) -> ir.Value:
+    return swiglu_mlp(gb, w, f"layers.{layer}.mlp.", x, spec.hidden_size, spec.intermediate_size)

@@ -1,0 +1,133 @@
+"""Assemble the decoder graph: one graph for prefill and decode, with every state as explicit I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qwen_export.exporter.attention import AttentionContext, attention_mask_bool, gated_attention, rotary_tables
+from qwen_export.exporter.builder import FLOAT, INT64, GraphBuilder, new_graph, tensor_input
+from qwen_export.exporter.checkpoint import Checkpoint, find_text_prefix
+from qwen_export.exporter.deltanet import gated_deltanet
+from qwen_export.exporter.mlp import dense_mlp, sparse_moe
+from qwen_export.exporter.spec import ModelSpec
+from qwen_export.exporter.weights import Weights
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One carried state: the graph has input `past_key_values.<suffix>` and output `present.<suffix>`."""
+
+    suffix: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def input_name(self) -> str:
+        return f"past_key_values.{self.suffix}"
+
+    @property
+    def output_name(self) -> str:
+        return f"present.{self.suffix}"
+
+
+def state_specs(spec: ModelSpec) -> list[StateSpec]:
+    states = []
+    for i, kind in enumerate(spec.layer_types):
+        if kind == "full_attention":
+            kv = ("batch", spec.num_key_value_heads, "past_sequence", spec.head_dim)
+            states += [StateSpec(f"{i}.key", kv), StateSpec(f"{i}.value", kv)]
+        else:
+            states += [
+                StateSpec(f"{i}.conv_state", ("batch", spec.conv_dim, spec.linear_conv_kernel_dim - 1)),
+                StateSpec(f"{i}.recurrent_state", ("batch", spec.linear_num_value_heads, spec.linear_key_head_dim,
+                                                   spec.linear_value_head_dim)),
+            ]
+    return states
+
+
+def present_shape(state: StateSpec) -> list[int | str]:
+    return ["total_sequence" if d == "past_sequence" else d for d in state.shape]
+
+
+def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool = False) -> ir.Model:
+    """The text tower as an ONNX model whose initializers load lazily from the checkpoint."""
+    input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
+    attention_mask = tensor_input("attention_mask", INT64, ["batch", "total_sequence"])
+    position_ids = tensor_input("position_ids", INT64, ["batch", "sequence"])
+    states = state_specs(spec)
+    past = {s.suffix: tensor_input(s.input_name, FLOAT, s.shape) for s in states}
+    graph = new_graph("qwen_decoder", [input_ids, attention_mask, position_ids, *past.values()])
+    gb = GraphBuilder(graph)
+    w = Weights(gb, ckpt, find_text_prefix(ckpt))
+    hidden = spec.hidden_size
+    present: dict[str, ir.Value] = {}
+    layer_outputs: list[ir.Value] = []
+
+    with gb.scope("embed_tokens"):
+        x = gb.op("Gather", w.derived("embed_tokens.weight", [("embed_tokens.weight", (spec.vocab_size, hidden))],
+                                      (spec.vocab_size, hidden)), input_ids, axis=0)
+    with gb.scope("rotary_emb"):
+        cos, sin = rotary_tables(gb, position_ids, spec)
+    with gb.scope("masks"):
+        ctx = AttentionContext(cos, sin, attention_mask_bool(gb, input_ids, attention_mask))
+        seq = gb.op("Gather", gb.op("Shape", input_ids), gb.const([1]), axis=0)
+        current = gb.op("Slice", attention_mask, gb.op("Neg", seq), gb.const([2**62]), gb.const([1]))
+        token_mask = gb.unsqueeze(gb.op("Cast", current, to=FLOAT), [2])  # [B, T, 1]
+
+    for i, kind in enumerate(spec.layer_types):
+        with gb.scope(f"layers.{i}"):
+            residual = x
+            with gb.scope("input_layernorm"):
+                h = gb.rms_norm(x, w.zero_centred_scale(f"layers.{i}.input_layernorm.weight", hidden), spec.rms_norm_eps)
+            if kind == "full_attention":
+                with gb.scope("self_attn"):
+                    h, k, v = gated_attention(gb, w, i, h, past[f"{i}.key"], past[f"{i}.value"], ctx, spec)
+                present[f"{i}.key"], present[f"{i}.value"] = k, v
+            else:
+                with gb.scope("linear_attn"):
+                    h, conv, rec = gated_deltanet(gb, w, i, h, token_mask, past[f"{i}.conv_state"],
+                                                  past[f"{i}.recurrent_state"], spec)
+                present[f"{i}.conv_state"], present[f"{i}.recurrent_state"] = conv, rec
+            x = gb.op("Add", residual, h)
+            residual = x
+            with gb.scope("post_attention_layernorm"):
+                h = gb.rms_norm(x, w.zero_centred_scale(f"layers.{i}.post_attention_layernorm.weight", hidden),
+                                spec.rms_norm_eps)
+            with gb.scope("mlp"):
+                h = sparse_moe(gb, w, i, h, spec) if spec.mlp_types[i] == "moe" else dense_mlp(gb, w, i, h, spec)
+            x = gb.op("Add", residual, h)
+            layer_outputs.append(x)
+
+    with gb.scope("norm"):
+        x = gb.rms_norm(x, w.zero_centred_scale("norm.weight", hidden), spec.rms_norm_eps)
+    with gb.scope("lm_head"):
+        head_source = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+        if spec.tie_word_embeddings and ckpt.has("lm_head.weight"):
+            ckpt.require("lm_head.weight", (spec.vocab_size, hidden))
+            ckpt.used.add("lm_head.weight")  # a saved copy of the tied embedding: accounted for, not exported
+        logits = gb.op("MatMul", x, w.derived(head_source + ".T", [(head_source, (spec.vocab_size, hidden))],
+                                              (hidden, spec.vocab_size), lambda a: a[0].T))
+
+    _name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", spec.vocab_size])
+    for s in states:
+        _name_output(graph, present[s.suffix], s.output_name, FLOAT, present_shape(s))
+    if debug_hidden_states:
+        for i, value in enumerate(layer_outputs):
+            _name_output(graph, gb.op("Identity", value), f"hidden_states.{i}", FLOAT, ["batch", "sequence", hidden])
+    return ir.Model(graph, ir_version=10, producer_name="qwen-export")
+
+
+def _name_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:
+    if value.is_graph_output() or value.is_graph_input():
+        value = _identity(graph, value)
+    value.name = name
+    value.type = ir.TensorType(dtype)
+    value.shape = ir.Shape(shape)
+    graph.outputs.append(value)
+
+
+def _identity(graph: ir.Graph, value: ir.Value) -> ir.Value:
+    node = ir.Node("", "Identity", [value], name=f"/outputs/Identity_{len(graph.outputs)}")
+    graph.append(node)
+    return node.outputs[0]

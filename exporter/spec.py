@@ -1,0 +1,192 @@
+"""Normalised description of a Qwen3.5-family text model, read from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen_export.errors import ConfigError
+
+# architecture -> (family, where the text tower's tensors live in the checkpoint)
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe",
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Qwen3NextForCausalLM": "qwen3_next",
+}
+_TEXT_MODEL_TYPES = {
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the exporter needs to know about the text tower's shapes and math."""
+
+    architecture: str
+    family: str  # qwen3_5_moe | qwen3_5 | qwen3_next
+    multimodal: bool
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    layer_types: tuple[str, ...]
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    # gated full attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    partial_rotary_factor: float
+    attention_bias: bool
+    # Gated DeltaNet
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    # feed-forward: per layer "moe" or "dense"
+    mlp_types: tuple[str, ...]
+    intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool
+    hidden_act: str = "silu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.value_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    def linear_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config.json not found; pass a Hugging Face checkpoint folder")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config.json") -> ModelSpec:
+    """Build a ModelSpec through transformers' own config classes, so defaults match the reference."""
+    from transformers import AutoConfig
+
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else _TEXT_MODEL_TYPES.get(config.get("model_type", ""))
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise ConfigError(
+            f"{source}: architecture {architecture or config.get('model_type')!r} is not in the Qwen3.5 "
+            f"family; supported: {supported}"
+        )
+    try:
+        cfg = AutoConfig.for_model(**config)
+        text = cfg.get_text_config()
+    except Exception as e:  # transformers raises many types for bad configs
+        raise ConfigError(f"{source}: transformers rejected the config ({type(e).__name__}: {e})") from None
+
+    family = SUPPORTED_ARCHITECTURES[architecture]
+    try:
+        n = text.num_hidden_layers
+        layer_types = tuple(text.layer_types)
+        if family == "qwen3_next":
+            mlp_types = tuple(
+                "moe"
+                if (i not in text.mlp_only_layers and text.num_experts > 0 and (i + 1) % text.decoder_sparse_step == 0)
+                else "dense"
+                for i in range(n)
+            )
+        elif family == "qwen3_5_moe":
+            mlp_types = ("moe",) * n
+        else:
+            mlp_types = ("dense",) * n
+        rope = text.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ConfigError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        spec = ModelSpec(
+            architecture=architecture,
+            family=family,
+            multimodal=architecture.endswith("ForConditionalGeneration"),
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            num_layers=n,
+            layer_types=layer_types,
+            rms_norm_eps=float(text.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+            attention_bias=bool(getattr(text, "attention_bias", False)),
+            linear_num_key_heads=text.linear_num_key_heads,
+            linear_num_value_heads=text.linear_num_value_heads,
+            linear_key_head_dim=text.linear_key_head_dim,
+            linear_value_head_dim=text.linear_value_head_dim,
+            linear_conv_kernel_dim=text.linear_conv_kernel_dim,
+            mlp_types=mlp_types,
+            intermediate_size=int(getattr(text, "intermediate_size", 0) or 0),
+            num_experts=int(getattr(text, "num_experts", 0) or 0),
+            num_experts_per_tok=int(getattr(text, "num_experts_per_tok", 0) or 0),
+            moe_intermediate_size=int(getattr(text, "moe_intermediate_size", 0) or 0),
+            shared_expert_intermediate_size=int(getattr(text, "shared_expert_intermediate_size", 0) or 0),
+            norm_topk_prob=bool(getattr(text, "norm_topk_prob", True)),
+            hidden_act=text.hidden_act,
+        )
+    except AttributeError as e:
+        raise ConfigError(f"{source}: config lacks a field the {family} family needs ({e})") from None
+    _validate(spec, source)
+    return spec
+
+
+def _validate(spec: ModelSpec, source: str | os.PathLike) -> None:
+    if len(spec.layer_types) != spec.num_layers:
+        raise ConfigError(f"{source}: layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers")
+    bad = set(spec.layer_types) - {"full_attention", "linear_attention"}
+    if bad:
+        raise ConfigError(f"{source}: unsupported layer types {sorted(bad)}")
+    if spec.hidden_act != "silu":
+        raise ConfigError(f"{source}: hidden_act {spec.hidden_act!r} is not supported (only 'silu')")
+    if spec.num_attention_heads % spec.num_key_value_heads:
+        raise ConfigError(f"{source}: num_attention_heads is not a multiple of num_key_value_heads")
+    if spec.linear_num_value_heads % spec.linear_num_key_heads:
+        raise ConfigError(f"{source}: linear_num_value_heads is not a multiple of linear_num_key_heads")
+    if spec.rotary_dim % 2:
+        raise ConfigError(f"{source}: rotary dimension {spec.rotary_dim} must be even")

@@ -1,0 +1,52 @@
+"""Atomic output folders: work happens in a temporary sibling that is renamed into place at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qwen_export.errors import QwenExportError
+
+
+def check_writable_parent(out: Path) -> Path:
+    """Resolve `out` and fail early if its parent cannot hold a new folder."""
+    out = Path(out).expanduser().resolve()
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QwenExportError(f"output folder {out} is not writable (no write permission on {parent})")
+    if out.exists() and not out.is_dir():
+        raise QwenExportError(f"output path {out} exists and is not a folder")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out`, on any error it is removed.
+
+    An existing `out` is replaced only after the new content is complete, so a failed run never leaves a
+    half-written artifact behind (and never destroys the previous good one).
+    """
+    out = check_writable_parent(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact should look like any folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Built-in presets: small Qwen3.5-family models with random weights from a fixed seed.
+
+A preset is materialised once as a real Hugging Face checkpoint folder (config.json + model.safetensors)
+in the cache, so presets travel the same loading path as user checkpoints, and the reference model is
+transformers' own class loaded from that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen_export.errors import QwenExportError
+from qwen_export.fsutil import atomic_output_dir
+
+PRESET_SEED = 20260216
+PRESET_FORMAT = 1  # bump when the way presets are generated changes
+
+_TINY_TEXT: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+)
+_TINY_MOE: dict[str, Any] = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=32)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    architecture: str
+    text_config: dict[str, Any]
+    description: str
+    vision_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The config as transformers would write it (built by transformers' own config class)."""
+        return _hf_config(self).to_dict()
+
+    def fingerprint(self) -> str:
+        blob = json.dumps([PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config],
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("tiny-qwen3.5-moe", "Qwen3_5MoeForCausalLM", {**_TINY_TEXT, **_TINY_MOE},
+               "4 layers (3 DeltaNet + 1 attention), 8 experts top-2 + shared expert"),
+        Preset("tiny-qwen3-next", "Qwen3NextForCausalLM",
+               {**_TINY_TEXT, **_TINY_MOE, "intermediate_size": 96, "norm_topk_prob": True, "mlp_only_layers": [1]},
+               "Qwen3-Next layout (fused qkvz projections), layer 1 dense MLP, the rest MoE"),
+        Preset("tiny-qwen3.5", "Qwen3_5ForCausalLM", {**_TINY_TEXT, "intermediate_size": 128},
+               "dense Qwen3.5: 4 layers with SwiGLU MLPs"),
+        Preset("small-qwen3.5-moe", "Qwen3_5MoeForCausalLM",
+               dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16,
+                    linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+                    max_position_embeddings=262144,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+                    num_experts=64, num_experts_per_tok=4, moe_intermediate_size=256,
+                    shared_expert_intermediate_size=256),
+               "about 0.5B parameters shaped like Qwen3.5-35B-A3B (8 layers, 64 experts top-4), for benchmarks"),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise QwenExportError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QWEN_EXPORT_CACHE", Path.home() / ".cache" / "qwen-export"))
+
+
+def _hf_config(preset: Preset):
+    import transformers
+
+    if preset.architecture.startswith("Qwen3_5Moe"):
+        text_cls, full_cls = transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeConfig
+    elif preset.architecture.startswith("Qwen3_5"):
+        text_cls, full_cls = transformers.Qwen3_5TextConfig, transformers.Qwen3_5Config
+    else:
+        text_cls, full_cls = transformers.Qwen3NextConfig, None
+    if preset.architecture.endswith("ForConditionalGeneration"):
+        cfg = full_cls(text_config=preset.text_config, vision_config=preset.vision_config)
+    else:
+        cfg = text_cls(**preset.text_config)
+    cfg.architectures = [preset.architecture]
+    return cfg
+
+
+def build_random_model(preset: Preset):
+    """The preset's transformers model with seeded random weights, made non-trivial where HF inits are flat."""
+    import torch
+    import transformers
+
+    torch.manual_seed(PRESET_SEED)
+    model = getattr(transformers, preset.architecture)(_hf_config(preset)).eval()
+    randomize_flat_parameters(model, seed=PRESET_SEED)
+    return model
+
+
+def randomize_flat_parameters(model, seed: int) -> None:
+    """HF initialises zero-centred norm weights at 0 and routers near 0; tests could not fail on those.
+
+    Norm weights get N(0, 0.1); routers get logits with unit spread so top-k choices are decisive;
+    embeddings and lm_head get unit-scale rows so logits are well separated.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            hidden = param.shape[-1]
+            if name.endswith("norm.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1 + (1.0 if "linear_attn.norm" in name else 0.0))
+            elif name.endswith("mlp.gate.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / hidden**0.5))
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                param.copy_(torch.randn(param.shape, generator=gen) * (1.0 / hidden**0.5))
+
+
+def materialize(name: str, quiet: bool = False) -> Path:
+    """Path of the preset's checkpoint folder, creating it on first use."""
+    preset = get_preset(name)
+    folder = cache_root() / "presets" / f"{name}-{preset.fingerprint()}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    if not quiet:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[dim]materialising preset {name} (seed {PRESET_SEED}) in {folder}[/dim]")
+    model = build_random_model(preset)
+    with atomic_output_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "preset.json").write_text(json.dumps({"preset": name, "seed": PRESET_SEED,
+                                                     "fingerprint": preset.fingerprint()}, indent=2))
+    return folder

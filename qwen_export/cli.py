@@ -102,6 +102,31 @@ def golden(
 
 
 @app.command()
+@user_errors
+def validate(
+    artifact: Annotated[Path, typer.Argument(help="An export or build folder (holding model.onnx) or a .onnx file.")],
+    golden_dir: Annotated[Path, typer.Option("--golden", "-g", help="Golden folder from `qwen-export golden`.")],
+    tolerance: Annotated[float, typer.Option(help="Max |Δ| allowed on logits and states (fp32).")] = 2e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the artifact on ONNX Runtime CPU against golden outputs; exit 1 if anything is out of tolerance."""
+    from qwen_export.golden.store import load_golden
+    from qwen_export.validate import render, validate_onnx
+
+    model_path = artifact / "model.onnx" if artifact.is_dir() else artifact
+    if not model_path.is_file():
+        raise QwenExportError(f"{model_path}: no such model; pass a folder written by `qwen-export export`")
+    golden_data = load_golden(golden_dir)
+    with err.status("validating…"):
+        report = validate_onnx(model_path, golden_data, tolerance)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command()
 def presets(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the built-in presets."""
     from qwen_export.presets import PRESETS

@@ -13,13 +13,15 @@ from qwen_export.errors import QwenExportError
 
 
 def check_writable_parent(out: Path) -> Path:
-    """Resolve `out` and fail early if its parent cannot hold a new folder."""
+    """Resolve `out` and fail early, before any work, if a folder cannot be created there."""
     out = Path(out).expanduser().resolve()
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QwenExportError(f"output folder {out} is not writable (no write permission on {parent})")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise QwenExportError(f"output folder {out} is not writable ({ancestor} is a file, not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise QwenExportError(f"output folder {out} is not writable (no write permission on {ancestor})")
     if out.exists() and not out.is_dir():
         raise QwenExportError(f"output path {out} exists and is not a folder")
     return out
@@ -33,8 +35,11 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     half-written artifact behind (and never destroys the previous good one).
     """
     out = check_writable_parent(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise QwenExportError(f"output folder {out} is not writable ({e.strerror})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact should look like any folder

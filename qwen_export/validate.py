@@ -1,0 +1,79 @@
+"""Validate an ONNX artifact against golden reference outputs (prefill logits, greedy tokens, states)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_export.golden.store import PROMPT_LENGTHS, Golden
+
+FP32_TOLERANCE = 2e-4
+
+
+@dataclass
+class CheckRow:
+    name: str
+    max_abs: float
+    top1_agreement: float | None
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    tolerance: float
+    rows: list[CheckRow] = field(default_factory=list)
+    greedy_match_length: int = 0
+    greedy_tokens: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows) and self.greedy_match_length == self.greedy_tokens
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, logits: bool = True) -> CheckRow:
+    err = float(np.abs(ours - ref).max()) if ours.size else 0.0
+    top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean()) if logits else None
+    return CheckRow(name, err, top1, err <= tol)
+
+
+def validate_onnx(model_path: str | Path, golden: Golden, tolerance: float = FP32_TOLERANCE) -> ValidationReport:
+    """Run the artifact on ONNX Runtime CPU (optimizations off) and compare with the golden outputs."""
+    from qwen_export.runtime.ort_decoder import OrtDecoder
+
+    decoder = OrtDecoder(model_path)
+    report = ValidationReport(str(model_path), tolerance)
+    out = None
+    for length in PROMPT_LENGTHS:
+        ids, ref = golden.prefill(length)
+        out = decoder.prefill(ids)
+        report.rows.append(_row(f"prefill {length} tokens: logits", out.logits, ref, tolerance))
+    states = golden.final_states()
+    worst = max(states, key=lambda k: float(np.abs(out.states[k] - states[k]).max()))
+    report.rows.append(_row(f"prefill {max(PROMPT_LENGTHS)}: states (worst {worst})", out.states[worst],
+                            states[worst], tolerance, logits=False))
+    tokens, step_logits = decoder.greedy(golden.greedy_prompt, golden.greedy_tokens.shape[1])
+    report.rows.append(_row("decode through states: step logits", step_logits, golden.greedy_logits, tolerance))
+    same = (tokens == golden.greedy_tokens)[0]
+    report.greedy_tokens = int(same.size)
+    report.greedy_match_length = int(same.size if same.all() else same.argmin())
+    return report
+
+
+def render(report: ValidationReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("check", "max |Δ|", "top-1", "result", title=f"{report.model} vs golden (tol {report.tolerance:g})")
+    for r in report.rows:
+        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
+        table.add_row(r.name, f"{r.max_abs:.2e}", top1, "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+    ok = report.greedy_match_length == report.greedy_tokens
+    table.add_row("greedy tokens identical", f"{report.greedy_match_length}/{report.greedy_tokens}", "",
+                  "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+    Console().print(table)

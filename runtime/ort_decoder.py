@@ -34,13 +34,20 @@ class StepOutput:
 class OrtDecoder:
     """A loaded decoder graph. States are dicts keyed by suffix (`3.key`, `0.conv_state`, ...)."""
 
-    def __init__(self, model_path: str | Path, optimize: bool = False, providers: list[str] | None = None):
+    name = "onnxruntime"
+
+    def __init__(
+        self, model_path: str | Path, optimize: bool = False, providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
         self.session = ort.InferenceSession(
-            str(model_path), session_options(optimize), providers=providers or ["CPUExecutionProvider"]
+            str(model_path), session_options(optimize, threads), providers=providers or ["CPUExecutionProvider"]
         )
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.state_suffixes = [n.removeprefix(PAST_PREFIX) for n in self.inputs if n.startswith(PAST_PREFIX)]
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.vocab_size = self.session.get_outputs()[0].shape[-1]
 
     def empty_states(self, batch: int) -> dict[str, np.ndarray]:
         states = {}
@@ -67,6 +74,32 @@ class OrtDecoder:
         present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outs.items() if n.startswith(PRESENT_PREFIX)}
         extra = {n: v for n, v in outs.items() if n != "logits" and not n.startswith(PRESENT_PREFIX)}
         return StepOutput(outs["logits"], present, extra)
+
+    # --- bound execution: states stay ONNX Runtime values between steps (no numpy round trips) ---------
+    def empty_bound_states(self, batch: int) -> dict[str, ort.OrtValue]:
+        return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.empty_states(batch).items()}
+
+    def step_bound(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        states: Mapping[str, ort.OrtValue],
+    ) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        """One step with IOBinding: returns (logits of the last position [B, V], present states)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        for suffix, value in states.items():
+            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        logits = outputs["logits"].numpy()[:, -1]
+        present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        return logits, present
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> StepOutput:
         """Run a prompt from empty states. Positions follow HF: cumulative count of unmasked tokens."""

@@ -1,0 +1,178 @@
+"""A thin generation runtime over an artifact folder: prefill, then decode through the carried states."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from qwen_export.errors import QwenExportError
+from qwen_export.runtime.ort_decoder import positions_from_mask
+from qwen_export.runtime.sampling import Sampler, SamplingConfig
+from qwen_export.runtime.tokenizer import Tokenizer
+
+SUPPORTED_FORMATS = ("qwen-export/export@1", "qwen-export/build@1")
+
+
+class Backend(Protocol):
+    name: str
+    vocab_size: int
+
+    def empty_bound_states(self, batch: int) -> dict[str, Any]: ...
+
+    def step_bound(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, states: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]: ...
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt (stopped rows end at their stop token)
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    texts: list[str] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Artifact:
+    folder: Path
+    info: dict[str, Any]
+    model_path: Path
+    target: str
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Artifact:
+        folder = Path(folder)
+        for name in ("manifest.json", "export.json"):
+            if (folder / name).is_file():
+                info_path = folder / name
+                break
+        else:
+            raise QwenExportError(f"{folder}: not an artifact folder (no manifest.json or export.json)")
+        try:
+            info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as e:
+            raise QwenExportError(f"{info_path}: malformed JSON ({e})") from None
+        fmt = info.get("format")
+        if fmt not in SUPPORTED_FORMATS:
+            raise QwenExportError(f"{info_path}: format {fmt!r} comes from another qwen-export version; "
+                                  f"this one reads {', '.join(SUPPORTED_FORMATS)} (rebuild the artifact)")
+        target = info.get("target", "onnx")
+        model_path = folder / info.get("model", "model.onnx")
+        if target in ("onnx", "ort") and not model_path.is_file():
+            raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
+        if target in ("onnx", "ort") and not (folder / (model_path.name + ".data")).is_file():
+            raise QwenExportError(f"{folder}: {model_path.name}.data is missing (the artifact is incomplete)")
+        return cls(folder, info, model_path, target)
+
+
+class Session:
+    """Generation over one artifact; pick a backend from the artifact's target."""
+
+    def __init__(self, backend: Backend, artifact: Artifact | None = None, tokenizer: Tokenizer | None = None,
+                 max_context: int | None = None):
+        self.backend = backend
+        self.artifact = artifact
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+
+    @classmethod
+    def load(cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Session:
+        artifact = Artifact.open(folder)
+        if artifact.target in ("trt", "trt-rtx"):
+            from qwen_export.runtime.tensorrt_backend import TensorRTBackend
+
+            backend: Backend = TensorRTBackend.from_artifact(artifact)
+        else:
+            from qwen_export.runtime.ort_decoder import OrtDecoder
+
+            backend = OrtDecoder(artifact.model_path, optimize=True, providers=providers, threads=threads)
+        source_dir = artifact.info.get("source_dir")
+        max_context = (artifact.info.get("deploy") or {}).get("max_context")
+        return cls(backend, artifact, Tokenizer.find(source_dir), max_context)
+
+    # --- input handling -------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise QwenExportError("this artifact's checkpoint has no tokenizer.json; pass token ids (--ids)")
+        return self.tokenizer.encode(prompt)
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise QwenExportError("every prompt needs at least one token")
+        vocab = self.backend.vocab_size
+        for row, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= int(t) < vocab]
+            if bad:
+                raise QwenExportError(f"prompt {row}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if self.max_context is not None and longest > self.max_context:
+            raise QwenExportError(f"prompt + new tokens = {longest} exceeds the artifact's max context "
+                                  f"{self.max_context}; rebuild with a larger --max-context")
+
+    # --- generation -----------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_tokens: Sequence[int] = (),
+        timings: dict[str, float] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield the next token of every prompt ([B] int64) at each step; finished rows repeat their stop token."""
+        self._check(prompts, max_new_tokens)
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for row, p in enumerate(prompts):  # left padding keeps every row's last token in the last column
+            ids[row, width - len(p):] = p
+            mask[row, width - len(p):] = 1
+        sampler = Sampler(sampling)
+        stops = np.array(list(stop_tokens), np.int64)
+        done = np.zeros(batch, bool)
+        start = time.perf_counter()
+        positions = positions_from_mask(mask)
+        logits, states = self.backend.step_bound(ids, mask, positions, self.backend.empty_bound_states(batch))
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = sampler(logits)
+            token = np.where(done, stops[0] if stops.size else token, token)
+            done |= np.isin(token, stops)
+            if timings is not None and step == 0:
+                timings["time_to_first_token_s"] = time.perf_counter() - start
+                timings["decode_start"] = time.perf_counter()
+            yield token
+            if done.all() or step == max_new_tokens - 1:
+                break
+            position = position + 1
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            logits, states = self.backend.step_bound(token[:, None], mask, position, states)
+        if timings is not None:
+            timings["decode_end"] = time.perf_counter()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_tokens: Sequence[int] = (),
+    ) -> GenerationResult:
+        timings: dict[str, float] = {}
+        steps = list(self.stream(prompts, max_new_tokens, sampling, stop_tokens, timings))
+        table = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), np.int64)
+        tokens = []
+        for row in table.tolist():
+            hit = next((i for i, t in enumerate(row) if t in stop_tokens), None)
+            tokens.append(row if hit is None else row[: hit + 1])
+        decode_s = timings["decode_end"] - timings["decode_start"]
+        decode_steps = max(len(steps) - 1, 0)
+        rate = decode_steps * len(prompts) / decode_s if decode_s > 0 and decode_steps else 0.0
+        texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer else None
+        return GenerationResult(tokens, timings["time_to_first_token_s"], rate, texts,
+                                {"decode_s": decode_s, "steps": float(len(steps))})

@@ -1,0 +1,128 @@
+"""The generation runtime against Hugging Face `generate` (greedy, token for token), plus its input checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from checkpoints import LOCAL_CLASSES, make_local_checkpoint
+from qwen_export.errors import QwenExportError
+from qwen_export.exporter.export import export_model
+from qwen_export.golden.reference import load_reference, reference_greedy
+from qwen_export.golden.store import make_prompt
+from qwen_export.presets import materialize
+from qwen_export.runtime.sampling import SamplingConfig
+from qwen_export.runtime.session import Session
+
+NEW_TOKENS = 64
+LENGTHS = [23, 5, 64, 1]  # a batch of 4 prompts of different lengths (left padded)
+
+
+def hf_batch_greedy(model, prompts, n):
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    tokens, _ = reference_greedy(model, ids, n, attention_mask=mask)
+    return tokens.tolist()
+
+
+def check_against_hf(session: Session, model) -> None:
+    prompt = make_prompt(512, 17, seed=21)[0].tolist()
+    single = session.generate([prompt], NEW_TOKENS)
+    assert single.tokens == hf_batch_greedy(model, [prompt], NEW_TOKENS)
+    prompts = [make_prompt(512, n, seed=30 + n)[0].tolist() for n in LENGTHS]
+    batch = session.generate(prompts, NEW_TOKENS)
+    assert batch.tokens == hf_batch_greedy(model, prompts, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5"])
+def test_greedy_generation_equals_hf_generate(tmp_path, preset):
+    out = export_model(tmp_path / "a", preset=preset).out_dir
+    check_against_hf(Session.load(out), load_reference(materialize(preset)))
+
+
+@pytest.mark.parametrize("architecture", ["Qwen3_5MoeForConditionalGeneration", "Qwen3NextForCausalLM"])
+def test_greedy_generation_equals_hf_generate_local(tmp_path, architecture):
+    assert architecture in LOCAL_CLASSES
+    folder = make_local_checkpoint(architecture, tmp_path / "ckpt")
+    out = export_model(tmp_path / "a", model_dir=folder).out_dir
+    check_against_hf(Session.load(out), load_reference(folder))
+
+
+def test_streaming_yields_the_same_tokens(artifact):
+    session = Session.load(artifact)
+    prompt = make_prompt(512, 9)[0].tolist()
+    streamed = [int(t[0]) for t in session.stream([prompt], 12)]
+    assert streamed == session.generate([prompt], 12).tokens[0]
+
+
+def test_stop_tokens_end_a_row(artifact):
+    session = Session.load(artifact)
+    prompt = make_prompt(512, 9)[0].tolist()
+    free = session.generate([prompt], 12).tokens[0]
+    stop = free[4]
+    stopped = session.generate([prompt], 12, stop_tokens=[stop]).tokens[0]
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_sampling_is_seeded_and_filters_work(artifact):
+    session = Session.load(artifact)
+    prompt = [make_prompt(512, 9)[0].tolist()] * 2
+    greedy = session.generate(prompt, 10).tokens
+    a = session.generate(prompt, 10, SamplingConfig(greedy=False, temperature=1.5, seed=3)).tokens
+    b = session.generate(prompt, 10, SamplingConfig(greedy=False, temperature=1.5, seed=3)).tokens
+    c = session.generate(prompt, 10, SamplingConfig(greedy=False, temperature=1.5, seed=4)).tokens
+    assert a == b and a != c and a != greedy
+    # top-k 1 and a tiny nucleus both collapse to the most likely token.
+    assert session.generate(prompt, 10, SamplingConfig(greedy=False, top_k=1, seed=1)).tokens == greedy
+    assert session.generate(prompt, 10, SamplingConfig(greedy=False, top_p=1e-6, seed=1)).tokens == greedy
+
+
+def test_timings_are_reported(artifact):
+    result = Session.load(artifact).generate([[1, 2, 3]], 8)
+    assert result.time_to_first_token_s > 0 and result.decode_tokens_per_s > 0
+
+
+def test_ids_outside_vocabulary(artifact):
+    with pytest.raises(QwenExportError, match="token id 512 is outside the vocabulary"):
+        Session.load(artifact).generate([[1, 512]], 4)
+
+
+def test_incomplete_artifact(tmp_path, artifact):
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    (broken / "model.onnx.data").unlink()
+    with pytest.raises(QwenExportError, match="model.onnx.data is missing"):
+        Session.load(broken)
+
+
+def test_artifact_from_another_version(tmp_path, artifact):
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    info = json.loads((broken / "export.json").read_text())
+    info["format"] = "qwen-export/export@99"
+    (broken / "export.json").write_text(json.dumps(info))
+    with pytest.raises(QwenExportError, match="another qwen-export version"):
+        Session.load(broken)
+
+
+def test_engine_artifact_without_gpu_says_so(tmp_path):
+    folder = tmp_path / "engine-artifact"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "qwen-export/build@1", "target": "trt-rtx",
+        "engines": {"sm89": {"path": "engines/sm89/model.engine"}},
+    }))
+    with pytest.raises(QwenExportError, match="GPU|tensorrt_rtx"):
+        Session.load(folder)

@@ -70,14 +70,25 @@ def gated_attention(
     groups = nh // kv
     bias = spec.attention_bias
 
-    q_and_gate = gb.linear(x, w.linear_t(p + "q_proj.weight", nh * hd * 2, hidden),
-                           w.vector(p + "q_proj.bias", nh * hd * 2) if bias else None)
-    query, gate = gb.op_multi("Split", [gb.reshape(q_and_gate, [0, 0, nh, 2 * hd]), gb.const([hd, hd])], 2, axis=-1)
+    q_and_gate = gb.linear(
+        x,
+        w.linear_t(p + "q_proj.weight", nh * hd * 2, hidden),
+        w.vector(p + "q_proj.bias", nh * hd * 2) if bias else None,
+    )
+    query, gate = gb.op_multi(
+        "Split", [gb.reshape(q_and_gate, [0, 0, nh, 2 * hd]), gb.const([hd, hd])], 2, axis=-1
+    )
     gate = gb.reshape(gate, [0, 0, nh * hd])
-    key = gb.linear(x, w.linear_t(p + "k_proj.weight", kv * hd, hidden),
-                    w.vector(p + "k_proj.bias", kv * hd) if bias else None)
-    value = gb.linear(x, w.linear_t(p + "v_proj.weight", kv * hd, hidden),
-                      w.vector(p + "v_proj.bias", kv * hd) if bias else None)
+    key = gb.linear(
+        x,
+        w.linear_t(p + "k_proj.weight", kv * hd, hidden),
+        w.vector(p + "k_proj.bias", kv * hd) if bias else None,
+    )
+    value = gb.linear(
+        x,
+        w.linear_t(p + "v_proj.weight", kv * hd, hidden),
+        w.vector(p + "v_proj.bias", kv * hd) if bias else None,
+    )
 
     eps = spec.rms_norm_eps
     query = gb.rms_norm(query, w.zero_centred_scale(p + "q_norm.weight", hd), eps)
@@ -100,6 +111,9 @@ def gated_attention(
     attn = gb.op("MatMul", probs, v5)  # [B, kv, groups, T, hd]
     attn = gb.transpose(gb.reshape(attn, [0, nh, -1, hd]), [0, 2, 1, 3])
     attn = gb.op("Mul", gb.reshape(attn, [0, 0, nh * hd]), gb.op("Sigmoid", gate))
-    out = gb.linear(attn, w.linear_t(p + "o_proj.weight", hidden, nh * hd),
-                    w.vector(p + "o_proj.bias", hidden) if bias else None)
+    out = gb.linear(
+        attn,
+        w.linear_t(p + "o_proj.weight", hidden, nh * hd),
+        w.vector(p + "o_proj.bias", hidden) if bias else None,
+    )
     return out, present_key, present_value

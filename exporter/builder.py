@@ -48,7 +48,12 @@ class GraphBuilder:
         return self.op_multi(op_type, inputs, 1, domain=domain, **attrs)[0]
 
     def op_multi(
-        self, op_type: str, inputs: Sequence[ir.Value | None], num_outputs: int, domain: str = "", **attrs: Any
+        self,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        num_outputs: int,
+        domain: str = "",
+        **attrs: Any,
     ) -> Sequence[ir.Value]:
         attributes = [ir.convenience.convert_attribute(k, v) for k, v in attrs.items() if v is not None]
         node = ir.Node(
@@ -103,9 +108,13 @@ class GraphBuilder:
         return self.op("Transpose", x, perm=list(perm))
 
     def rms_norm(self, x: ir.Value, scale: ir.Value, eps: float) -> ir.Value:
-        """x * rsqrt(mean(x^2) + eps) * scale over the last axis, written the way the reference computes it."""
-        variance = self.op("ReduceMean", self.op("Pow", x, self.const(2.0, np.float32)), self.const([-1]), keepdims=1)
-        inv_rms = self.op("Reciprocal", self.op("Sqrt", self.op("Add", variance, self.const(eps, np.float32))))
+        """x * rsqrt(mean(x^2) + eps) * scale over the last axis, in the reference's order of operations."""
+        variance = self.op(
+            "ReduceMean", self.op("Pow", x, self.const(2.0, np.float32)), self.const([-1]), keepdims=1
+        )
+        inv_rms = self.op(
+            "Reciprocal", self.op("Sqrt", self.op("Add", variance, self.const(eps, np.float32)))
+        )
         return self.op("Mul", self.op("Mul", x, inv_rms), scale)
 
 

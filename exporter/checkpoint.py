@@ -51,7 +51,9 @@ class Checkpoint:
         model_dir = Path(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{model_dir}: no *.safetensors files (pickled .bin checkpoints are not loaded)")
+            raise CheckpointError(
+                f"{model_dir}: no *.safetensors files (pickled .bin checkpoints are not loaded)"
+            )
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.is_file():
             try:
@@ -70,7 +72,9 @@ class Checkpoint:
                     for name in f.keys():
                         sl = f.get_slice(name)
                         if name in tensors:
-                            raise CheckpointError(f"{path}: tensor {name} also appears in {tensors[name].file}")
+                            raise CheckpointError(
+                                f"{path}: tensor {name} also appears in {tensors[name].file}"
+                            )
                         tensors[name] = TensorInfo(path, tuple(sl.get_shape()), sl.get_dtype())
             except CheckpointError:
                 raise
@@ -97,11 +101,20 @@ class Checkpoint:
         for name, info in self.tensors.items():
             if name in self.used:
                 continue
-            part = next((label for pattern, label in LEFT_OUT_PARTS if re.search(pattern, name.removeprefix("model.language_model."))
-                         or re.search(pattern, name)), None)
+            part = next(
+                (
+                    label
+                    for pattern, label in LEFT_OUT_PARTS
+                    if re.search(pattern, name.removeprefix("model.language_model."))
+                    or re.search(pattern, name)
+                ),
+                None,
+            )
             if part is None:
-                raise CheckpointError(f"{info.file}: unexpected tensor {name} (shape {info.shape}) is not part of the "
-                                      "model described by config.json")
+                raise CheckpointError(
+                    f"{info.file}: unexpected tensor {name} (shape {info.shape}) is not part of the "
+                    "model described by config.json"
+                )
             left_out[part] += 1
         return dict(left_out)
 
@@ -138,7 +151,8 @@ def find_text_prefix(ckpt: Checkpoint) -> str:
         if ckpt.has(prefix + "embed_tokens.weight"):
             return prefix
     raise CheckpointError(
-        f"{ckpt.model_dir}: missing tensor model.embed_tokens.weight (or model.language_model.embed_tokens.weight)"
+        f"{ckpt.model_dir}: missing tensor model.embed_tokens.weight "
+        "(or model.language_model.embed_tokens.weight)"
     )
 
 

@@ -71,7 +71,12 @@ def _qwen3_next_qkvz(spec: ModelSpec, part: str):
 
 
 def _input_projections(w: Weights, ckpt: Checkpoint, p: str, spec: ModelSpec) -> dict[str, ir.Value]:
-    hidden, nv, conv_dim, value_dim = spec.hidden_size, spec.linear_num_value_heads, spec.conv_dim, spec.value_dim
+    hidden, nv, conv_dim, value_dim = (
+        spec.hidden_size,
+        spec.linear_num_value_heads,
+        spec.conv_dim,
+        spec.value_dim,
+    )
     if spec.family != "qwen3_next":
         return {
             "qkv": w.linear_t(p + "in_proj_qkv.weight", conv_dim, hidden),
@@ -82,7 +87,9 @@ def _input_projections(w: Weights, ckpt: Checkpoint, p: str, spec: ModelSpec) ->
     qkvz = (p + "in_proj_qkvz.weight", (conv_dim + value_dim, hidden))
     ba = (p + "in_proj_ba.weight", (2 * nv, hidden))
     return {
-        "qkv": w.derived(p + "in_proj_qkv.weight.T", [qkvz], (hidden, conv_dim), _qwen3_next_qkvz(spec, "qkv")),
+        "qkv": w.derived(
+            p + "in_proj_qkv.weight.T", [qkvz], (hidden, conv_dim), _qwen3_next_qkvz(spec, "qkv")
+        ),
         "z": w.derived(p + "in_proj_z.weight.T", [qkvz], (hidden, value_dim), _qwen3_next_qkvz(spec, "z")),
         "b": w.derived(p + "in_proj_b.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "b")),
         "a": w.derived(p + "in_proj_a.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "a")),
@@ -116,11 +123,15 @@ def gated_deltanet(
     with gb.scope("conv"):
         window = gb.op("Concat", past_conv, gb.transpose(mixed, [0, 2, 1]), axis=2)
         present_conv = gb.slice(window, -(kernel - 1), np.iinfo(np.int64).max, 2)
-        conv_w = w.derived(p + "conv1d.weight", [(p + "conv1d.weight", (conv_dim, 1, kernel))], (conv_dim, 1, kernel))
+        conv_w = w.derived(
+            p + "conv1d.weight", [(p + "conv1d.weight", (conv_dim, 1, kernel))], (conv_dim, 1, kernel)
+        )
         conv = gb.op("Conv", window, conv_w, group=conv_dim, kernel_shape=[kernel])
         mixed = gb.transpose(gb.silu(conv), [0, 2, 1])
 
-    query, key, value = gb.op_multi("Split", [mixed, gb.const([key_dim, key_dim, spec.value_dim])], 3, axis=-1)
+    query, key, value = gb.op_multi(
+        "Split", [mixed, gb.const([key_dim, key_dim, spec.value_dim])], 3, axis=-1
+    )
     query = _l2norm(gb, gb.reshape(query, [0, 0, nk, dk]))
     key = _l2norm(gb, gb.reshape(key, [0, 0, nk, dk]))
     value = gb.reshape(value, [0, 0, nv, dv])
@@ -148,6 +159,9 @@ def gated_deltanet(
     with gb.scope("norm"):
         normed = gb.rms_norm(core, w.vector(p + "norm.weight", dv), spec.rms_norm_eps)
         gated = gb.op("Mul", normed, gb.silu(z))
-    out = gb.op("MatMul", gb.reshape(gated, [0, 0, spec.value_dim]),
-                w.linear_t(p + "out_proj.weight", spec.hidden_size, spec.value_dim))
+    out = gb.op(
+        "MatMul",
+        gb.reshape(gated, [0, 0, spec.value_dim]),
+        w.linear_t(p + "out_proj.weight", spec.hidden_size, spec.value_dim),
+    )
     return out, present_conv, present_recurrent

@@ -1,4 +1,4 @@
-"""Library entry point: checkpoint folder or preset -> OUT/model.onnx (+ external data) and OUT/export.json."""
+"""Library entry point: checkpoint folder or preset -> OUT/model.onnx (+ external data), OUT/export.json."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def resolve_source(preset: str | None, model_dir: str | os.PathLike | None) -> t
         return materialize(preset), f"preset:{preset}"
     path = Path(model_dir).expanduser().resolve()
     if not path.is_dir():
-        raise QwenExportError(f"{path}: not a folder; pass a Hugging Face checkpoint folder (config.json + *.safetensors)")
+        raise QwenExportError(
+            f"{path}: not a folder; pass a Hugging Face checkpoint folder (config.json + *.safetensors)"
+        )
     return path, str(path)
 
 
@@ -100,8 +102,11 @@ def export_model(
     model = build_decoder(spec, ckpt, debug_hidden_states=debug_hidden_states)
     left_out = ckpt.account()
     if log:
-        log(f"{source}: {spec.architecture}, {spec.num_layers} layers, {len(ckpt.used)} of {len(ckpt.tensors)} "
-            "checkpoint tensors used")
+        log(
+            f"{source}: {spec.architecture}, {spec.num_layers} layers, "
+            f"{len(ckpt.used)} of {len(ckpt.tensors)} "
+            "checkpoint tensors used"
+        )
         for part, count in left_out.items():
             log(f"left out on purpose: {part} ({count} tensors)")
     build_s = time.perf_counter() - start
@@ -121,10 +126,17 @@ def export_model(
             "versions": tool_versions(),
             "io": io_signature(spec),
             "checkpoint": {"tensors": len(ckpt.tensors), "used": len(ckpt.used), "left_out": left_out},
-            "graph": {"nodes": len(model.graph), "initializers": len(model.graph.initializers),
-                      "opset": dict(model.opset_imports), "debug_hidden_states": debug_hidden_states},
-            "timings_s": {"load_and_build": round(build_s, 3), "save": round(save_s, 3),
-                          "total": round(time.perf_counter() - start, 3)},
+            "graph": {
+                "nodes": len(model.graph),
+                "initializers": len(model.graph.initializers),
+                "opset": dict(model.opset_imports),
+                "debug_hidden_states": debug_hidden_states,
+            },
+            "timings_s": {
+                "load_and_build": round(build_s, 3),
+                "save": round(save_s, 3),
+                "total": round(time.perf_counter() - start, 3),
+            },
             "peak_rss_mib": round(peak_rss_mib(), 1),
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2))

@@ -21,18 +21,31 @@ def _expert_weights(w: Weights, p: str, spec: ModelSpec) -> tuple[ir.Value, ir.V
     """Stacked expert weights in MatMul layout: gate_up [E, H, 2I] and down [E, I, H]."""
     e, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
     if expert_layout(w.ckpt, w.prefix + p, spec) == "stacked":
-        gate_up = w.derived(p + "experts.gate_up_proj.T", [(p + "experts.gate_up_proj", (e, 2 * i, h))], (e, h, 2 * i),
-                            lambda a: a[0].transpose(0, 2, 1))
-        down = w.derived(p + "experts.down_proj.T", [(p + "experts.down_proj", (e, h, i))], (e, i, h),
-                         lambda a: a[0].transpose(0, 2, 1))
+        gate_up = w.derived(
+            p + "experts.gate_up_proj.T",
+            [(p + "experts.gate_up_proj", (e, 2 * i, h))],
+            (e, h, 2 * i),
+            lambda a: a[0].transpose(0, 2, 1),
+        )
+        down = w.derived(
+            p + "experts.down_proj.T",
+            [(p + "experts.down_proj", (e, h, i))],
+            (e, i, h),
+            lambda a: a[0].transpose(0, 2, 1),
+        )
         return gate_up, down
     gates = [(f"{p}experts.{k}.gate_proj.weight", (i, h)) for k in range(e)]
     ups = [(f"{p}experts.{k}.up_proj.weight", (i, h)) for k in range(e)]
     downs = [(f"{p}experts.{k}.down_proj.weight", (h, i)) for k in range(e)]
-    gate_up = w.derived(p + "experts.gate_up_proj.T", gates + ups, (e, h, 2 * i),
-                        lambda a: np.concatenate([stack_experts(a[:e]), stack_experts(a[e:])], axis=1)
-                        .transpose(0, 2, 1))
-    down = w.derived(p + "experts.down_proj.T", downs, (e, i, h), lambda a: stack_experts(a).transpose(0, 2, 1))
+    gate_up = w.derived(
+        p + "experts.gate_up_proj.T",
+        gates + ups,
+        (e, h, 2 * i),
+        lambda a: np.concatenate([stack_experts(a[:e]), stack_experts(a[e:])], axis=1).transpose(0, 2, 1),
+    )
+    down = w.derived(
+        p + "experts.down_proj.T", downs, (e, i, h), lambda a: stack_experts(a).transpose(0, 2, 1)
+    )
     return gate_up, down
 
 
@@ -49,7 +62,9 @@ def sparse_moe(gb: GraphBuilder, w: Weights, layer: int, x: ir.Value, spec: Mode
     with gb.scope("router"):
         logits = gb.op("MatMul", tokens, w.linear_t(p + "gate.weight", e, h))
         probs = gb.op("Softmax", logits, axis=-1)
-        top_values, top_indices = gb.op_multi("TopK", [probs, gb.const([spec.num_experts_per_tok])], 2, axis=-1)
+        top_values, top_indices = gb.op_multi(
+            "TopK", [probs, gb.const([spec.num_experts_per_tok])], 2, axis=-1
+        )
         if spec.norm_topk_prob:
             top_values = gb.op("Div", top_values, gb.op("ReduceSum", top_values, gb.const([-1]), keepdims=1))
         zeros = gb.op("ConstantOfShape", gb.op("Shape", probs), value=ir.tensor(np.zeros(1, np.float32)))
@@ -65,7 +80,9 @@ def sparse_moe(gb: GraphBuilder, w: Weights, layer: int, x: ir.Value, spec: Mode
 
     with gb.scope("shared_expert"):
         shared = swiglu_mlp(gb, w, p + "shared_expert.", tokens, h, spec.shared_expert_intermediate_size)
-        shared_gate = gb.op("Sigmoid", gb.op("MatMul", tokens, w.linear_t(p + "shared_expert_gate.weight", 1, h)))
+        shared_gate = gb.op(
+            "Sigmoid", gb.op("MatMul", tokens, w.linear_t(p + "shared_expert_gate.weight", 1, h))
+        )
         shared = gb.op("Mul", shared, shared_gate)
 
     return gb.op("Reshape", gb.op("Add", routed, shared), gb.op("Shape", x))

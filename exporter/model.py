@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qwen_export.exporter.attention import AttentionContext, attention_mask_bool, gated_attention, rotary_tables
+from qwen_export.exporter.attention import (
+    AttentionContext,
+    attention_mask_bool,
+    gated_attention,
+    rotary_tables,
+)
 from qwen_export.exporter.builder import FLOAT, INT64, GraphBuilder, new_graph, tensor_input
 from qwen_export.exporter.checkpoint import Checkpoint, find_text_prefix
 from qwen_export.exporter.deltanet import gated_deltanet
@@ -40,10 +45,22 @@ def state_specs(spec: ModelSpec) -> list[StateSpec]:
         else:
             states += [
                 StateSpec(f"{i}.conv_state", ("batch", spec.conv_dim, spec.linear_conv_kernel_dim - 1)),
-                StateSpec(f"{i}.recurrent_state", ("batch", spec.linear_num_value_heads, spec.linear_key_head_dim,
-                                                   spec.linear_value_head_dim)),
+                StateSpec(
+                    f"{i}.recurrent_state",
+                    (
+                        "batch",
+                        spec.linear_num_value_heads,
+                        spec.linear_key_head_dim,
+                        spec.linear_value_head_dim,
+                    ),
+                ),
             ]
     return states
+
+
+def layer_output_name(layer: int) -> str:
+    """Name of the value holding decoder layer `layer`'s output (the residual stream after its MLP)."""
+    return f"/layers.{layer}/output"
 
 
 def present_shape(state: StateSpec) -> list[int | str]:
@@ -65,8 +82,16 @@ def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool =
     layer_outputs: list[ir.Value] = []
 
     with gb.scope("embed_tokens"):
-        x = gb.op("Gather", w.derived("embed_tokens.weight", [("embed_tokens.weight", (spec.vocab_size, hidden))],
-                                      (spec.vocab_size, hidden)), input_ids, axis=0)
+        x = gb.op(
+            "Gather",
+            w.derived(
+                "embed_tokens.weight",
+                [("embed_tokens.weight", (spec.vocab_size, hidden))],
+                (spec.vocab_size, hidden),
+            ),
+            input_ids,
+            axis=0,
+        )
     with gb.scope("rotary_emb"):
         cos, sin = rotary_tables(gb, position_ids, spec)
     with gb.scope("masks"):
@@ -79,24 +104,35 @@ def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool =
         with gb.scope(f"layers.{i}"):
             residual = x
             with gb.scope("input_layernorm"):
-                h = gb.rms_norm(x, w.zero_centred_scale(f"layers.{i}.input_layernorm.weight", hidden), spec.rms_norm_eps)
+                h = gb.rms_norm(
+                    x, w.zero_centred_scale(f"layers.{i}.input_layernorm.weight", hidden), spec.rms_norm_eps
+                )
             if kind == "full_attention":
                 with gb.scope("self_attn"):
                     h, k, v = gated_attention(gb, w, i, h, past[f"{i}.key"], past[f"{i}.value"], ctx, spec)
                 present[f"{i}.key"], present[f"{i}.value"] = k, v
             else:
                 with gb.scope("linear_attn"):
-                    h, conv, rec = gated_deltanet(gb, w, i, h, token_mask, past[f"{i}.conv_state"],
-                                                  past[f"{i}.recurrent_state"], spec)
+                    h, conv, rec = gated_deltanet(
+                        gb, w, i, h, token_mask, past[f"{i}.conv_state"], past[f"{i}.recurrent_state"], spec
+                    )
                 present[f"{i}.conv_state"], present[f"{i}.recurrent_state"] = conv, rec
             x = gb.op("Add", residual, h)
             residual = x
             with gb.scope("post_attention_layernorm"):
-                h = gb.rms_norm(x, w.zero_centred_scale(f"layers.{i}.post_attention_layernorm.weight", hidden),
-                                spec.rms_norm_eps)
+                h = gb.rms_norm(
+                    x,
+                    w.zero_centred_scale(f"layers.{i}.post_attention_layernorm.weight", hidden),
+                    spec.rms_norm_eps,
+                )
             with gb.scope("mlp"):
-                h = sparse_moe(gb, w, i, h, spec) if spec.mlp_types[i] == "moe" else dense_mlp(gb, w, i, h, spec)
+                h = (
+                    sparse_moe(gb, w, i, h, spec)
+                    if spec.mlp_types[i] == "moe"
+                    else dense_mlp(gb, w, i, h, spec)
+                )
             x = gb.op("Add", residual, h)
+            x.name = layer_output_name(i)  # a stable name so diff can find layer boundaries after passes
             layer_outputs.append(x)
 
     with gb.scope("norm"):
@@ -106,15 +142,25 @@ def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool =
         if spec.tie_word_embeddings and ckpt.has("lm_head.weight"):
             ckpt.require("lm_head.weight", (spec.vocab_size, hidden))
             ckpt.used.add("lm_head.weight")  # a saved copy of the tied embedding: accounted for, not exported
-        logits = gb.op("MatMul", x, w.derived(head_source + ".T", [(head_source, (spec.vocab_size, hidden))],
-                                              (hidden, spec.vocab_size), lambda a: a[0].T))
+        logits = gb.op(
+            "MatMul",
+            x,
+            w.derived(
+                head_source + ".T",
+                [(head_source, (spec.vocab_size, hidden))],
+                (hidden, spec.vocab_size),
+                lambda a: a[0].T,
+            ),
+        )
 
     _name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", spec.vocab_size])
     for s in states:
         _name_output(graph, present[s.suffix], s.output_name, FLOAT, present_shape(s))
     if debug_hidden_states:
         for i, value in enumerate(layer_outputs):
-            _name_output(graph, gb.op("Identity", value), f"hidden_states.{i}", FLOAT, ["batch", "sequence", hidden])
+            _name_output(
+                graph, gb.op("Identity", value), f"hidden_states.{i}", FLOAT, ["batch", "sequence", hidden]
+            )
     return ir.Model(graph, ir_version=10, producer_name="qwen-export")
 
 

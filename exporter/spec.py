@@ -129,7 +129,11 @@ def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config
         if family == "qwen3_next":
             mlp_types = tuple(
                 "moe"
-                if (i not in text.mlp_only_layers and text.num_experts > 0 and (i + 1) % text.decoder_sparse_step == 0)
+                if (
+                    i not in text.mlp_only_layers
+                    and text.num_experts > 0
+                    and (i + 1) % text.decoder_sparse_step == 0
+                )
                 else "dense"
                 for i in range(n)
             )
@@ -139,7 +143,9 @@ def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config
             mlp_types = ("dense",) * n
         rope = text.rope_parameters or {}
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+            raise ConfigError(
+                f"{source}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')"
+            )
         spec = ModelSpec(
             architecture=architecture,
             family=family,
@@ -178,7 +184,9 @@ def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config
 
 def _validate(spec: ModelSpec, source: str | os.PathLike) -> None:
     if len(spec.layer_types) != spec.num_layers:
-        raise ConfigError(f"{source}: layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers")
+        raise ConfigError(
+            f"{source}: layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers"
+        )
     bad = set(spec.layer_types) - {"full_attention", "linear_attention"}
     if bad:
         raise ConfigError(f"{source}: unsupported layer types {sorted(bad)}")

@@ -37,8 +37,9 @@ class Weights:
 
     def linear_t(self, name: str, out_features: int, in_features: int) -> ir.Value:
         """nn.Linear weight [out, in] stored transposed [in, out] for MatMul."""
-        return self.derived(name + ".T", [(name, (out_features, in_features))], (in_features, out_features),
-                            lambda a: a[0].T)
+        return self.derived(
+            name + ".T", [(name, (out_features, in_features))], (in_features, out_features), lambda a: a[0].T
+        )
 
     def vector(self, name: str, size: int) -> ir.Value:
         return self.derived(name, [(name, (size,))], (size,))

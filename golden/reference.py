@@ -37,12 +37,16 @@ def reference_forward(model, input_ids: np.ndarray, attention_mask: np.ndarray |
     return out.logits.float().numpy(), out.past_key_values
 
 
-def reference_greedy(model, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None):
+def reference_greedy(
+    model, input_ids: np.ndarray, max_new_tokens: int, attention_mask: np.ndarray | None = None
+):
     """HF `generate` greedy: (new tokens [B, N], raw step logits [B, N, V])."""
     import torch
 
     ids = torch.as_tensor(input_ids, dtype=torch.long)
-    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
+    mask = (
+        torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
+    )
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -55,7 +59,7 @@ def reference_greedy(model, input_ids: np.ndarray, max_new_tokens: int, attentio
             pad_token_id=0,
             eos_token_id=None,
         )
-    tokens = out.sequences[:, ids.shape[1]:].numpy()
+    tokens = out.sequences[:, ids.shape[1] :].numpy()
     logits = torch.stack(out.logits, dim=1).float().numpy()
     return tokens, logits
 

@@ -96,9 +96,14 @@ def generate_golden(model_dir: str | os.PathLike, out: str | os.PathLike, source
             "prompt_lengths": list(PROMPT_LENGTHS),
             "greedy": {"prompt_length": GREEDY_PROMPT_LENGTH, "new_tokens": GREEDY_NEW_TOKENS},
             "reference": {"attn_implementation": "eager", "dtype": "float32"},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())
+            },
             "sha256": {GOLDEN_FILE: digest},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

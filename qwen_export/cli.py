@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local folders; n
 
 app = typer.Typer(
     name="qwen-export",
-    help="Export Qwen3.5-family hybrid-attention MoE models to ONNX, validated against the PyTorch reference.",
+    help="Export Qwen3.5-family hybrid-attention MoE models to ONNX, checked against the PyTorch reference.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -28,7 +28,8 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help="Built-in model with seeded random weights (see `presets`).")
+    str | None,
+    typer.Option("--preset", "-p", help="Built-in model with seeded random weights (see `presets`)."),
 ]
 ModelOpt = Annotated[
     Path | None, typer.Option("--model", "-m", help="Local Hugging Face folder: config.json + *.safetensors.")
@@ -73,7 +74,9 @@ def export(
     from qwen_export.exporter.export import export_model
 
     with err.status("exporting…"):
-        result = export_model(out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states, log=_log)
+        result = export_model(
+            out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states, log=_log
+        )
     info = result.info
     err.print(
         f"[green]wrote[/green] {result.model_path} ({info['graph']['nodes']} nodes, "
@@ -104,8 +107,12 @@ def golden(
 @app.command()
 @user_errors
 def validate(
-    artifact: Annotated[Path, typer.Argument(help="An export or build folder (holding model.onnx) or a .onnx file.")],
-    golden_dir: Annotated[Path, typer.Option("--golden", "-g", help="Golden folder from `qwen-export golden`.")],
+    artifact: Annotated[
+        Path, typer.Argument(help="An export or build folder (holding model.onnx) or a .onnx file.")
+    ],
+    golden_dir: Annotated[
+        Path, typer.Option("--golden", "-g", help="Golden folder from `qwen-export golden`.")
+    ],
     tolerance: Annotated[float, typer.Option(help="Max |Δ| allowed on logits and states (fp32).")] = 2e-4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -127,12 +134,153 @@ def validate(
 
 
 @app.command()
-def presets(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+@user_errors
+def run(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder from `export` or `build`.")],
+    prompt: Annotated[
+        str | None, typer.Option(help="Text prompt (needs the checkpoint's tokenizer.json).")
+    ] = None,
+    ids: Annotated[str | None, typer.Option(help="Comma-separated token ids, e.g. 1,2,3.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 32,
+    greedy: Annotated[bool, typer.Option("--greedy/--sample", help="Greedy decoding or sampling.")] = True,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1.0 = off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[str | None, typer.Option(help="Comma-separated stop token ids.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print ids, text and timings as JSON.")] = False,
+) -> None:
+    """Generate from an artifact, streaming tokens as they come."""
+    from qwen_export.runtime.sampling import SamplingConfig
+    from qwen_export.runtime.session import Session
+
+    if (prompt is None) == (ids is None):
+        raise QwenExportError("pass exactly one of --prompt TEXT or --ids 1,2,3")
+    try:
+        sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        token_ids = [int(t) for t in ids.split(",")] if ids is not None else None
+        stop_ids = [int(t) for t in stop.split(",")] if stop else []
+    except ValueError as e:
+        raise QwenExportError(str(e)) from None
+    session = Session.load(artifact)
+    token_ids = token_ids if token_ids is not None else session.encode(prompt)
+    timings: dict[str, float] = {}
+    generated: list[int] = []
+    for step in session.stream([token_ids], max_new_tokens, sampling, stop_ids, timings):
+        generated.append(int(step[0]))
+        if not as_json:
+            piece = session.tokenizer.decode([generated[-1]]) if session.tokenizer else f"{generated[-1]} "
+            print(piece, end="", flush=True)
+    decode_s = timings["decode_end"] - timings["decode_start"]
+    rate = (len(generated) - 1) / decode_s if decode_s > 0 and len(generated) > 1 else 0.0
+    if as_json:
+        text = session.tokenizer.decode(generated) if session.tokenizer else None
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": token_ids,
+                    "ids": generated,
+                    "text": text,
+                    "backend": session.backend.name,
+                    "time_to_first_token_s": round(timings["time_to_first_token_s"], 6),
+                    "decode_tokens_per_s": round(rate, 2),
+                }
+            )
+        )
+    else:
+        print()
+        err.print(
+            f"[dim]{len(generated)} tokens · first token {timings['time_to_first_token_s'] * 1e3:.1f} ms · "
+            f"decode {rate:.1f} tokens/s · {session.backend.name}[/dim]"
+        )
+
+
+@app.command()
+@user_errors
+def diff(
+    artifact: Annotated[Path, typer.Argument(help="An ONNX artifact folder from `export` or `build`.")],
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            help="A golden folder, or a checkpoint folder to run the reference on (default: the source)."
+        ),
+    ] = None,
+    per_layer: Annotated[
+        bool, typer.Option(help="Compare every decoder layer's output; name the first bad one.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    save_outputs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write our outputs as Polygraphy RunResults (for `polygraphy run --load-outputs`)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
+
+    Exit code 1 when the artifact is out of its precision's tolerance (the report states which were used).
+    """
+    from qwen_export.diff import diff_artifact, save_polygraphy_outputs
+
+    with err.status("comparing with the reference…"):
+        result = diff_artifact(artifact, against, per_layer=per_layer)
+    payload = result.to_json()
+    if report is not None:
+        report.write_text(json.dumps(payload, indent=2))
+    if save_outputs is not None:
+        save_polygraphy_outputs(artifact, save_outputs)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+    else:
+        table = Table(
+            "check",
+            "max |Δ|",
+            "mean |Δ|",
+            "cos min",
+            "top-1",
+            "top-5",
+            "KL mean",
+            title=f"{artifact} vs {result.against} ({result.precision}: {result.tolerances})",
+        )
+        for name, m in result.prefill.items():
+            table.add_row(
+                name,
+                f"{m['max_abs']:.2e}",
+                f"{m['mean_abs']:.2e}",
+                f"{m['cosine_min']:.6f}",
+                f"{m['top1_agreement']:.1%}",
+                f"{m['top5_agreement']:.1%}",
+                f"{m['kl_mean']:.2e}",
+            )
+        Console().print(table)
+        Console().print(f"greedy agreement: {result.greedy_agreement}/{result.greedy_tokens} tokens")
+        for layer in result.layers:
+            mark = "ok" if layer["ok"] else "[red]OUT OF TOLERANCE[/red]"
+            Console().print(
+                f"layer {layer['layer']:>3}: max |Δ| {layer['max_abs']:.2e} (rel {layer['rel']:.1e}) {mark}"
+            )
+        if result.first_bad_layer is not None:
+            Console().print(f"[bold red]first layer out of tolerance: {result.first_bad_layer}[/bold red]")
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def presets(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
     """List the built-in presets."""
     from qwen_export.presets import PRESETS
 
     if as_json:
-        print(json.dumps({n: {"architecture": p.architecture, "description": p.description} for n, p in PRESETS.items()}))
+        print(
+            json.dumps(
+                {
+                    n: {"architecture": p.architecture, "description": p.description}
+                    for n, p in PRESETS.items()
+                }
+            )
+        )
         return
     table = Table("preset", "architecture", "description")
     for name, p in PRESETS.items():

@@ -21,14 +21,25 @@ PRESET_SEED = 20260216
 PRESET_FORMAT = 1  # bump when the way presets are generated changes
 
 _TINY_TEXT: dict[str, Any] = dict(
-    vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-    linear_value_head_dim=16, linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=4096,
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
 )
-_TINY_MOE: dict[str, Any] = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 shared_expert_intermediate_size=32)
+_TINY_MOE: dict[str, Any] = dict(
+    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+)
 
 
 @dataclass(frozen=True)
@@ -45,30 +56,69 @@ class Preset:
         return _hf_config(self).to_dict()
 
     def fingerprint(self) -> str:
-        blob = json.dumps([PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config],
-                          sort_keys=True)
+        blob = json.dumps(
+            [PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config],
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("tiny-qwen3.5-moe", "Qwen3_5MoeForCausalLM", {**_TINY_TEXT, **_TINY_MOE},
-               "4 layers (3 DeltaNet + 1 attention), 8 experts top-2 + shared expert"),
-        Preset("tiny-qwen3-next", "Qwen3NextForCausalLM",
-               {**_TINY_TEXT, **_TINY_MOE, "intermediate_size": 96, "norm_topk_prob": True, "mlp_only_layers": [1]},
-               "Qwen3-Next layout (fused qkvz projections), layer 1 dense MLP, the rest MoE"),
-        Preset("tiny-qwen3.5", "Qwen3_5ForCausalLM", {**_TINY_TEXT, "intermediate_size": 128},
-               "dense Qwen3.5: 4 layers with SwiGLU MLPs"),
-        Preset("small-qwen3.5-moe", "Qwen3_5MoeForCausalLM",
-               dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=2, head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16,
-                    linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
-                    max_position_embeddings=262144,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-                    num_experts=64, num_experts_per_tok=4, moe_intermediate_size=256,
-                    shared_expert_intermediate_size=256),
-               "about 0.5B parameters shaped like Qwen3.5-35B-A3B (8 layers, 64 experts top-4), for benchmarks"),
+        Preset(
+            "tiny-qwen3.5-moe",
+            "Qwen3_5MoeForCausalLM",
+            {**_TINY_TEXT, **_TINY_MOE},
+            "4 layers (3 DeltaNet + 1 attention), 8 experts top-2 + shared expert",
+        ),
+        Preset(
+            "tiny-qwen3-next",
+            "Qwen3NextForCausalLM",
+            {
+                **_TINY_TEXT,
+                **_TINY_MOE,
+                "intermediate_size": 96,
+                "norm_topk_prob": True,
+                "mlp_only_layers": [1],
+            },
+            "Qwen3-Next layout (fused qkvz projections), layer 1 dense MLP, the rest MoE",
+        ),
+        Preset(
+            "tiny-qwen3.5",
+            "Qwen3_5ForCausalLM",
+            {**_TINY_TEXT, "intermediate_size": 128},
+            "dense Qwen3.5: 4 layers with SwiGLU MLPs",
+        ),
+        Preset(
+            "small-qwen3.5-moe",
+            "Qwen3_5MoeForCausalLM",
+            dict(
+                vocab_size=32000,
+                hidden_size=1024,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                head_dim=128,
+                linear_num_key_heads=8,
+                linear_num_value_heads=16,
+                linear_key_head_dim=64,
+                linear_value_head_dim=64,
+                linear_conv_kernel_dim=4,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=262144,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000000.0,
+                    "partial_rotary_factor": 0.25,
+                },
+                num_experts=64,
+                num_experts_per_tok=4,
+                moe_intermediate_size=256,
+                shared_expert_intermediate_size=256,
+            ),
+            "about 0.5B parameters shaped like Qwen3.5-35B-A3B (8 layers, 64 experts top-4), for benchmarks",
+        ),
     ]
 }
 
@@ -101,7 +151,7 @@ def _hf_config(preset: Preset):
 
 
 def build_random_model(preset: Preset):
-    """The preset's transformers model with seeded random weights, made non-trivial where HF inits are flat."""
+    """The preset's transformers model: seeded random weights, non-trivial where HF inits are flat."""
     import torch
     import transformers
 
@@ -124,7 +174,10 @@ def randomize_flat_parameters(model, seed: int) -> None:
         for name, param in model.named_parameters():
             hidden = param.shape[-1]
             if name.endswith("norm.weight"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1 + (1.0 if "linear_attn.norm" in name else 0.0))
+                param.copy_(
+                    torch.randn(param.shape, generator=gen) * 0.1
+                    + (1.0 if "linear_attn.norm" in name else 0.0)
+                )
             elif name.endswith("mlp.gate.weight"):
                 param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / hidden**0.5))
             elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
@@ -144,6 +197,7 @@ def materialize(name: str, quiet: bool = False) -> Path:
     model = build_random_model(preset)
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
-        (tmp / "preset.json").write_text(json.dumps({"preset": name, "seed": PRESET_SEED,
-                                                     "fingerprint": preset.fingerprint()}, indent=2))
+        (tmp / "preset.json").write_text(
+            json.dumps({"preset": name, "seed": PRESET_SEED, "fingerprint": preset.fingerprint()}, indent=2)
+        )
     return folder

@@ -42,7 +42,9 @@ def _row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, logits: bool 
     return CheckRow(name, err, top1, err <= tol)
 
 
-def validate_onnx(model_path: str | Path, golden: Golden, tolerance: float = FP32_TOLERANCE) -> ValidationReport:
+def validate_onnx(
+    model_path: str | Path, golden: Golden, tolerance: float = FP32_TOLERANCE
+) -> ValidationReport:
     """Run the artifact on ONNX Runtime CPU (optimizations off) and compare with the golden outputs."""
     from qwen_export.runtime.ort_decoder import OrtDecoder
 
@@ -55,10 +57,19 @@ def validate_onnx(model_path: str | Path, golden: Golden, tolerance: float = FP3
         report.rows.append(_row(f"prefill {length} tokens: logits", out.logits, ref, tolerance))
     states = golden.final_states()
     worst = max(states, key=lambda k: float(np.abs(out.states[k] - states[k]).max()))
-    report.rows.append(_row(f"prefill {max(PROMPT_LENGTHS)}: states (worst {worst})", out.states[worst],
-                            states[worst], tolerance, logits=False))
+    report.rows.append(
+        _row(
+            f"prefill {max(PROMPT_LENGTHS)}: states (worst {worst})",
+            out.states[worst],
+            states[worst],
+            tolerance,
+            logits=False,
+        )
+    )
     tokens, step_logits = decoder.greedy(golden.greedy_prompt, golden.greedy_tokens.shape[1])
-    report.rows.append(_row("decode through states: step logits", step_logits, golden.greedy_logits, tolerance))
+    report.rows.append(
+        _row("decode through states: step logits", step_logits, golden.greedy_logits, tolerance)
+    )
     same = (tokens == golden.greedy_tokens)[0]
     report.greedy_tokens = int(same.size)
     report.greedy_match_length = int(same.size if same.all() else same.argmin())
@@ -69,11 +80,19 @@ def render(report: ValidationReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("check", "max |Δ|", "top-1", "result", title=f"{report.model} vs golden (tol {report.tolerance:g})")
+    table = Table(
+        "check", "max |Δ|", "top-1", "result", title=f"{report.model} vs golden (tol {report.tolerance:g})"
+    )
     for r in report.rows:
         top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
-        table.add_row(r.name, f"{r.max_abs:.2e}", top1, "[green]ok[/green]" if r.passed else "[red]FAIL[/red]")
+        table.add_row(
+            r.name, f"{r.max_abs:.2e}", top1, "[green]ok[/green]" if r.passed else "[red]FAIL[/red]"
+        )
     ok = report.greedy_match_length == report.greedy_tokens
-    table.add_row("greedy tokens identical", f"{report.greedy_match_length}/{report.greedy_tokens}", "",
-                  "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+    table.add_row(
+        "greedy tokens identical",
+        f"{report.greedy_match_length}/{report.greedy_tokens}",
+        "",
+        "[green]ok[/green]" if ok else "[red]FAIL[/red]",
+    )
     Console().print(table)

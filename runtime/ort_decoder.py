@@ -37,11 +37,16 @@ class OrtDecoder:
     name = "onnxruntime"
 
     def __init__(
-        self, model_path: str | Path, optimize: bool = False, providers: list[str] | None = None,
+        self,
+        model_path: str | Path,
+        optimize: bool = False,
+        providers: list[str] | None = None,
         threads: int | None = None,
     ):
         self.session = ort.InferenceSession(
-            str(model_path), session_options(optimize, threads), providers=providers or ["CPUExecutionProvider"]
+            str(model_path),
+            session_options(optimize, threads),
+            providers=providers or ["CPUExecutionProvider"],
         )
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -98,7 +103,9 @@ class OrtDecoder:
         self.session.run_with_iobinding(binding)
         outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
         logits = outputs["logits"].numpy()[:, -1]
-        present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        present = {
+            n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
+        }
         return logits, present
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> StepOutput:
@@ -129,6 +136,6 @@ class OrtDecoder:
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Position ids of a left-padded batch: running count of real tokens (padding gets position 1, as in HF)."""
+    """Position ids of a left-padded batch: running count of real tokens (padding gets 1, as in HF)."""
     positions = np.cumsum(mask, axis=-1) - 1
     return np.where(mask == 0, 1, positions).astype(np.int64)

@@ -16,6 +16,7 @@ from qwen_export.runtime.ort_decoder import positions_from_mask
 from qwen_export.runtime.sampling import Sampler, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
 
+GREEDY = SamplingConfig()
 SUPPORTED_FORMATS = ("qwen-export/export@1", "qwen-export/build@1")
 
 
@@ -26,7 +27,11 @@ class Backend(Protocol):
     def empty_bound_states(self, batch: int) -> dict[str, Any]: ...
 
     def step_bound(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, states: dict[str, Any]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        states: dict[str, Any],
     ) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 
@@ -61,8 +66,10 @@ class Artifact:
             raise QwenExportError(f"{info_path}: malformed JSON ({e})") from None
         fmt = info.get("format")
         if fmt not in SUPPORTED_FORMATS:
-            raise QwenExportError(f"{info_path}: format {fmt!r} comes from another qwen-export version; "
-                                  f"this one reads {', '.join(SUPPORTED_FORMATS)} (rebuild the artifact)")
+            raise QwenExportError(
+                f"{info_path}: format {fmt!r} comes from another qwen-export version; "
+                f"this one reads {', '.join(SUPPORTED_FORMATS)} (rebuild the artifact)"
+            )
         target = info.get("target", "onnx")
         model_path = folder / info.get("model", "model.onnx")
         if target in ("onnx", "ort") and not model_path.is_file():
@@ -75,15 +82,22 @@ class Artifact:
 class Session:
     """Generation over one artifact; pick a backend from the artifact's target."""
 
-    def __init__(self, backend: Backend, artifact: Artifact | None = None, tokenizer: Tokenizer | None = None,
-                 max_context: int | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        artifact: Artifact | None = None,
+        tokenizer: Tokenizer | None = None,
+        max_context: int | None = None,
+    ):
         self.backend = backend
         self.artifact = artifact
         self.tokenizer = tokenizer
         self.max_context = max_context
 
     @classmethod
-    def load(cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Session:
+    def load(
+        cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None
+    ) -> Session:
         artifact = Artifact.open(folder)
         if artifact.target in ("trt", "trt-rtx"):
             from qwen_export.runtime.tensorrt_backend import TensorRTBackend
@@ -110,29 +124,33 @@ class Session:
         for row, p in enumerate(prompts):
             bad = [t for t in p if not 0 <= int(t) < vocab]
             if bad:
-                raise QwenExportError(f"prompt {row}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+                raise QwenExportError(
+                    f"prompt {row}: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+                )
         longest = max(len(p) for p in prompts) + max_new_tokens
         if self.max_context is not None and longest > self.max_context:
-            raise QwenExportError(f"prompt + new tokens = {longest} exceeds the artifact's max context "
-                                  f"{self.max_context}; rebuild with a larger --max-context")
+            raise QwenExportError(
+                f"prompt + new tokens = {longest} exceeds the artifact's max context "
+                f"{self.max_context}; rebuild with a larger --max-context"
+            )
 
     # --- generation -----------------------------------------------------------------------------------
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
         timings: dict[str, float] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield the next token of every prompt ([B] int64) at each step; finished rows repeat their stop token."""
+        """Yield every prompt's next token ([B] int64) per step; finished rows repeat their stop token."""
         self._check(prompts, max_new_tokens)
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((batch, width), np.int64)
         mask = np.zeros((batch, width), np.int64)
         for row, p in enumerate(prompts):  # left padding keeps every row's last token in the last column
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = p
+            mask[row, width - len(p) :] = 1
         sampler = Sampler(sampling)
         stops = np.array(list(stop_tokens), np.int64)
         done = np.zeros(batch, bool)
@@ -160,7 +178,7 @@ class Session:
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: SamplingConfig = SamplingConfig(),
+        sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
     ) -> GenerationResult:
         timings: dict[str, float] = {}
@@ -174,5 +192,10 @@ class Session:
         decode_steps = max(len(steps) - 1, 0)
         rate = decode_steps * len(prompts) / decode_s if decode_s > 0 and decode_steps else 0.0
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer else None
-        return GenerationResult(tokens, timings["time_to_first_token_s"], rate, texts,
-                                {"decode_s": decode_s, "steps": float(len(steps))})
+        return GenerationResult(
+            tokens,
+            timings["time_to_first_token_s"],
+            rate,
+            texts,
+            {"decode_s": decode_s, "steps": float(len(steps))},
+        )

@@ -34,8 +34,10 @@ def current_gpu() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
-        raise QwenExportError("no NVIDIA GPU is visible on this machine: TensorRT engines run only on the GPU "
-                              "they were built for; use the onnx or ort target to run on the CPU")
+        raise QwenExportError(
+            "no NVIDIA GPU is visible on this machine: TensorRT engines run only on the GPU "
+            "they were built for; use the onnx or ort target to run on the CPU"
+        )
     major, minor = torch.cuda.get_device_capability(0)
     return torch.cuda.get_device_name(0), f"sm{major}{minor}"
 
@@ -55,7 +57,9 @@ class TensorRTBackend:
         runtime = trt.Runtime(logger)
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
-            raise QwenExportError(f"{engine_path}: TensorRT could not deserialize the engine (wrong GPU or version?)")
+            raise QwenExportError(
+                f"{engine_path}: TensorRT could not deserialize the engine (wrong GPU or version?)"
+            )
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -74,20 +78,30 @@ class TensorRTBackend:
         entry = engines.get(sm)
         if entry is None:
             built = ", ".join(sorted(engines)) or "none"
-            raise QwenExportError(f"{artifact.folder}: no engine for this GPU ({gpu_name}, {sm}); built for: {built}")
+            raise QwenExportError(
+                f"{artifact.folder}: no engine for this GPU ({gpu_name}, {sm}); built for: {built}"
+            )
         plugin = artifact.info.get("plugin_library")
-        return cls(artifact.folder / entry["path"], artifact.target,
-                   artifact.folder / plugin if plugin else None)
+        return cls(
+            artifact.folder / entry["path"], artifact.target, artifact.folder / plugin if plugin else None
+        )
 
     def empty_bound_states(self, batch: int) -> dict[str, Any]:
         states = {}
         for suffix in self.state_suffixes:
-            dims = [batch if i == 0 else (0 if d == -1 else d) for i, d in enumerate(self.static_dims[PAST_PREFIX + suffix])]
+            dims = [
+                batch if i == 0 else (0 if d == -1 else d)
+                for i, d in enumerate(self.static_dims[PAST_PREFIX + suffix])
+            ]
             states[suffix] = self.torch.zeros(dims, dtype=self.dtypes[PAST_PREFIX + suffix], device="cuda")
         return states
 
     def step_bound(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, states: dict[str, Any]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        states: dict[str, Any],
     ) -> tuple[np.ndarray, dict[str, Any]]:
         torch = self.torch
         feeds = {
@@ -111,7 +125,9 @@ class TensorRTBackend:
             raise QwenExportError("TensorRT execution failed")
         self.stream.synchronize()
         logits = outputs["logits"][:, -1].float().cpu().numpy()
-        present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)}
+        present = {
+            n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
+        }
         return logits, present
 
     def _select_profile(self, sequence: int) -> None:
@@ -124,5 +140,11 @@ class TensorRTBackend:
 
 def _torch_dtype(torch, trt_dtype) -> Any:
     name = str(trt_dtype).rsplit(".", 1)[-1].upper()
-    return {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
-            "INT32": torch.int32, "BOOL": torch.bool}[name]
+    return {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT64": torch.int64,
+        "INT32": torch.int32,
+        "BOOL": torch.bool,
+    }[name]

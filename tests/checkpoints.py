@@ -6,8 +6,17 @@ from pathlib import Path
 
 from qwen_export.presets import PRESETS, randomize_flat_parameters
 
-TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
-                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+TINY_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,
+)
 
 # class name -> (text config preset it borrows, whether it is the multimodal wrapper)
 LOCAL_CLASSES = {

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from checkpoints import make_local_checkpoint
 from qwen_export.cli import app
+
+from checkpoints import make_local_checkpoint
 
 runner = CliRunner()
 
@@ -78,7 +79,9 @@ def test_missing_tensor(tmp_path, broken):
 def test_extra_tensor(tmp_path, broken):
     rewrite_tensors(broken, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(3)}))
     out = tmp_path / "out"
-    assert_clean_failure(run_export(broken, out), out, "model.safetensors", "unexpected tensor model.layers.0.mystery.weight")
+    assert_clean_failure(
+        run_export(broken, out), out, "model.safetensors", "unexpected tensor model.layers.0.mystery.weight"
+    )
 
 
 def test_misshaped_tensor(tmp_path, broken):
@@ -112,7 +115,9 @@ def test_unknown_preset(tmp_path):
 
 def test_preset_and_model_together(tmp_path, good_checkpoint):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["export", "--preset", "tiny-qwen3.5", "--model", str(good_checkpoint), "-o", str(out)])
+    result = runner.invoke(
+        app, ["export", "--preset", "tiny-qwen3.5", "--model", str(good_checkpoint), "-o", str(out)]
+    )
     assert_clean_failure(result, out, "exactly one of --preset NAME or --model DIR")
 
 
@@ -135,10 +140,14 @@ def test_left_out_parts_are_logged(tmp_path):
 
 
 def test_mtp_tensors_are_left_out_and_counted(tmp_path, broken):
-    rewrite_tensors(broken, lambda t: t.update({"mtp.fc.weight": torch.zeros(4, 4), "mtp.norm.weight": torch.zeros(4)}))
+    rewrite_tensors(
+        broken, lambda t: t.update({"mtp.fc.weight": torch.zeros(4, 4), "mtp.norm.weight": torch.zeros(4)})
+    )
     out = tmp_path / "out"
     result = run_export(broken, out)
     assert result.exit_code == 0, result.output
-    assert "left out on purpose: MTP (multi-token prediction) layers (2 tensors)" in " ".join(result.output.split())
+    assert "left out on purpose: MTP (multi-token prediction) layers (2 tensors)" in " ".join(
+        result.output.split()
+    )
     info = json.loads((out / "export.json").read_text())
     assert info["checkpoint"]["left_out"] == {"MTP (multi-token prediction) layers": 2}

@@ -9,11 +9,12 @@ import onnx
 import pytest
 from safetensors import safe_open
 
-from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 from qwen_export.exporter.export import export_model
 from qwen_export.golden.reference import load_reference, reference_forward, reference_greedy
 from qwen_export.golden.store import make_prompt
 from qwen_export.runtime.ort_decoder import OrtDecoder
+
+from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 
 TOL = 2e-4
 
@@ -79,7 +80,9 @@ def test_sharded_bf16_checkpoint(tmp_path):
 def test_graph_signature_is_dynamic_and_holds_every_expert(tmp_path):
     result = export_model(tmp_path / "out", preset="tiny-qwen3.5-moe")
     model = onnx.load(result.model_path, load_external_data=False)
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
     assert dims["input_ids"] == ["batch", "sequence"]
     assert dims["attention_mask"] == ["batch", "total_sequence"]
     assert dims["position_ids"] == ["batch", "sequence"]
@@ -88,9 +91,13 @@ def test_graph_signature_is_dynamic_and_holds_every_expert(tmp_path):
     assert dims["past_key_values.0.recurrent_state"] == ["batch", 4, 16, 16]
     outputs = [o.name for o in model.graph.output]
     assert outputs[0] == "logits"
-    assert sorted(outputs[1:]) == sorted(n.replace("past_key_values.", "present.") for n in dims if "past" in n)
+    assert sorted(outputs[1:]) == sorted(
+        n.replace("past_key_values.", "present.") for n in dims if "past" in n
+    )
     experts = {i.name: list(i.dims) for i in model.graph.initializer if "experts" in i.name}
     for layer in range(4):
         assert experts[f"layers.{layer}.mlp.experts.gate_up_proj.T"] == [8, 64, 64]
         assert experts[f"layers.{layer}.mlp.experts.down_proj.T"] == [8, 32, 64]
-    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer if i.name in experts)
+    assert all(
+        i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer if i.name in experts
+    )

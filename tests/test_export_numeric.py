@@ -68,7 +68,7 @@ def test_greedy_decode_through_states_matches_reference(exported, preset):
     full = np.concatenate([golden.greedy_prompt, tokens[:, :-1]], axis=1)
     recomputed, _ = reference_forward(model, full)
     prompt_len = golden.greedy_prompt.shape[1]
-    assert max_abs(step_logits, recomputed[:, prompt_len - 1:]) <= TOL
+    assert max_abs(step_logits, recomputed[:, prompt_len - 1 :]) <= TOL
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -96,12 +96,12 @@ def test_left_padded_batch_matches_unpadded_reference(exported, preset):
     ids = np.zeros((3, width), np.int64)
     mask = np.zeros((3, width), np.int64)
     for row, p in enumerate(prompts):
-        ids[row, width - p.shape[1]:] = p[0]
-        mask[row, width - p.shape[1]:] = 1
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
     out = decoder.step(ids, mask, positions_from_mask(mask), decoder.empty_states(3))
     for row, p in enumerate(prompts):
         ref, _ = reference_forward(model, p)
-        assert max_abs(out.logits[row:row + 1, width - p.shape[1]:], ref) <= TOL, f"row {row}"
+        assert max_abs(out.logits[row : row + 1, width - p.shape[1] :], ref) <= TOL, f"row {row}"
 
 
 def test_greedy_matches_hf_generate_live(exported):

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.export import export_model
 from qwen_export.golden.reference import load_reference, reference_greedy
@@ -16,6 +15,8 @@ from qwen_export.golden.store import make_prompt
 from qwen_export.presets import materialize
 from qwen_export.runtime.sampling import SamplingConfig
 from qwen_export.runtime.session import Session
+
+from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 
 NEW_TOKENS = 64
 LENGTHS = [23, 5, 64, 1]  # a batch of 4 prompts of different lengths (left padded)
@@ -26,8 +27,8 @@ def hf_batch_greedy(model, prompts, n):
     ids = np.zeros((len(prompts), width), np.int64)
     mask = np.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     tokens, _ = reference_greedy(model, ids, n, attention_mask=mask)
     return tokens.tolist()
 
@@ -120,9 +121,14 @@ def test_artifact_from_another_version(tmp_path, artifact):
 def test_engine_artifact_without_gpu_says_so(tmp_path):
     folder = tmp_path / "engine-artifact"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "qwen-export/build@1", "target": "trt-rtx",
-        "engines": {"sm89": {"path": "engines/sm89/model.engine"}},
-    }))
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "qwen-export/build@1",
+                "target": "trt-rtx",
+                "engines": {"sm89": {"path": "engines/sm89/model.engine"}},
+            }
+        )
+    )
     with pytest.raises(QwenExportError, match="GPU|tensorrt_rtx"):
         Session.load(folder)

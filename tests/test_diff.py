@@ -1,0 +1,114 @@
+"""`qwen-export diff`: metrics against the reference, and planted faults located to their layer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from qwen_export.cli import app
+from qwen_export.diff import diff_artifact
+from qwen_export.exporter.export import export_model
+from qwen_export.golden.store import repo_golden_dir
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir
+
+
+def planted(artifact, tmp_path, edit) -> str:
+    """A copy of the artifact whose graph `edit(model)` has changed (weights loaded and re-saved)."""
+    folder = tmp_path / "faulty"
+    folder.mkdir()
+    shutil.copy(artifact / "export.json", folder / "export.json")
+    model = onnx.load(str(artifact / "model.onnx"))
+    edit(model)
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return str(folder)
+
+
+def wrong_epsilon(layer: int):
+    def edit(model):
+        node = next(
+            n for n in model.graph.node if n.name == f"/layers.{layer}/post_attention_layernorm/Add_0"
+        )
+        model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "planted_eps"))
+        node.input[1] = "planted_eps"
+
+    return edit
+
+
+def swapped_experts(layer: int, a: int = 0, b: int = 1):
+    def edit(model):
+        for init in model.graph.initializer:
+            if init.name.startswith(f"layers.{layer}.mlp.experts."):
+                w = numpy_helper.to_array(init).copy()
+                w[[a, b]] = w[[b, a]]
+                init.CopyFrom(numpy_helper.from_array(w, init.name))
+
+    return edit
+
+
+def test_clean_artifact_passes_with_all_metrics(artifact):
+    report = diff_artifact(artifact, repo_golden_dir("tiny-qwen3.5-moe"), per_layer=True)
+    assert report.passed and report.first_bad_layer is None
+    m = report.prefill["prefill_200"]
+    assert m["max_abs"] < 2e-4 and m["top1_agreement"] == 1.0 and m["top5_agreement"] == 1.0
+    assert m["cosine_min"] > 0.999999 and m["kl_mean"] < 1e-9
+    assert report.greedy_agreement == report.greedy_tokens == 32
+    assert [layer["ok"] for layer in report.layers] == [True] * 4
+    assert report.tolerances["logits_max_abs"] == 2e-4 and report.precision == "fp32"
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_wrong_epsilon_is_located(artifact, tmp_path, layer):
+    report = diff_artifact(planted(artifact, tmp_path, wrong_epsilon(layer)), per_layer=True)
+    assert not report.passed
+    assert report.first_bad_layer == layer
+    assert all(entry["ok"] for entry in report.layers[:layer])
+
+
+def test_swapped_experts_are_located(artifact, tmp_path):
+    report = diff_artifact(planted(artifact, tmp_path, swapped_experts(2)), per_layer=True)
+    assert report.first_bad_layer == 2
+    assert not report.passed
+
+
+def test_cli_writes_report_and_polygraphy_outputs(artifact, tmp_path):
+    report_path, outputs_path = tmp_path / "report.json", tmp_path / "outputs.json"
+    result = runner.invoke(
+        app,
+        [
+            "diff",
+            str(artifact),
+            "--against",
+            str(repo_golden_dir("tiny-qwen3.5-moe")),
+            "--report",
+            str(report_path),
+            "--save-outputs",
+            str(outputs_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and set(report["prefill"]) == {f"prefill_{n}" for n in (1, 7, 63, 64, 65, 200)}
+    from polygraphy.comparator import RunResults
+
+    loaded = RunResults.load(str(outputs_path))
+    assert loaded[0][0] == "qwen-export-onnxruntime"
+    assert np.asarray(loaded[0][1][0]["logits"]).shape == (1, 1, 512)
+
+
+def test_cli_exit_code_on_fault(artifact, tmp_path):
+    faulty = planted(artifact, tmp_path, wrong_epsilon(1))
+    result = runner.invoke(app, ["diff", faulty, "--per-layer"])
+    assert result.exit_code == 1
+    assert "first layer out of tolerance: 1" in result.output

@@ -266,6 +266,52 @@ def diff(
 
 
 @app.command()
+@user_errors
+def profile(
+    artifact: Annotated[Path, typer.Argument(help="An ONNX artifact folder from `export` or `build`.")],
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill phase.")] = 65,
+    decode_steps: Annotated[int, typer.Option(min=1, help="Decode steps to time.")] = 16,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Write a PNG chart of time per layer here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Latency per decoder layer and per op type for prefill and decode (p50/p90 step), and per build pass."""
+    from qwen_export.profile import profile_artifact, render_chart
+
+    with err.status("profiling…"):
+        result = profile_artifact(artifact, prompt_tokens, decode_steps)
+    payload = result.to_json()
+    if report is not None:
+        report.write_text(json.dumps(payload, indent=2))
+    if chart is not None:
+        render_chart(result, chart)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    console = Console()
+    for name, phase in result.phases.items():
+        console.print(
+            f"[bold]{name}[/bold]: step p50 {phase.step_ms_p50:.2f} ms, p90 {phase.step_ms_p90:.2f} ms "
+            f"({result.runtime})"
+        )
+        table = Table("part", "ms / step", "share")
+        for part, ms in phase.per_layer_ms.items():
+            table.add_row(part, f"{ms:.3f}", f"{ms / phase.attributed_ms_mean:.0%}")
+        console.print(table)
+        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(phase.per_op_type_ms.items())[:6])
+        console.print(f"[dim]by op type (ms): {top}[/dim]")
+    if result.passes:
+        table = Table("pass", "wall s", "nodes before → after", title="build passes")
+        for rec in result.passes:
+            table.add_row(
+                str(rec.get("name")),
+                f"{rec.get('wall_s', rec.get('seconds', 0)):.3f}",
+                f"{rec.get('nodes_before', '?')} → {rec.get('nodes_after', '?')}",
+            )
+        console.print(table)
+
+
+@app.command()
 def presets(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -1,4 +1,4 @@
-"""`qwen-export profile`: where the time goes, per decoder layer and op type (runtime) and per pass (build)."""
+"""`qwen-export profile`: where time goes per decoder layer and op type (runtime) and per pass (build)."""
 
 from __future__ import annotations
 

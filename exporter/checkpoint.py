@@ -101,15 +101,7 @@ class Checkpoint:
         for name, info in self.tensors.items():
             if name in self.used:
                 continue
-            part = next(
-                (
-                    label
-                    for pattern, label in LEFT_OUT_PARTS
-                    if re.search(pattern, name.removeprefix("model.language_model."))
-                    or re.search(pattern, name)
-                ),
-                None,
-            )
+            part = next((label for pattern, label in LEFT_OUT_PARTS if re.search(pattern, name)), None)
             if part is None:
                 raise CheckpointError(
                     f"{info.file}: unexpected tensor {name} (shape {info.shape}) is not part of the "

@@ -311,6 +311,128 @@ def profile(
         console.print(table)
 
 
+TargetOpt = Annotated[
+    str,
+    typer.Option("--target", "-t", help="onnx (standard ops), ort (ORT contrib ops), fused (qwen ops)."),
+]
+CheckOpt = Annotated[
+    bool,
+    typer.Option(help="Run every stage in ONNX Runtime against the golden reference and the previous stage."),
+]
+GoldenOpt = Annotated[
+    Path | None, typer.Option("--golden", help="Golden folder for --check (default: the preset's).")
+]
+
+
+def _fmt_delta(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def _top_changes(delta: dict[str, int], n: int = 2) -> str:
+    items = list(delta.items())
+    text = ", ".join(f"{op} {count:+d}" for op, count in items[:n])
+    return text + (f" (+{len(items) - n})" if len(items) > n else "")
+
+
+def _pass_table(records) -> Table:
+    headers = ["#", "pass", "time", "nodes", "in fns", "op changes", "fired", "|Δ| prev", "|Δ| golden"]
+    table = Table(*headers, "", title="passes")
+    for column in table.columns:
+        column.no_wrap = True
+    for i, r in enumerate(records, 1):
+        fired = ", ".join(f"{op}×{n}" for op, n in r.stats.get("fired", {}).items() if n)
+        num = r.numerics
+        verdict = "" if num is None else ("[green]ok[/green]" if num.within_tolerance else "[red]FAIL[/red]")
+        table.add_row(
+            str(i), r.name, f"{r.wall_s:.2f}s", f"{r.nodes_before['graph']}→{r.nodes_after['graph']}",
+            str(r.nodes_after["functions"]), _top_changes(r.ops_delta), fired,
+            _fmt_delta(num.max_vs_previous if num else None),
+            _fmt_delta(num.max_vs_golden if num else None),
+            verdict,
+        )
+    return table
+
+
+@app.command()
+@user_errors
+def build(
+    out: OutOpt,
+    preset: PresetOpt = None,
+    model: ModelOpt = None,
+    target: TargetOpt = "onnx",
+    check: CheckOpt = False,
+    golden: GoldenOpt = None,
+) -> None:
+    """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json.
+
+    With --check, each stage runs in ONNX Runtime (optimizations off) on fixed prompts; the command names
+    the first pass whose logits or states leave tolerance (2e-4) and exits with code 1.
+    """
+    from rich import progress as rp
+
+    from qwen_export.build import build as build_artifact
+    from qwen_export.passes.base import pass_name
+    from qwen_export.passes.pipeline import pipeline
+
+    total = len(pipeline(target))
+    columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+               rp.MofNCompleteColumn(), rp.TimeElapsedColumn())
+    with rp.Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("exporting", total=total)
+
+        def on_start(i: int, p) -> None:
+            progress.update(task, description=f"{pass_name(p)}" + (" (+ check)" if check else ""))
+
+        def on_end(i: int, record) -> None:
+            progress.advance(task)
+
+        result = build_artifact(out, preset=preset, model_dir=model, target=target, check=check,
+                                golden_dir=golden, on_pass_start=on_start, on_pass_end=on_end, log=_log)
+    # Piped output gets a wide table rather than one squeezed to 80 columns.
+    (err if err.is_terminal else Console(stderr=True, width=160)).print(_pass_table(result.report.records))
+    m = result.manifest
+    err.print(
+        f"[green]wrote[/green] {result.model_path} (target {target}, {m['graph']['nodes']['graph']} nodes, "
+        f"{m['timings_s']['total']:.1f} s, peak RSS {m['peak_rss_mib']:.0f} MiB)",
+        highlight=False,
+    )
+    report = result.report
+    if result.check_passed is False:
+        err.print(f"[bold red]check failed:[/bold red] first stage out of tolerance: {report.first_failure} "
+                  f"(see {result.out_dir / 'passes.json'})", highlight=False)
+        raise typer.Exit(1)
+    if result.check_passed:
+        err.print(f"[green]check passed[/green]: every stage within {report.tolerance:g} of the golden "
+                  "reference and of the previous stage", highlight=False)
+
+
+@app.command("passes")
+def list_passes(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the graph passes, what each does, and which targets' pipelines use it."""
+    from qwen_export.errors import QwenExportError as _Err
+    from qwen_export.passes.base import pass_name, pass_summary
+    from qwen_export.passes.pipeline import TARGETS, catalog, pipeline
+
+    used: dict[str, list[str]] = {}
+    for target in TARGETS:
+        try:
+            names = {pass_name(p) for p in pipeline(target)}
+        except _Err:
+            continue
+        for name in names:
+            used.setdefault(name, []).append(target)
+    rows = [(pass_name(cls), pass_summary(cls), used.get(pass_name(cls), [])) for cls in catalog()]
+    if as_json:
+        print(json.dumps([{"name": n, "summary": s, "targets": t} for n, s, t in rows]))
+        return
+    table = Table("pass", "what it does", "targets")
+    for name, summary, targets in rows:
+        table.add_row(name, summary, ", ".join(targets) or "(optional)")
+    Console().print(table)
+
+
 @app.command()
 def presets(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,

@@ -51,6 +51,7 @@ MAIN_PEER = "peer-batched_mm"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STATE_NAME = re.compile(r"past|present|cache|state", re.IGNORECASE)
 PLAIN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
+DEFAULT_EXPERTS = "grouped_mm"  # what transformers 5 picks when none is requested (falls back to eager)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class PeerVariant:
     use_cache: bool
     dynamic: bool
     description: str
+
+    @property
+    def label(self) -> str:
+        experts = self.experts or f"default ({DEFAULT_EXPERTS})"
+        cache = "on" if self.use_cache else "off"
+        return f"torch.onnx: experts={experts}, cache {cache}" + (", dynamic_shapes" if self.dynamic else "")
 
 
 PEER_VARIANTS: dict[str, PeerVariant] = {
@@ -74,18 +81,18 @@ PEER_VARIANTS: dict[str, PeerVariant] = {
         ),
         PeerVariant("peer-default", None, False, False, "default experts implementation, use_cache=False"),
         PeerVariant(
-            "peer-batched_mm-dynamic",
-            "batched_mm",
-            False,
-            True,
-            "experts_implementation='batched_mm', use_cache=False, dynamic_shapes on batch and sequence",
-        ),
-        PeerVariant(
             "peer-batched_mm",
             "batched_mm",
             False,
             False,
             "experts_implementation='batched_mm', use_cache=False, no dynamic_shapes",
+        ),
+        PeerVariant(
+            "peer-batched_mm-dynamic",
+            "batched_mm",
+            False,
+            True,
+            "experts_implementation='batched_mm', use_cache=False, dynamic_shapes on batch and sequence",
         ),
     ]
 }
@@ -469,7 +476,17 @@ def _mib(n: float | None) -> str:
     return "–" if n is None else f"{n / 2**20:,.1f}"
 
 
-def _row(res: dict[str, Any]) -> list[str]:
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_error(err: dict[str, Any]) -> str:
+    """The innermost reason, without the "<class '...'>: " prefix torch.onnx puts on its summary."""
+    msg = err.get("summary") or err.get("root_first_line") or err.get("first_line") or "failed"
+    return re.sub(r"^<class '[\w.]+'>:\s*", "", msg)
+
+
+def _row(res: dict[str, Any], width: int = 160) -> list[str]:
     m = res.get("model", {})
     rss = res.get("peak_rss_mib") or res.get("sampled_peak_rss_mib")
     rss_s = "–" if not rss else f"{rss:,.0f}" + ("" if res.get("peak_rss_mib") else " (sampled)")
@@ -480,11 +497,11 @@ def _row(res: dict[str, Any]) -> list[str]:
             time_s += f" ({res['load_s']:.1f} load + {res['export_s']:.1f} export)"
         nodes = f"{m.get('nodes_top', '–'):,} / {m.get('nodes_total', '–'):,}"
         seq = "baked in" if m.get("sequence_baked_in") else "dynamic"
-        shape = "x".join(str(d) for d in m.get("input_ids_shape") or [])
+        shape = " × ".join(str(d) for d in m.get("input_ids_shape") or [])
         state = f"yes ({m['state_inputs']} inputs)" if m.get("has_cache_inputs") else "no"
         return [status, time_s, nodes, _mib(m.get("size_bytes")), rss_s, f"{seq} ({shape})", state]
     err = res.get("error", {})
-    msg = err.get("summary") or err.get("root_first_line") or err.get("first_line", "failed")
+    msg = _clip(short_error(err), width)
     if res.get("timed_out"):
         return [err.get("first_line", "timeout"), "–", "–", "–", rss_s, "–", "–"]
     fail_t = f"fails after {res['export_s']:.1f}" if "export_s" in res else f"{res.get('seconds', 0):.1f}"
@@ -540,8 +557,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append("| exporter | " + " | ".join(HEADERS) + " |")
         lines.append("|---" * (len(HEADERS) + 1) + "|")
         for kind, res in block["runs"].items():
-            label = "qwen-export" if kind == "ours" else f"torch.onnx: {PEER_VARIANTS[kind].description}"
-            lines.append("| " + " | ".join(_md_escape(c) for c in [label, *_row(res)]) + " |")
+            label = "qwen-export" if kind == "ours" else PEER_VARIANTS[kind].label
+            lines.append("| " + " | ".join(_md_escape(c) for c in [label, *_row(res, width=110)]) + " |")
         lines.append("")
         for kind, rat in block.get("ratios", {}).items():
             lines.append(
@@ -560,11 +577,14 @@ def notes_for(report: dict[str, Any]) -> list[str]:
         for kind, res in block["runs"].items():
             if not res.get("ok") and res.get("error"):
                 err = res["error"]
-                chain = " <- ".join(err.get("chain", [])[-2:]) or err.get("first_line", "")
-                notes.append(
-                    f"{preset} / {kind}: {_md_escape(err.get('first_line', ''))}"
-                    + (f" (cause: {_md_escape(chain)})" if chain and chain != err.get("first_line") else "")
-                )
+                first = err.get("first_line", "")
+                cause = err.get("root_first_line", "")
+                note = f"{preset} / {kind}: first line: `{_md_escape(_clip(first, 300))}`"
+                if cause and cause != first:
+                    note += f"; innermost cause ({err.get('root_type')}): `{_md_escape(_clip(cause, 300))}`"
+                if "export_s" in res:
+                    note += f"; failed {res['export_s']:.1f} s into torch.onnx.export"
+                notes.append(note)
             m = res.get("model", {})
             if kind != "ours" and res.get("ok"):
                 notes.append(
@@ -573,6 +593,12 @@ def notes_for(report: dict[str, Any]) -> list[str]:
                     if not m.get("has_cache_inputs")
                     else f"{preset} / {kind}: {m.get('state_inputs')} state inputs"
                 )
+                if PEER_VARIANTS[kind].dynamic and m.get("sequence_baked_in"):
+                    notes.append(
+                        f"{preset} / {kind}: batch and sequence were declared dynamic (torch.export.Dim), "
+                        f"yet input_ids comes out as {m.get('input_ids_shape')}: the sequence length was "
+                        "specialised to the sample's and torch.onnx.export raised nothing"
+                    )
     return notes
 
 
@@ -667,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         for h in HEADERS:
             table.add_column(h)
         for kind, res in block["runs"].items():
-            table.add_row(kind, *_row(res))
+            table.add_row(kind, *_row(res, width=70))
         console.print(table)
         for kind, rat in block.get("ratios", {}).items():
             console.print(f"ours / {kind}: {rat}")

@@ -1,0 +1,90 @@
+"""Pass pipelines per target. A function builds a fresh list each call; nothing is registered at import."""
+
+from __future__ import annotations
+
+import importlib
+
+import onnx_ir as ir
+
+from qwen_export.errors import QwenExportError
+from qwen_export.passes.cse import EliminateCommonSubexpressions
+from qwen_export.passes.dedup_initializers import DeduplicateInitializers
+from qwen_export.passes.fuse_gated_attention import FuseGatedAttention
+from qwen_export.passes.fuse_gated_deltanet import FuseGatedDeltaNet
+from qwen_export.passes.fuse_gated_rms_norm import FuseGatedRMSNorm
+from qwen_export.passes.fuse_moe import FuseMoE
+from qwen_export.passes.fuse_rms_norm import FuseRMSNorm
+from qwen_export.passes.lift_constants import LiftConstants
+from qwen_export.passes.lower_portable import LowerPortable
+from qwen_export.passes.remove_unused import RemoveUnused
+from qwen_export.passes.shape_inference import InferShapes
+
+TARGETS = {
+    "onnx": "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
+    "ort": "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
+    "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
+}
+
+
+def cleanup() -> list[ir.passes.PassBase]:
+    return [RemoveUnused(), EliminateCommonSubexpressions(), DeduplicateInitializers()]
+
+
+def fusions() -> list[ir.passes.PassBase]:
+    """Order matters: gated norm before plain norm (which would take its inner norm); norms before the
+    blocks that nest them (DeltaNet nests GatedRMSNorm, attention nests the q/k RMSNorms)."""
+    return [
+        FuseGatedRMSNorm(),
+        FuseRMSNorm(),
+        FuseGatedDeltaNet(),
+        FuseGatedAttention(),
+        FuseMoE(),
+        RemoveUnused(),
+    ]
+
+
+def finish() -> list[ir.passes.PassBase]:
+    """After lowering: inlined bodies bring their own copies of constants and mask arithmetic; merge them."""
+    return [LiftConstants(), DeduplicateInitializers(), EliminateCommonSubexpressions(), RemoveUnused()]
+
+
+def ort_lowering_class() -> type[ir.passes.PassBase]:
+    """`LowerToOrt` from passes/lower_ort.py, imported only when the ort target is asked for."""
+    try:
+        module = importlib.import_module("qwen_export.passes.lower_ort")
+    except ModuleNotFoundError as e:
+        if e.name != "qwen_export.passes.lower_ort":
+            raise
+        raise QwenExportError(
+            "target 'ort' needs the ONNX Runtime lowering (passes/lower_ort.py, class "
+            "LowerToOrt), which this installation does not have"
+        ) from None
+    cls = getattr(module, "LowerToOrt", None)
+    if cls is None:
+        raise QwenExportError("passes/lower_ort.py defines no LowerToOrt pass; target 'ort' cannot be built")
+    return cls
+
+
+def pipeline(target: str) -> list[ir.passes.PassBase]:
+    """The passes that turn the exporter's graph into `target`'s graph."""
+    if target == "onnx":
+        return [*cleanup(), *fusions(), LowerPortable(), *finish()]
+    if target == "ort":
+        # Whatever the ORT lowering leaves as qwen ops still runs: the portable lowering takes it.
+        return [*cleanup(), *fusions(), ort_lowering_class()(), LowerPortable(), *finish()]
+    if target == "fused":
+        return [*cleanup(), *fusions()]
+    raise QwenExportError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+
+
+def catalog() -> list[type[ir.passes.PassBase]]:
+    """Every pass class a pipeline may use, in pipeline order, plus optional ones (shape inference)."""
+    classes: list[type[ir.passes.PassBase]] = []
+    for p in [*cleanup(), *fusions(), LowerPortable(), *finish(), InferShapes()]:
+        if type(p) not in classes:
+            classes.append(type(p))
+    try:
+        classes.insert(classes.index(LowerPortable), ort_lowering_class())
+    except QwenExportError:
+        pass
+    return classes

@@ -208,6 +208,10 @@ def diff(
     per_layer: Annotated[
         bool, typer.Option(help="Compare every decoder layer's output; name the first bad one.")
     ] = False,
+    per_pass: Annotated[
+        bool,
+        typer.Option(help="Rebuild with a check after every pass; name the first pass out of tolerance."),
+    ] = False,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     save_outputs: Annotated[
         Path | None,
@@ -224,7 +228,7 @@ def diff(
     from qwen_export.diff import diff_artifact, save_polygraphy_outputs
 
     with err.status("comparing with the reference…"):
-        result = diff_artifact(artifact, against, per_layer=per_layer)
+        result = diff_artifact(artifact, against, per_layer=per_layer, per_pass=per_pass)
     payload = result.to_json()
     if report is not None:
         report.write_text(json.dumps(payload, indent=2))
@@ -260,8 +264,15 @@ def diff(
             Console().print(
                 f"layer {layer['layer']:>3}: max |Δ| {layer['max_abs']:.2e} (rel {layer['rel']:.1e}) {mark}"
             )
+        for stage in result.passes:
+            mark = "ok" if stage["ok"] else "[red]OUT OF TOLERANCE[/red]"
+            Console().print(
+                f"pass {stage['stage']:<28} vs reference {stage['max_vs_reference'] or 0:.2e} {mark}"
+            )
         if result.first_bad_layer is not None:
             Console().print(f"[bold red]first layer out of tolerance: {result.first_bad_layer}[/bold red]")
+        if result.first_bad_pass is not None:
+            Console().print(f"[bold red]first pass out of tolerance: {result.first_bad_pass}[/bold red]")
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -344,8 +355,13 @@ def _pass_table(records) -> Table:
         num = r.numerics
         verdict = "" if num is None else ("[green]ok[/green]" if num.within_tolerance else "[red]FAIL[/red]")
         table.add_row(
-            str(i), r.name, f"{r.wall_s:.2f}s", f"{r.nodes_before['graph']}→{r.nodes_after['graph']}",
-            str(r.nodes_after["functions"]), _top_changes(r.ops_delta), fired,
+            str(i),
+            r.name,
+            f"{r.wall_s:.2f}s",
+            f"{r.nodes_before['graph']}→{r.nodes_after['graph']}",
+            str(r.nodes_after["functions"]),
+            _top_changes(r.ops_delta),
+            fired,
             _fmt_delta(num.max_vs_previous if num else None),
             _fmt_delta(num.max_vs_golden if num else None),
             verdict,
@@ -375,8 +391,13 @@ def build(
     from qwen_export.passes.pipeline import pipeline
 
     total = len(pipeline(target))
-    columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
-               rp.MofNCompleteColumn(), rp.TimeElapsedColumn())
+    columns = (
+        rp.SpinnerColumn(),
+        rp.TextColumn("{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+    )
     with rp.Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("exporting", total=total)
 
@@ -386,8 +407,17 @@ def build(
         def on_end(i: int, record) -> None:
             progress.advance(task)
 
-        result = build_artifact(out, preset=preset, model_dir=model, target=target, check=check,
-                                golden_dir=golden, on_pass_start=on_start, on_pass_end=on_end, log=_log)
+        result = build_artifact(
+            out,
+            preset=preset,
+            model_dir=model,
+            target=target,
+            check=check,
+            golden_dir=golden,
+            on_pass_start=on_start,
+            on_pass_end=on_end,
+            log=_log,
+        )
     # Piped output gets a wide table rather than one squeezed to 80 columns.
     (err if err.is_terminal else Console(stderr=True, width=160)).print(_pass_table(result.report.records))
     m = result.manifest
@@ -398,12 +428,18 @@ def build(
     )
     report = result.report
     if result.check_passed is False:
-        err.print(f"[bold red]check failed:[/bold red] first stage out of tolerance: {report.first_failure} "
-                  f"(see {result.out_dir / 'passes.json'})", highlight=False)
+        err.print(
+            f"[bold red]check failed:[/bold red] first stage out of tolerance: {report.first_failure} "
+            f"(see {result.out_dir / 'passes.json'})",
+            highlight=False,
+        )
         raise typer.Exit(1)
     if result.check_passed:
-        err.print(f"[green]check passed[/green]: every stage within {report.tolerance:g} of the golden "
-                  "reference and of the previous stage", highlight=False)
+        err.print(
+            f"[green]check passed[/green]: every stage within {report.tolerance:g} of the golden "
+            "reference and of the previous stage",
+            highlight=False,
+        )
 
 
 @app.command("passes")

@@ -33,6 +33,7 @@ class DiffReport:
     greedy_tokens: int = 0
     layers: list[dict[str, Any]] = field(default_factory=list)
     first_bad_layer: int | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
     first_bad_pass: str | None = None
 
     @property
@@ -117,13 +118,57 @@ def _artifact_model(artifact: Path) -> tuple[Path, dict[str, Any]]:
     return art.model_path, art.info
 
 
+def bisect_passes(
+    source_dir: Path, target: str, golden: Golden | None, passes: list | None = None
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """Re-run the build pipeline from the checkpoint, checking every stage against the reference.
+
+    Returns the first stage out of tolerance ("input" = the export itself, else a pass name) and one
+    record per stage. Without a stored golden, the reference outputs are generated now from transformers.
+    """
+    from qwen_export.exporter.export import load_model_source
+    from qwen_export.exporter.model import build_decoder
+    from qwen_export.golden.store import generate_golden
+    from qwen_export.passes.manager import PassManager
+    from qwen_export.passes.numerics import NumericCheck
+    from qwen_export.passes.pipeline import pipeline
+
+    _, spec, ckpt = load_model_source(source_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        if golden is None:
+            golden = generate_golden(source_dir, Path(tmp) / "golden", str(source_dir))
+        manager = PassManager(
+            passes if passes is not None else pipeline(target),
+            check=NumericCheck(golden, vocab_size=spec.vocab_size),
+        )
+        _, report = manager.run(build_decoder(spec, ckpt))
+    stages = [
+        {
+            "stage": r.name,
+            "max_vs_previous": r.numerics.max_vs_previous,
+            "max_vs_reference": r.numerics.max_vs_golden,
+            "ok": r.numerics.within_tolerance,
+        }
+        for r in report.records
+        if r.numerics is not None
+    ]
+    return report.first_failure, stages
+
+
 def diff_artifact(
     artifact: str | os.PathLike,
     against: str | os.PathLike | None = None,
     per_layer: bool = False,
     golden: Golden | None = None,
+    per_pass: bool = False,
+    passes: list | None = None,
 ) -> DiffReport:
-    """Compare an artifact with golden outputs (a golden folder) or a live reference (a checkpoint folder)."""
+    """Compare an artifact with golden outputs (a golden folder) or a live reference (a checkpoint folder).
+
+    per_layer: compare every decoder layer's output with transformers' and name the first out of tolerance.
+    per_pass: rebuild the artifact's pipeline (or `passes`) with a check after every pass and name the first
+    pass out of tolerance.
+    """
     from qwen_export.golden.reference import load_reference, reference_forward, reference_greedy
     from qwen_export.runtime.ort_decoder import OrtDecoder
 
@@ -178,6 +223,14 @@ def diff_artifact(
             report.layers.append({"layer": i, "max_abs": err, "rel": rel, "ok": ok})
             if not ok and report.first_bad_layer is None:
                 report.first_bad_layer = i
+    if per_pass:
+        if source_dir is None or not source_dir.is_dir():
+            raise QwenExportError(
+                f"{artifact}: --per-pass needs the artifact's source checkpoint ({source_dir})"
+            )
+        report.first_bad_pass, report.passes = bisect_passes(
+            source_dir, info.get("target", "onnx"), golden if golden is not None else None, passes
+        )
     return report
 
 

@@ -7,14 +7,18 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from qwen_export.build import build
 from qwen_export.cli import app
 from qwen_export.diff import diff_artifact
 from qwen_export.exporter.export import export_model
 from qwen_export.golden.store import repo_golden_dir
+from qwen_export.passes.base import QwenPass, pass_name
+from qwen_export.passes.pipeline import pipeline
 
 runner = CliRunner()
 
@@ -112,3 +116,59 @@ def test_cli_exit_code_on_fault(artifact, tmp_path):
     result = runner.invoke(app, ["diff", faulty, "--per-layer"])
     assert result.exit_code == 1
     assert "first layer out of tolerance: 1" in result.output
+
+
+class PlantLayerEpsilon(QwenPass):
+    """A buggy rewrite: layer 2's post-attention RMSNorm gets epsilon 0.5."""
+
+    name = "plant-layer-epsilon"
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "RMSNorm" and "/layers.2/post_attention" in n.name)
+        node.attributes["epsilon"] = ir.AttrFloat32("epsilon", 0.5)
+        return ir.passes.PassResult(model, True)
+
+
+class PlantLayerExpertSwap(QwenPass):
+    """A buggy rewrite: layer 1's MoE sees experts 0 and 1 in swapped order."""
+
+    name = "plant-expert-swap"
+
+    def call(self, model):
+        node = next(n for n in model.graph if n.op_type == "MoE" and n.name.startswith("/layers.1/"))
+        for index in (2, 3):  # gate_up and down
+            w = node.inputs[index].const_value.numpy().copy()
+            w[[0, 1]] = w[[1, 0]]
+            name = f"planted.{index}"
+            value = ir.Value(
+                name=name,
+                shape=ir.Shape(w.shape),
+                type=ir.TensorType(ir.DataType.FLOAT),
+                const_value=ir.tensor(w, name=name),
+            )
+            model.graph.register_initializer(value)
+            node.replace_input_with(index, value)
+        return ir.passes.PassResult(model, True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("b") / "tiny-onnx", preset="tiny-qwen3.5-moe", target="onnx").out_dir
+
+
+@pytest.mark.parametrize(
+    "plant, after", [(PlantLayerEpsilon, "fuse-rms-norm"), (PlantLayerExpertSwap, "fuse-moe")]
+)
+def test_per_pass_names_the_pass_that_broke_it(built, plant, after):
+    passes = pipeline("onnx")
+    passes.insert([pass_name(p) for p in passes].index(after) + 1, plant())
+    report = diff_artifact(built, repo_golden_dir("tiny-qwen3.5-moe"), per_pass=True, passes=passes)
+    assert report.first_bad_pass == plant.name
+    stages = [s["stage"] for s in report.passes]
+    assert all(s["ok"] for s in report.passes[: stages.index(plant.name)])
+
+
+def test_per_pass_on_a_clean_build(built):
+    report = diff_artifact(built, per_pass=True)  # reference generated live from the source checkpoint
+    assert report.first_bad_pass is None and report.passes and all(s["ok"] for s in report.passes)
+    assert report.passed

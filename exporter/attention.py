@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,36 @@ def rotary_tables(gb: GraphBuilder, position_ids: ir.Value, spec: ModelSpec) -> 
     freqs = gb.op("Mul", positions, gb.const(inv_freq.astype(np.float32), np.float32))
     emb = gb.op("Concat", freqs, freqs, axis=-1)
     return gb.unsqueeze(gb.op("Cos", emb), [1]), gb.unsqueeze(gb.op("Sin", emb), [1])
+
+
+def mrope_axes(rotary_dim: int, mrope_section: Sequence[int]) -> np.ndarray:
+    """Which position axis (0 = t, 1 = h, 2 = w) drives each rotary frequency under interleaved mRoPE.
+
+    Mirrors Qwen3_5TextRotaryEmbedding.recomposition_frequencies: frequency i follows h when i % 3 == 1
+    and i < 3 * section[1], w when i % 3 == 2 and i < 3 * section[2], and t otherwise.
+    """
+    axes = np.zeros(rotary_dim // 2, dtype=np.int64)
+    for axis, offset in ((1, 1), (2, 2)):
+        axes[offset : 3 * mrope_section[axis] : 3] = axis
+    return axes
+
+
+def mrope_rotary_tables(
+    gb: GraphBuilder, position_ids: ir.Value, spec: ModelSpec, mrope_section: Sequence[int]
+) -> tuple[ir.Value, ir.Value]:
+    """cos/sin [B, 1, T, rotary_dim] from mRoPE position ids [3, B, T] (t, h, w).
+
+    Each frequency takes its position from one axis before the multiply, which is exactly the
+    reference's per-axis multiply followed by its interleaved pick.
+    """
+    dim = spec.rotary_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    with gb.scope("mrope"):
+        picked = gb.op("Gather", position_ids, gb.const(mrope_axes(dim, mrope_section)), axis=0)  # [F,B,T]
+        positions = gb.op("Cast", gb.transpose(picked, [1, 2, 0]), to=ir.DataType.FLOAT)  # [B, T, F]
+        freqs = gb.op("Mul", positions, gb.const(inv_freq.astype(np.float32), np.float32))
+        emb = gb.op("Concat", freqs, freqs, axis=-1)
+        return gb.unsqueeze(gb.op("Cos", emb), [1]), gb.unsqueeze(gb.op("Sin", emb), [1])
 
 
 def attention_mask_bool(gb: GraphBuilder, input_ids: ir.Value, attention_mask: ir.Value) -> ir.Value:

@@ -17,11 +17,17 @@ from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.model import build_decoder, present_shape, state_specs
 from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json, spec_from_config
+from qwen_export.exporter.vision import build_vision_encoder, vision_io_signature
+from qwen_export.exporter.vision_embed import build_token_embedder, embed_io_signature
+from qwen_export.exporter.vision_spec import vision_spec_from_config
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+# Extra graphs of a multimodal export (export_model(..., multimodal=True)); model.onnx is the text tower.
+VISION_FILE = "vision.onnx"
+EMBED_FILE = "embed.onnx"
 
 
 @dataclass
@@ -57,12 +63,19 @@ def load_model_source(model_dir: Path) -> tuple[dict[str, Any], ModelSpec, Check
     return config, spec, Checkpoint.open(model_dir)
 
 
-def io_signature(spec: ModelSpec) -> dict[str, list[dict[str, Any]]]:
+def io_signature(spec: ModelSpec, multimodal: bool = False) -> dict[str, list[dict[str, Any]]]:
     states = state_specs(spec)
+    if multimodal:
+        embeds_shape = ["batch", "sequence", spec.hidden_size]
+        tokens = {"name": "inputs_embeds", "dtype": "float32", "shape": embeds_shape}
+        positions = {"name": "position_ids", "dtype": "int64", "shape": [3, "batch", "sequence"]}
+    else:
+        tokens = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
+        positions = {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
     inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        tokens,
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        positions,
     ] + [{"name": s.input_name, "dtype": "float32", "shape": list(s.shape)} for s in states]
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", spec.vocab_size]}] + [
         {"name": s.output_name, "dtype": "float32", "shape": present_shape(s)} for s in states
@@ -93,13 +106,34 @@ def export_model(
     model_dir: str | os.PathLike | None = None,
     debug_hidden_states: bool = False,
     log=None,
+    multimodal: bool = False,
 ) -> ExportResult:
-    """Export the text tower to OUT/model.onnx with external weights; nothing is left at OUT on failure."""
+    """Export the text tower to OUT/model.onnx with external weights; nothing is left at OUT on failure.
+
+    `multimodal=True` (opt-in, *ForConditionalGeneration checkpoints) writes instead the text tower's
+    `inputs_embeds` + mRoPE variant as model.onnx, the vision tower as vision.onnx and the token embedding
+    as embed.onnx (each with its own .data file); export.json gains a "multimodal" section.
+    """
     out_path = check_writable_parent(Path(out))
     start = time.perf_counter()
     source_dir, source = resolve_source(preset, model_dir)
     config, spec, ckpt = load_model_source(source_dir)
-    model = build_decoder(spec, ckpt, debug_hidden_states=debug_hidden_states)
+    extra_graphs: dict[str, ir.Model] = {}
+    if multimodal:
+        vspec = vision_spec_from_config(config, source_dir / "config.json")
+        model = build_decoder(
+            spec,
+            ckpt,
+            debug_hidden_states=debug_hidden_states,
+            multimodal=True,
+            mrope_section=vspec.mrope_section,
+        )
+        extra_graphs = {
+            VISION_FILE: build_vision_encoder(vspec, ckpt),
+            EMBED_FILE: build_token_embedder(spec, ckpt),
+        }
+    else:
+        model = build_decoder(spec, ckpt, debug_hidden_states=debug_hidden_states)
     left_out = ckpt.account()
     if log:
         log(
@@ -114,6 +148,8 @@ def export_model(
     with atomic_output_dir(out_path) as tmp:
         save_start = time.perf_counter()
         ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE)
+        for file, graph in extra_graphs.items():
+            ir.save(graph, tmp / file, external_data=file + ".data")
         save_s = time.perf_counter() - save_start
         info = {
             "format": "qwen-export/export@1",
@@ -124,7 +160,7 @@ def export_model(
             "config_sha256": config_hash(config),
             "spec": spec.to_json(),
             "versions": tool_versions(),
-            "io": io_signature(spec),
+            "io": io_signature(spec, multimodal),
             "checkpoint": {"tensors": len(ckpt.tensors), "used": len(ckpt.used), "left_out": left_out},
             "graph": {
                 "nodes": len(model.graph),
@@ -139,5 +175,12 @@ def export_model(
             },
             "peak_rss_mib": round(peak_rss_mib(), 1),
         }
+        if multimodal:
+            info["multimodal"] = {
+                "graphs": {"text": MODEL_FILE, "vision": VISION_FILE, "embed": EMBED_FILE},
+                "vision_spec": vspec.to_json(),
+                "io": {"vision": vision_io_signature(vspec), "embed": embed_io_signature(spec)},
+                "nodes": {file: len(graph.graph) for file, graph in extra_graphs.items()},
+            }
         (tmp / "export.json").write_text(json.dumps(info, indent=2))
     return ExportResult(out_path, spec, info)

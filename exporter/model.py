@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -10,6 +11,7 @@ from qwen_export.exporter.attention import (
     AttentionContext,
     attention_mask_bool,
     gated_attention,
+    mrope_rotary_tables,
     rotary_tables,
 )
 from qwen_export.exporter.builder import FLOAT, INT64, GraphBuilder, new_graph, tensor_input
@@ -17,6 +19,7 @@ from qwen_export.exporter.checkpoint import Checkpoint, find_text_prefix
 from qwen_export.exporter.deltanet import gated_deltanet
 from qwen_export.exporter.mlp import dense_mlp, sparse_moe
 from qwen_export.exporter.spec import ModelSpec
+from qwen_export.exporter.vision_spec import DEFAULT_MROPE_SECTION
 from qwen_export.exporter.weights import Weights
 
 
@@ -67,36 +70,49 @@ def present_shape(state: StateSpec) -> list[int | str]:
     return ["total_sequence" if d == "past_sequence" else d for d in state.shape]
 
 
-def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool = False) -> ir.Model:
-    """The text tower as an ONNX model whose initializers load lazily from the checkpoint."""
-    input_ids = tensor_input("input_ids", INT64, ["batch", "sequence"])
+def build_decoder(
+    spec: ModelSpec,
+    ckpt: Checkpoint,
+    debug_hidden_states: bool = False,
+    multimodal: bool = False,
+    mrope_section: Sequence[int] = DEFAULT_MROPE_SECTION,
+) -> ir.Model:
+    """The text tower as an ONNX model whose initializers load lazily from the checkpoint.
+
+    `multimodal=True` (opt-in) builds the variant the vision runtime drives: input `inputs_embeds`
+    [B, T, hidden] instead of `input_ids` (the runtime embeds tokens and places vision features) and
+    mRoPE `position_ids` [3, B, T] (t, h, w) split over the rotary frequencies by `mrope_section`.
+    """
+    if multimodal:
+        tokens = tensor_input("inputs_embeds", FLOAT, ["batch", "sequence", spec.hidden_size])
+        position_ids = tensor_input("position_ids", INT64, [3, "batch", "sequence"])
+    else:
+        tokens = tensor_input("input_ids", INT64, ["batch", "sequence"])
+        position_ids = tensor_input("position_ids", INT64, ["batch", "sequence"])
     attention_mask = tensor_input("attention_mask", INT64, ["batch", "total_sequence"])
-    position_ids = tensor_input("position_ids", INT64, ["batch", "sequence"])
     states = state_specs(spec)
     past = {s.suffix: tensor_input(s.input_name, FLOAT, s.shape) for s in states}
-    graph = new_graph("qwen_decoder", [input_ids, attention_mask, position_ids, *past.values()])
+    graph = new_graph("qwen_decoder", [tokens, attention_mask, position_ids, *past.values()])
     gb = GraphBuilder(graph)
     w = Weights(gb, ckpt, find_text_prefix(ckpt))
     hidden = spec.hidden_size
     present: dict[str, ir.Value] = {}
     layer_outputs: list[ir.Value] = []
 
-    with gb.scope("embed_tokens"):
-        x = gb.op(
-            "Gather",
-            w.derived(
-                "embed_tokens.weight",
-                [("embed_tokens.weight", (spec.vocab_size, hidden))],
-                (spec.vocab_size, hidden),
-            ),
-            input_ids,
-            axis=0,
-        )
+    if multimodal:
+        x = tokens
+    else:
+        with gb.scope("embed_tokens"):
+            x = gb.op("Gather", token_embedding(w, spec), tokens, axis=0)
     with gb.scope("rotary_emb"):
-        cos, sin = rotary_tables(gb, position_ids, spec)
+        if multimodal:
+            cos, sin = mrope_rotary_tables(gb, position_ids, spec, mrope_section)
+        else:
+            cos, sin = rotary_tables(gb, position_ids, spec)
     with gb.scope("masks"):
-        ctx = AttentionContext(cos, sin, attention_mask_bool(gb, input_ids, attention_mask))
-        seq = gb.op("Gather", gb.op("Shape", input_ids), gb.const([1]), axis=0)
+        # Dimension 1 of input_ids [B, T] and of inputs_embeds [B, T, H] is the sequence length.
+        ctx = AttentionContext(cos, sin, attention_mask_bool(gb, tokens, attention_mask))
+        seq = gb.op("Gather", gb.op("Shape", tokens), gb.const([1]), axis=0)
         current = gb.op("Slice", attention_mask, gb.op("Neg", seq), gb.const([2**62]), gb.const([1]))
         token_mask = gb.unsqueeze(gb.op("Cast", current, to=FLOAT), [2])  # [B, T, 1]
 
@@ -162,6 +178,15 @@ def build_decoder(spec: ModelSpec, ckpt: Checkpoint, debug_hidden_states: bool =
                 graph, gb.op("Identity", value), f"hidden_states.{i}", FLOAT, ["batch", "sequence", hidden]
             )
     return ir.Model(graph, ir_version=10, producer_name="qwen-export")
+
+
+def token_embedding(w: Weights, spec: ModelSpec) -> ir.Value:
+    """The `embed_tokens.weight` initializer [vocab, hidden]."""
+    return w.derived(
+        "embed_tokens.weight",
+        [("embed_tokens.weight", (spec.vocab_size, spec.hidden_size))],
+        (spec.vocab_size, spec.hidden_size),
+    )
 
 
 def _name_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:

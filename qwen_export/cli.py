@@ -64,6 +64,13 @@ def export(
     debug_hidden_states: Annotated[
         bool, typer.Option(help="Also output every decoder layer's hidden states (for per-layer diff).")
     ] = False,
+    multimodal: Annotated[
+        bool,
+        typer.Option(
+            help="Also export the vision tower (vision.onnx) and embeddings (embed.onnx); the text graph "
+            "then takes inputs_embeds and mRoPE position_ids [3, batch, sequence]. Multimodal checkpoints."
+        ),
+    ] = False,
 ) -> None:
     """Export the text tower to OUT/model.onnx (+ model.onnx.data) and OUT/export.json.
 
@@ -75,7 +82,12 @@ def export(
 
     with err.status("exporting…"):
         result = export_model(
-            out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states, log=_log
+            out,
+            preset=preset,
+            model_dir=model,
+            debug_hidden_states=debug_hidden_states,
+            multimodal=multimodal,
+            log=_log,
         )
     info = result.info
     err.print(
@@ -149,8 +161,14 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[str | None, typer.Option(help="Comma-separated stop token ids.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print ids, text and timings as JSON.")] = False,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image file (repeatable); needs a multimodal export.")
+    ] = None,
+    video: Annotated[
+        list[str] | None, typer.Option(help="A short video as comma-separated frame files (repeatable).")
+    ] = None,
 ) -> None:
-    """Generate from an artifact, streaming tokens as they come."""
+    """Generate from an artifact, streaming tokens as they come (text, or images/video with a prompt)."""
     from qwen_export.runtime.sampling import SamplingConfig
     from qwen_export.runtime.session import Session
 
@@ -162,6 +180,11 @@ def run(
         stop_ids = [int(t) for t in stop.split(",")] if stop else []
     except ValueError as e:
         raise QwenExportError(str(e)) from None
+    if image or video:
+        if prompt is None:
+            raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
+        _run_multimodal(artifact, prompt, image or [], video or [], max_new_tokens, sampling, stop, as_json)
+        return
     session = Session.load(artifact)
     token_ids = token_ids if token_ids is not None else session.encode(prompt)
     timings: dict[str, float] = {}
@@ -192,6 +215,41 @@ def run(
         err.print(
             f"[dim]{len(generated)} tokens · first token {timings['time_to_first_token_s'] * 1e3:.1f} ms · "
             f"decode {rate:.1f} tokens/s · {session.backend.name}[/dim]"
+        )
+
+
+def _run_multimodal(artifact, prompt, images, videos, max_new_tokens, sampling, stop, as_json) -> None:
+    from qwen_export.runtime.multimodal import run_multimodal
+
+    frames = [[Path(f) for f in v.split(",")] for v in videos]
+    stop_ids = [int(t) for t in stop.split(",")] if stop else None
+    with err.status("running…"):
+        result = run_multimodal(
+            artifact,
+            prompt,
+            images=images,
+            videos=frames,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_tokens=stop_ids,
+        )
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ids": result.tokens,
+                    "text": result.text,
+                    "prompt_tokens": result.prompt_tokens,
+                    "time_to_first_token_s": round(result.time_to_first_token_s, 6),
+                    "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+                }
+            )
+        )
+    else:
+        print(result.text)
+        err.print(
+            f"[dim]{len(result.tokens)} tokens · first token {result.time_to_first_token_s * 1e3:.1f} ms · "
+            f"decode {result.decode_tokens_per_s:.1f} tokens/s[/dim]"
         )
 
 

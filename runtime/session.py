@@ -99,6 +99,11 @@ class Session:
         cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None
     ) -> Session:
         artifact = Artifact.open(folder)
+        if artifact.info.get("multimodal"):
+            raise QwenExportError(
+                f"{artifact.folder}: a multimodal artifact (text graph takes inputs_embeds); run it with "
+                "`qwen-export run ARTIFACT --prompt TEXT --image FILE`"
+            )
         if artifact.target in ("trt", "trt-rtx"):
             from qwen_export.runtime.tensorrt_backend import TensorRTBackend
 

@@ -340,3 +340,31 @@ def test_processor_files_must_match_config(case, tmp_path):
         MultimodalRunner(out.out_dir)
     with pytest.raises(QwenExportError, match="no preprocessor_config.json"):
         MultimodalRunner(out.out_dir, processor_dir=tmp_path)
+
+
+def test_cli_run_with_an_image(case, images):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+    from qwen_export.runtime.session import Session
+
+    _, result, _, _ = case
+    args = [
+        "run",
+        str(result.out_dir),
+        "--prompt",
+        "hi",
+        "--image",
+        str(images["a"]),
+        "--max-new-tokens",
+        "4",
+    ]
+    out = CliRunner().invoke(app, [*args, "--json", "--stop", "-1"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output.strip().splitlines()[-1])
+    expected = run_multimodal(result.out_dir, "hi", images=[images["a"]], max_new_tokens=4, stop_tokens=())
+    assert payload["ids"] == expected.tokens
+    bad = CliRunner().invoke(app, [*args[:4], "--image", str(images["a"]) + ".missing"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    with pytest.raises(QwenExportError, match="multimodal artifact"):
+        Session.load(result.out_dir)

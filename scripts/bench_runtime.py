@@ -4,7 +4,7 @@ Part 1, speed, for one checkpoint at batch 1 and 8 (same prompts, greedy, same t
   - ours: `qwen_export.runtime.Session` over an artifact (an export or a build folder);
   - Hugging Face eager on the CPU (`generate`, fp32);
   - onnxruntime-genai running its own builder's model of the same checkpoint (in its own Python, since it
-    pins its own onnxruntime), when `--genai-python` and `--genai-model` are given.
+    pins its own onnxruntime), when `--genai-python` is given (its model is built now, or `--genai-model`).
 Part 2, state memory and decode-step time against context length (1K .. 256K), for the hybrid model and a
 same-size config whose every layer is full attention: memory is computed from the config for every
 length; the step time is measured (random states of that length) up to `--measure-up-to`.
@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from genai_peer import multimodal_copy, patch_for_ort, run_builder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXTS = [1024, 4096, 16384, 65536, 262144]
@@ -218,15 +221,26 @@ def main() -> None:
         work = Path(tmp)
         artifact = args.artifact or export_model(work / "ours", preset=args.preset).out_dir
         results["artifact"] = str(artifact)
+        genai_model = args.genai_model
+        if args.genai_python and genai_model is None and not args.skip_speed:
+            genai_model = work / "genai"
+            built = run_builder(args.genai_python, multimodal_copy(args.preset, work / "mm"), genai_model)
+            if "error" in built:
+                raise SystemExit(f"onnxruntime-genai builder failed: {built['error']}")
+            patch_for_ort(genai_model)
+            results["genai_model"] = (
+                "built now by onnxruntime_genai.models.builder (fp32, cpu); position_ids "
+                "re-declared [B, T] so ONNX Runtime 1.31 loads it (see scripts/genai_peer.py)"
+            )
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
                 row["ours"] = bench_ours(artifact, batch, args.prompt_len, args.new_tokens, args.threads)
                 row["hf_eager"] = bench_hf(model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
-                if args.genai_python and args.genai_model:
+                if args.genai_python and genai_model:
                     row["genai"] = bench_genai(
                         args.genai_python,
-                        args.genai_model,
+                        genai_model,
                         batch,
                         args.prompt_len,
                         args.new_tokens,

@@ -370,12 +370,14 @@ def profile(
         top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(phase.per_op_type_ms.items())[:6])
         console.print(f"[dim]by op type (ms): {top}[/dim]")
     if result.passes:
-        table = Table("pass", "wall s", "nodes before → after", title="build passes")
+        table = Table("pass", "wall s", "peak RSS rise (MiB)", "top-level nodes", title="build passes")
         for rec in result.passes:
+            before, after = rec.get("nodes_before", {}), rec.get("nodes_after", {})
             table.add_row(
                 str(rec.get("name")),
-                f"{rec.get('wall_s', rec.get('seconds', 0)):.3f}",
-                f"{rec.get('nodes_before', '?')} → {rec.get('nodes_after', '?')}",
+                f"{rec.get('wall_s', 0):.3f}",
+                f"{rec.get('peak_rss_rise_mib', 0):.1f}",
+                f"{before.get('graph', '?')} → {after.get('graph', '?')}",
             )
         console.print(table)
 

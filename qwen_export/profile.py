@@ -30,7 +30,7 @@ class PhaseProfile:
     ort_run_ms_mean: float  # ONNX Runtime's own measure of each run
     attributed_ms_mean: float  # sum of per-node times (kernel + dispatch gap) per run
     per_layer_ms: dict[str, float] = field(default_factory=dict)  # mean per run; "other" = outside layers
-    per_op_type_ms: dict[str, float] = field(default_factory=dict)
+    per_op_type_ms: dict[str, float] = field(default_factory=dict)  # kernel time per op type
 
     @property
     def coverage(self) -> float:
@@ -55,8 +55,9 @@ class ProfileReport:
 
 
 def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) -> PhaseProfile:
-    """Attribute each run's time to top-level nodes: a node owns its kernel time plus the dispatch gap
-    before it, so per-layer times add up to the run (nodes inside Scan bodies are timed by their Scan)."""
+    """Attribute each run's time to top-level nodes: for per-layer times a node owns its kernel time plus
+    the dispatch gap before it, so layers add up to the run; per-op-type times are kernel time only.
+    Nodes inside Scan bodies are timed by their Scan."""
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     nodes = sorted(
         (
@@ -79,7 +80,7 @@ def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) ->
             cursor = e["ts"] + e["dur"]
             m = LAYER.match(node)
             per_layer[f"layer {int(m.group(1))}" if m else "other"] += ms
-            per_op[e["args"].get("op_name", "?")] += ms
+            per_op[e["args"].get("op_name", "?")] += e["dur"] / 1e3  # kernel time only: gaps are not an op's
             attributed += ms
         per_layer["other"] += (end - cursor) / 1e3  # feeding inputs and fetching outputs after the last node
         attributed += (end - cursor) / 1e3

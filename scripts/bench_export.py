@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qwen-export-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {

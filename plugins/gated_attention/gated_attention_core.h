@@ -1,0 +1,108 @@
+// QwenGatedAttention core (docs/ops.md "GatedAttention"): projections, q/k RMSNorm, partial RoPE, KV append,
+// causal + padding-masked GQA softmax attention, sigmoid output gate, o_proj.
+#pragma once
+
+#include "../common/qwen_core.h"
+
+namespace qwen
+{
+namespace gated_attention
+{
+
+constexpr char kPluginName[] = "QwenGatedAttention";
+
+constexpr FieldSpec kFields[] = {
+    {"num_heads", FieldType::kInt32, 0},
+    {"num_kv_heads", FieldType::kInt32, 0},
+    {"head_dim", FieldType::kInt32, 0},
+    {"rotary_dim", FieldType::kInt32, 0},
+    {"epsilon", FieldType::kFloat32, 1e-6},
+    {"scale", FieldType::kFloat32, 0.0},
+};
+
+constexpr IoSpec kInputs[] = {
+    {"X", IoType::kAct},
+    {"attention_mask", IoType::kI32},
+    {"cos", IoType::kF32},
+    {"sin", IoType::kF32},
+    {"past_key", IoType::kAct},
+    {"past_value", IoType::kAct},
+    {"q_weight", IoType::kAct},
+    {"k_weight", IoType::kAct},
+    {"v_weight", IoType::kAct},
+    {"o_weight", IoType::kAct},
+    {"q_norm", IoType::kF32},
+    {"k_norm", IoType::kF32},
+};
+
+constexpr IoSpec kOutputs[] = {
+    {"Y", IoType::kAct},
+    {"present_key", IoType::kAct},
+    {"present_value", IoType::kAct},
+};
+
+// present_* = [B, kv, P + T, hd]: the past's shape with the new tokens (X dim 1) added on axis 2.
+constexpr OutputRecipe kOutputRecipes[] = {
+    {0, 0, {}},
+    {-1, 4, {{4, 0, -1, 0}, {4, 1, -1, 0}, {4, 2, 0, 1}, {4, 3, -1, 0}}},
+    {-1, 4, {{5, 0, -1, 0}, {5, 1, -1, 0}, {5, 2, 0, 1}, {5, 3, -1, 0}}},
+};
+
+// The KV cache grows (present is longer than past), so it cannot alias its input.
+constexpr int32_t kAliases[] = {-1, -1, -1};
+
+// Head dims the flash-attention kernel is instantiated for.
+constexpr int32_t kSupportedHeadDims[] = {32, 64, 128, 256};
+
+struct Attrs
+{
+    int32_t numHeads;
+    int32_t numKvHeads;
+    int32_t headDim;
+    int32_t rotaryDim;
+    float epsilon;
+    float scale; // 0: 1/sqrt(head_dim)
+};
+
+Attrs toAttrs(FieldValues<6> const& values);
+FieldValues<6> toValues(Attrs const& attrs);
+std::string validate(Attrs const& attrs);
+std::string checkShapes(Attrs const& attrs, Dims const* inputs, int32_t nbInputs);
+size_t workspaceSize(Attrs const& attrs, Dims const* inputs, int32_t nbInputs);
+
+// Problem sizes, taken from the input shapes.
+struct Sizes
+{
+    int64_t batch;  // B
+    int64_t tokens; // T (new tokens)
+    int64_t past;   // P
+    int64_t hidden; // H
+};
+Sizes sizesFromInputs(Dims const* inputs);
+
+// Key splits of the split-KV (flash-decoding) path: > 1 only when (batch x kv heads x row tiles) is too
+// small to fill the GPU, as in decode. A function of the shapes only, so workspace sizing and launch agree.
+int32_t numKvSplits(int64_t batch, int64_t kvHeads, int64_t rows, int64_t keys);
+constexpr int64_t kTargetBlocks = 264;  // split-KV aims at this many blocks
+constexpr int64_t kSplitMinBlocks = 132; // at or above this many blocks there is no split
+// splits > 1 only when blocks < kSplitMinBlocks, and splits <= ceil(kTargetBlocks / blocks), so
+// splits * blocks < kTargetBlocks + kSplitMinBlocks; each block holds at most 64 (padded) rows.
+constexpr int64_t kMaxSplitRows = (kTargetBlocks + kSplitMinBlocks) * 64;
+
+struct Layout
+{
+    size_t qg;      // f32 [B*T, nh * 2 * hd]    q_proj output (query | gate per head)
+    size_t k;       // f32 [B*T, kv * hd]        k_proj output
+    size_t v;       // f32 [B*T, kv * hd]        v_proj output
+    size_t qPacked; // act [B, kv, T * group, hd] normed, rotated queries, GQA group rows packed
+    size_t attn;    // act [B*T, nh * hd]        gated attention output (o_proj input)
+    size_t yAcc;    // f32 [B*T, H]              o_proj output
+    size_t partO;   // f32 [splits, B, kv, T * group, hd]  split-KV partial outputs (splits > 1)
+    size_t partML;  // f32 [splits, B, kv, T * group, 2]   split-KV partial (max, sum)
+    int32_t splits;
+    size_t total;
+};
+Layout layout(Attrs const& attrs, Sizes const& sizes);
+
+} // namespace gated_attention
+} // namespace qwen

@@ -1,0 +1,45 @@
+// QwenRMSNorm core (docs/ops.md "RMSNorm"): Y = X / sqrt(mean(X^2, -1) + epsilon) * scale.
+#pragma once
+
+#include "../common/qwen_core.h"
+
+namespace qwen
+{
+namespace rms_norm
+{
+
+constexpr char kPluginName[] = "QwenRMSNorm";
+
+constexpr FieldSpec kFields[] = {
+    {"epsilon", FieldType::kFloat32, 1e-6},
+};
+
+constexpr IoSpec kInputs[] = {
+    {"X", IoType::kAct},
+    {"scale", IoType::kF32},
+};
+
+constexpr IoSpec kOutputs[] = {
+    {"Y", IoType::kAct},
+};
+
+constexpr OutputRecipe kOutputRecipes[] = {
+    {0, 0, {}},
+};
+
+// Output i is written in place of input kAliases[i] (-1: not aliased).
+constexpr int32_t kAliases[] = {-1};
+
+struct Attrs
+{
+    float epsilon;
+};
+
+Attrs toAttrs(FieldValues<1> const& values);
+FieldValues<1> toValues(Attrs const& attrs);
+std::string validate(Attrs const& attrs);
+std::string checkShapes(Attrs const& attrs, Dims const* inputs, int32_t nbInputs);
+size_t workspaceSize(Attrs const& attrs, Dims const* inputs, int32_t nbInputs);
+
+} // namespace rms_norm
+} // namespace qwen

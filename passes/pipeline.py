@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import onnx_ir as ir
 
 from qwen_export.errors import QwenExportError
@@ -15,7 +13,9 @@ from qwen_export.passes.fuse_gated_rms_norm import FuseGatedRMSNorm
 from qwen_export.passes.fuse_moe import FuseMoE
 from qwen_export.passes.fuse_rms_norm import FuseRMSNorm
 from qwen_export.passes.lift_constants import LiftConstants
+from qwen_export.passes.lower_ort import LowerToOrt
 from qwen_export.passes.lower_portable import LowerPortable
+from qwen_export.passes.lower_trt_plugins import LowerTrtPlugins
 from qwen_export.passes.remove_unused import RemoveUnused
 from qwen_export.passes.shape_inference import InferShapes
 
@@ -23,6 +23,8 @@ TARGETS = {
     "onnx": "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
     "ort": "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
     "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
+    "trt": "TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), for engines "
+    "built on the target GPU with full TensorRT",
 }
 
 
@@ -48,43 +50,25 @@ def finish() -> list[ir.passes.PassBase]:
     return [LiftConstants(), DeduplicateInitializers(), EliminateCommonSubexpressions(), RemoveUnused()]
 
 
-def ort_lowering_class() -> type[ir.passes.PassBase]:
-    """`LowerToOrt` from passes/lower_ort.py, imported only when the ort target is asked for."""
-    try:
-        module = importlib.import_module("qwen_export.passes.lower_ort")
-    except ModuleNotFoundError as e:
-        if e.name != "qwen_export.passes.lower_ort":
-            raise
-        raise QwenExportError(
-            "target 'ort' needs the ONNX Runtime lowering (passes/lower_ort.py, class "
-            "LowerToOrt), which this installation does not have"
-        ) from None
-    cls = getattr(module, "LowerToOrt", None)
-    if cls is None:
-        raise QwenExportError("passes/lower_ort.py defines no LowerToOrt pass; target 'ort' cannot be built")
-    return cls
-
-
 def pipeline(target: str) -> list[ir.passes.PassBase]:
     """The passes that turn the exporter's graph into `target`'s graph."""
     if target == "onnx":
         return [*cleanup(), *fusions(), LowerPortable(), *finish()]
     if target == "ort":
         # Whatever the ORT lowering leaves as qwen ops still runs: the portable lowering takes it.
-        return [*cleanup(), *fusions(), ort_lowering_class()(), LowerPortable(), *finish()]
+        return [*cleanup(), *fusions(), LowerToOrt(), LowerPortable(), *finish()]
     if target == "fused":
         return [*cleanup(), *fusions()]
+    if target == "trt":
+        return [*cleanup(), *fusions(), LowerTrtPlugins(), *finish()]
     raise QwenExportError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
 
 
 def catalog() -> list[type[ir.passes.PassBase]]:
     """Every pass class a pipeline may use, in pipeline order, plus optional ones (shape inference)."""
     classes: list[type[ir.passes.PassBase]] = []
-    for p in [*cleanup(), *fusions(), LowerPortable(), *finish(), InferShapes()]:
+    lowerings = [LowerToOrt(), LowerTrtPlugins(), LowerPortable()]
+    for p in [*cleanup(), *fusions(), *lowerings, *finish(), InferShapes()]:
         if type(p) not in classes:
             classes.append(type(p))
-    try:
-        classes.insert(classes.index(LowerPortable), ort_lowering_class())
-    except QwenExportError:
-        pass
     return classes

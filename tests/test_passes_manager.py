@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import onnx_ir as ir
@@ -96,18 +95,15 @@ def test_pipelines_are_built_fresh_per_call():
 
 
 def test_unknown_target_is_a_user_error():
-    with pytest.raises(QwenExportError, match="unknown target 'trt'"):
-        pipeline("trt")
+    with pytest.raises(QwenExportError, match="unknown target 'tensorrt'"):
+        pipeline("tensorrt")
 
 
-def test_ort_target_uses_lower_ort_when_present():
-    present = importlib.util.find_spec("qwen_export.passes.lower_ort") is not None
-    if present:
-        names = [type(p).__name__ for p in pipeline("ort")]
-        assert names.index("LowerToOrt") < names.index("LowerPortable")
-    else:
-        with pytest.raises(QwenExportError, match="lower_ort.py"):
-            pipeline("ort")
+def test_lowering_passes_sit_between_fusions_and_cleanup():
+    ort = [type(p).__name__ for p in pipeline("ort")]
+    assert ort.index("FuseMoE") < ort.index("LowerToOrt") < ort.index("LowerPortable")
+    trt = [type(p).__name__ for p in pipeline("trt")]
+    assert trt.index("FuseMoE") < trt.index("LowerTrtPlugins") < trt.index("LiftConstants")
 
 
 def test_catalog_names_and_summaries():

@@ -84,6 +84,12 @@ def bench_ours(
     }
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median decode rate (errors propagate when every round failed)."""
+    ok = sorted((r for r in rounds if "decode_tokens_per_s" in r), key=lambda r: r["decode_tokens_per_s"])
+    return {**ok[len(ok) // 2], "rounds": len(ok)} if ok else rounds[-1]
+
+
 def bench_hf(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, threads: int) -> dict[str, float]:
     import torch
 
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--genai-model", type=Path)
     parser.add_argument("--measure-up-to", type=int, default=65536)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and genai")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runtime.json")
     args = parser.parse_args()
 
@@ -235,17 +242,27 @@ def main() -> None:
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
-                row["ours"] = bench_ours(artifact, batch, args.prompt_len, args.new_tokens, args.threads)
-                row["hf_eager"] = bench_hf(model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
-                if args.genai_python and genai_model:
-                    row["genai"] = bench_genai(
-                        args.genai_python,
-                        genai_model,
-                        batch,
-                        args.prompt_len,
-                        args.new_tokens,
-                        spec.vocab_size,
+                # Ours and genai alternate over rounds (this machine is shared); each keeps its median round.
+                rounds: dict[str, list[dict[str, float]]] = {"ours": [], "genai": []}
+                for _ in range(args.rounds):
+                    rounds["ours"].append(
+                        bench_ours(artifact, batch, args.prompt_len, args.new_tokens, args.threads)
                     )
+                    if args.genai_python and genai_model:
+                        rounds["genai"].append(
+                            bench_genai(
+                                args.genai_python,
+                                genai_model,
+                                batch,
+                                args.prompt_len,
+                                args.new_tokens,
+                                spec.vocab_size,
+                            )
+                        )
+                row["ours"] = median_round(rounds["ours"])
+                if rounds["genai"]:
+                    row["genai"] = median_round(rounds["genai"])
+                row["hf_eager"] = bench_hf(model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
                 ours = row["ours"]["decode_tokens_per_s"]
                 row["ours_vs_hf_decode"] = ours / row["hf_eager"]["decode_tokens_per_s"]
                 if "decode_tokens_per_s" in row.get("genai", {}):

@@ -1,0 +1,1 @@
+"""Per-GPU TensorRT / TensorRT-RTX engines: deployment spec, graph preparation, engine cache, manifest."""

@@ -1,0 +1,293 @@
+"""Deployment spec: limits, GPU targets and precision, validated before any work; its optimization profiles.
+
+A spec becomes two TensorRT optimization profiles over the one decoder graph:
+
+- `prefill`: batch 1..max_batch, sequence 1..max_prompt, past 0 (the KV cache starts empty);
+- `decode`: batch 1..max_batch, sequence 1, past 0..max_context-1.
+
+A prefill that continues from carried state (chunked prefill) is outside both profiles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen_export.errors import QwenExportError
+
+TARGETS = ("trt-rtx", "trt")
+PRECISIONS = ("fp16", "bf16")
+INT32_MAX = 2**31 - 1
+
+# Product names a deployer types, mapped to the compute capability an engine is built for.
+GPU_NAMES: dict[str, str] = {
+    "t4": "sm75", "rtx2080ti": "sm75",
+    "a100": "sm80", "a800": "sm80", "a30": "sm80",
+    "a10": "sm86", "a10g": "sm86", "a40": "sm86", "rtx3090": "sm86", "rtx3080": "sm86", "rtxa6000": "sm86",
+    "l4": "sm89", "l40": "sm89", "l40s": "sm89", "rtx4090": "sm89", "rtx4080": "sm89", "rtx6000ada": "sm89",
+    "h100": "sm90", "h200": "sm90", "h800": "sm90", "gh200": "sm90",
+    "b200": "sm100", "gb200": "sm100",
+    "rtx5090": "sm120", "rtx5080": "sm120", "rtxpro6000": "sm120",
+    "gb10": "sm121",
+}  # fmt: skip
+KNOWN_SMS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")
+# TensorRT-RTX 1.7 compiles ahead of time, on a CPU, for these (its ComputeCapability enum). It also
+# lists SM75, but has no fp32 GEMM for Turing, and the delta rule keeps its recurrent state in fp32.
+TRT_RTX_AOT_SMS = ("sm80", "sm86", "sm89", "sm120", "sm121")
+BF16_MIN_SM = 80
+
+
+class DeploySpecError(QwenExportError):
+    """The deployment spec cannot be built; the message lists every problem found."""
+
+
+def sm_number(sm: str) -> int:
+    return int(sm.removeprefix("sm"))
+
+
+def resolve_gpu(name: str) -> str:
+    """'sm89', 'sm_89', 'SM89', 'l40s', 'RTX 4090' -> 'sm89'; an unknown name raises DeploySpecError."""
+    key = re.sub(r"[\s_\-]", "", name.strip().lower()).removeprefix("nvidia")
+    if key in GPU_NAMES:
+        return GPU_NAMES[key]
+    if key in KNOWN_SMS:
+        return key
+    known = ", ".join(KNOWN_SMS) + "; or " + ", ".join(sorted(GPU_NAMES))
+    raise DeploySpecError(f"unknown GPU {name!r}: use a compute capability or a product name ({known})")
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """What an engine must serve. `gpus` are canonical compute capabilities ('sm89'), in the order given."""
+
+    gpus: tuple[str, ...]
+    precision: str = "bf16"
+    max_batch: int = 1
+    max_prompt: int = 2048
+    max_context: int = 4096
+    target: str = "trt-rtx"
+    workspace_mib: int | None = None  # None: the builder's default (all device memory)
+    logits_fp32: bool = True
+    requested: tuple[str, ...] = field(default=(), compare=False)  # the names as the user wrote them
+
+    @classmethod
+    def create(
+        cls,
+        gpus: str | Sequence[str],
+        precision: str = "bf16",
+        max_batch: int = 1,
+        max_prompt: int = 2048,
+        max_context: int = 4096,
+        target: str = "trt-rtx",
+        workspace_mib: int | None = None,
+        logits_fp32: bool = True,
+    ) -> DeploySpec:
+        """Build and validate a spec; every problem is reported in one DeploySpecError."""
+        names = [g for g in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(g).strip()]
+        problems: list[str] = []
+        sms: list[str] = []
+        for name in names:
+            try:
+                sm = resolve_gpu(str(name))
+            except DeploySpecError as e:
+                problems.append(str(e))
+                continue
+            if sm not in sms:
+                sms.append(sm)
+        spec = cls(
+            gpus=tuple(sms),
+            precision=str(precision).lower(),
+            max_batch=max_batch,
+            max_prompt=max_prompt,
+            max_context=max_context,
+            target=target,
+            workspace_mib=workspace_mib,
+            logits_fp32=logits_fp32,
+            requested=tuple(str(n).strip() for n in names),
+        )
+        problems += spec.problems(gpus_given=bool(names))
+        if problems:
+            raise DeploySpecError("; ".join(problems))
+        return spec
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> DeploySpec:
+        allowed = {
+            "gpus", "gpu", "precision", "max_batch", "max_prompt", "max_context", "target", "workspace_mib",
+            "logits_fp32",
+        }  # fmt: skip
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise DeploySpecError(f"unknown deployment spec keys {unknown}; known: {sorted(allowed)}")
+        kwargs = dict(data)
+        if "gpu" in kwargs:
+            kwargs["gpus"] = kwargs.pop("gpu")
+        if "gpus" not in kwargs:
+            raise DeploySpecError('the deployment spec needs `gpus` (for example ["sm89", "sm120"])')
+        for key in ("max_batch", "max_prompt", "max_context", "workspace_mib"):
+            if key in kwargs and kwargs[key] is not None and not isinstance(kwargs[key], int):
+                raise DeploySpecError(f"{key} must be an integer, got {kwargs[key]!r}")
+        return cls.create(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DeploySpec:
+        """A JSON (or, on Python 3.11+, TOML) file with the keys of `DeploySpec.create`."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise DeploySpecError(f"{path}: cannot read the deployment spec ({e.strerror})") from None
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, ImportError) as e:
+            raise DeploySpecError(f"{path}: malformed deployment spec ({e})") from None
+        if not isinstance(data, dict):
+            raise DeploySpecError(f"{path}: the deployment spec must be an object of keys")
+        return cls.from_mapping(data)
+
+    def problems(self, gpus_given: bool = True) -> list[str]:
+        out: list[str] = []
+        if self.target not in TARGETS:
+            out.append(f"unknown target {self.target!r}: engines build for {', '.join(TARGETS)}")
+        if not self.gpus and not gpus_given:
+            out.append("no GPU target: pass one or more, for example --gpu sm89,sm120")
+        if self.precision not in PRECISIONS:
+            if self.precision == "fp32" and self.target == "trt-rtx":
+                out.append(
+                    "precision fp32 cannot be built with TensorRT-RTX: it has no fp32 attention kernel "
+                    "(opset-23 Attention builds only in fp16/bf16); use --precision fp16 or bf16 (norms, "
+                    "router, DeltaNet gates and recurrent state stay fp32 inside the engine)"
+                )
+            else:
+                out.append(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        for key in ("max_batch", "max_prompt", "max_context"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                out.append(f"{key} must be at least 1, got {value!r}")
+            elif value > INT32_MAX:
+                out.append(f"{key} {value} exceeds TensorRT's int32 dimension limit")
+        if (
+            isinstance(self.max_prompt, int)
+            and isinstance(self.max_context, int)
+            and self.max_prompt > self.max_context
+        ):
+            out.append(
+                f"max_prompt {self.max_prompt} is above max_context {self.max_context}: a prompt must fit in "
+                "the context; raise --max-context or lower --max-prompt"
+            )
+        if self.workspace_mib is not None and (
+            not isinstance(self.workspace_mib, int) or self.workspace_mib < 1
+        ):
+            out.append(f"workspace_mib must be a positive integer, got {self.workspace_mib!r}")
+        for sm in self.gpus:
+            out += self._gpu_problems(sm)
+        return out
+
+    def _gpu_problems(self, sm: str) -> list[str]:
+        label = self.label(sm)
+        out = []
+        if self.target == "trt-rtx" and sm == "sm75":
+            out.append(
+                f"{label}: TensorRT-RTX cannot build this model for Turing: it has no fp32 GEMM there, and "
+                "the DeltaNet recurrence keeps its state in fp32; build it with --target trt on that GPU"
+            )
+        elif self.target == "trt-rtx" and sm not in TRT_RTX_AOT_SMS:
+            out.append(
+                f"{label}: TensorRT-RTX cannot build for {sm} (it builds ahead of time only for "
+                f"{', '.join(TRT_RTX_AOT_SMS)}); build it with --target trt on that GPU"
+            )
+        if self.precision == "bf16" and sm_number(sm) < BF16_MIN_SM:
+            out.append(f"{label}: {sm} has no bf16 support; use --precision fp16 for it")
+        return out
+
+    def label(self, sm: str) -> str:
+        """The user's own name for a target where it differs from the SM ('l40s (sm89)')."""
+        for name in self.requested:
+            try:
+                if resolve_gpu(name) == sm and name.lower() != sm:
+                    return f"{name} ({sm})"
+            except DeploySpecError:
+                continue
+        return sm
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gpus"] = list(self.gpus)
+        data["requested"] = list(self.requested)
+        return data
+
+    def fingerprint_json(self) -> dict[str, Any]:
+        """What identifies the engines: everything but the user's spelling of the GPU names."""
+        data = self.to_json()
+        data.pop("requested")
+        return data
+
+    def profiles(self, inputs: Sequence[tuple[str, Sequence[int | str | None]]]) -> list[Profile]:
+        return build_profiles(self, inputs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: per input, (min, opt, max) dimensions."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
+
+
+# The exporter's symbolic dimensions (see exporter/model.py).
+_BATCH, _SEQ, _TOTAL, _PAST = "batch", "sequence", "total_sequence", "past_sequence"
+
+
+def build_profiles(
+    spec: DeploySpec, inputs: Sequence[tuple[str, Sequence[int | str | None]]]
+) -> list[Profile]:
+    """Prefill and decode profiles for a graph's inputs, given as (name, dims with symbolic names)."""
+    b = spec.max_batch
+    # (min, opt, max) per symbolic dimension in each profile; opt is where builders tune.
+    ranges = {
+        "prefill": {
+            _BATCH: (1, b, b),
+            _SEQ: (1, spec.max_prompt, spec.max_prompt),
+            _TOTAL: (1, spec.max_prompt, spec.max_prompt),
+            _PAST: (0, 0, 0),
+        },
+        "decode": {
+            _BATCH: (1, b, b),
+            _SEQ: (1, 1, 1),
+            _TOTAL: (1, max(1, spec.max_context // 2), spec.max_context),
+            _PAST: (0, max(1, spec.max_context // 2) - 1, spec.max_context - 1),
+        },
+    }
+    profiles = []
+    for name, dims_by_symbol in ranges.items():
+        shapes = {}
+        for input_name, dims in inputs:
+            mins, opts, maxs = [], [], []
+            for axis, d in enumerate(dims):
+                if isinstance(d, int) and d >= 0:
+                    lo = opt = hi = d
+                elif isinstance(d, str) and d in dims_by_symbol:
+                    lo, opt, hi = dims_by_symbol[d]
+                else:
+                    raise DeploySpecError(
+                        f"input {input_name!r} has dimension {axis} = {d!r}, which the deployment spec "
+                        f"cannot bound (known: {', '.join(dims_by_symbol)})"
+                    )
+                mins.append(lo)
+                opts.append(opt)
+                maxs.append(hi)
+            shapes[input_name] = (tuple(mins), tuple(opts), tuple(maxs))
+        profiles.append(Profile(name, shapes))
+    return profiles

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -184,3 +185,29 @@ def export_model(
             }
         (tmp / "export.json").write_text(json.dumps(info, indent=2))
     return ExportResult(out_path, spec, info)
+
+
+def export_fingerprint(source_dir: Path) -> str:
+    """What an export depends on: the checkpoint files (name, size, mtime) and the exporter's own code."""
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and (path.suffix in (".json", ".safetensors")):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None) -> Path:
+    """An export folder for the source, reused from the cache while the checkpoint and exporter are unchanged
+    (engine builds start from it, so an unchanged rebuild re-exports nothing)."""
+    from qwen_export.presets import cache_root
+
+    source_dir, _ = resolve_source(preset, model_dir)
+    folder = cache_root() / "exports" / export_fingerprint(source_dir)
+    if not (folder / "export.json").is_file():
+        export_model(folder, preset=preset, model_dir=model_dir, log=log)
+    elif log:
+        log(f"reusing the export of {source_dir} from {folder}")
+    return folder

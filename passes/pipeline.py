@@ -23,8 +23,8 @@ TARGETS = {
     "onnx": "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
     "ort": "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
     "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
-    "trt": "TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), for engines "
-    "built on the target GPU with full TensorRT",
+    "trt-plugins": "ONNX for TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), "
+    "for trtexec --dynamicPlugins or the trt engine target",
 }
 
 
@@ -59,7 +59,7 @@ def pipeline(target: str) -> list[ir.passes.PassBase]:
         return [*cleanup(), *fusions(), LowerToOrt(), LowerPortable(), *finish()]
     if target == "fused":
         return [*cleanup(), *fusions()]
-    if target == "trt":
+    if target == "trt-plugins":
         return [*cleanup(), *fusions(), LowerTrtPlugins(), *finish()]
     raise QwenExportError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
 

@@ -384,7 +384,13 @@ def profile(
 
 TargetOpt = Annotated[
     str,
-    typer.Option("--target", "-t", help="onnx (standard ops), ort (ORT contrib ops), fused (qwen ops)."),
+    typer.Option(
+        "--target",
+        "-t",
+        help="onnx (standard ops), ort (ORT contrib ops), fused (qwen ops), trt-plugins (ONNX with our "
+        "TensorRT plugin nodes); engines: trt-rtx (TensorRT-RTX, built here for sm80/86/89/120) or trt "
+        "(full TensorRT + plugins, built on the GPU).",
+    ),
 ]
 CheckOpt = Annotated[
     bool,
@@ -438,12 +444,65 @@ def build(
     target: TargetOpt = "onnx",
     check: CheckOpt = False,
     golden: GoldenOpt = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Engine targets: sm80, sm86, sm89, sm90, sm100, sm120 or names (a100, h100, h200, ...)."
+        ),
+    ] = None,
+    precision: Annotated[str | None, typer.Option(help="Engine precision: bf16 (default) or fp16.")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Engine profiles: largest batch.")] = None,
+    max_prompt: Annotated[int | None, typer.Option(help="Engine profiles: longest prompt (prefill).")] = None,
+    max_context: Annotated[
+        int | None, typer.Option(help="Engine profiles: longest context (decode).")
+    ] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="Deployment spec file (JSON or TOML); flags override.")
+    ] = None,
+    workspace: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
+    opt_level: Annotated[int, typer.Option(min=0, max=5, help="Builder optimization level.")] = 3,
+    version_compatible: Annotated[
+        bool, typer.Option(help="Version-compatible engines (lean runtime).")
+    ] = False,
+    hardware_compatibility: Annotated[
+        str, typer.Option(help="trt only: none, ampere_plus or same_compute_capability.")
+    ] = "none",
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache file shared between builds.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the engine build plan and stop.")] = False,
 ) -> None:
-    """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json.
+    """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json;
+    for engine targets, OUT/engines/<gpu>/model.engine and a manifest fingerprinting everything that went in.
 
     With --check, each stage runs in ONNX Runtime (optimizations off) on fixed prompts; the command names
-    the first pass whose logits or states leave tolerance (2e-4) and exits with code 1.
+    the first pass whose logits or states leave tolerance (2e-4) and exits with code 1. Unchanged engine
+    rebuilds come from the engine cache.
     """
+    if target in ENGINE_TARGETS:
+        _build_engines(
+            out,
+            preset,
+            model,
+            target,
+            gpu,
+            precision,
+            max_batch,
+            max_prompt,
+            max_context,
+            spec,
+            workspace,
+            opt_level,
+            version_compatible,
+            hardware_compatibility,
+            timing_cache,
+            dry_run,
+        )
+        return
+    if gpu or precision or dry_run:
+        raise QwenExportError(
+            f"--gpu, --precision and --dry-run are for engine targets ({', '.join(ENGINE_TARGETS)})"
+        )
     from rich import progress as rp
 
     from qwen_export.build import build as build_artifact
@@ -500,6 +559,58 @@ def build(
             "reference and of the previous stage",
             highlight=False,
         )
+
+
+ENGINE_TARGETS = ("trt-rtx", "trt")
+
+
+def _build_engines(
+    out,
+    preset,
+    model,
+    target,
+    gpu,
+    precision,
+    max_batch,
+    max_prompt,
+    max_context,
+    spec_file,
+    workspace,
+    opt_level,
+    version_compatible,
+    hardware_compatibility,
+    timing_cache,
+    dry_run,
+) -> None:
+    from qwen_export.engines.api import build_engine_artifact, deploy_spec
+    from qwen_export.exporter.export import cached_export
+    from qwen_export.fsutil import check_writable_parent
+
+    # Everything that can be wrong with the request is reported before any work.
+    deploy = deploy_spec(
+        gpu=gpu,
+        precision=precision,
+        max_batch=max_batch,
+        max_prompt=max_prompt,
+        max_context=max_context,
+        target=target,
+        workspace_mib=workspace,
+        spec_file=spec_file,
+    )
+    check_writable_parent(Path(out))
+    with err.status("exporting…"):
+        exported = cached_export(preset=preset, model_dir=model, log=_log)
+    build_engine_artifact(
+        exported,
+        deploy,
+        out,
+        dry_run=dry_run,
+        console=err,
+        opt_level=opt_level,
+        version_compatible=version_compatible,
+        hardware_compatibility=hardware_compatibility,
+        timing_cache=timing_cache,
+    )
 
 
 @app.command("passes")

@@ -71,7 +71,8 @@ class Artifact:
                 f"this one reads {', '.join(SUPPORTED_FORMATS)} (rebuild the artifact)"
             )
         target = info.get("target", "onnx")
-        model_path = folder / info.get("model", "model.onnx")
+        model_entry = info.get("model", "model.onnx")  # engine manifests describe their source model instead
+        model_path = folder / (model_entry if isinstance(model_entry, str) else "model.onnx")
         if target in ("onnx", "ort") and not model_path.is_file():
             raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
         if target in ("onnx", "ort") and not (folder / (model_path.name + ".data")).is_file():

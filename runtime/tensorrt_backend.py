@@ -19,13 +19,15 @@ PRESENT_PREFIX = "present."
 
 
 def _tensorrt_module(target: str):
-    name = "tensorrt_rtx" if target == "trt-rtx" else "tensorrt"
+    """tensorrt_rtx_bindings (the pip wheels) for trt-rtx engines, tensorrt for trt engines."""
+    from qwen_export.engines.toolchain import import_trt_rtx
+
     try:
-        return importlib.import_module(name)
-    except ImportError:
+        return import_trt_rtx() if target == "trt-rtx" else importlib.import_module("tensorrt")
+    except Exception as e:  # ImportError, or the toolchain's own "not installed" error
         raise QwenExportError(
-            f"the {target} backend needs the `{name}` Python package and an NVIDIA GPU; "
-            f"install it on the GPU machine (pip install qwen-export[{target}])"
+            f"the {target} backend needs TensorRT{'-RTX' if target == 'trt-rtx' else ''} and an NVIDIA GPU "
+            f"({e}); install it on the GPU machine"
         ) from None
 
 

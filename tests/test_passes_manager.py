@@ -102,7 +102,7 @@ def test_unknown_target_is_a_user_error():
 def test_lowering_passes_sit_between_fusions_and_cleanup():
     ort = [type(p).__name__ for p in pipeline("ort")]
     assert ort.index("FuseMoE") < ort.index("LowerToOrt") < ort.index("LowerPortable")
-    trt = [type(p).__name__ for p in pipeline("trt")]
+    trt = [type(p).__name__ for p in pipeline("trt-plugins")]
     assert trt.index("FuseMoE") < trt.index("LowerTrtPlugins") < trt.index("LiftConstants")
 
 

@@ -27,15 +27,12 @@ def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[ir.passes.PassBas
     if spec.target == "trt-rtx":
         return [LowerToTrtRtx(moe=moe, max_tokens=spec.max_batch * spec.max_prompt), precision]
     if spec.target == "trt":
-        # Fused qwen ops become plugin layers: TensorRT's parser looks their op type up in the plugin
-        # registry. The precision pass keeps them at fp32 I/O until the plugins state their dtypes.
-        try:
-            pipeline = importlib.import_module("qwen_export.passes.pipeline")
-        except ModuleNotFoundError as e:
-            raise QwenExportError(
-                f"the trt target needs the fusion passes (qwen_export.passes.pipeline): {e}"
-            ) from None
-        return [*pipeline.pipeline("fused"), precision]
+        # Fused qwen ops become plugin nodes, which TensorRT's parser looks up in the plugin registry; the
+        # precision pass runs first (it keeps qwen ops' I/O fp32) and the plugin lowering casts around them.
+        from qwen_export.passes.lower_trt_plugins import LowerTrtPlugins
+        from qwen_export.passes.pipeline import finish, pipeline
+
+        return [*pipeline("fused"), precision, LowerTrtPlugins(dtype=spec.precision), *finish()]
     raise QwenExportError(f"unknown engine target {spec.target!r}")
 
 

@@ -101,6 +101,18 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+def save_model(model: ir.Model, path: Path, data_file: str | None = None) -> None:
+    """Write a model with its weights as external data, materialising and writing tensors on a few threads
+    (peak memory stays bounded by the in-flight budget plus the largest tensor)."""
+    ir.save(
+        model,
+        path,
+        external_data=data_file or f"{Path(path).name}.data",
+        max_workers=min(4, os.cpu_count() or 1),
+        max_in_flight_bytes=256 << 20,
+    )
+
+
 def export_model(
     out: str | os.PathLike,
     preset: str | None = None,
@@ -148,9 +160,9 @@ def export_model(
 
     with atomic_output_dir(out_path) as tmp:
         save_start = time.perf_counter()
-        ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE)
+        save_model(model, tmp / MODEL_FILE, DATA_FILE)
         for file, graph in extra_graphs.items():
-            ir.save(graph, tmp / file, external_data=file + ".data")
+            save_model(graph, tmp / file)
         save_s = time.perf_counter() - save_start
         info = {
             "format": "qwen-export/export@1",

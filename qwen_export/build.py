@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.export import (
     DATA_FILE,
@@ -24,6 +22,7 @@ from qwen_export.exporter.export import (
     io_signature,
     load_model_source,
     resolve_source,
+    save_model,
     tool_versions,
 )
 from qwen_export.exporter.model import build_decoder
@@ -128,7 +127,7 @@ def build(
 
     with atomic_output_dir(out_path) as tmp:
         save_start = time.perf_counter()
-        ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE)
+        save_model(model, tmp / MODEL_FILE, DATA_FILE)
         save_s = time.perf_counter() - save_start
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}

@@ -112,12 +112,17 @@ def test_a_changed_input_misses_the_cache_and_dry_run_writes_nothing(first_build
     assert not out.exists()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("preset", ["tiny-qwen3-next", "tiny-qwen3.5"])
-def test_other_presets_build(preset, workdir):
-    model = export_model(workdir / preset, preset=preset).model_path
+def test_other_presets_build(preset, precision, workdir):
+    model = export_model(workdir / f"{preset}-{precision}", preset=preset).model_path
     result = build_engines(
-        model, DeploySpec.create("sm89", "bf16", **LIMITS), workdir / f"out-{preset}", use_cache=False
+        model,
+        DeploySpec.create("sm80,sm89,sm120", precision, **LIMITS),
+        workdir / f"out-{preset}-{precision}",
+        use_cache=False,
     )
-    (record,) = result.records
-    assert record.bytes > 1_000_000 and not record.from_cache
-    assert sha256(result.out_dir / record.path) == record.sha256
+    assert [r.sm for r in result.records] == ["sm80", "sm89", "sm120"]
+    for record in result.records:
+        assert record.bytes > 1_000_000 and not record.from_cache
+        assert sha256(result.out_dir / record.path) == record.sha256

@@ -59,4 +59,21 @@ int64_t gemmMaxTiles(int64_t rows, int64_t groups, int tileRows);
 // Launches the GEMM. dtype: QWEN_DTYPE_*. Returns 0 or a CUDA error code.
 int gemm(GemmParams const& params, int32_t dtype, cudaStream_t stream);
 
+// Dense row-major projection: out[rows, n] (fp32) = x[rows, k] @ weight[k, n].
+inline int project(void const* x, void const* weight, float* out, int64_t rows, int64_t n, int64_t k, int32_t dtype,
+    cudaStream_t stream)
+{
+    GemmParams g{};
+    g.a = x;
+    g.lda = k;
+    g.w = weight;
+    g.ldw = n;
+    g.c = out;
+    g.ldc = n;
+    g.m = rows;
+    g.n = n;
+    g.k = k;
+    return gemm(g, dtype, stream);
+}
+
 } // namespace qwen

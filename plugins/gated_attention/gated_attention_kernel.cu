@@ -173,22 +173,6 @@ Sizes sizesOf(QwenGatedAttentionParams const& p)
     return Sizes{p.batch, p.tokens, p.past, p.hidden};
 }
 
-int project(void const* x, void const* weight, float* out, int64_t rows, int64_t n, int64_t k, int32_t dtype,
-    cudaStream_t stream)
-{
-    GemmParams g{};
-    g.a = x;
-    g.lda = k;
-    g.w = weight;
-    g.ldw = n;
-    g.c = out;
-    g.ldc = n;
-    g.m = rows;
-    g.n = n;
-    g.k = k;
-    return gemm(g, dtype, stream);
-}
-
 template <typename T>
 int launch(QwenGatedAttentionParams const& p, cudaStream_t stream)
 {

@@ -17,6 +17,7 @@ from rich.console import Console
 from qwen_export.engines.builder import BuildPlan, BuildResult, build_engines
 from qwen_export.engines.spec import DeploySpec, DeploySpecError
 from qwen_export.errors import QwenExportError
+from qwen_export.exporter.export import save_model
 
 MODEL_FILE = "model.onnx"
 
@@ -78,6 +79,6 @@ def build_engine_artifact(
     if isinstance(model, ir.Model):
         with tempfile.TemporaryDirectory(prefix="qwen-model-") as folder:
             path = Path(folder) / MODEL_FILE
-            ir.save(model, path, external_data=MODEL_FILE + ".data")
+            save_model(model, path)
             return build_engines(path, spec, out, dry_run=dry_run, console=console, **options)
     return build_engines(resolve_model(model), spec, out, dry_run=dry_run, console=console, **options)

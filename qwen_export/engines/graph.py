@@ -14,6 +14,7 @@ import onnx_ir as ir
 from qwen_export.engines.progress import Stages
 from qwen_export.engines.spec import DeploySpec
 from qwen_export.errors import QwenExportError
+from qwen_export.exporter.export import save_model
 from qwen_export.passes.lower_trt_rtx import LowerToTrtRtx
 from qwen_export.passes.precision import Precision
 
@@ -77,7 +78,7 @@ def _stats_line(stats: dict[str, Any]) -> str:
 def save_graph(model: ir.Model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / GRAPH_FILE
-    ir.save(model, path, external_data=GRAPH_DATA)
+    save_model(model, path, GRAPH_DATA)
     return path
 
 

@@ -67,8 +67,9 @@ class NearbyOutputsMatcher(SimplePatternMatcher):
 
     def match(self, model, graph_or_function, node, *, verbose=0, remove_nodes=True, tracer=None):
         if self.pattern.has_single_output_node:
-            return super().match(model, graph_or_function, node, verbose=verbose, remove_nodes=remove_nodes,
-                                 tracer=tracer)
+            return super().match(
+                model, graph_or_function, node, verbose=verbose, remove_nodes=remove_nodes, tracer=tracer
+            )
         self._tracer = tracer
         graph = graph_or_function
         self._graph = graph if isinstance(graph, ir.Graph) else graph.graph
@@ -94,8 +95,14 @@ class FusionPass(QwenPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rule_obj = self.rule()
-        rule = RewriteRule(rule_obj.pattern, rule_obj.rewrite, rule_obj.check, matcher=NearbyOutputsMatcher,
-                           name=rule_obj.name, remove_nodes=False)
+        rule = RewriteRule(
+            rule_obj.pattern,
+            rule_obj.rewrite,
+            rule_obj.check,
+            matcher=NearbyOutputsMatcher,
+            name=rule_obj.name,
+            remove_nodes=False,
+        )
         graph = model.graph
         names = {n.name for n in graph}
         fired = 0

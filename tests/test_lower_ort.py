@@ -6,7 +6,6 @@ golden with fewer nodes than onnxruntime-genai's model builder makes for the sam
 from __future__ import annotations
 
 import collections
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -363,13 +362,6 @@ def test_non_constant_weight_stays_qwen():
 # --------------------------------------------------------------------------------------- whole model
 
 
-def _pipeline_available() -> bool:
-    return importlib.util.find_spec("qwen_export.passes.pipeline") is not None
-
-
-@pytest.mark.skipif(
-    not _pipeline_available(), reason="the pass pipeline (passes/pipeline.py) is not there yet"
-)
 def test_tiny_moe_model_ort_target_matches_golden_with_fewer_nodes_than_genai():
     from passes_support import exported, golden
 
@@ -405,9 +397,6 @@ def test_tiny_moe_model_ort_target_matches_golden_with_fewer_nodes_than_genai():
     assert numerics.max_vs_golden is not None and numerics.max_vs_golden < TOL, numerics.to_json()
 
 
-@pytest.mark.skipif(
-    not _pipeline_available(), reason="the pass pipeline (passes/pipeline.py) is not there yet"
-)
 def test_tiny_moe_model_ort_target_runs_with_ort_graph_optimizations():
     """ORT's own fusions (ORT_ENABLE_ALL) keep the lowered graph's numbers."""
     from passes_support import exported

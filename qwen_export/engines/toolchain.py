@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class Toolchain:
+class Toolchain(ABC):
     """Shared orchestration; subclasses say how to import the library and how to aim it at a GPU."""
 
     target: str = ""
@@ -112,8 +113,9 @@ class Toolchain:
         self._trt: Any = None
 
     # --- what the library is --------------------------------------------------------------------------
+    @abstractmethod
     def load(self) -> Any:
-        raise NotImplementedError
+        """The library's Python module."""
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -206,14 +208,15 @@ class Toolchain:
         info = {"attention_layers_decomposable": attention_layers}
         return EngineBuild(engine_path, timings, logger.warnings[-50:], info)
 
-    def _prepare_builder(self, trt: Any, builder: Any, logger: Any) -> None:
-        pass
+    def _prepare_builder(self, trt: Any, builder: Any, logger: Any) -> None:  # noqa: B027 (optional hook)
+        """Hook before the network is created (plugin registration, for instance); nothing by default."""
 
+    @abstractmethod
     def _aim(self, trt: Any, config: Any, sm: str, options: BuildOptions) -> None:
-        raise NotImplementedError
+        """Point the builder config at one GPU target (and apply target-specific options)."""
 
-    def _after_build(self, trt: Any, config: Any) -> None:
-        pass
+    def _after_build(self, trt: Any, config: Any) -> None:  # noqa: B027 (optional hook)
+        """Hook after the engine is serialized (timing-cache write-back, for instance); nothing by default."""
 
 
 def _allow_decomposed_attention(trt: Any, network: Any) -> int:

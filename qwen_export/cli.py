@@ -183,7 +183,17 @@ def run(
     if image or video:
         if prompt is None:
             raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
-        _run_multimodal(artifact, prompt, image or [], video or [], max_new_tokens, sampling, stop, as_json)
+        # No --stop means the tokenizer's end-of-sequence token (None), not "never stop".
+        _run_multimodal(
+            artifact,
+            prompt,
+            image or [],
+            video or [],
+            max_new_tokens,
+            sampling,
+            stop_ids if stop else None,
+            as_json,
+        )
         return
     session = Session.load(artifact)
     token_ids = token_ids if token_ids is not None else session.encode(prompt)
@@ -218,11 +228,10 @@ def run(
         )
 
 
-def _run_multimodal(artifact, prompt, images, videos, max_new_tokens, sampling, stop, as_json) -> None:
+def _run_multimodal(artifact, prompt, images, videos, max_new_tokens, sampling, stop_ids, as_json) -> None:
     from qwen_export.runtime.multimodal import run_multimodal
 
     frames = [[Path(f) for f in v.split(",")] for v in videos]
-    stop_ids = [int(t) for t in stop.split(",")] if stop else None
     with err.status("running…"):
         result = run_multimodal(
             artifact,

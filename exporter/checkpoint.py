@@ -12,8 +12,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -68,7 +70,7 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         for path in files:
             try:
-                with safe_open(path, framework="pt") as f:
+                with safe_open(path, framework="numpy") as f:
                     for name in f.keys():
                         sl = f.get_slice(name)
                         if name in tensors:
@@ -112,11 +114,25 @@ class Checkpoint:
 
     # --- loading --------------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16/fp16 checkpoints are widened tensor by tensor)."""
-        info = self.tensors[name]
-        with safe_open(info.file, framework="pt") as f:
-            t = f.get_tensor(name)
-        return t.float().numpy() if t.is_floating_point() else t.numpy()
+        """One tensor as numpy, floats widened to float32 (bf16 arrives as ml_dtypes' bfloat16: no torch
+        import on the export path)."""
+        return self.read_many([name])[0]
+
+    def read_many(self, names: Sequence[str]) -> list[np.ndarray]:
+        """Tensors as numpy, each file opened once: opening parses the whole header, which costs more than
+        reading a small tensor (a per-expert checkpoint has thousands). Files are closed on return, so
+        their mapped pages do not stay resident."""
+        arrays = []
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for name in names:
+                info = self.tensors[name]
+                if info.file not in handles:
+                    handles[info.file] = stack.enter_context(safe_open(info.file, framework="numpy"))
+                array = handles[info.file].get_tensor(name)
+                floating = info.dtype.startswith(("F", "BF"))
+                arrays.append(array.astype(np.float32, copy=False) if floating else array)
+        return arrays
 
     def lazy(
         self,
@@ -124,18 +140,33 @@ class Checkpoint:
         shape: Sequence[int],
         transform: Transform | None = None,
         name: str | None = None,
-    ) -> ir.LazyTensor:
+    ) -> ViewableLazyTensor:
         """A graph initializer computed from checkpoint tensors only when the model is written."""
         self.used.update(sources)
 
-        def load() -> ir.TensorProtocol:
-            arrays = [self.read(s) for s in sources]
+        def view() -> np.ndarray:
+            arrays = self.read_many(sources)
             out = transform(arrays) if transform else arrays[0]
-            out = np.ascontiguousarray(out, dtype=np.float32)
             assert out.shape == tuple(shape), (name, out.shape, shape)
-            return ir.tensor(out, name=name)
+            return out
 
-        return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(shape)), name=name)
+        return ViewableLazyTensor(view, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(shape)), name=name)
+
+
+class ViewableLazyTensor(ir.LazyTensor):
+    """A lazy float32 initializer whose layout transform can be read as a numpy view.
+
+    A later pass that re-lays the tensor again (the ORT lowering's MoE layouts) composes its transform with
+    this one through `array_view()`, so one copy is made instead of two: transposing 1 GB of experts into
+    MatMul layout and back costs seconds.
+    """
+
+    def __init__(self, view: Callable[[], np.ndarray], **kwargs) -> None:
+        self.array_view = view
+        super().__init__(
+            lambda: ir.tensor(np.ascontiguousarray(view(), dtype=np.float32), name=kwargs.get("name")),
+            **kwargs,
+        )
 
 
 def find_text_prefix(ckpt: Checkpoint) -> str:

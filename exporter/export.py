@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,13 @@ from qwen_export import __version__
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.model import build_decoder, present_shape, state_specs
-from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json, spec_from_config
+from qwen_export.exporter.spec import (
+    ModelSpec,
+    config_hash,
+    read_config_json,
+    spec_from_config,
+    spec_from_stated_fields,
+)
 from qwen_export.exporter.vision import build_vision_encoder, vision_io_signature
 from qwen_export.exporter.vision_embed import build_token_embedder, embed_io_signature
 from qwen_export.exporter.vision_spec import vision_spec_from_config
@@ -64,6 +72,41 @@ def load_model_source(model_dir: Path) -> tuple[dict[str, Any], ModelSpec, Check
     return config, spec, Checkpoint.open(model_dir)
 
 
+class SpeculativeSpec:
+    """The spec read from config.json's stated fields at once, confirmed through transformers' config
+    classes on a background thread (importing transformers, and with it torch, takes ~2 s: it overlaps
+    the export instead of preceding it). Without every field stated, it is read through transformers
+    now. `confirm()` returns transformers' spec; a caller publishes its output only when that equals
+    `spec`."""
+
+    def __init__(self, config: dict[str, Any], source: Path) -> None:
+        self._config, self._source = config, source
+        self._confirmed: ModelSpec | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        stated = spec_from_stated_fields(config, source)
+        if stated is None:
+            self.spec = self._confirmed = spec_from_config(config, source)
+        else:
+            self.spec = stated
+            self._thread = threading.Thread(target=self._confirm, name="confirm-config", daemon=True)
+            self._thread.start()
+
+    def _confirm(self) -> None:
+        try:
+            self._confirmed = spec_from_config(self._config, self._source)
+        except BaseException as e:  # re-raised by confirm() on the caller's thread
+            self._error = e
+
+    def confirm(self) -> ModelSpec:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._confirmed is not None
+        return self._confirmed
+
+
 def io_signature(spec: ModelSpec, multimodal: bool = False) -> dict[str, list[dict[str, Any]]]:
     states = state_specs(spec)
     if multimodal:
@@ -85,19 +128,14 @@ def io_signature(spec: ModelSpec, multimodal: bool = False) -> dict[str, list[di
 
 
 def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
+    """Installed versions, read from package metadata (importing torch to ask would cost a second)."""
     return {
         "qwen_export": __version__,
         "python": platform.python_version(),
-        "onnx": onnx.__version__,
-        "onnx_ir": ir.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **{
+            name: metadata.version(name)
+            for name in ("onnx", "onnx_ir", "onnxruntime", "torch", "transformers")
+        },
     }
 
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from qwen_export.exporter.builder import GraphBuilder
 from qwen_export.exporter.checkpoint import expert_layout
 from qwen_export.exporter.spec import ModelSpec
-from qwen_export.exporter.weights import Weights, stack_experts
+from qwen_export.exporter.weights import Weights, stack_experts, stack_gate_up
 
 
 def swiglu_mlp(gb: GraphBuilder, w: Weights, p: str, x: ir.Value, hidden: int, inter: int) -> ir.Value:
@@ -41,7 +41,7 @@ def _expert_weights(w: Weights, p: str, spec: ModelSpec) -> tuple[ir.Value, ir.V
         p + "experts.gate_up_proj.T",
         gates + ups,
         (e, h, 2 * i),
-        lambda a: np.concatenate([stack_experts(a[:e]), stack_experts(a[e:])], axis=1).transpose(0, 2, 1),
+        lambda a: stack_gate_up(a[:e], a[e:]),
     )
     down = w.derived(
         p + "experts.down_proj.T", downs, (e, i, h), lambda a: stack_experts(a).transpose(0, 2, 1)

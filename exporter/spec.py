@@ -104,10 +104,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config.json") -> ModelSpec:
-    """Build a ModelSpec through transformers' own config classes, so defaults match the reference."""
-    from transformers import AutoConfig
-
+def _architecture(config: dict[str, Any], source: str | os.PathLike) -> str:
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else _TEXT_MODEL_TYPES.get(config.get("model_type", ""))
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -116,12 +113,57 @@ def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config
             f"{source}: architecture {architecture or config.get('model_type')!r} is not in the Qwen3.5 "
             f"family; supported: {supported}"
         )
+    return architecture
+
+
+def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config.json") -> ModelSpec:
+    """Build a ModelSpec through transformers' own config classes, so defaults match the reference."""
+    architecture = _architecture(config, source)
+    from transformers import AutoConfig
+
     try:
         cfg = AutoConfig.for_model(**config)
         text = cfg.get_text_config()
     except Exception as e:  # transformers raises many types for bad configs
         raise ConfigError(f"{source}: transformers rejected the config ({type(e).__name__}: {e})") from None
+    return _spec(architecture, cfg, text, source)
 
+
+class _Unstated(Exception):
+    """config.json leaves a field to transformers' defaults."""
+
+
+class _Stated:
+    """Attribute access to the fields config.json states; a field it leaves out raises _Unstated (not
+    AttributeError, so that `getattr(x, name, default)` cannot quietly substitute our own default)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._fields:
+            raise _Unstated(name)
+        return self._fields[name]
+
+
+def spec_from_stated_fields(
+    config: dict[str, Any], source: str | os.PathLike = "config.json"
+) -> ModelSpec | None:
+    """The spec read straight from config.json when it states every field the spec needs (configs that
+    transformers writes do), without importing transformers (and with it torch, ~2 s); None when a field is
+    left to transformers' defaults. Callers confirm it with `spec_from_config` before publishing anything
+    (qwen_export.exporter.export.SpeculativeSpec runs that in the background)."""
+    architecture = _architecture(config, source)
+    text_fields = config.get("text_config") if architecture.endswith("ForConditionalGeneration") else config
+    if not isinstance(text_fields, dict):
+        return None
+    try:
+        return _spec(architecture, _Stated(config), _Stated(text_fields), source)
+    except _Unstated:
+        return None
+
+
+def _spec(architecture: str, cfg: Any, text: Any, source: str | os.PathLike) -> ModelSpec:
     family = SUPPORTED_ARCHITECTURES[architecture]
     try:
         n = text.num_hidden_layers
@@ -155,31 +197,44 @@ def spec_from_config(config: dict[str, Any], source: str | os.PathLike = "config
             num_layers=n,
             layer_types=layer_types,
             rms_norm_eps=float(text.rms_norm_eps),
-            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
             num_attention_heads=text.num_attention_heads,
             num_key_value_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            head_dim=text.head_dim,
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
-            attention_bias=bool(getattr(text, "attention_bias", False)),
+            attention_bias=bool(text.attention_bias),
             linear_num_key_heads=text.linear_num_key_heads,
             linear_num_value_heads=text.linear_num_value_heads,
             linear_key_head_dim=text.linear_key_head_dim,
             linear_value_head_dim=text.linear_value_head_dim,
             linear_conv_kernel_dim=text.linear_conv_kernel_dim,
             mlp_types=mlp_types,
-            intermediate_size=int(getattr(text, "intermediate_size", 0) or 0),
-            num_experts=int(getattr(text, "num_experts", 0) or 0),
-            num_experts_per_tok=int(getattr(text, "num_experts_per_tok", 0) or 0),
-            moe_intermediate_size=int(getattr(text, "moe_intermediate_size", 0) or 0),
-            shared_expert_intermediate_size=int(getattr(text, "shared_expert_intermediate_size", 0) or 0),
-            norm_topk_prob=bool(getattr(text, "norm_topk_prob", True)),
+            **_feed_forward_fields(family, text, mlp_types),
             hidden_act=text.hidden_act,
         )
     except AttributeError as e:
         raise ConfigError(f"{source}: config lacks a field the {family} family needs ({e})") from None
     _validate(spec, source)
     return spec
+
+
+def _feed_forward_fields(family: str, text: Any, mlp_types: tuple[str, ...]) -> dict[str, Any]:
+    """Only the fields the family's layers use are read; the others are 0 (Qwen3.5-MoE always renormalises
+    the top-k weights: its config has no norm_topk_prob switch)."""
+    fields: dict[str, Any] = {"intermediate_size": 0, "num_experts": 0, "num_experts_per_tok": 0}
+    fields |= {"moe_intermediate_size": 0, "shared_expert_intermediate_size": 0, "norm_topk_prob": True}
+    if "dense" in mlp_types:
+        fields["intermediate_size"] = int(text.intermediate_size)
+    if "moe" in mlp_types:
+        fields |= {
+            "num_experts": int(text.num_experts),
+            "num_experts_per_tok": int(text.num_experts_per_tok),
+            "moe_intermediate_size": int(text.moe_intermediate_size),
+            "shared_expert_intermediate_size": int(text.shared_expert_intermediate_size),
+            "norm_topk_prob": bool(text.norm_topk_prob) if family == "qwen3_next" else True,
+        }
+    return fields
 
 
 def _validate(spec: ModelSpec, source: str | os.PathLike) -> None:

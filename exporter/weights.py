@@ -54,3 +54,13 @@ class Weights:
 
 def stack_experts(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack(arrays, axis=0)
+
+
+def stack_gate_up(gates: list[np.ndarray], ups: list[np.ndarray]) -> np.ndarray:
+    """Per-expert gate/up [I, H] -> [E, H, 2I] (gate columns, then up columns), as a view over one
+    [E, 2, I, H] buffer: one copy, and a later re-layout composes with the view."""
+    i, h = gates[0].shape
+    buf = np.empty((len(gates), 2, i, h), np.float32)
+    for k, (gate, up) in enumerate(zip(gates, ups, strict=True)):
+        buf[k, 0], buf[k, 1] = gate, up
+    return buf.reshape(len(gates), 2 * i, h).transpose(0, 2, 1)

@@ -84,7 +84,10 @@ class GraphContext:
         unique = self.unique(name)
 
         def compute() -> ir.TensorProtocol:
-            array = np.ascontiguousarray(transform(*[t.numpy() for t in tensors]), dtype=dtype.numpy())
+            # A source that can give its layout transform as a view (an exporter initializer) is composed
+            # with `transform`: one copy instead of two.
+            arrays = [t.array_view() if hasattr(t, "array_view") else t.numpy() for t in tensors]
+            array = np.ascontiguousarray(transform(*arrays), dtype=dtype.numpy())
             if array.shape != tuple(shape):
                 raise ValueError(f"{unique}: transform gave shape {array.shape}, expected {tuple(shape)}")
             return ir.tensor(array, name=unique)

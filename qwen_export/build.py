@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import QwenExportError
+from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.export import (
     DATA_FILE,
     MODEL_FILE,
+    SpeculativeSpec,
     io_signature,
     load_model_source,
     resolve_source,
@@ -26,7 +28,7 @@ from qwen_export.exporter.export import (
     tool_versions,
 )
 from qwen_export.exporter.model import build_decoder
-from qwen_export.exporter.spec import config_hash
+from qwen_export.exporter.spec import config_hash, read_config_json
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
 
@@ -78,6 +80,10 @@ def _golden_for(preset: str | None, golden_dir: str | os.PathLike | None, config
     return golden
 
 
+class _SpecMismatch(Exception):
+    """config.json's stated fields read differently from transformers' reading of them."""
+
+
 def build(
     out: str | os.PathLike,
     preset: str | None = None,
@@ -96,6 +102,29 @@ def build(
     `golden_dir`) and the previous stage. A check that fails is not an error: the artifact is written (for
     inspection) with manifest check.passed = false, and `BuildResult.check_passed` is False.
     """
+    kwargs = dict(out=out, preset=preset, model_dir=model_dir, target=target, check=check)
+    kwargs |= dict(golden_dir=golden_dir, verify=verify, on_pass_start=on_pass_start, on_pass_end=on_pass_end)
+    try:
+        return _build(**kwargs, log=log, speculate=True)
+    except _SpecMismatch as e:
+        if log:
+            log(f"{e}; building again from transformers' reading")
+        return _build(**kwargs, log=log, speculate=False)
+
+
+def _build(
+    out: str | os.PathLike,
+    preset: str | None,
+    model_dir: str | os.PathLike | None,
+    target: str,
+    check: bool,
+    golden_dir: str | os.PathLike | None,
+    verify: bool | None,
+    on_pass_start: Callable | None,
+    on_pass_end: Callable | None,
+    log: Callable[[str], None] | None,
+    speculate: bool,
+) -> BuildResult:
     from qwen_export.passes.functions import qwen_op_counts
     from qwen_export.passes.graph_stats import node_counts
     from qwen_export.passes.manager import PassManager
@@ -106,7 +135,12 @@ def build(
     passes = pipeline(target)  # an unknown target fails before any work
     start = time.perf_counter()
     source_dir, source = resolve_source(preset, model_dir)
-    config, spec, ckpt = load_model_source(source_dir)
+    if speculate:
+        config = read_config_json(source_dir)
+        reading = SpeculativeSpec(config, source_dir / "config.json")
+        spec, ckpt = reading.spec, Checkpoint.open(source_dir)
+    else:
+        config, spec, ckpt = load_model_source(source_dir)
     model = build_decoder(spec, ckpt)
     left_out = ckpt.account()
     export_s = time.perf_counter() - start
@@ -129,6 +163,8 @@ def build(
         save_start = time.perf_counter()
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
         save_s = time.perf_counter() - save_start
+        if speculate and reading.confirm() != spec:
+            raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             for name in (MODEL_FILE, DATA_FILE)

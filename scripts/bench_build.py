@@ -69,7 +69,11 @@ def main() -> None:
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
+        },
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,14 +97,16 @@ def main() -> None:
                     "nodes": row["ours_ort"]["nodes"] / row["genai"]["nodes"],
                 }
             results["rows"].append(row)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.write_text(json.dumps(results, indent=2))
     lines = [
         "# Build benchmark: `qwen-export build` vs onnxruntime-genai's model builder",
         "",
         f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}, {os.cpu_count()} CPUs. Wall time of "
-        "each build in its own process (imports included), median of alternating rounds; nodes = top-level "
-        "nodes of model.onnx. fp32, CPU.",
+        f"Date: {results['date']}, {os.cpu_count()} CPUs, load average (1/5/15 min) "
+        f"{' / '.join(f'{x:.1f}' for x in results['machine']['load_average_at_start'])} at start. "
+        "Wall time of each build in its own process (imports included), median of alternating rounds; "
+        "nodes = top-level nodes of model.onnx. fp32, CPU.",
         "",
         "| preset | builder | wall time (s) | nodes |",
         "|---|---|---|---|",

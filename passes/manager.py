@@ -17,6 +17,7 @@ from qwen_export.passes.base import pass_name, pass_stats, pass_summary
 from qwen_export.passes.graph_stats import histogram_delta, node_counts, op_histogram
 from qwen_export.passes.numerics import NumericCheck, StageNumerics
 from qwen_export.passes.verify import check_well_formed, verify_by_default
+from qwen_export.tolerances import tolerance_for
 
 
 def _rss_mib() -> float:
@@ -101,10 +102,13 @@ class PassManager:
         baseline = previous = self.check.measure(model) if self.check else None
         first_failure = None if baseline is None or baseline.within_tolerance else "input"
         records = []
+        tolerance = self.check.tolerance if self.check else None
         for i, p in enumerate(self.passes):
             if self.on_start:
                 self.on_start(i, p)
-            model, record = self._run_one(p, model, previous)
+            if getattr(p, "precision", None):
+                tolerance = tolerance_for(p.precision)["logits_max_abs"]
+            model, record = self._run_one(p, model, previous, tolerance)
             if record.numerics is not None:
                 previous = record.numerics
                 if first_failure is None and not record.numerics.within_tolerance:
@@ -112,11 +116,14 @@ class PassManager:
             records.append(record)
             if self.on_end:
                 self.on_end(i, record)
-        tolerance = self.check.tolerance if self.check else None
         return model, PipelineReport(records, baseline, tolerance, first_failure)
 
     def _run_one(
-        self, p: ir.passes.PassBase, model: ir.Model, previous: StageNumerics | None
+        self,
+        p: ir.passes.PassBase,
+        model: ir.Model,
+        previous: StageNumerics | None,
+        tolerance: float | None = None,
     ) -> tuple[ir.Model, PassRecord]:
         nodes_before, ops_before, all_before = (
             node_counts(model),
@@ -159,5 +166,5 @@ class PassManager:
                 ) from e
             record.verified = True
         if self.check:
-            record.numerics = self.check.measure(model, previous)
+            record.numerics = self.check.measure(model, previous, tolerance)
         return model, record

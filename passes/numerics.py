@@ -75,6 +75,7 @@ class StageNumerics:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "tolerance": self.tolerance,
             "max_vs_previous": self.max_vs_previous,
             "max_vs_golden": self.max_vs_golden,
             "within_tolerance": self.within_tolerance,
@@ -151,7 +152,10 @@ class NumericCheck:
         length = int(case.rsplit("_", 1)[1])
         return g.prefill(length)[1], (g.final_states() if length == 200 else {})
 
-    def measure(self, model: ir.Model, previous: StageNumerics | None = None) -> StageNumerics:
+    def measure(
+        self, model: ir.Model, previous: StageNumerics | None = None, tolerance: float | None = None
+    ) -> StageNumerics:
+        """`tolerance` (max |Δ|) overrides the check's own for this stage (a stage at another precision)."""
         outputs = self.run(model)
         cases = {}
         for name, out in outputs.items():
@@ -165,4 +169,4 @@ class NumericCheck:
                 result.logits_vs_previous = _max_abs(out.logits, before.logits)
                 result.states_vs_previous = _max_states(out.states, before.states)
             cases[name] = result
-        return StageNumerics(cases, self.tolerance, outputs)
+        return StageNumerics(cases, self.tolerance if tolerance is None else tolerance, outputs)

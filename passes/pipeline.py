@@ -16,16 +16,12 @@ from qwen_export.passes.lift_constants import LiftConstants
 from qwen_export.passes.lower_ort import LowerToOrt
 from qwen_export.passes.lower_portable import LowerPortable
 from qwen_export.passes.lower_trt_plugins import LowerTrtPlugins
+from qwen_export.passes.quantize_weights import QuantizeWeights
 from qwen_export.passes.remove_unused import RemoveUnused
 from qwen_export.passes.shape_inference import InferShapes
+from qwen_export.passes.targets import QUANTIZED_ORT_TARGETS, TARGETS
 
-TARGETS = {
-    "onnx": "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
-    "ort": "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
-    "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
-    "trt-plugins": "ONNX for TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), "
-    "for trtexec --dynamicPlugins or the trt engine target",
-}
+__all__ = ["TARGETS", "catalog", "cleanup", "finish", "fusions", "pipeline"]
 
 
 def cleanup() -> list[ir.passes.PassBase]:
@@ -57,6 +53,9 @@ def pipeline(target: str) -> list[ir.passes.PassBase]:
     if target == "ort":
         # Whatever the ORT lowering leaves as qwen ops still runs: the portable lowering takes it.
         return [*cleanup(), *fusions(), LowerToOrt(), LowerPortable(), *finish()]
+    if target in QUANTIZED_ORT_TARGETS:
+        bits = QUANTIZED_ORT_TARGETS[target]
+        return [*pipeline("ort"), QuantizeWeights(bits=bits), RemoveUnused()]
     if target == "fused":
         return [*cleanup(), *fusions()]
     if target == "trt-plugins":
@@ -68,7 +67,8 @@ def catalog() -> list[type[ir.passes.PassBase]]:
     """Every pass class a pipeline may use, in pipeline order, plus optional ones (shape inference)."""
     classes: list[type[ir.passes.PassBase]] = []
     lowerings = [LowerToOrt(), LowerTrtPlugins(), LowerPortable()]
-    for p in [*cleanup(), *fusions(), *lowerings, *finish(), InferShapes()]:
+    precision = [QuantizeWeights()]
+    for p in [*cleanup(), *fusions(), *lowerings, *finish(), *precision, InferShapes()]:
         if type(p) not in classes:
             classes.append(type(p))
     return classes

@@ -135,6 +135,16 @@ def validate(
     model_path = artifact / "model.onnx" if artifact.is_dir() else artifact
     if not model_path.is_file():
         raise QwenExportError(f"{model_path}: no such model; pass a folder written by `qwen-export export`")
+    manifest = artifact / "manifest.json"
+    if manifest.is_file():
+        from qwen_export.tolerances import artifact_precision
+
+        precision = artifact_precision(json.loads(manifest.read_text()))
+        if precision != "fp32":
+            raise QwenExportError(
+                f"{artifact}: a {precision} artifact; validate holds fp32 artifacts to 2e-4 and identical "
+                f"greedy tokens. Use `qwen-export diff {artifact}`, which applies the {precision} tolerances"
+            )
     golden_data = load_golden(golden_dir)
     with err.status("validating…"):
         report = validate_onnx(model_path, golden_data, tolerance)
@@ -396,7 +406,8 @@ TargetOpt = Annotated[
     typer.Option(
         "--target",
         "-t",
-        help="onnx (standard ops), ort (ORT contrib ops), fused (qwen ops), trt-plugins (ONNX with our "
+        help="onnx (standard ops), ort (ORT contrib ops), ort-int4 / ort-int8 (ort with weight-only "
+        "MatMulNBits/QMoE), fused (qwen ops), trt-plugins (ONNX with our "
         "TensorRT plugin nodes); engines: trt-rtx (TensorRT-RTX, built here for sm80/86/89/120) or trt "
         "(full TensorRT + plugins, built on the GPU).",
     ),
@@ -442,6 +453,16 @@ def _pass_table(records) -> Table:
             verdict,
         )
     return table
+
+
+def _stage_tolerances(report) -> str:
+    """'2e-4' or, where a pass changed the precision, '2e-4, then 1 from quantize-weights on'."""
+    parts, current = [], None
+    for record in [r for r in report.records if r.numerics is not None]:
+        if record.numerics.tolerance != current:
+            current = record.numerics.tolerance
+            parts.append(f"{current:g}" if not parts else f"then {current:g} from {record.name} on")
+    return ", ".join(parts) or f"{report.tolerance:g}"
 
 
 @app.command()
@@ -564,8 +585,8 @@ def build(
         raise typer.Exit(1)
     if result.check_passed:
         err.print(
-            f"[green]check passed[/green]: every stage within {report.tolerance:g} of the golden "
-            "reference and of the previous stage",
+            "[green]check passed[/green]: every stage within its tolerance "
+            f"({_stage_tolerances(report)}) of the golden reference and of the previous stage",
             highlight=False,
         )
 

@@ -17,7 +17,7 @@ from qwen_export.errors import QwenExportError
 from qwen_export.exporter.model import layer_output_name
 from qwen_export.golden.store import PROMPT_LENGTHS, Golden, load_golden, make_prompt
 from qwen_export.metrics import agreement_length, compare_logits
-from qwen_export.tolerances import tolerance_for
+from qwen_export.tolerances import artifact_precision, tolerance_for
 
 PER_LAYER_PROMPT = 65  # crosses the delta rule's 64-token chunk boundary
 
@@ -40,7 +40,9 @@ class DiffReport:
     def passed(self) -> bool:
         t = self.tolerances
         ok = all(
-            m["max_abs"] <= t["logits_max_abs"] and m["top1_agreement"] >= t["top1_min"]
+            m["max_abs"] <= t["logits_max_abs"]
+            and m["top1_agreement"] >= t["top1_min"]
+            and m["kl_mean"] <= t.get("kl_mean_max", float("inf"))
             for m in self.prefill.values()
         )
         return ok and self.first_bad_layer is None and self.first_bad_pass is None
@@ -108,10 +110,11 @@ def model_with_layer_outputs(model_path: Path, num_layers: int) -> Iterator[Path
 
 
 def _artifact_model(artifact: Path) -> tuple[Path, dict[str, Any]]:
+    from qwen_export.passes.targets import ONNX_TARGETS
     from qwen_export.runtime.session import Artifact
 
     art = Artifact.open(artifact)
-    if art.target not in ("onnx", "ort"):
+    if art.target not in ONNX_TARGETS:
         raise QwenExportError(
             f"{artifact}: diff runs ONNX artifacts on this machine; target {art.target} needs its GPU"
         )
@@ -173,7 +176,7 @@ def diff_artifact(
     from qwen_export.runtime.ort_decoder import OrtDecoder
 
     model_path, info = _artifact_model(Path(artifact))
-    precision = info.get("precision", "fp32")
+    precision = artifact_precision(info)
     tol = tolerance_for(precision)
     source_dir = Path(info["source_dir"]) if info.get("source_dir") else None
     against_path = Path(against) if against is not None else None

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qwen_export.errors import QwenExportError
+from qwen_export.passes.targets import ONNX_TARGETS
 from qwen_export.runtime.ort_decoder import positions_from_mask
 from qwen_export.runtime.sampling import Sampler, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
@@ -73,9 +74,10 @@ class Artifact:
         target = info.get("target", "onnx")
         model_entry = info.get("model", "model.onnx")  # engine manifests describe their source model instead
         model_path = folder / (model_entry if isinstance(model_entry, str) else "model.onnx")
-        if target in ("onnx", "ort") and not model_path.is_file():
+        onnx_target = target in ONNX_TARGETS
+        if onnx_target and not model_path.is_file():
             raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
-        if target in ("onnx", "ort") and not (folder / (model_path.name + ".data")).is_file():
+        if onnx_target and not (folder / (model_path.name + ".data")).is_file():
             raise QwenExportError(f"{folder}: {model_path.name}.data is missing (the artifact is incomplete)")
         return cls(folder, info, model_path, target)
 

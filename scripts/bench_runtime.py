@@ -202,6 +202,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--genai-python")
     parser.add_argument("--genai-model", type=Path)
+    parser.add_argument(
+        "--int4-artifact",
+        type=Path,
+        help="our weight-only int4 artifact (`build --target ort-int4`), benched in the same rounds; with "
+        "--genai-python, genai's own int4 model (`-p int4`) is built and benched too",
+    )
+    parser.add_argument("--genai-int4-model", type=Path, help="an existing genai int4 model folder")
     parser.add_argument("--measure-up-to", type=int, default=65536)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and genai")
@@ -239,34 +246,56 @@ def main() -> None:
                 "built now by onnxruntime_genai.models.builder (fp32, cpu); position_ids "
                 "re-declared [B, T] so ONNX Runtime 1.31 loads it (see scripts/genai_peer.py)"
             )
+        genai_int4 = args.genai_int4_model
+        if args.genai_python and args.int4_artifact and genai_int4 is None and not args.skip_speed:
+            genai_int4 = work / "genai-int4"
+            built = run_builder(
+                args.genai_python, multimodal_copy(args.preset, work / "mm"), genai_int4, precision="int4"
+            )
+            if "error" in built:
+                raise SystemExit(f"onnxruntime-genai int4 builder failed: {built['error']}")
+            patch_for_ort(genai_int4)
+            results["genai_int4_model"] = "built now by onnxruntime_genai.models.builder (-p int4 -e cpu)"
+        if args.int4_artifact:
+            results["int4_artifact"] = str(args.int4_artifact)
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
                 # Ours and genai alternate over rounds (this machine is shared); each keeps its median round.
-                rounds: dict[str, list[dict[str, float]]] = {"ours": [], "genai": []}
+                ours_models = {"ours": artifact, "ours_int4": args.int4_artifact}
+                genai_models = {"genai": genai_model, "genai_int4": genai_int4}
+                rounds: dict[str, list[dict[str, float]]] = {}
                 for _ in range(args.rounds):
-                    rounds["ours"].append(
-                        bench_ours(artifact, batch, args.prompt_len, args.new_tokens, args.threads)
-                    )
-                    if args.genai_python and genai_model:
-                        rounds["genai"].append(
-                            bench_genai(
-                                args.genai_python,
-                                genai_model,
-                                batch,
-                                args.prompt_len,
-                                args.new_tokens,
-                                spec.vocab_size,
+                    for name, path in ours_models.items():
+                        if path:
+                            rounds.setdefault(name, []).append(
+                                bench_ours(path, batch, args.prompt_len, args.new_tokens, args.threads)
                             )
-                        )
-                row["ours"] = median_round(rounds["ours"])
-                if rounds["genai"]:
-                    row["genai"] = median_round(rounds["genai"])
+                    for name, path in genai_models.items():
+                        if args.genai_python and path:
+                            rounds.setdefault(name, []).append(
+                                bench_genai(
+                                    args.genai_python,
+                                    path,
+                                    batch,
+                                    args.prompt_len,
+                                    args.new_tokens,
+                                    spec.vocab_size,
+                                )
+                            )
+                for name, measured in rounds.items():
+                    row[name] = median_round(measured)
                 row["hf_eager"] = bench_hf(model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
-                ours = row["ours"]["decode_tokens_per_s"]
-                row["ours_vs_hf_decode"] = ours / row["hf_eager"]["decode_tokens_per_s"]
-                if "decode_tokens_per_s" in row.get("genai", {}):
-                    row["ours_vs_genai_decode"] = ours / row["genai"]["decode_tokens_per_s"]
+                for ours_name, peer_name, key in (
+                    ("ours", "hf_eager", "ours_vs_hf_decode"),
+                    ("ours", "genai", "ours_vs_genai_decode"),
+                    ("ours_int4", "hf_eager", "ours_int4_vs_hf_decode"),
+                    ("ours_int4", "genai_int4", "ours_int4_vs_genai_int4_decode"),
+                    ("ours_int4", "genai", "ours_int4_vs_genai_fp32_decode"),
+                ):
+                    a, b = row.get(ours_name, {}), row.get(peer_name, {})
+                    if "decode_tokens_per_s" in a and "decode_tokens_per_s" in b:
+                        row[key] = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
                 print(json.dumps(row), flush=True)
                 results["speed"].append(row)
 
@@ -299,13 +328,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Command: `{r['command']}`  ",
         f"Date: {r['date']}, "
         f"{r['machine']['cpus']} CPUs, {r['threads']} threads, prompt {r['prompt_len']} tokens, "
-        f"{r['new_tokens']} new tokens, greedy, fp32.",
+        f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
+        "(weight-only: ours `ort-int4`, genai `-p int4`; block 32, int8 activations on CPU).",
         "",
     ]
     if r["speed"]:
         lines += ["| batch | runtime | time to first token (ms) | decode tokens/s |", "|---|---|---|---|"]
         for row in r["speed"]:
-            for name in ("ours", "hf_eager", "genai"):
+            for name in ("ours", "ours_int4", "hf_eager", "genai", "genai_int4"):
                 m = row.get(name)
                 if not m:
                     continue
@@ -316,10 +346,15 @@ def render_markdown(r: dict[str, Any]) -> str:
                     f"| {row['batch']} | {name} | {m['time_to_first_token_s'] * 1e3:.1f} | "
                     f"{m['decode_tokens_per_s']:.1f} |"
                 )
-            ratio = f"ours / HF eager decode: {row['ours_vs_hf_decode']:.2f}x"
-            if "ours_vs_genai_decode" in row:
-                ratio += f"; ours / onnxruntime-genai: {row['ours_vs_genai_decode']:.2f}x"
-            lines.append(f"| {row['batch']} | ratio | | {ratio} |")
+            labels = {
+                "ours_vs_hf_decode": "ours / HF eager",
+                "ours_vs_genai_decode": "ours / onnxruntime-genai (fp32)",
+                "ours_int4_vs_hf_decode": "ours int4 / HF eager",
+                "ours_int4_vs_genai_int4_decode": "ours int4 / genai int4",
+                "ours_int4_vs_genai_fp32_decode": "ours int4 / genai fp32",
+            }
+            ratio = "; ".join(f"{label}: {row[key]:.2f}x" for key, label in labels.items() if key in row)
+            lines.append(f"| {row['batch']} | decode ratio | | {ratio} |")
         lines.append("")
     lines += [
         "| context | hybrid state (MiB) | all-attention state (MiB) | ratio | hybrid step (ms) | "

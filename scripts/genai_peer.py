@@ -58,8 +58,12 @@ def multimodal_copy(preset: str, out: Path) -> Path:
     return out
 
 
-def run_builder(genai_python: str, model_dir: Path, out: Path, timeout: int = 3600) -> dict:
-    """Run `onnxruntime_genai.models.builder` (fp32, CPU); returns wall time and the graph's node count."""
+def run_builder(
+    genai_python: str, model_dir: Path, out: Path, timeout: int = 3600, precision: str = "fp32"
+) -> dict:
+    """Run `onnxruntime_genai.models.builder` (`-p precision -e cpu`: fp32, or int4 = its MatMulNBits/QMoE
+    weight-only quantization with its CPU defaults, block 32, accuracy level 4); returns wall time and the
+    graph's node count."""
     start = time.perf_counter()
     proc = subprocess.run(
         [
@@ -71,7 +75,7 @@ def run_builder(genai_python: str, model_dir: Path, out: Path, timeout: int = 36
             "-o",
             str(out),
             "-p",
-            "fp32",
+            precision,
             "-e",
             "cpu",
             "-c",

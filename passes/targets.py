@@ -1,0 +1,19 @@
+"""The build targets and what kind of artifact each writes (no imports: the runtime reads these too)."""
+
+from __future__ import annotations
+
+TARGETS = {
+    "onnx": "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
+    "ort": "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
+    "ort-int4": "the ort graph with weight-only int4 block quantization (block 32, int8 compute): "
+    "MatMulNBits for constant-weight MatMuls, QMoE for the routed experts",
+    "ort-int8": "the ort graph with weight-only int8 block quantization (block 32, int8 compute)",
+    "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
+    "trt-plugins": "ONNX for TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), "
+    "for trtexec --dynamicPlugins or the trt engine target",
+}
+
+# Weight-only quantized ORT targets and their bit width (passes/quantize_weights.py; tolerances per target
+# in qwen_export/tolerances.py).
+QUANTIZED_ORT_TARGETS = {"ort-int4": 4, "ort-int8": 8}
+ONNX_TARGETS = ("onnx", "ort", *QUANTIZED_ORT_TARGETS)  # targets whose artifact is model.onnx (+ data)

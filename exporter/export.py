@@ -98,9 +98,12 @@ class SpeculativeSpec:
         except BaseException as e:  # re-raised by confirm() on the caller's thread
             self._error = e
 
-    def confirm(self) -> ModelSpec:
+    def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
+
+    def confirm(self) -> ModelSpec:
+        self.join()
         if self._error is not None:
             raise self._error
         assert self._confirmed is not None

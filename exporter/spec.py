@@ -159,7 +159,9 @@ def spec_from_stated_fields(
         return None
     try:
         return _spec(architecture, _Stated(config), _Stated(text_fields), source)
-    except _Unstated:
+    except ConfigError:
+        raise
+    except Exception:  # _Unstated, or a stated value of a type only transformers' reading can judge
         return None
 
 

@@ -22,13 +22,12 @@ from qwen_export.exporter.export import (
     MODEL_FILE,
     SpeculativeSpec,
     io_signature,
-    load_model_source,
     resolve_source,
     save_model,
     tool_versions,
 )
 from qwen_export.exporter.model import build_decoder
-from qwen_export.exporter.spec import config_hash, read_config_json
+from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
 
@@ -102,20 +101,36 @@ def build(
     `golden_dir`) and the previous stage. A check that fails is not an error: the artifact is written (for
     inspection) with manifest check.passed = false, and `BuildResult.check_passed` is False.
     """
-    kwargs = dict(out=out, preset=preset, model_dir=model_dir, target=target, check=check)
-    kwargs |= dict(golden_dir=golden_dir, verify=verify, on_pass_start=on_pass_start, on_pass_end=on_pass_end)
+    from qwen_export.passes.pipeline import pipeline
+
+    out_path = check_writable_parent(Path(out))
+    pipeline(target)  # an unknown target fails before any work
+    start = time.perf_counter()
+    source_dir, source = resolve_source(preset, model_dir)
+    config = read_config_json(source_dir)
+    reading = SpeculativeSpec(config, source_dir / "config.json")
+    job = dict(out_path=out_path, source_dir=source_dir, source=source, config=config, start=start)
+    job |= dict(preset=preset, target=target, check=check, golden_dir=golden_dir, verify=verify, log=log)
+    job |= dict(on_pass_start=on_pass_start, on_pass_end=on_pass_end)
     try:
-        return _build(**kwargs, log=log, speculate=True)
+        return _build(spec=reading.spec, confirm=reading.confirm, **job)
     except _SpecMismatch as e:
         if log:
             log(f"{e}; building again from transformers' reading")
-        return _build(**kwargs, log=log, speculate=False)
+        return _build(spec=reading.confirm(), confirm=None, **job)
+    finally:
+        reading.join()  # the config thread must not be left importing torch when the interpreter exits
 
 
 def _build(
-    out: str | os.PathLike,
+    out_path: Path,
+    source_dir: Path,
+    source: str,
+    config: dict[str, Any],
+    spec: ModelSpec,
+    confirm: Callable[[], ModelSpec] | None,
+    start: float,
     preset: str | None,
-    model_dir: str | os.PathLike | None,
     target: str,
     check: bool,
     golden_dir: str | os.PathLike | None,
@@ -123,24 +138,16 @@ def _build(
     on_pass_start: Callable | None,
     on_pass_end: Callable | None,
     log: Callable[[str], None] | None,
-    speculate: bool,
 ) -> BuildResult:
+    """One build from `spec`; with `confirm`, the artifact is published only if `confirm()` equals `spec`."""
     from qwen_export.passes.functions import qwen_op_counts
     from qwen_export.passes.graph_stats import node_counts
     from qwen_export.passes.manager import PassManager
     from qwen_export.passes.numerics import NumericCheck
     from qwen_export.passes.pipeline import pipeline
 
-    out_path = check_writable_parent(Path(out))
-    passes = pipeline(target)  # an unknown target fails before any work
-    start = time.perf_counter()
-    source_dir, source = resolve_source(preset, model_dir)
-    if speculate:
-        config = read_config_json(source_dir)
-        reading = SpeculativeSpec(config, source_dir / "config.json")
-        spec, ckpt = reading.spec, Checkpoint.open(source_dir)
-    else:
-        config, spec, ckpt = load_model_source(source_dir)
+    passes = pipeline(target)
+    ckpt = Checkpoint.open(source_dir)
     model = build_decoder(spec, ckpt)
     left_out = ckpt.account()
     export_s = time.perf_counter() - start
@@ -163,7 +170,7 @@ def _build(
         save_start = time.perf_counter()
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
         save_s = time.perf_counter() - save_start
-        if speculate and reading.confirm() != spec:
+        if confirm is not None and confirm() != spec:
             raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}

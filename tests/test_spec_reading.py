@@ -64,3 +64,9 @@ def test_build_fails_cleanly_when_transformers_rejects_a_stated_config(tmp_path,
     with pytest.raises(ConfigError, match="planted"):
         build(tmp_path / "out", preset="tiny-qwen3.5-moe", target="onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stated_value_of_the_wrong_type_is_left_to_transformers():
+    config = read_config_json(materialize("tiny-qwen3.5-moe"))
+    config["num_hidden_layers"] = "4"
+    assert spec_from_stated_fields(config) is None

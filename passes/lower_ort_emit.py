@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.passes.names import UniqueNames
+
 MS_DOMAIN = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
 FLOAT_MIN = float(np.finfo(np.float32).min)
@@ -43,18 +45,10 @@ class GraphContext:
     def __init__(self, graph: ir.Graph, attention: str = "gqa"):
         self.graph = graph
         self.attention = attention  # "gqa": GroupQueryAttention; "onnx": opset-23 Attention
-        self._names = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
-        self._names |= {out.name for node in graph for out in node.outputs if out.name}
+        self.unique = UniqueNames.of_graph(graph)
         self._consts: dict[tuple[str, tuple[int, ...], bytes], ir.Value] = {}
         self.shared: dict[tuple[Any, ...], Any] = {}
         self.shared_nodes = 0
-
-    def unique(self, name: str) -> str:
-        candidate, n = name, 1
-        while candidate in self._names:
-            candidate, n = f"{name}_{n}", n + 1
-        self._names.add(candidate)
-        return candidate
 
     def const(self, data: Any, dtype: Any = np.int64) -> ir.Value:
         """A small constant initializer, shared by value within the graph."""

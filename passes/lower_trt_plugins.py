@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qwen_export.passes.base import QwenPass
+from qwen_export.passes.names import UniqueNames
 
 QWEN_DOMAIN = "qwen"
 PLUGIN_DOMAIN = "qwen.trt"
@@ -144,8 +145,7 @@ class LowerTrtPlugins(QwenPass):
         graph = model.graph
         self._converted: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
         self._created_casts: list[ir.Node] = []
-        self._names = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
-        self._names |= {out.name for node in graph for out in node.outputs if out.name}
+        self._unique = UniqueNames.of_graph(graph)
         lowered: Counter = Counter()
         kept: dict[str, str] = {}
         casts = 0
@@ -273,13 +273,6 @@ class LowerTrtPlugins(QwenPass):
         converted.const_value = lazy
         graph.register_initializer(converted)
         return converted
-
-    def _unique(self, name: str) -> str:
-        candidate, n = name, 1
-        while candidate in self._names:
-            candidate, n = f"{name}_{n}", n + 1
-        self._names.add(candidate)
-        return candidate
 
 
 def _drop_dead_casts(graph: ir.Graph, casts: list[ir.Node]) -> int:

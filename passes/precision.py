@@ -29,6 +29,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qwen_export.passes.names import UniqueNames
+
 FLOAT = ir.DataType.FLOAT
 LOW_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -106,7 +108,7 @@ class Precision(ir.passes.InPlacePass):
         self._casts: dict[tuple[int, ir.Value, ir.DataType], ir.Value] = {}
         self._low_consts: dict[ir.Value, ir.Value] = {}
         self._dt: dict[ir.Value, ir.DataType] = {}
-        self._names: set[str] = set()
+        self._unique = UniqueNames()
         self.stats = {"precision": self.precision, "casts": 0, "fp32_nodes": 0, "low_nodes": 0, "islands": {}}
 
         derived = _int_derived_nodes(graph)
@@ -254,12 +256,7 @@ class Precision(ir.passes.InPlacePass):
         self, graph: ir.Graph, before: ir.Node | None, value: ir.Value, dtype: ir.DataType
     ) -> ir.Value:
         suffix = "fp32" if dtype == FLOAT else self.precision
-        base = f"{value.name}/{suffix}"
-        name, n = base, 0
-        while name in self._names:  # one outer value can be cast in both branches of an If
-            n += 1
-            name = f"{base}_{n}"
-        self._names.add(name)
+        name = self._unique(f"{value.name}/{suffix}")  # one outer value can be cast in both branches of an If
         cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", int(dtype))], name=f"{name}/Cast")
         out = cast.outputs[0]
         out.name = name

@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qwen_export.passes.base import QwenPass
+from qwen_export.passes.names import UniqueNames
 
 MS_DOMAIN = "com.microsoft"
 _CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the temporaries (~64 MiB of fp32 per chunk)
@@ -152,7 +153,7 @@ class QuantizeWeights(QwenPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = self._graph = model.graph
-        self._names = {v.name for v in graph.initializers.values()}
+        self._unique = UniqueNames.of_graph(graph)
         self._done: dict[int, tuple[ir.Value, ir.Value]] = {}
         fired = {"MatMulNBits": 0, "QMoE": 0}  # nodes emitted, by op (the pass table's "fired" column)
         self.stats = {"fired": fired, "kept": {}, "fp32_bytes": 0, "quantized_bytes": 0}
@@ -287,10 +288,3 @@ class QuantizeWeights(QwenPass):
             self.stats["fp32_bytes"] += int(np.prod(source.shape)) * 4
             self.stats["quantized_bytes"] += int(np.prod(shapes[0])) + 4 * int(np.prod(shapes[1]))
         return self._done[key]
-
-    def _unique(self, name: str) -> str:
-        candidate, n = name, 1
-        while candidate in self._names:
-            candidate, n = f"{name}_{n}", n + 1
-        self._names.add(candidate)
-        return candidate

@@ -255,12 +255,15 @@ def export_fingerprint(source_dir: Path) -> str:
 def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None) -> Path:
     """An export folder for the source, reused from the cache while the checkpoint and exporter are unchanged
     (engine builds start from it, so an unchanged rebuild re-exports nothing)."""
+    from qwen_export.cache import touch
     from qwen_export.presets import cache_root
 
     source_dir, _ = resolve_source(preset, model_dir)
     folder = cache_root() / "exports" / export_fingerprint(source_dir)
     if not (folder / "export.json").is_file():
         export_model(folder, preset=preset, model_dir=model_dir, log=log)
-    elif log:
-        log(f"reusing the export of {source_dir} from {folder}")
+    else:
+        touch(folder)
+        if log:
+            log(f"reusing the export of {source_dir} from {folder}")
     return folder

@@ -693,6 +693,68 @@ def presets(
     Console().print(table)
 
 
+@app.command()
+@user_errors
+def cache(
+    area: Annotated[
+        list[str] | None,
+        typer.Option("--area", help="presets, exports or engines (repeatable); default: all three."),
+    ] = None,
+    prune_older_than: Annotated[
+        float | None, typer.Option(min=0, help="Remove entries unused for more than this many days.")
+    ] = None,
+    max_size: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Then remove the least recently used entries until the areas fit in this many GB."
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="Remove every entry of the areas.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Say what would be removed; remove nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what the cache holds (QWEN_EXPORT_CACHE, default ~/.cache/qwen-export) and free space.
+
+    Without --clear, --prune-older-than or --max-size it only reports. Removed entries are rebuilt on
+    next use."""
+    from qwen_export import cache as cache_lib
+
+    areas = area or list(cache_lib.AREAS)
+    found = cache_lib.entries(areas)
+    pruning = clear or prune_older_than is not None or max_size is not None
+    if clear and (prune_older_than is not None or max_size is not None):
+        raise QwenExportError("--clear removes everything; drop --prune-older-than/--max-size, or --clear")
+    chosen = []
+    if pruning:
+        max_bytes = None if max_size is None else int(max_size * 1e9)
+        chosen = cache_lib.select_for_removal(found, prune_older_than, max_bytes) if not clear else found
+    freed = 0 if dry_run else cache_lib.remove(chosen)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "root": str(cache_lib.cache_root()),
+                    "entries": [e.to_json() for e in found],
+                    "removed" if not dry_run else "would_remove": [e.to_json() for e in chosen],
+                    "freed_bytes": freed,
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table("area", "entries", "size", "least recently used", title=str(cache_lib.cache_root()))
+    now = time.time()
+    for name in areas:
+        mine = [e for e in found if e.area == name]
+        oldest = f"{(now - mine[0].last_used) / 86400:.1f} days ago" if mine else ""
+        table.add_row(name, str(len(mine)), f"{sum(e.bytes for e in mine) / 1e9:.2f} GB", oldest)
+    Console().print(table)
+    if pruning:
+        verb = "would remove" if dry_run else "removed"
+        size = sum(e.bytes for e in chosen) / 1e9
+        err.print(f"{verb} {len(chosen)} entries ({size:.2f} GB)", highlight=False)
+
+
 def main() -> None:
     try:
         app()

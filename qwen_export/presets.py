@@ -189,6 +189,9 @@ def materialize(name: str, quiet: bool = False) -> Path:
     preset = get_preset(name)
     folder = cache_root() / "presets" / f"{name}-{preset.fingerprint()}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        from qwen_export.cache import touch
+
+        touch(folder)  # its last use, for `qwen-export cache`
         return folder
     if not quiet:
         from rich.console import Console

@@ -18,6 +18,7 @@ from typing import Any
 
 import onnx
 
+from qwen_export.cache import touch
 from qwen_export.engines.toolchain import file_sha256
 
 ENGINE_FILE = "model.engine"
@@ -153,6 +154,7 @@ class EngineCache:
             return None
         if verify and (digests or FileDigests(None)).sha256(engine) != meta.get("sha256"):
             return None
+        touch(folder)
         return CacheEntry(key, engine, meta["sha256"], meta["bytes"], meta)
 
     def staging(self, key: str) -> Path:

@@ -84,6 +84,25 @@ def bench_ours(
     }
 
 
+def isolated(bench: str, *args: Any) -> dict[str, float]:
+    """Run `bench_ours` or `bench_hf` in a fresh Python process: runtimes in one process share its threads
+    (PyTorch's OpenMP pool keeps spinning after HF eager and slows the ONNX Runtime run that follows)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", bench, json.dumps([str(a) for a in args])],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(bench: str, encoded: str) -> None:
+    path, batch, prompt_len, new_tokens, threads = json.loads(encoded)
+    fn = {"ours": bench_ours, "hf": bench_hf}[bench]
+    print(json.dumps(fn(Path(path), int(batch), int(prompt_len), int(new_tokens), int(threads))))
+
+
 def median_round(rounds: list[dict]) -> dict:
     """The round with the median decode rate (errors propagate when every round failed)."""
     ok = sorted((r for r in rounds if "decode_tokens_per_s" in r), key=lambda r: r["decode_tokens_per_s"])
@@ -261,7 +280,8 @@ def main() -> None:
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
-                # Ours and genai alternate over rounds (this machine is shared); each keeps its median round.
+                # Ours, genai and HF eager alternate over rounds (this machine is shared), each in its own
+                # process; each keeps its median round.
                 ours_models = {"ours": artifact, "ours_int4": args.int4_artifact}
                 genai_models = {"genai": genai_model, "genai_int4": genai_int4}
                 rounds: dict[str, list[dict[str, float]]] = {}
@@ -269,7 +289,7 @@ def main() -> None:
                     for name, path in ours_models.items():
                         if path:
                             rounds.setdefault(name, []).append(
-                                bench_ours(path, batch, args.prompt_len, args.new_tokens, args.threads)
+                                isolated("ours", path, batch, args.prompt_len, args.new_tokens, args.threads)
                             )
                     for name, path in genai_models.items():
                         if args.genai_python and path:
@@ -283,9 +303,11 @@ def main() -> None:
                                     spec.vocab_size,
                                 )
                             )
+                    rounds.setdefault("hf_eager", []).append(
+                        isolated("hf", model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
+                    )
                 for name, measured in rounds.items():
                     row[name] = median_round(measured)
-                row["hf_eager"] = bench_hf(model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
                 for ours_name, peer_name, key in (
                     ("ours", "hf_eager", "ours_vs_hf_decode"),
                     ("ours", "genai", "ours_vs_genai_decode"),
@@ -329,7 +351,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Date: {r['date']}, "
         f"{r['machine']['cpus']} CPUs, {r['threads']} threads, prompt {r['prompt_len']} tokens, "
         f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
-        "(weight-only: ours `ort-int4`, genai `-p int4`; block 32, int8 activations on CPU).",
+        "(weight-only: ours `ort-int4`, genai `-p int4`; both block 32, int8 activations on CPU).",
         "",
     ]
     if r["speed"]:
@@ -375,4 +397,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3])
+        raise SystemExit(0)
     main()

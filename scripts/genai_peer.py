@@ -62,8 +62,8 @@ def run_builder(
     genai_python: str, model_dir: Path, out: Path, timeout: int = 3600, precision: str = "fp32"
 ) -> dict:
     """Run `onnxruntime_genai.models.builder` (`-p precision -e cpu`: fp32, or int4 = its MatMulNBits/QMoE
-    weight-only quantization with its CPU defaults, block 32, accuracy level 4); returns wall time and the
-    graph's node count."""
+    weight-only quantization with its CPU defaults: block 32, as ours, accuracy level 4); returns wall time
+    and the graph's node count."""
     start = time.perf_counter()
     proc = subprocess.run(
         [

@@ -210,8 +210,11 @@ def test_tiny_moe_pipeline_quantizes_every_weight_product(target):
     assert [v.name for v in model.graph.outputs] == [v.name for v in reference.graph.outputs]
 
 
-def test_int4_graph_equals_transformers_with_dequantized_weights():
-    """accuracy_level 0 (fp32 activations): the only change from fp32 is W -> dequant(quant(W))."""
+@pytest.mark.parametrize("block", [32, 128])
+def test_int4_graph_equals_transformers_with_dequantized_weights(block):
+    """accuracy_level 0 (fp32 activations): the only change from fp32 is W -> dequant(quant(W)). Block 128
+    is the default: MatMuls use it whole (K = 64 is one zero-padded block), the experts (hidden 64, expert
+    32) the largest power of two that divides both, 32."""
     import torch
 
     from qwen_export.exporter.export import resolve_source
@@ -220,7 +223,7 @@ def test_int4_graph_equals_transformers_with_dequantized_weights():
 
     preset = "tiny-qwen3.5-moe"
     model = exported(preset)
-    for p in [*pipeline("ort"), QuantizeWeights(bits=4, accuracy_level=0), RemoveUnused()]:
+    for p in [*pipeline("ort"), QuantizeWeights(bits=4, block_size=block, accuracy_level=0), RemoveUnused()]:
         p(model)
     ids, _ = golden(preset).prefill(65)
     hf = load_reference(resolve_source(preset, None)[0])
@@ -228,7 +231,7 @@ def test_int4_graph_equals_transformers_with_dequantized_weights():
         for name, param in hf.named_parameters():
             if param.ndim >= 2 and not any(s in name for s in ("embed_tokens", "conv1d", "norm")):
                 w = param.numpy()
-                q, s = quantize_blockwise(w.reshape(-1, w.shape[-1]), 4, 32)
+                q, s = quantize_blockwise(w.reshape(-1, w.shape[-1]), 4, 32 if "experts" in name else block)
                 param.copy_(torch.from_numpy(dequantize_blockwise(q, s, 4, w.shape[-1]).reshape(w.shape)))
     expected = reference_forward(hf, ids)[0]
     from qwen_export.runtime.ort_decoder import OrtDecoder

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from qwen_export.passes.base import QwenPass
+from qwen_export.passes.lower_cpu_deltanet import CPU_DOMAIN, lower_gated_deltanet_cpu
 from qwen_export.passes.lower_ort_attention import lower_gated_attention
 from qwen_export.passes.lower_ort_deltanet import lower_gated_deltanet
 from qwen_export.passes.lower_ort_emit import MS_DOMAIN, Emitter, GraphContext, NotLowered
@@ -57,17 +58,23 @@ class LowerToOrt(QwenPass):
 
     name = "lower-ort"
 
-    def __init__(self, attention: str = "gqa") -> None:
+    def __init__(self, attention: str = "gqa", deltanet: str = "contrib") -> None:
         """`attention`: "gqa" (com.microsoft GroupQueryAttention, as onnxruntime-genai does) or "onnx"
         (opset-23 Attention: also takes prompts with past tokens at batch > 1, which GQA's CPU kernel
-        rejects)."""
+        rejects). `deltanet`: "contrib" (the com.microsoft chain) or "qwen-cpu" (one qwen.cpu
+        GatedDeltaRule node on qwen-export's CPU kernels)."""
         super().__init__()
         if attention not in ("gqa", "onnx"):
             raise ValueError(f"attention must be 'gqa' or 'onnx', not {attention!r}")
-        self.attention = attention
+        if deltanet not in ("contrib", "qwen-cpu"):
+            raise ValueError(f"deltanet must be 'contrib' or 'qwen-cpu', not {deltanet!r}")
+        self.attention, self.deltanet = attention, deltanet
+        self.lowerings = dict(LOWERINGS)
+        if deltanet == "qwen-cpu":
+            self.lowerings["GatedDeltaNet"] = lower_gated_deltanet_cpu
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(attention={self.attention!r})"
+        return f"{type(self).__name__}(attention={self.attention!r}, deltanet={self.deltanet!r})"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -76,7 +83,7 @@ class LowerToOrt(QwenPass):
         kept: dict[str, str] = {}
         emitted = 0
         for node in [n for n in graph if n.domain == QWEN_DOMAIN]:
-            lowering = LOWERINGS.get(node.op_type)
+            lowering = self.lowerings.get(node.op_type)
             if lowering is None:
                 kept[node.name or node.op_type] = "no ORT lowering for this op"
                 continue
@@ -92,6 +99,8 @@ class LowerToOrt(QwenPass):
             emitted += emitter.count
         if lowered:
             graph.opset_imports[MS_DOMAIN] = 1
+            if self.deltanet == "qwen-cpu" and lowered["GatedDeltaNet"]:
+                graph.opset_imports[CPU_DOMAIN] = 1
         if not any(n.domain == QWEN_DOMAIN for n in graph):
             for key in [k for k in model.functions if k[0] == QWEN_DOMAIN]:
                 del model.functions[key]

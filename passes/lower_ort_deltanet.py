@@ -19,6 +19,8 @@ channels-first [B, C, K-1], the op's layout, so the activations are transposed a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -32,15 +34,24 @@ from qwen_export.passes.lower_ort_emit import (
 )
 
 
-def lower_gated_deltanet(e: Emitter, node: ir.Node) -> list[ir.Value]:
-    (x, mask, past_conv, past_recurrent, qkv_w, z_w, b_w, a_w, conv_w, neg_exp_a, dt_bias, norm_w, out_w) = (
-        node.inputs
-    )
+@dataclass(frozen=True)
+class DeltaNetHeads:
+    nk: int
+    nv: int
+    dk: int
+    dv: int
+    kernel: int
+    channels: int  # 2*nk*dk + nv*dv: the conv's channels (q, k, v)
+
+
+def project(e: Emitter, node: ir.Node) -> tuple[DeltaNetHeads, ir.Value]:
+    """Check a GatedDeltaNet node and emit its input projections as one GEMM on the masked input:
+    MatMul(X * mask, [qkv | z | b | a]) -> [B, T, C + nv*dv + 2*nv]. Raises NotLowered before emitting."""
+    x, mask, _, _, qkv_w, z_w, b_w, a_w, conv_w = node.inputs[:9]
     nk, nv, dk, dv, kernel = (
         int(attribute(node, a))
         for a in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel")
     )
-    epsilon = float(attribute(node, "epsilon"))
     hidden, channels = const_shape(qkv_w, "qkv_weight")
     if channels != 2 * nk * dk + nv * dv or nk <= 0 or nv % nk:
         raise NotLowered("inconsistent head attributes")
@@ -48,19 +59,24 @@ def lower_gated_deltanet(e: Emitter, node: ir.Node) -> list[ir.Value]:
         raise NotLowered("conv_weight is not [C, 1, K]")
     for value, what in ((z_w, "z_weight"), (b_w, "b_weight"), (a_w, "a_weight")):
         const_shape(value, what)
-
-    ctx = e.ctx
-    projections = ctx.derived(
+    projections = e.ctx.derived(
         f"{qkv_w.name}.ort_qkvzba",
         [qkv_w, z_w, b_w, a_w],
         lambda *w: np.concatenate(w, axis=1),
         (hidden, channels + nv * dv + 2 * nv),
     )
-    l2_scale = ctx.const(np.full(dk, dk**-0.5), np.float32)
+    xm = e.op("Mul", x, SharedInputs(e.ctx).token_mask(mask, x, node))
+    return DeltaNetHeads(nk, nv, dk, dv, kernel, channels), e.op("MatMul", xm, projections)
 
-    shared = SharedInputs(ctx)
-    xm = e.op("Mul", x, shared.token_mask(mask, x, node))
-    mixed, z, b, a = e.split(e.op("MatMul", xm, projections), [channels, nv * dv, nv, nv])
+
+def lower_gated_deltanet(e: Emitter, node: ir.Node) -> list[ir.Value]:
+    past_conv, past_recurrent = node.inputs[2:4]
+    conv_w, neg_exp_a, dt_bias, norm_w, out_w = node.inputs[8:]
+    epsilon = float(attribute(node, "epsilon"))
+    h, projected = project(e, node)
+    nk, nv, dk, dv, channels = h.nk, h.nv, h.dk, h.dv, h.channels
+    l2_scale = e.ctx.const(np.full(dk, dk**-0.5), np.float32)
+    mixed, z, b, a = e.split(projected, [channels, nv * dv, nv, nv])
     conv, present_conv = e.op_multi(
         "CausalConvWithState",
         [e.transpose(mixed, [0, 2, 1]), conv_w, None, past_conv],

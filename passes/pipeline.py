@@ -20,6 +20,7 @@ from qwen_export.passes.quantize_weights import QuantizeWeights
 from qwen_export.passes.remove_unused import RemoveUnused
 from qwen_export.passes.shape_inference import InferShapes
 from qwen_export.passes.targets import QUANTIZED_ORT_TARGETS, TARGETS
+from qwen_export.passes.use_cpu_kernels import UseCpuKernels
 
 __all__ = ["TARGETS", "catalog", "cleanup", "finish", "fusions", "pipeline"]
 
@@ -53,6 +54,9 @@ def pipeline(target: str) -> list[ir.passes.PassBase]:
     if target == "ort":
         # Whatever the ORT lowering leaves as qwen ops still runs: the portable lowering takes it.
         return [*cleanup(), *fusions(), LowerToOrt(), LowerPortable(), *finish()]
+    if target == "ort-cpu-int4":
+        ort_cpu = [*cleanup(), *fusions(), LowerToOrt(deltanet="qwen-cpu"), LowerPortable(), *finish()]
+        return [*ort_cpu, QuantizeWeights(bits=4), RemoveUnused(), UseCpuKernels(), RemoveUnused()]
     if target in QUANTIZED_ORT_TARGETS:
         bits = QUANTIZED_ORT_TARGETS[target]
         return [*pipeline("ort"), QuantizeWeights(bits=bits), RemoveUnused()]
@@ -67,7 +71,7 @@ def catalog() -> list[type[ir.passes.PassBase]]:
     """Every pass class a pipeline may use, in pipeline order, plus optional ones (shape inference)."""
     classes: list[type[ir.passes.PassBase]] = []
     lowerings = [LowerToOrt(), LowerTrtPlugins(), LowerPortable()]
-    precision = [QuantizeWeights()]
+    precision = [QuantizeWeights(), UseCpuKernels()]
     for p in [*cleanup(), *fusions(), *lowerings, *finish(), *precision, InferShapes()]:
         if type(p) not in classes:
             classes.append(type(p))

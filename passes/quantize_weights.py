@@ -223,6 +223,11 @@ class QuantizeWeights(QwenPass):
         if any(v.const_value.dtype != ir.DataType.FLOAT for v in (fc1, fc2)):
             self._keep("MoE expert weights not float32")
             return None
+        normalize = node.attributes.get("normalize_routing_weights")
+        if normalize is None or int(normalize.value) != 1:
+            # measured: ORT 1.31.1's QMoE CPU kernel renormalises the top-k weights even when asked not to
+            self._keep("MoE without top-k renormalisation (QMoE's CPU kernel always renormalises)")
+            return None
         e, n1, hidden = (int(d) for d in fc1.const_value.shape)
         _, n2, inter = (int(d) for d in fc2.const_value.shape)
         # QMoE needs whole blocks: the largest power of two <= block_size that divides both sizes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,11 +171,12 @@ def _build(
         save_start = time.perf_counter()
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
         save_s = time.perf_counter() - save_start
+        kernels = _copy_cpu_kernels(target, tmp)
         if confirm is not None and confirm() != spec:
             raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in (MODEL_FILE, DATA_FILE)
+            for name in (MODEL_FILE, DATA_FILE, *kernels)
             if (tmp / name).exists()
         }
         (tmp / PASSES_FILE).write_text(json.dumps(report.to_json(), indent=2))
@@ -220,6 +222,19 @@ def _build(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return BuildResult(out_path, target, manifest, report)
+
+
+def _copy_cpu_kernels(target: str, folder: Path) -> list[str]:
+    """A target that runs qwen.cpu ops carries the custom-op library, so the artifact runs without the
+    sources or a compiler. Returns the files added."""
+    from qwen_export.passes.targets import CPU_KERNEL_TARGETS
+
+    if target not in CPU_KERNEL_TARGETS:
+        return []
+    from qwen_export import cpu_kernels
+
+    shutil.copy2(cpu_kernels.library_path(), folder / cpu_kernels.LIBRARY_NAME)
+    return [cpu_kernels.LIBRARY_NAME]
 
 
 def _fused_ops(report) -> dict[str, dict[str, int]]:

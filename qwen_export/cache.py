@@ -7,6 +7,7 @@ Three areas, each a set of entries (folders) written atomically by their owners:
 | presets | `presets/<name>-<fingerprint>/`: a built-in model's checkpoint | `presets.materialize`       |
 | exports | `exports/<fingerprint>/`: an export that engine builds reuse   | `exporter.cached_export`    |
 | engines | `engines/<k[:2]>/<key>/`: one engine and its entry.json        | `engines.cache.EngineCache` |
+| kernels | `kernels/<fingerprint>/`: libqwen_ort_cpu.so                  | `cpu_kernels.library_path`  |
 
 An entry's last use is its folder's modification time: owners touch the folder when they reuse it
 (`touch`). Pruning removes whole entries, oldest use first; a removed entry is rebuilt on next use.
@@ -29,6 +30,7 @@ AREAS = {
     "presets": "built-in models' checkpoints (random weights, rebuilt in seconds)",
     "exports": "exports that engine builds start from",
     "engines": "built engines, keyed by model, passes, build spec, tools and GPU",
+    "kernels": "the ONNX Runtime CPU kernel library (plugins/ort_cpu), keyed by sources and compiler",
 }
 
 

@@ -407,7 +407,8 @@ TargetOpt = Annotated[
         "--target",
         "-t",
         help="onnx (standard ops), ort (ORT contrib ops), ort-int4 / ort-int8 (ort with weight-only "
-        "MatMulNBits/QMoE), fused (qwen ops), trt-plugins (ONNX with our "
+        "MatMulNBits/QMoE), ort-cpu-int4 (int4 on qwen-export's CPU kernels; the fastest CPU decode), "
+        "fused (qwen ops), trt-plugins (ONNX with our "
         "TensorRT plugin nodes); engines: trt-rtx (TensorRT-RTX, built here for sm80/86/89/120) or trt "
         "(full TensorRT + plugins, built on the GPU).",
     ),

@@ -111,7 +111,7 @@ def _profiled_phase(model_path: Path, top_level: set[str], run_steps) -> tuple[l
     from qwen_export.runtime.ort_decoder import OrtDecoder, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
-        so = session_options(optimize=False)
+        so = session_options(optimize=False, model_path=model_path)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "qwen")
         decoder = OrtDecoder.__new__(OrtDecoder)

@@ -13,7 +13,10 @@ PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
 
-def session_options(optimize: bool = False, threads: int | None = None) -> ort.SessionOptions:
+def session_options(
+    optimize: bool = False, threads: int | None = None, model_path: str | Path | None = None
+) -> ort.SessionOptions:
+    """ORT options; with `model_path`, a model that runs qwen.cpu ops gets their custom-op library."""
     so = ort.SessionOptions()
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -21,6 +24,11 @@ def session_options(optimize: bool = False, threads: int | None = None) -> ort.S
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if model_path is not None:
+        from qwen_export import cpu_kernels
+
+        if cpu_kernels.uses_cpu_kernels(model_path):
+            so.register_custom_ops_library(str(cpu_kernels.library_for(model_path)))
     return so
 
 
@@ -45,7 +53,7 @@ class OrtDecoder:
     ):
         self.session = ort.InferenceSession(
             str(model_path),
-            session_options(optimize, threads),
+            session_options(optimize, threads, model_path),
             providers=providers or ["CPUExecutionProvider"],
         )
         self.inputs = {i.name: i for i in self.session.get_inputs()}

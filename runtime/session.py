@@ -79,6 +79,9 @@ class Artifact:
             raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
         if onnx_target and not (folder / (model_path.name + ".data")).is_file():
             raise QwenExportError(f"{folder}: {model_path.name}.data is missing (the artifact is incomplete)")
+        for name in info.get("files", {}):  # everything the build wrote, the CPU kernel library included
+            if not (folder / name).is_file():
+                raise QwenExportError(f"{folder}: {name} is missing (the artifact is incomplete)")
         return cls(folder, info, model_path, target)
 
 

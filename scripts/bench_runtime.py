@@ -227,6 +227,12 @@ def main() -> None:
         help="our weight-only int4 artifact (`build --target ort-int4`), benched in the same rounds; with "
         "--genai-python, genai's own int4 model (`-p int4`) is built and benched too",
     )
+    parser.add_argument(
+        "--cpu-int4-artifact",
+        type=Path,
+        help="our int4 artifact on qwen-export's CPU kernels (`build --target ort-cpu-int4`), benched in the "
+        "same rounds (genai's int4 model is its peer)",
+    )
     parser.add_argument("--genai-int4-model", type=Path, help="an existing genai int4 model folder")
     parser.add_argument("--measure-up-to", type=int, default=65536)
     parser.add_argument("--skip-speed", action="store_true")
@@ -266,7 +272,8 @@ def main() -> None:
                 "re-declared [B, T] so ONNX Runtime 1.31 loads it (see scripts/genai_peer.py)"
             )
         genai_int4 = args.genai_int4_model
-        if args.genai_python and args.int4_artifact and genai_int4 is None and not args.skip_speed:
+        int4_ours = args.int4_artifact or args.cpu_int4_artifact
+        if args.genai_python and int4_ours and genai_int4 is None and not args.skip_speed:
             genai_int4 = work / "genai-int4"
             built = run_builder(
                 args.genai_python, multimodal_copy(args.preset, work / "mm"), genai_int4, precision="int4"
@@ -277,12 +284,18 @@ def main() -> None:
             results["genai_int4_model"] = "built now by onnxruntime_genai.models.builder (-p int4 -e cpu)"
         if args.int4_artifact:
             results["int4_artifact"] = str(args.int4_artifact)
+        if args.cpu_int4_artifact:
+            results["cpu_int4_artifact"] = str(args.cpu_int4_artifact)
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
                 # Ours, genai and HF eager alternate over rounds (this machine is shared), each in its own
                 # process; each keeps its median round.
-                ours_models = {"ours": artifact, "ours_int4": args.int4_artifact}
+                ours_models = {
+                    "ours": artifact,
+                    "ours_int4": args.int4_artifact,
+                    "ours_cpu_int4": args.cpu_int4_artifact,
+                }
                 genai_models = {"genai": genai_model, "genai_int4": genai_int4}
                 rounds: dict[str, list[dict[str, float]]] = {}
                 for _ in range(args.rounds):
@@ -314,6 +327,9 @@ def main() -> None:
                     ("ours_int4", "hf_eager", "ours_int4_vs_hf_decode"),
                     ("ours_int4", "genai_int4", "ours_int4_vs_genai_int4_decode"),
                     ("ours_int4", "genai", "ours_int4_vs_genai_fp32_decode"),
+                    ("ours_cpu_int4", "hf_eager", "ours_cpu_int4_vs_hf_decode"),
+                    ("ours_cpu_int4", "genai_int4", "ours_cpu_int4_vs_genai_int4_decode"),
+                    ("ours_cpu_int4", "genai", "ours_cpu_int4_vs_genai_fp32_decode"),
                 ):
                     a, b = row.get(ours_name, {}), row.get(peer_name, {})
                     if "decode_tokens_per_s" in a and "decode_tokens_per_s" in b:
@@ -351,13 +367,14 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Date: {r['date']}, "
         f"{r['machine']['cpus']} CPUs, {r['threads']} threads, prompt {r['prompt_len']} tokens, "
         f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
-        "(weight-only: ours `ort-int4`, genai `-p int4`; both block 32, int8 activations on CPU).",
+        "(weight-only, block 32, int8 activations on CPU: ours `ort-int4` on ONNX Runtime's kernels, ours "
+        "`ort-cpu-int4` on qwen-export's CPU kernels (plugins/ort_cpu), genai `-p int4`).",
         "",
     ]
     if r["speed"]:
         lines += ["| batch | runtime | time to first token (ms) | decode tokens/s |", "|---|---|---|---|"]
         for row in r["speed"]:
-            for name in ("ours", "ours_int4", "hf_eager", "genai", "genai_int4"):
+            for name in ("ours", "ours_int4", "ours_cpu_int4", "hf_eager", "genai", "genai_int4"):
                 m = row.get(name)
                 if not m:
                     continue
@@ -374,6 +391,9 @@ def render_markdown(r: dict[str, Any]) -> str:
                 "ours_int4_vs_hf_decode": "ours int4 / HF eager",
                 "ours_int4_vs_genai_int4_decode": "ours int4 / genai int4",
                 "ours_int4_vs_genai_fp32_decode": "ours int4 / genai fp32",
+                "ours_cpu_int4_vs_hf_decode": "ours cpu-int4 / HF eager",
+                "ours_cpu_int4_vs_genai_int4_decode": "ours cpu-int4 / genai int4",
+                "ours_cpu_int4_vs_genai_fp32_decode": "ours cpu-int4 / genai fp32",
             }
             ratio = "; ".join(f"{label}: {row[key]:.2f}x" for key, label in labels.items() if key in row)
             lines.append(f"| {row['batch']} | decode ratio | | {ratio} |")

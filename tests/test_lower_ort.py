@@ -15,6 +15,8 @@ import onnx_ir.passes.common as common
 import onnxruntime as ort
 import pytest
 
+from qwen_export import cpu_kernels
+from qwen_export.passes.lower_cpu_deltanet import CPU_DOMAIN
 from qwen_export.passes.lower_ort import LowerToOrt
 
 import qwen_op_reference as ref
@@ -67,8 +69,8 @@ def qwen_model(op: str, inputs: list[tuple[str, np.ndarray, bool]], outputs: lis
     return ir.Model(graph, ir_version=10)
 
 
-def lower(model: ir.Model) -> ir.Model:
-    result = LowerToOrt()(model)
+def lower(model: ir.Model, deltanet: str = "contrib") -> ir.Model:
+    result = LowerToOrt(deltanet=deltanet)(model)
     assert result.modified
     common.RemoveUnusedNodesPass()(model)
     assert not [n for n in model.graph if n.domain == "qwen"], "qwen ops left after lowering"
@@ -81,6 +83,8 @@ def session(model: ir.Model, optimize: bool = False) -> ort.InferenceSession:
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.intra_op_num_threads = 1
+    if any(n.domain == CPU_DOMAIN for n in model.graph):
+        options.register_custom_ops_library(str(cpu_kernels.library_path()))
     return ort.InferenceSession(
         ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -238,7 +242,9 @@ def deltanet_model(rng: np.random.Generator, x, mask, conv, rec):
     [(1, 70, False, [0]), (2, 6, False, [0, 3]), (2, 1, True, [0, 2]), (2, 5, True, [0, 0])],
     ids=["prefill-70", "prefill-leftpad", "decode-leftpad", "chunk-with-state"],
 )
-def test_gated_deltanet(batch, new, past_state, pads):
+@pytest.mark.parametrize("deltanet", ["contrib", "qwen-cpu"])
+def test_gated_deltanet(batch, new, past_state, pads, deltanet):
+    """Both ORT lowerings: the com.microsoft chain, and the one qwen.cpu GatedDeltaRule kernel."""
     rng = np.random.default_rng(4)
     channels = 2 * 2 * 16 + 4 * 8
     past = 5 if past_state else 0
@@ -248,9 +254,12 @@ def test_gated_deltanet(batch, new, past_state, pads):
     rec = rnd(rng, batch, 4, 16, 8, scale=0.3) if past_state else np.zeros((batch, 4, 16, 8), np.float32)
     model, weights = deltanet_model(rng, x, mask, conv, rec)
     expected = ref.gated_deltanet(x, mask, conv, rec, *weights, **DN)
-    model = lower(model)
+    model = lower(model, deltanet)
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert {"CausalConvWithState", "LinearAttentionGate", "LinearAttention", "GatedRMSNorm"} <= set(ops)
+    if deltanet == "contrib":
+        assert {"CausalConvWithState", "LinearAttentionGate", "LinearAttention", "GatedRMSNorm"} <= set(ops)
+    else:
+        assert ops["GatedDeltaRule"] == 1 and ops["MatMul"] == 2 and "LinearAttention" not in ops, ops
     actual = run(model, {"x": x, "attention_mask": mask, "past_conv": conv, "past_recurrent": rec})
     real = mask[:, -new:] == 1
     assert max_err([actual[0][real]], (expected[0][real],)) < TOL

@@ -10,6 +10,8 @@
   golden's top-1/top-2 margin exceeds MARGIN (tiny random models have many near-ties; a quantized model
   may only flip those). Greedy decoding agrees up to the first golden step with a margin below MARGIN.
 - An ort-int4 build artifact loads in the runtime and `diff` holds it to the int4 tolerances.
+- ort-cpu-int4 (the same int4 weights on qwen-export's CPU kernels) is held to the same golden checks; its
+  kernels are tested one by one in tests/test_cpu_kernels.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from qwen_export.passes.quantize_weights import QuantizeWeights, dequantize_bloc
 from qwen_export.tolerances import tolerance_for
 
 MARGIN = {4: 0.5, 8: 0.1}  # logits: a golden top-1 lead above this may not flip (max |Δ| seen: 0.44 / 0.04)
-BITS = {"ort-int4": 4, "ort-int8": 8}
+BITS = {"ort-int4": 4, "ort-int8": 8, "ort-cpu-int4": 4}
 
 
 # ------------------------------------------------------------------------------------------- the math
@@ -112,14 +114,16 @@ def test_matmul_nbits_layout_on_ort(bits):
     np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
-def numpy_moe(x, logits, fc1, fc2, k):
-    """Softmax over all experts, top k, renormalised; interleaved SwiGLU fc1 [E, 2I, H], fc2 [E, H, I]."""
+def numpy_moe(x, logits, fc1, fc2, k, normalize=True):
+    """Softmax over all experts, top k, renormalised (or not); interleaved SwiGLU fc1 [E, 2I, H], fc2
+    [E, H, I]."""
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         top = np.argsort(-probs[t], kind="stable")[:k]
-        for e, weight in zip(top, probs[t, top] / probs[t, top].sum(), strict=True):
+        weights = probs[t, top] / probs[t, top].sum() if normalize else probs[t, top]
+        for e, weight in zip(top, weights, strict=True):
             h = fc1[e] @ x[t]
             gate, up = h[0::2], h[1::2]
             out[t] += weight * (fc2[e] @ (gate / (1 + np.exp(-gate)) * up))
@@ -259,7 +263,7 @@ def _check_against_golden(ours: np.ndarray, ref: np.ndarray, bits: int, what: st
     return m
 
 
-@pytest.mark.parametrize("target", ["ort-int4", "ort-int8"])
+@pytest.mark.parametrize("target", ["ort-int4", "ort-int8", "ort-cpu-int4"])
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_quantized_model_against_golden(preset, target):
     from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask

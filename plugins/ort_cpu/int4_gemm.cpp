@@ -1,0 +1,103 @@
+#include "int4_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace qwen_cpu {
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                   int32_t* zero_fix) {
+  const int64_t blocks = k / block;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + r * k + b * block;
+      int8_t* dst = q + r * k + b * block;
+      float amax = 0.f;
+      for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(src[i]));
+      const float s = amax / 127.f;
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < block; ++i) {
+        // nearbyint rounds to nearest even under the default rounding mode, as the vector path does
+        const int32_t v = static_cast<int32_t>(std::nearbyint(src[i] * inverse));
+        dst[i] = static_cast<int8_t>(std::clamp(v, -127, 127));
+        sum += dst[i];
+      }
+      scale[r * blocks + b] = s;
+      zero_fix[r * blocks + b] = -8 * sum;
+    }
+  }
+}
+
+namespace detail {
+
+void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
+                   const float* scales, float* y, int64_t ldy, int lanes) {
+  const int64_t blocks = k / block;
+  const int64_t pairs = block / 8;
+  for (int m = 0; m < rows; ++m) {
+    float acc[kGroupRows] = {};
+    const int8_t* xq = x.q + m * k;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t dot[kGroupRows];
+      std::fill(dot, dot + kGroupRows, x.zero_fix[m * blocks + b]);
+      const uint8_t* w = packed + b * pairs * 64;
+      for (int64_t p = 0; p < pairs; ++p, w += 64) {
+        const int8_t* a = xq + b * block + 8 * p;
+        for (int j = 0; j < 64; ++j) {
+          dot[j / 4] += (w[j] & 0x0F) * a[j % 4] + (w[j] >> 4) * a[4 + j % 4];
+        }
+      }
+      const float sx = x.scale[m * blocks + b];
+      for (int lane = 0; lane < kGroupRows; ++lane) {
+        acc[lane] = std::fma(static_cast<float>(dot[lane]), scales[b * kGroupRows + lane] * sx, acc[lane]);
+      }
+    }
+    std::memcpy(y + m * ldy, acc, sizeof(float) * lanes);
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
+detail::TileFn choose_tile() {
+  const char* forced = std::getenv("QWEN_CPU_KERNELS");
+  if (forced != nullptr && std::strcmp(forced, "portable") == 0) return detail::tile_portable;
+  return detail::cpu_has_avx512_vnni() ? detail::tile_avx512_vnni : detail::tile_portable;
+}
+
+detail::TileFn tile_fn() {
+  static const detail::TileFn fn = choose_tile();
+  return fn;
+}
+
+}  // namespace
+
+const char* int4_gemm_backend() {
+  return tile_fn() == detail::tile_avx512_vnni ? "avx512-vnni" : "portable";
+}
+
+void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
+               const float* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
+               int64_t ldy) {
+  const detail::TileFn tile = tile_fn();
+  const int64_t blocks = k / block;
+  const int64_t group_bytes = packed_group_bytes(k);
+  const int64_t group_scale_count = group_scales(k, block);
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kGroupRows, n - g * kGroupRows));
+    const uint8_t* w = packed + g * group_bytes;
+    const float* s = scales + g * group_scale_count;
+    // the group's weights (K*8 bytes) stay in L1/L2 while every tile of rows reads them
+    for (int64_t m = 0; m < rows; m += kTileRows) {
+      QuantizedRows tile_rows{x.q + m * k, x.scale + m * blocks, x.zero_fix + m * blocks};
+      const int count = static_cast<int>(std::min<int64_t>(kTileRows, rows - m));
+      tile(tile_rows, count, k, block, w, s, y + m * ldy + g * kGroupRows, ldy, lanes);
+    }
+  }
+}
+
+}  // namespace qwen_cpu

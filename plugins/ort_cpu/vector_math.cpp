@@ -1,0 +1,17 @@
+#include "vector_math.h"
+
+#include <cmath>
+
+namespace qwen_cpu {
+
+void silu_inplace(float* x, int64_t n) {
+  if (detail::silu_avx512(x, n)) return;
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+}
+
+void mul_silu(const float* a, const float* g, float* y, int64_t n) {
+  if (detail::mul_silu_avx512(a, g, y, n)) return;
+  for (int64_t i = 0; i < n; ++i) y[i] = a[i] * (g[i] / (1.f + std::exp(-g[i])));
+}
+
+}  // namespace qwen_cpu

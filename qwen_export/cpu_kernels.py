@@ -1,0 +1,123 @@
+"""qwen-export's ONNX Runtime CPU kernels (plugins/ort_cpu): building the custom-op library, finding it.
+
+The library is compiled from the sources in plugins/ort_cpu with the system C++ compiler (g++, or $CXX)
+the first time a model needs it, into the cache (`kernels/<fingerprint>/`, fingerprint = sources, flags
+and compiler version), and reused after that. `build --target ort-cpu-int4` copies it into the artifact
+so a deployed artifact does not need the sources or a compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from qwen_export.errors import QwenExportError
+
+LIBRARY_NAME = "libqwen_ort_cpu.so"
+DOMAIN = "qwen.cpu"
+SOURCE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "ort_cpu"
+# GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_undefined_ps)
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]
+# file -> extra flags; only the *_avx512 files are compiled for AVX-512 (used where CPUID says so)
+SOURCES = {
+    "int4_gemm.cpp": [],
+    "int4_gemm_avx512.cpp": AVX512,
+    "int4_moe.cpp": [],
+    "gated_delta_rule.cpp": [],
+    "vector_math.cpp": [],
+    "vector_math_avx512.cpp": AVX512,
+    "ort_custom_ops.cpp": [],
+}
+COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise QwenExportError(
+            "the ort-cpu-int4 kernels need a C++ compiler to build once (install g++ or set CXX), "
+            "or use --target ort-int4, which runs on ONNX Runtime's own kernels"
+        )
+    return cxx
+
+
+def fingerprint(cxx: str) -> str:
+    """Sources, headers, flags and compiler version: any change builds a new library."""
+    digest = hashlib.sha256()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    digest.update(version.encode())
+    digest.update(repr((SOURCES, COMMON_FLAGS)).encode())
+    for path in sorted(SOURCE_DIR.glob("*.[ch]*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def library_path(cache: Path | None = None) -> Path:
+    """The custom-op library for this machine, compiled into the cache on first use."""
+    from qwen_export.presets import cache_root
+
+    if not (SOURCE_DIR / "ort_custom_ops.cpp").is_file():
+        raise QwenExportError(
+            f"the CPU kernel sources are not at {SOURCE_DIR}; install qwen-export from its repository "
+            "(pip install -e .) or use the library that an ort-cpu-int4 artifact carries"
+        )
+    cxx = _compiler()
+    folder = (cache or cache_root()) / "kernels" / fingerprint(cxx)
+    library = folder / LIBRARY_NAME
+    if library.is_file():
+        from qwen_export.cache import touch
+
+        touch(folder)
+        return library
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
+        objects = []
+        for source, flags in SOURCES.items():
+            obj = Path(tmp) / (source + ".o")
+            _run([cxx, *COMMON_FLAGS, *flags, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
+            objects.append(str(obj))
+        staged = Path(tmp) / "out"
+        staged.mkdir()
+        _run([cxx, "-shared", "-o", str(staged / LIBRARY_NAME), *objects, "-lpthread"])
+        try:
+            os.rename(staged, folder)  # atomic; a concurrent build that won leaves its own, identical one
+        except OSError:
+            if not library.is_file():
+                raise
+    return library
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.strip()[-4000:]
+        raise QwenExportError(f"building the CPU kernels failed: {' '.join(command)}\n{detail}")
+
+
+def backend(library: Path | None = None) -> str:
+    """The int4 tile the library runs on this CPU: "avx512-vnni", or "portable" (no AVX-512 VNNI, or
+    QWEN_CPU_KERNELS=portable)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(library or library_path()))
+    lib.QwenCpuKernelsBackend.restype = ctypes.c_char_p
+    return lib.QwenCpuKernelsBackend().decode()
+
+
+def uses_cpu_kernels(model_path: str | os.PathLike) -> bool:
+    """Whether an ONNX model imports the qwen.cpu domain (reads the graph, not the weights)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(op.domain == DOMAIN for op in model.opset_import)
+
+
+def library_for(model_path: str | os.PathLike) -> Path:
+    """The library a model runs with: the copy beside it (an artifact carries one), else the built one."""
+    beside = Path(model_path).parent / LIBRARY_NAME
+    return beside if beside.is_file() else library_path()

@@ -1,0 +1,295 @@
+"""qwen-export's ONNX Runtime CPU kernels (plugins/ort_cpu) and the `ort-cpu-int4` target.
+
+- Int4Linear and Int4MoE, one node each on ONNX Runtime, against MatMulNBits and QMoE at accuracy_level 4
+  (ONNX Runtime's own int4 kernels, the same int8-activation arithmetic) on the same codes and scales, and
+  against NumPy products with the dequantized weights; the AVX-512 VNNI tile equals the portable one bit for
+  bit (a child process forces the portable tile).
+- The kernels' packed layout round-trips the MatMulNBits layout (passes/int4_layout.py).
+- The ort-cpu-int4 pipeline on the tiny presets: every int4 product and every DeltaNet mixer runs on the
+  kernels, nothing of the com.microsoft chain is left; `build --check` holds the fp32 stages (with
+  GatedDeltaRule) to 2e-4 of the golden and the kernel stage to 1e-5 of the MatMulNBits/QMoE stage.
+- The artifact carries the library, runs in the runtime from another folder, and `diff` holds it to the
+  int4 tolerances. The golden comparison of prefill, decode and greedy tokens is in
+  tests/test_quantize_weights.py (parametrised over the int4 targets).
+- Bad input to the kernels fails with the kernel's one-line reason.
+
+GatedDeltaRule against the NumPy reference of docs/ops.md (prefill, decode, left padding, carried state) is
+in tests/test_lower_ort.py::test_gated_deltanet.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from passes_support import TINY_PRESETS, exported
+
+from qwen_export import cpu_kernels
+from qwen_export.errors import QwenExportError
+from qwen_export.passes.int4_layout import pack_int4_groups, unpack_codes, unpack_int4_groups
+from qwen_export.passes.pipeline import pipeline
+from qwen_export.passes.quantize_weights import dequantize_blockwise, quantize_blockwise
+from qwen_export.passes.use_cpu_kernels import UseCpuKernels
+
+# Int4Linear vs MatMulNBits on the same codes: both quantize activations to int8 per block with the same
+# rule and sum int32 products exactly; only float rounding of the block sums may differ (seen: 7e-7 of the
+# largest output).
+SAME_ARITHMETIC = 1e-5
+# Against fp64 products with the dequantized weights: the int8 activation rounding, about 1/254 of each
+# block's largest |x| per element (seen: 6e-3 of the largest output).
+INT8_ACTIVATIONS = 2e-2
+
+
+def _session(nodes, inputs, initializers, outputs=("y",), threads=2) -> ort.InferenceSession:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [numpy_helper.from_array(v, name) for name, v in initializers.items()],
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(
+        graph, ir_version=10, opset_imports=[*opsets, helper.make_opsetid("qwen.cpu", 1)]
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(cpu_kernels.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _x(name: str, shape) -> object:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def linear_case(k: int, n: int, block: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    q, s = quantize_blockwise(w, 4, block)
+    packed, packed_scales = pack_int4_groups(q, s, block)
+    nbits = helper.make_node(
+        "MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+        accuracy_level=4,
+    )  # fmt: skip
+    ours = helper.make_node(
+        "Int4Linear", ["x", "p", "ps"], ["y"], domain="qwen.cpu", K=k, N=n, block_size=block
+    )
+    return (
+        _session([nbits], [_x("x", None)], {"q": q, "s": s}),
+        _session([ours], [_x("x", None)], {"p": packed, "ps": packed_scales}),
+        dequantize_blockwise(q, s, 4, k),
+    )
+
+
+@pytest.mark.parametrize(
+    "k,n,block",
+    [(64, 40, 32), (256, 1024, 32), (1024, 3104, 32), (512, 1000, 128), (128, 16, 64)],
+    ids=["tiny-padded-rows", "expert-down", "deltanet-in", "block-128", "block-64-one-group"],
+)
+def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, block):
+    reference, ours, dequantized = linear_case(k, n, block)
+    rng = np.random.default_rng(1)
+    for shape in [(1, k), (3, k), (8, k), (13, k), (2, 5, k), (0, k)]:  # decode, tiles of 8 and a tail, 3-D
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = ours.run(None, {"x": x})[0]
+        expected = reference.run(None, {"x": x})[0]
+        assert y.shape == expected.shape == (*shape[:-1], n)
+        if not x.size:
+            continue
+        assert _relative(y, expected) < SAME_ARITHMETIC, shape
+        assert _relative(y, x.astype(np.float64) @ dequantized.T) < INT8_ACTIVATIONS, shape
+
+
+def test_vnni_tile_equals_the_portable_tile_bit_for_bit():
+    """The AVX-512 VNNI tile and the portable one do the same integer sums and the same fma per block."""
+    code = (
+        f"import sys, json, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r});"
+        "import test_cpu_kernels as t; _, ours, _ = t.linear_case(1024, 200, 32);"
+        "x = np.random.default_rng(3).standard_normal((11, 1024)).astype(np.float32);"
+        "print(json.dumps(ours.run(None, {'x': x})[0].tolist()))"
+    )
+    outputs = {}
+    for mode in ("portable", "default"):
+        env = {**os.environ, "QWEN_CPU_KERNELS": mode}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outputs[mode] = np.array(json.loads(proc.stdout.strip().splitlines()[-1]), np.float32)
+    np.testing.assert_array_equal(outputs["default"], outputs["portable"])
+    native = cpu_kernels.backend()
+    assert native in ("avx512-vnni", "portable")
+    if native == "portable":
+        pytest.skip(
+            "this CPU has no AVX-512 VNNI: both runs took the portable tile (the equality still held)"
+        )
+
+
+def test_packed_layout_round_trips():
+    rng = np.random.default_rng(2)
+    for lead, n, k, block in [((), 40, 64, 32), ((3,), 32, 256, 128), ((2,), 17, 96, 32)]:
+        q = rng.integers(0, 256, (*lead, n, k // block, block // 2), dtype=np.uint8)
+        s = rng.random((*lead, n, k // block), dtype=np.float32)
+        packed, packed_scales = pack_int4_groups(q, s, block)
+        assert packed.shape == (*lead, -(-n // 16), k // block, block // 8, 64)
+        codes, scales = unpack_int4_groups(packed, packed_scales, n)
+        np.testing.assert_array_equal(codes, unpack_codes(q))
+        np.testing.assert_array_equal(scales, s)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pack_int4_groups(np.zeros((4, 1, 8), np.uint8), np.zeros((4, 1), np.float32), 16)
+
+
+def moe_case(experts=8, hidden=64, inter=32, k=2, normalize=1, seed=3):
+    rng = np.random.default_rng(seed)
+    fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) * 0.1
+    fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32) * 0.1
+    q1, s1 = quantize_blockwise(fc1.reshape(-1, hidden), 4, 32)
+    q2, s2 = quantize_blockwise(fc2.reshape(-1, inter), 4, 32)
+    q1, s1 = q1.reshape(experts, 2 * inter, hidden // 2), s1.reshape(experts, 2 * inter, hidden // 32)
+    q2, s2 = q2.reshape(experts, hidden, inter // 2), s2.reshape(experts, hidden, inter // 32)
+    attrs = dict(k=k, normalize_routing_weights=normalize)
+    qmoe = helper.make_node(
+        "QMoE", ["x", "r", "q1", "s1", "", "q2", "s2"], ["y"], domain="com.microsoft",
+        activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+        expert_weight_bits=4, block_size=32, weights_prepacked=0, accuracy_level=4, **attrs,
+    )  # fmt: skip
+    p1, ps1 = pack_int4_groups(q1.reshape(experts, 2 * inter, hidden // 32, 16), s1, 32)
+    p2, ps2 = pack_int4_groups(q2.reshape(experts, hidden, inter // 32, 16), s2, 32)
+    ours = helper.make_node(
+        "Int4MoE", ["x", "r", "p1", "ps1", "p2", "ps2"], ["y"], domain="qwen.cpu", fc1_block_size=32,
+        fc2_block_size=32, **attrs,
+    )  # fmt: skip
+    inputs = [_x("x", None), _x("r", None)]
+    dequantized = (
+        dequantize_blockwise(q1.reshape(-1, hidden // 32, 16), s1.reshape(-1, hidden // 32), 4, hidden),
+        dequantize_blockwise(q2.reshape(-1, inter // 32, 16), s2.reshape(-1, inter // 32), 4, inter),
+    )
+    return (
+        _session([qmoe], inputs, {"q1": q1, "s1": s1, "q2": q2, "s2": s2}),
+        _session([ours], inputs, {"p1": p1, "ps1": ps1, "p2": p2, "ps2": ps2}),
+        (dequantized[0].reshape(fc1.shape), dequantized[1].reshape(fc2.shape)),
+    )
+
+
+@pytest.mark.parametrize("k,normalize", [(2, 1), (1, 0), (4, 1), (2, 0)])
+def test_int4_moe_matches_qmoe_and_the_dequantized_experts(k, normalize):
+    """Against QMoE where QMoE is right: ORT 1.31.1's QMoE renormalises the top-k weights whatever
+    normalize_routing_weights says (QuantizeWeights therefore keeps such a MoE in fp32); against the NumPy
+    experts with the dequantized weights always."""
+    from test_quantize_weights import numpy_moe
+
+    reference, ours, (d1, d2) = moe_case(k=k, normalize=normalize)
+    rng = np.random.default_rng(4)
+    for tokens in (1, 5, 37):
+        x = rng.standard_normal((tokens, 64)).astype(np.float32)
+        logits = rng.standard_normal((tokens, 8)).astype(np.float32)
+        y = ours.run(None, {"x": x, "r": logits})[0]
+        assert y.shape == x.shape
+        assert _relative(y, numpy_moe(x, logits, d1, d2, k, normalize=bool(normalize))) < INT8_ACTIVATIONS
+        if normalize:
+            assert _relative(y, reference.run(None, {"x": x, "r": logits})[0]) < SAME_ARITHMETIC, tokens
+    x3 = rng.standard_normal((2, 3, 64)).astype(np.float32)  # [B, T, H] with logits [B*T, E]
+    logits = rng.standard_normal((6, 8)).astype(np.float32)
+    y3 = ours.run(None, {"x": x3, "r": logits})[0]
+    flat = ours.run(None, {"x": x3.reshape(6, 64), "r": logits})[0]
+    np.testing.assert_array_equal(y3.reshape(6, 64), flat)
+
+
+def test_bad_input_fails_with_the_kernels_reason():
+    _, ours, _ = linear_case(64, 40, 32)
+    with pytest.raises(Exception, match="Int4Linear: the last dimension of X must be K"):
+        ours.run(None, {"x": np.zeros((2, 63), np.float32)})
+    _, moe, _ = moe_case()
+    with pytest.raises(Exception, match=r"Int4MoE: router logits must be \[tokens, experts\]"):
+        moe.run(None, {"x": np.zeros((3, 64), np.float32), "r": np.zeros((2, 8), np.float32)})
+    bad = helper.make_node(
+        "Int4Linear", ["x", "p", "ps"], ["y"], domain="qwen.cpu", K=64, N=40, block_size=48
+    )
+    with pytest.raises(Exception, match="block_size must be a multiple of 32"):
+        _session([bad], [_x("x", None)], {"p": np.zeros(1, np.uint8), "ps": np.zeros(1, np.float32)})
+
+
+# ------------------------------------------------------------------------------------------ whole model
+
+# per tiny preset: int4 products (17 for the MoE model: see test_quantize_weights), MoE layers, DeltaNet
+EXPECTED_KERNELS = {
+    "tiny-qwen3.5-moe": {"Int4Linear": 17, "Int4MoE": 4, "GatedDeltaRule": 3},
+    "tiny-qwen3-next": {"Int4Linear": 18, "Int4MoE": 3, "GatedDeltaRule": 3},  # one dense MLP layer: 3
+    "tiny-qwen3.5": {"Int4Linear": 21, "GatedDeltaRule": 3},
+}
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_ort_cpu_int4_pipeline_runs_every_product_and_mixer_on_the_kernels(preset):
+    model = exported(preset)
+    passes = pipeline("ort-cpu-int4")
+    for p in passes:
+        p(model)
+    ops = collections.Counter(n.op_type for n in model.graph if n.domain == "qwen.cpu")
+    assert dict(ops) == EXPECTED_KERNELS[preset]
+    left = {f"{n.domain}::{n.op_type}" for n in model.graph}
+    chain = {"MatMulNBits", "QMoE", "MoE", "CausalConvWithState", "LinearAttention", "GatedRMSNorm"}
+    assert not {op for op in left if op.split("::")[1] in chain}, left
+    assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    use = next(p for p in passes if isinstance(p, UseCpuKernels))
+    fired = {op: n for op, n in EXPECTED_KERNELS[preset].items() if op != "GatedDeltaRule"}
+    assert use.stats["fired"] == {"Int4Linear": 0, "Int4MoE": 0, **fired} and not use.stats["kept"]
+
+
+def test_ort_cpu_int4_artifact_checks_runs_elsewhere_and_diffs(tmp_path):
+    from qwen_export.build import build
+    from qwen_export.diff import diff_artifact
+    from qwen_export.golden.store import repo_golden_dir
+    from qwen_export.runtime.session import Session
+    from qwen_export.tolerances import tolerance_for
+
+    result = build(tmp_path / "art", preset="tiny-qwen3.5-moe", target="ort-cpu-int4", check=True)
+    assert result.check_passed, result.manifest["check"]
+    records = {r.name: r for r in result.report.records}
+    assert records["lower-ort"].numerics.tolerance == 2e-4  # the fp32 graph with GatedDeltaRule
+    assert records["lower-ort"].numerics.max_vs_golden < 2e-4
+    assert records["use-cpu-kernels"].numerics.max_vs_previous < 1e-5  # same codes, same arithmetic
+    assert cpu_kernels.LIBRARY_NAME in result.manifest["files"]
+    # the artifact runs from another folder with its own copy of the library
+    moved = tmp_path / "deployed"
+    shutil.copytree(result.out_dir, moved)
+    shutil.rmtree(result.out_dir)
+    session = Session.load(moved)
+    assert session.artifact.target == "ort-cpu-int4"
+    tokens = session.generate([[1, 2, 3], [4, 5]], 4).tokens
+    assert [len(t) for t in tokens] == [4, 4]
+    report = diff_artifact(moved, against=repo_golden_dir("tiny-qwen3.5-moe"))
+    assert report.precision == "int4" and report.tolerances == tolerance_for("int4")
+    assert report.passed, report.to_json()
+    (moved / cpu_kernels.LIBRARY_NAME).unlink()
+    with pytest.raises(QwenExportError, match=f"{cpu_kernels.LIBRARY_NAME} is missing"):
+        Session.load(moved)
+
+
+def test_library_is_built_once_per_fingerprint(tmp_path):
+    first = cpu_kernels.library_path(cache=tmp_path)
+    assert first.is_file() and first.parent.parent == tmp_path / "kernels"
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernels.library_path(cache=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    # without a compiler: one line that says what to install, or which target needs none
+    code = "from pathlib import Path; "
+    code += "from qwen_export import cpu_kernels; cpu_kernels.library_path(cache=Path(%r))"
+    env = {**os.environ, "CXX": "", "PATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code % str(tmp_path / "other")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "need a C++ compiler to build once (install g++ or set CXX)" in proc.stderr
+    assert "--target ort-int4" in proc.stderr

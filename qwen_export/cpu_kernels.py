@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 from qwen_export.errors import QwenExportError
@@ -107,6 +108,29 @@ def backend(library: Path | None = None) -> str:
     lib = ctypes.CDLL(str(library or library_path()))
     lib.QwenCpuKernelsBackend.restype = ctypes.c_char_p
     return lib.QwenCpuKernelsBackend().decode()
+
+
+def warn_if_portable(library: Path) -> None:
+    """Say once per process when the int4 products will run on the portable tile (correct, but several
+    times slower than ort-int4 on ONNX Runtime's kernels)."""
+    global _warned
+    if _warned or backend(library) != "portable":
+        return
+    _warned = True
+    reason = (
+        "QWEN_CPU_KERNELS=portable"
+        if os.environ.get("QWEN_CPU_KERNELS") == "portable"
+        else ("this CPU has no AVX-512 VNNI")
+    )
+    warnings.warn(
+        f"qwen.cpu kernels run their portable tile ({reason}): correct but slow; "
+        "an ort-int4 artifact runs on ONNX Runtime's own kernels",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+_warned = False
 
 
 def uses_cpu_kernels(model_path: str | os.PathLike) -> bool:

@@ -28,7 +28,9 @@ def session_options(
         from qwen_export import cpu_kernels
 
         if cpu_kernels.uses_cpu_kernels(model_path):
-            so.register_custom_ops_library(str(cpu_kernels.library_for(model_path)))
+            library = cpu_kernels.library_for(model_path)
+            so.register_custom_ops_library(str(library))
+            cpu_kernels.warn_if_portable(library)
     return so
 
 

@@ -129,6 +129,11 @@ def test_vnni_tile_equals_the_portable_tile_bit_for_bit():
         )
         outputs[mode] = np.array(json.loads(proc.stdout.strip().splitlines()[-1]), np.float32)
     np.testing.assert_array_equal(outputs["default"], outputs["portable"])
+    # the runtime says when the slow tile runs
+    warn = "from qwen_export import cpu_kernels as c; c.warn_if_portable(c.library_path())"
+    env = {**os.environ, "QWEN_CPU_KERNELS": "portable"}
+    proc = subprocess.run([sys.executable, "-c", warn], env=env, capture_output=True, text=True, check=True)
+    assert "qwen.cpu kernels run their portable tile (QWEN_CPU_KERNELS=portable)" in proc.stderr
     native = cpu_kernels.backend()
     assert native in ("avx512-vnni", "portable")
     if native == "portable":

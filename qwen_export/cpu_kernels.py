@@ -23,10 +23,11 @@ DOMAIN = "qwen.cpu"
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "ort_cpu"
 # GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_undefined_ps)
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]
-# file -> extra flags; only the *_avx512 files are compiled for AVX-512 (used where CPUID says so)
+# file -> extra flags; only the *_avx512 / *_avx2 files use those instruction sets (where CPUID says so)
 SOURCES = {
     "int4_gemm.cpp": [],
     "int4_gemm_avx512.cpp": AVX512,
+    "int4_gemm_avx2.cpp": ["-mavx2", "-mfma"],
     "int4_moe.cpp": [],
     "gated_delta_rule.cpp": [],
     "vector_math.cpp": [],
@@ -101,8 +102,8 @@ def _run(command: list[str]) -> None:
 
 
 def backend(library: Path | None = None) -> str:
-    """The int4 tile the library runs on this CPU: "avx512-vnni", or "portable" (no AVX-512 VNNI, or
-    QWEN_CPU_KERNELS=portable)."""
+    """The int4 tile the library runs on this CPU: "avx512-vnni", else "avx2", else "portable" (or the one
+    QWEN_CPU_KERNELS=avx2|portable asks for)."""
     import ctypes
 
     lib = ctypes.CDLL(str(library or library_path()))

@@ -65,8 +65,11 @@ namespace {
 
 detail::TileFn choose_tile() {
   const char* forced = std::getenv("QWEN_CPU_KERNELS");
-  if (forced != nullptr && std::strcmp(forced, "portable") == 0) return detail::tile_portable;
-  return detail::cpu_has_avx512_vnni() ? detail::tile_avx512_vnni : detail::tile_portable;
+  const bool portable = forced != nullptr && std::strcmp(forced, "portable") == 0;
+  const bool avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
+  if (portable) return detail::tile_portable;
+  if (!avx2 && detail::cpu_has_avx512_vnni()) return detail::tile_avx512_vnni;
+  return detail::cpu_has_avx2() ? detail::tile_avx2 : detail::tile_portable;
 }
 
 detail::TileFn tile_fn() {
@@ -77,7 +80,8 @@ detail::TileFn tile_fn() {
 }  // namespace
 
 const char* int4_gemm_backend() {
-  return tile_fn() == detail::tile_avx512_vnni ? "avx512-vnni" : "portable";
+  const detail::TileFn fn = tile_fn();
+  return fn == detail::tile_avx512_vnni ? "avx512-vnni" : fn == detail::tile_avx2 ? "avx2" : "portable";
 }
 
 void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,

@@ -39,7 +39,8 @@ void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, c
 inline int64_t packed_group_bytes(int64_t k) { return k * 8; }
 inline int64_t group_scales(int64_t k, int64_t block) { return (k / block) * kGroupRows; }
 
-// Which implementation int4_gemm runs: "avx512-vnni" or "portable" (QWEN_CPU_KERNELS=portable forces it).
+// Which tile int4_gemm runs: "avx512-vnni", else "avx2", else "portable" (by CPUID; QWEN_CPU_KERNELS=avx2
+// or =portable forces a slower one, for tests). All three give the same results bit for bit.
 const char* int4_gemm_backend();
 
 namespace detail {
@@ -49,7 +50,10 @@ void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, c
                    const float* scales, float* y, int64_t ldy, int lanes);
 void tile_avx512_vnni(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
                       const float* scales, float* y, int64_t ldy, int lanes);
+void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
+               const float* scales, float* y, int64_t ldy, int lanes);
 bool cpu_has_avx512_vnni();
+bool cpu_has_avx2();
 }  // namespace detail
 
 }  // namespace qwen_cpu

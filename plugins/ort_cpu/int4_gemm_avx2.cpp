@@ -1,0 +1,96 @@
+// The AVX2 tile of int4_gemm, for CPUs without AVX-512 VNNI. This file alone is compiled with -mavx2
+// -mfma; it runs only where cpu_has_avx2() says so. vpmaddubsw multiplies the 4-bit codes (0..15) by the
+// int8 activations and adds pairs into int16 (at most 2 * 15 * 127 per pair, and the low and high nibble
+// products of a pair summed stay within 4 * 15 * 127 = 7620: no saturation), vpmaddwd adds those into
+// the int32 lanes: the same integer sums as the VNNI tile, then the same fma per block.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int4_gemm.h"
+
+namespace qwen_cpu::detail {
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+namespace {
+
+inline __m256i broadcast4(const int8_t* a) {
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// Eight of the group's 16 lanes (half 0: lanes 0-7, the first 32 bytes of each 64-byte pair; half 1: the
+// rest) against ROWS activation rows.
+template <int ROWS>
+void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const float* scales,
+               float* y, int64_t ldy, int lanes, int half) {
+  const int64_t blocks = k / block;
+  const int64_t pairs = block / 8;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS];
+  for (int m = 0; m < ROWS; ++m) acc[m] = _mm256_setzero_ps();
+  const uint8_t* w = packed + 32 * half;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[ROWS];
+    for (int m = 0; m < ROWS; ++m) dot[m] = _mm256_set1_epi32(x.zero_fix[m * blocks + b]);
+    const int8_t* xb = x.q + b * block;
+    for (int64_t p = 0; p < pairs; ++p, w += 64) {
+      const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i lo = _mm256_and_si256(both, low_nibbles);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibbles);
+      for (int m = 0; m < ROWS; ++m) {
+        const int8_t* a = xb + m * k + 8 * p;
+        const __m256i pairs16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(a)),
+                                                 _mm256_maddubs_epi16(hi, broadcast4(a + 4)));
+        dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(pairs16, ones));
+      }
+    }
+    const __m256 sw = _mm256_loadu_ps(scales + b * kGroupRows + 8 * half);
+    for (int m = 0; m < ROWS; ++m) {
+      const __m256 s = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[m * blocks + b]));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), s, acc[m]);
+    }
+  }
+  const int valid = lanes - 8 * half;  // lanes of this half that are real rows
+  if (valid <= 0) return;
+  for (int m = 0; m < ROWS; ++m) {
+    float out[8];
+    _mm256_storeu_ps(out, acc[m]);
+    std::memcpy(y + m * ldy + 8 * half, out, sizeof(float) * (valid < 8 ? valid : 8));
+  }
+}
+
+template <int ROWS>
+void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const float* scales,
+          float* y, int64_t ldy, int lanes) {
+  for (int half = 0; half < 2; ++half) half_tile<ROWS>(x, k, block, packed, scales, y, ldy, lanes, half);
+}
+
+}  // namespace
+
+void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
+               const float* scales, float* y, int64_t ldy, int lanes) {
+  // 16 ymm registers: at most 4 rows at a time (4 int32 sums, 4 float accumulators, temporaries)
+  QuantizedRows part = x;
+  while (rows > 0) {
+    const int now = rows < 4 ? rows : 4;
+    switch (now) {
+      case 1: tile<1>(part, k, block, packed, scales, y, ldy, lanes); break;
+      case 2: tile<2>(part, k, block, packed, scales, y, ldy, lanes); break;
+      case 3: tile<3>(part, k, block, packed, scales, y, ldy, lanes); break;
+      default: tile<4>(part, k, block, packed, scales, y, ldy, lanes); break;
+    }
+    const int64_t blocks = k / block;
+    part = QuantizedRows{part.q + now * k, part.scale + now * blocks, part.zero_fix + now * blocks};
+    y += now * ldy;
+    rows -= now;
+  }
+}
+
+}  // namespace qwen_cpu::detail

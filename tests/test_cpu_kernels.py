@@ -298,3 +298,38 @@ def test_library_is_built_once_per_fingerprint(tmp_path):
     assert proc.returncode != 0
     assert "need a C++ compiler to build once (install g++ or set CXX)" in proc.stderr
     assert "--target ort-int4" in proc.stderr
+
+
+@pytest.mark.parametrize("normalize", [1, 0])
+def test_moe_without_renormalisation_stays_fp32_and_right(normalize):
+    """QMoE (ORT 1.31.1) renormalises whatever normalize_routing_weights says, so QuantizeWeights keeps such
+    a MoE as fp32 com.microsoft MoE (which honours it); a renormalising one goes to Int4MoE. The dense
+    products stay fp32 here (excluded by name), so the routing is the reference's."""
+    from test_lower_ort import lower, moe_case, qwen_model, rnd, run
+
+    from qwen_export.passes.quantize_weights import QuantizeWeights
+
+    import qwen_op_reference as ref
+
+    rng = np.random.default_rng(3)
+    x = rnd(rng, 2, 7, 64)
+    weights = moe_case(rng, hidden=64, inter=32, shared=32)  # whole 32-blocks for the experts
+    model = lower(qwen_model("MoE", [("x", x, False), *weights], ["y"], top_k=2, normalize=normalize))
+    quantize = QuantizeWeights(bits=4, exclude=["MatMul"])  # the routed experts only: the router stays exact
+    quantize(model)
+    UseCpuKernels()(model)
+    ops = collections.Counter(n.op_type for n in model.graph)
+    if normalize:
+        assert ops["Int4MoE"] == 1 and "MoE" not in ops, ops
+    else:
+        assert ops["MoE"] == 1 and "QMoE" not in ops and "Int4MoE" not in ops, ops
+        kept = "MoE without top-k renormalisation (QMoE's CPU kernel always renormalises)"
+        assert quantize.stats["kept"][kept] == 1
+    actual = run(model, {"x": x})[0]
+    right, wrong = (
+        ref.moe(x, *(w for _, w, _ in weights), top_k=2, normalize=n)[0] for n in (normalize, 1 - normalize)
+    )
+    if normalize:  # int4 experts move the output by ~13% here; the other normalisation by ~23%
+        assert _relative(actual, right) < 0.2 and _relative(actual, wrong) > 0.2
+    else:  # all fp32: exact
+        assert _relative(actual, right) < 1e-5

@@ -8,8 +8,9 @@ TARGETS = {
     "ort-int4": "the ort graph with weight-only int4 block quantization (block 32, int8 compute): "
     "MatMulNBits for constant-weight MatMuls, QMoE for the routed experts",
     "ort-int8": "the ort graph with weight-only int8 block quantization (block 32, int8 compute)",
-    "ort-cpu-int4": "ort-int4 on qwen-export's CPU kernels (AVX-512 VNNI; plugins/ort_cpu): qwen.cpu "
-    "Int4Linear and Int4MoE instead of MatMulNBits and QMoE; the artifact carries the custom-op library",
+    "ort-cpu-int4": "ort-int4 on qwen-export's CPU kernels (AVX-512 VNNI or AVX2; plugins/ort_cpu): qwen.cpu "
+    "Int4Linear, Int4MoE and GatedDeltaRule instead of MatMulNBits, QMoE and the DeltaNet contrib chain; "
+    "the artifact carries the custom-op library",
     "fused": "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
     "trt-plugins": "ONNX for TensorRT with qwen-export's plugins: qwen ops become Qwen* plugin nodes (bf16), "
     "for trtexec --dynamicPlugins or the trt engine target",

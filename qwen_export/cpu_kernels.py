@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -48,20 +49,32 @@ def _compiler() -> str:
     return cxx
 
 
-def fingerprint(cxx: str) -> str:
+def x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def sources(portable_only: bool) -> dict[str, list[str]]:
+    """File -> flags. Off x86 (or asked for) the AVX files are left out and the cores build portable."""
+    if not portable_only:
+        return SOURCES
+    return {f: [*flags, "-DQWEN_CPU_PORTABLE_ONLY"] for f, flags in SOURCES.items() if "_avx" not in f}
+
+
+def fingerprint(cxx: str, portable_only: bool = False) -> str:
     """Sources, headers, flags and compiler version: any change builds a new library."""
     digest = hashlib.sha256()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     digest.update(version.encode())
-    digest.update(repr((SOURCES, COMMON_FLAGS)).encode())
+    digest.update(repr((sources(portable_only), COMMON_FLAGS)).encode())
     for path in sorted(SOURCE_DIR.glob("*.[ch]*")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def library_path(cache: Path | None = None) -> Path:
-    """The custom-op library for this machine, compiled into the cache on first use."""
+def library_path(cache: Path | None = None, portable_only: bool | None = None) -> Path:
+    """The custom-op library for this machine, compiled into the cache on first use. `portable_only`
+    (default: not x86-64) builds without the x86 tiles."""
     from qwen_export.presets import cache_root
 
     if not (SOURCE_DIR / "ort_custom_ops.cpp").is_file():
@@ -70,7 +83,8 @@ def library_path(cache: Path | None = None) -> Path:
             "(pip install -e .) or use the library that an ort-cpu-int4 artifact carries"
         )
     cxx = _compiler()
-    folder = (cache or cache_root()) / "kernels" / fingerprint(cxx)
+    portable_only = not x86() if portable_only is None else portable_only
+    folder = (cache or cache_root()) / "kernels" / fingerprint(cxx, portable_only)
     library = folder / LIBRARY_NAME
     if library.is_file():
         from qwen_export.cache import touch
@@ -80,7 +94,7 @@ def library_path(cache: Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
         objects = []
-        for source, flags in SOURCES.items():
+        for source, flags in sources(portable_only).items():
             obj = Path(tmp) / (source + ".o")
             _run([cxx, *COMMON_FLAGS, *flags, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
             objects.append(str(obj))
@@ -119,11 +133,12 @@ def warn_if_portable(library: Path) -> None:
     if _warned or backend(library) != "portable":
         return
     _warned = True
-    reason = (
-        "QWEN_CPU_KERNELS=portable"
-        if os.environ.get("QWEN_CPU_KERNELS") == "portable"
-        else "this CPU has neither AVX-512 VNNI nor AVX2"
-    )
+    if os.environ.get("QWEN_CPU_KERNELS") == "portable":
+        reason = "QWEN_CPU_KERNELS=portable"
+    else:
+        reason = (
+            "this CPU has neither AVX-512 VNNI nor AVX2" if x86() else f"no tile for {platform.machine()}"
+        )
     warnings.warn(
         f"qwen.cpu kernels run their portable tile ({reason}): correct but slow; "
         "an ort-int4 artifact runs on ONNX Runtime's own kernels",

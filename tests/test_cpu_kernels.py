@@ -48,7 +48,7 @@ SAME_ARITHMETIC = 1e-5
 INT8_ACTIVATIONS = 2e-2
 
 
-def _session(nodes, inputs, initializers, outputs=("y",), threads=2) -> ort.InferenceSession:
+def _session(nodes, inputs, initializers, outputs=("y",), threads=2, library=None) -> ort.InferenceSession:
     graph = helper.make_graph(
         nodes,
         "g",
@@ -63,7 +63,7 @@ def _session(nodes, inputs, initializers, outputs=("y",), threads=2) -> ort.Infe
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
-    options.register_custom_ops_library(str(cpu_kernels.library_path()))
+    options.register_custom_ops_library(str(library or cpu_kernels.library_path()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -75,7 +75,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def linear_case(k: int, n: int, block: int, seed: int = 0):
+def linear_case(k: int, n: int, block: int, seed: int = 0, library=None):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
     q, s = quantize_blockwise(w, 4, block)
@@ -89,7 +89,7 @@ def linear_case(k: int, n: int, block: int, seed: int = 0):
     )
     return (
         _session([nbits], [_x("x", None)], {"q": q, "s": s}),
-        _session([ours], [_x("x", None)], {"p": packed, "ps": packed_scales}),
+        _session([ours], [_x("x", None)], {"p": packed, "ps": packed_scales}, library=library),
         dequantize_blockwise(q, s, 4, k),
     )
 
@@ -140,6 +140,16 @@ def test_every_tile_gives_the_same_bits():
     assert native in ("avx512-vnni", "avx2", "portable")
     if native != "avx512-vnni":
         pytest.skip(f"this CPU runs the {native} tile: the VNNI tile was not exercised (the others agreed)")
+
+
+def test_portable_only_build_gives_the_same_bits(tmp_path):
+    """Off x86-64 the library builds without the AVX files (-DQWEN_CPU_PORTABLE_ONLY); forced here."""
+    portable = cpu_kernels.library_path(cache=tmp_path, portable_only=True)
+    assert cpu_kernels.backend(portable) == "portable"
+    x = np.random.default_rng(5).standard_normal((9, 256)).astype(np.float32)
+    _, native, _ = linear_case(256, 48, 32)
+    _, forced, _ = linear_case(256, 48, 32, library=portable)
+    np.testing.assert_array_equal(forced.run(None, {"x": x})[0], native.run(None, {"x": x})[0])
 
 
 def test_packed_layout_round_trips():

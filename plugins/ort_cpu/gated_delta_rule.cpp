@@ -10,6 +10,13 @@ namespace qwen_cpu {
 
 namespace {
 
+// x86: one copy per instruction set, picked at load time; elsewhere the plain build
+#if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
+#define QWEN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QWEN_CPU_CLONES
+#endif
+
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
@@ -24,7 +31,7 @@ void l2norm(const float* x, int64_t n, float scale, float* out) {
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
 // reading `from` (the past state, or S itself after the first token) and writing S. Cloned for AVX-512 and AVX2
 // so the dv-wide rows vectorise where the CPU has it.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void delta_step(const float* from, float* state,
+QWEN_CPU_CLONES void delta_step(const float* from, float* state,
                                                                      const float* q, const float* k,
                                                                      const float* v, float decay, float beta,
                                                                      int64_t dk, int64_t dv, float* kv, float* o) {
@@ -53,7 +60,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void delta_step(con
 // out[c] = sum_j w[c, j] * window(c, t + j) for channels [0, n) of a block, where window position i is
 // state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. Loops run over channels
 // (strided loads) so they vectorise.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void conv_token(const float* w, int64_t kernel,
+QWEN_CPU_CLONES void conv_token(const float* w, int64_t kernel,
                                                                      const float* state, int64_t keep,
                                                                      const float* x, int64_t stride, int64_t t,
                                                                      int64_t n, float* out) {

@@ -64,12 +64,16 @@ void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, c
 namespace {
 
 detail::TileFn choose_tile() {
+#ifdef QWEN_CPU_PORTABLE_ONLY  // built without the x86 tiles (another architecture)
+  return detail::tile_portable;
+#else
   const char* forced = std::getenv("QWEN_CPU_KERNELS");
   const bool portable = forced != nullptr && std::strcmp(forced, "portable") == 0;
   const bool avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
   if (portable) return detail::tile_portable;
   if (!avx2 && detail::cpu_has_avx512_vnni()) return detail::tile_avx512_vnni;
   return detail::cpu_has_avx2() ? detail::tile_avx2 : detail::tile_portable;
+#endif
 }
 
 detail::TileFn tile_fn() {
@@ -80,8 +84,12 @@ detail::TileFn tile_fn() {
 }  // namespace
 
 const char* int4_gemm_backend() {
+#ifdef QWEN_CPU_PORTABLE_ONLY
+  return "portable";
+#else
   const detail::TileFn fn = tile_fn();
   return fn == detail::tile_avx512_vnni ? "avx512-vnni" : fn == detail::tile_avx2 ? "avx2" : "portable";
+#endif
 }
 
 void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,

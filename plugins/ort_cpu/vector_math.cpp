@@ -5,12 +5,16 @@
 namespace qwen_cpu {
 
 void silu_inplace(float* x, int64_t n) {
+#ifndef QWEN_CPU_PORTABLE_ONLY
   if (detail::silu_avx512(x, n)) return;
+#endif
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
 }
 
 void mul_silu(const float* a, const float* g, float* y, int64_t n) {
+#ifndef QWEN_CPU_PORTABLE_ONLY
   if (detail::mul_silu_avx512(a, g, y, n)) return;
+#endif
   for (int64_t i = 0; i < n; ++i) y[i] = a[i] * (g[i] / (1.f + std::exp(-g[i])));
 }
 

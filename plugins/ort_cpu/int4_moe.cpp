@@ -11,6 +11,7 @@ namespace qwen_cpu {
 namespace {
 
 constexpr int64_t kGroupsPerTask = 8;  // 128 output rows: tasks small enough to balance two threads
+constexpr int64_t kRowsPerTask = 16;   // rows per task of the elementwise steps (prefill has thousands)
 
 struct Slot {
   int64_t token;
@@ -85,13 +86,24 @@ void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const flo
   std::vector<int8_t> xq(T * H), rq(rows * H);
   std::vector<float> xs(T * b1), rs(rows * b1);
   std::vector<int32_t> xz(T * b1), rz(rows * b1);
-  quantize_rows(x, T, H, s.fc1_block, xq.data(), xs.data(), xz.data());
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = slots[r].token;
-    std::copy_n(xq.data() + t * H, H, rq.data() + r * H);
-    std::copy_n(xs.data() + t * b1, b1, rs.data() + r * b1);
-    std::copy_n(xz.data() + t * b1, b1, rz.data() + r * b1);
-  }
+  // each elementwise step runs over independent rows in tasks of kRowsPerTask
+  auto over_rows = [&](int64_t count, const std::function<void(int64_t, int64_t)>& body) {
+    parallel_for((count + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+      body(task * kRowsPerTask, std::min(count, (task + 1) * kRowsPerTask));
+    });
+  };
+  over_rows(T, [&](int64_t t0, int64_t t1) {
+    quantize_rows(x + t0 * H, t1 - t0, H, s.fc1_block, xq.data() + t0 * H, xs.data() + t0 * b1,
+                  xz.data() + t0 * b1);
+  });
+  over_rows(rows, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = slots[r].token;
+      std::copy_n(xq.data() + t * H, H, rq.data() + r * H);
+      std::copy_n(xs.data() + t * b1, b1, rs.data() + r * b1);
+      std::copy_n(xz.data() + t * b1, b1, rz.data() + r * b1);
+    }
+  });
 
   // one task = one active expert x up to kGroupsPerTask groups of output rows
   auto run_products = [&](const QuantizedRows& in, int64_t k, int64_t block, const uint8_t* packed,
@@ -115,34 +127,40 @@ void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const flo
   std::vector<float> h(rows * 2 * I);
   run_products({rq.data(), rs.data(), rz.data()}, H, s.fc1_block, fc1, fc1_scales, 2 * I, h.data());
 
-  std::vector<float> act(rows * I), gate(I);
-  for (int64_t r = 0; r < rows; ++r) {  // silu(gate) * up, from the interleaved rows
-    const float* hr = h.data() + r * 2 * I;
-    float* ar = act.data() + r * I;
-    for (int64_t i = 0; i < I; ++i) {
-      gate[i] = hr[2 * i];
-      ar[i] = hr[2 * i + 1];
-    }
-    mul_silu(ar, gate.data(), ar, I);
-  }
+  std::vector<float> act(rows * I);
   std::vector<int8_t> aq(rows * I);
   std::vector<float> as(rows * b2);
   std::vector<int32_t> az(rows * b2);
-  quantize_rows(act.data(), rows, I, s.fc2_block, aq.data(), as.data(), az.data());
+  over_rows(rows, [&](int64_t r0, int64_t r1) {  // silu(gate) * up from the interleaved rows, quantized
+    std::vector<float> gate(I);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* hr = h.data() + r * 2 * I;
+      float* ar = act.data() + r * I;
+      for (int64_t i = 0; i < I; ++i) {
+        gate[i] = hr[2 * i];
+        ar[i] = hr[2 * i + 1];
+      }
+      mul_silu(ar, gate.data(), ar, I);
+    }
+    quantize_rows(act.data() + r0 * I, r1 - r0, I, s.fc2_block, aq.data() + r0 * I, as.data() + r0 * b2,
+                  az.data() + r0 * b2);
+  });
 
   std::vector<float> out(rows * H);
   run_products({aq.data(), as.data(), az.data()}, I, s.fc2_block, fc2, fc2_scales, H, out.data());
 
   // weighted sum in slot order, so the result does not depend on the thread schedule
-  for (int64_t t = 0; t < T; ++t) {
-    float* yt = y + t * H;
-    std::fill(yt, yt + H, 0.f);
-    for (int64_t j = 0; j < K; ++j) {
-      const float w = weight[t * K + j];
-      const float* o = out.data() + row_of[t * K + j] * H;
-      for (int64_t c = 0; c < H; ++c) yt[c] += w * o[c];
+  over_rows(T, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* yt = y + t * H;
+      std::fill(yt, yt + H, 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const float w = weight[t * K + j];
+        const float* o = out.data() + row_of[t * K + j] * H;
+        for (int64_t c = 0; c < H; ++c) yt[c] += w * o[c];
+      }
     }
-  }
+  });
 }
 
 }  // namespace qwen_cpu

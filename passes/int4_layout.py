@@ -1,4 +1,5 @@
-"""The packed int4 layout of qwen-export's CPU kernels (plugins/ort_cpu/int4_gemm.h), from MatMulNBits'.
+"""The packed int4 layout of qwen-export's CPU kernels (plugins/ort_cpu/int4_linear/int4_gemm.h), made
+from MatMulNBits'.
 
 MatMulNBits (and QMoE) store a weight as codes `q [N, K/B, B/2]` (two 4-bit codes per byte along K, even k
 in the low nibble) and scales `[N, K/B]`. The CPU kernels read 16 output rows at a time, four consecutive

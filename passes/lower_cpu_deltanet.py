@@ -6,7 +6,7 @@
                                                                   dt_bias, -exp(A_log), norm_w)
     Y        = MatMul(Y0, out_weight)
 
-GatedDeltaRule (plugins/ort_cpu/gated_delta_rule.h) is the conv, l2 norms, gates, delta rule and gated
+GatedDeltaRule (plugins/ort_cpu/gated_delta_rule/) is the conv, l2 norms, gates, delta rule and gated
 RMSNorm of the ORT lowering's CausalConvWithState .. GatedRMSNorm chain (twelve nodes) in one kernel, with
 the states in the same layouts ([B, C, K-1] and [B, nv, dk, dv]). Why: at decode those twelve nodes each
 do a few microseconds of work and cost more in dispatch than in arithmetic.

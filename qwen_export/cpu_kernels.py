@@ -26,14 +26,17 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "ort_cpu"
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]
 # file -> extra flags; only the *_avx512 / *_avx2 files use those instruction sets (where CPUID says so)
 SOURCES = {
-    "int4_gemm.cpp": [],
-    "int4_gemm_avx512.cpp": AVX512,
-    "int4_gemm_avx2.cpp": ["-mavx2", "-mfma"],
-    "int4_moe.cpp": [],
-    "gated_delta_rule.cpp": [],
-    "vector_math.cpp": [],
-    "vector_math_avx512.cpp": AVX512,
-    "ort_custom_ops.cpp": [],
+    "common/vector_math.cpp": [],
+    "common/vector_math_avx512.cpp": AVX512,
+    "int4_linear/int4_gemm.cpp": [],
+    "int4_linear/int4_gemm_avx512.cpp": AVX512,
+    "int4_linear/int4_gemm_avx2.cpp": ["-mavx2", "-mfma"],
+    "int4_linear/int4_linear_op.cpp": [],
+    "int4_moe/int4_moe.cpp": [],
+    "int4_moe/int4_moe_op.cpp": [],
+    "gated_delta_rule/gated_delta_rule.cpp": [],
+    "gated_delta_rule/gated_delta_rule_op.cpp": [],
+    "register.cpp": [],
 }
 # No -Werror: a newer compiler's new warning must not stop a user's first run.
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra"]
@@ -66,8 +69,8 @@ def fingerprint(cxx: str, portable_only: bool = False) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     digest.update(version.encode())
     digest.update(repr((sources(portable_only), COMMON_FLAGS)).encode())
-    for path in sorted(SOURCE_DIR.glob("*.[ch]*")):
-        digest.update(path.name.encode())
+    for path in sorted(SOURCE_DIR.rglob("*.[ch]*")):
+        digest.update(str(path.relative_to(SOURCE_DIR)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -77,7 +80,7 @@ def library_path(cache: Path | None = None, portable_only: bool | None = None) -
     (default: not x86-64) builds without the x86 tiles."""
     from qwen_export.presets import cache_root
 
-    if not (SOURCE_DIR / "ort_custom_ops.cpp").is_file():
+    if not (SOURCE_DIR / "register.cpp").is_file():
         raise QwenExportError(
             f"the CPU kernel sources are not at {SOURCE_DIR}; install qwen-export from its repository "
             "(pip install -e .) or use the library that an ort-cpu-int4 artifact carries"
@@ -95,8 +98,9 @@ def library_path(cache: Path | None = None, portable_only: bool | None = None) -
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
         objects = []
         for source, flags in sources(portable_only).items():
-            obj = Path(tmp) / (source + ".o")
-            _run([cxx, *COMMON_FLAGS, *flags, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
+            obj = Path(tmp) / (source.replace("/", "_") + ".o")
+            include = f"-I{SOURCE_DIR}"  # includes name their folder: "common/ort_abi.h"
+            _run([cxx, *COMMON_FLAGS, include, *flags, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
             objects.append(str(obj))
         staged = Path(tmp) / "out"
         staged.mkdir()

@@ -1,4 +1,4 @@
-#include "vector_math.h"
+#include "common/vector_math.h"
 
 #include <cmath>
 

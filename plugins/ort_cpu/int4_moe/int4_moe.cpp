@@ -1,10 +1,11 @@
-#include "int4_moe.h"
+#include "int4_moe/int4_moe.h"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <vector>
 
-#include "vector_math.h"
+#include "common/vector_math.h"
 
 namespace qwen_cpu {
 
@@ -27,10 +28,6 @@ const char* moe_shape_error(const MoeShape& s) {
   if (s.inter % s.fc2_block) return "expert size must be a multiple of the fc2 block";
   if (s.hidden % kGroupRows || (2 * s.inter) % kGroupRows) return "hidden and 2*expert sizes must be multiples of 16";
   return "";
-}
-
-void serial_for(int64_t count, const std::function<void(int64_t)>& fn) {
-  for (int64_t i = 0; i < count; ++i) fn(i);
 }
 
 void route_top_k(const float* logits, const MoeShape& shape, int32_t* experts, float* weights) {

@@ -3,7 +3,7 @@
 // Compiled with -mavx512f; run only where the CPU has it.
 #include <immintrin.h>
 
-#include "vector_math.h"
+#include "common/vector_math.h"
 
 namespace qwen_cpu::detail {
 

@@ -10,15 +10,11 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
-#include <vector>
 
-#include "int4_gemm.h"
+#include "common/parallel.h"
+#include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu {
-
-// Runs fn(i) for i in [0, count), possibly on several threads; returns when all are done.
-using ParallelFor = std::function<void(int64_t count, const std::function<void(int64_t)>& fn)>;
 
 struct MoeShape {
   int64_t tokens = 0;
@@ -42,8 +38,5 @@ void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const flo
 
 // Checks what int4_moe needs of a shape; returns an empty string or why not.
 const char* moe_shape_error(const MoeShape& shape);
-
-// Serial ParallelFor, for tests and single-threaded callers.
-void serial_for(int64_t count, const std::function<void(int64_t)>& fn);
 
 }  // namespace qwen_cpu

@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "int4_moe.h"  // ParallelFor
+#include "common/parallel.h"
 
 namespace qwen_cpu {
 

@@ -1,10 +1,10 @@
-#include "gated_delta_rule.h"
+#include "gated_delta_rule/gated_delta_rule.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "vector_math.h"
+#include "common/vector_math.h"
 
 namespace qwen_cpu {
 

@@ -1,4 +1,4 @@
-#include "int4_gemm.h"
+#include "int4_linear/int4_gemm.h"
 
 #include <algorithm>
 #include <cmath>

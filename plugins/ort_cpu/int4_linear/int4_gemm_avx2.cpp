@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#include "int4_gemm.h"
+#include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu::detail {
 

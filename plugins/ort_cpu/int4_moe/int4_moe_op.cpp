@@ -1,0 +1,74 @@
+// The ONNX Runtime wrapper of Int4MoE: attribute and shape checks, output, ORT's pool. The arithmetic is
+// int4_moe.
+#include "common/ort_op.h"
+#include "int4_moe/int4_moe.h"
+
+namespace qwen_cpu {
+namespace ort {
+namespace {
+
+// ---- Int4MoE: routed SwiGLU experts with block-int4 weights ----------------------------------------
+struct MoeKernel {
+  int64_t top_k, normalize, fc1_block, fc2_block;
+};
+
+constexpr const char* kMoe = "Int4MoE";
+
+Status* create_moe(const CustomOp*, ApiTable, const KernelInfo* info, void** kernel) {
+  return guarded(kMoe, [&] {
+    const int64_t one = 1, block = 32;
+    *kernel = new MoeKernel{attribute(info, kMoe, "k"), attribute(info, kMoe, "normalize_routing_weights", &one),
+                            attribute(info, kMoe, "fc1_block_size", &block),
+                            attribute(info, kMoe, "fc2_block_size", &block)};
+  });
+}
+
+Status* compute_moe(void* kernel, KernelContext* context) {
+  return guarded(kMoe, [&] {
+    const MoeKernel& a = *static_cast<const MoeKernel*>(kernel);
+    const Tensor x = input(context, 0, kFloat, kMoe, "X");
+    const Tensor logits = input(context, 1, kFloat, kMoe, "router logits");
+    const Tensor fc1 = input(context, 2, kUint8, kMoe, "fc1 packed weight");
+    const Tensor fc1_scales = input(context, 3, kFloat, kMoe, "fc1 packed scales");
+    const Tensor fc2 = input(context, 4, kUint8, kMoe, "fc2 packed weight");
+    const Tensor fc2_scales = input(context, 5, kFloat, kMoe, "fc2 packed scales");
+    // fc1 [E, 2I/16, H/B1, B1/8, 64], fc2 [E, H/16, I/B2, B2/8, 64]
+    expect(fc1.dims.size() == 5 && fc2.dims.size() == 5, "Int4MoE: packed expert weights must be 5-D");
+    MoeShape shape;
+    shape.experts = fc1.dims[0];
+    shape.hidden = fc2.dims[1] * kGroupRows;
+    shape.inter = fc1.dims[1] * kGroupRows / 2;
+    shape.top_k = a.top_k;
+    shape.fc1_block = a.fc1_block;
+    shape.fc2_block = a.fc2_block;
+    shape.normalize = a.normalize != 0;
+    const std::string why = moe_shape_error(shape);
+    expect(why.empty(), "Int4MoE: " + why);
+    expect(fc1.dims[2] * a.fc1_block == shape.hidden && fc2.dims[2] * a.fc2_block == shape.inter &&
+               fc2.dims[0] == shape.experts,
+           "Int4MoE: fc1 and fc2 shapes do not agree");
+    expect(fc1_scales.numel() == shape.experts * fc1.dims[1] * group_scales(shape.hidden, a.fc1_block) &&
+               fc2_scales.numel() == shape.experts * fc2.dims[1] * group_scales(shape.inter, a.fc2_block),
+           "Int4MoE: scales do not match the expert weights");
+    expect(!x.dims.empty() && x.dims.back() == shape.hidden, "Int4MoE: the last dimension of X must be the hidden size");
+    shape.tokens = x.numel() / shape.hidden;
+    expect(logits.numel() == shape.tokens * shape.experts, "Int4MoE: router logits must be [tokens, experts]");
+    float* y = output(context, x.dims);
+    if (shape.tokens == 0) return;
+    int4_moe(x.data<float>(), logits.data<float>(), fc1.data<uint8_t>(), fc1_scales.data<float>(),
+             fc2.data<uint8_t>(), fc2_scales.data<float>(), shape, y,
+             [&](int64_t count, const std::function<void(int64_t)>& fn) { parallel_for(context, count, fn); });
+  });
+}
+
+constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat, kUint8, kFloat};
+
+}  // namespace
+
+const CustomOp& int4_moe_op() {
+  static const CustomOp op = make_op<6, kMoeInputs, 1, kMoe, create_moe, compute_moe, MoeKernel>();
+  return op;
+}
+
+}  // namespace ort
+}  // namespace qwen_cpu

@@ -1,0 +1,35 @@
+// The library's entry points: RegisterCustomOps, which ONNX Runtime looks up when
+// SessionOptions.register_custom_ops_library loads this library, and QwenCpuKernelsBackend for tools.
+// Each op's wrapper is in its folder (int4_linear/, int4_moe/, gated_delta_rule/).
+#include "common/ort_op.h"
+#include "int4_linear/int4_gemm.h"
+
+namespace qwen_cpu::ort {
+
+Api g_api;
+
+const CustomOp& int4_linear_op();
+const CustomOp& int4_moe_op();
+const CustomOp& gated_delta_rule_op();
+
+}  // namespace qwen_cpu::ort
+
+// Which int4 tile runs on this CPU ("avx512-vnni", "avx2" or "portable"), for tools and tests (ctypes).
+extern "C" __attribute__((visibility("default"))) const char* QwenCpuKernelsBackend() {
+  return qwen_cpu::int4_gemm_backend();
+}
+
+extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* RegisterCustomOps(
+    qwen_cpu::ort::SessionOptions* options, const qwen_cpu::ort::ApiBase* base) {
+  using namespace qwen_cpu::ort;
+  ApiTable table = base->GetApi(kApiVersion);
+  if (table == nullptr) return nullptr;  // cannot even report: ORT older than 1.17 loads nothing from us
+  qwen_cpu::ort::g_api.table = table;
+  CustomOpDomain* domain = nullptr;
+  if (Status* s = qwen_cpu::ort::g_api.CreateCustomOpDomain("qwen.cpu", &domain)) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_linear_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_moe_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::gated_delta_rule_op())) return s;
+  // the domain lives as long as the process: sessions keep using it after registration returns
+  return qwen_cpu::ort::g_api.AddCustomOpDomain(options, domain);
+}

@@ -7,9 +7,12 @@ k of one row in each 32-bit lane (what one VNNI dot product sums):
 
     packed [ceil(N/16), K/B, B/8, 64] uint8   byte j of pair p of block b of group g:
         low nibble = code[16g + j//4, bB + 8p + j%4]     high nibble = code[16g + j//4, bB + 8p + 4 + j%4]
-    scales [ceil(N/16), K/B, 16] float32      lane order; rows past N are zero
+    scales [ceil(N/16), K/B, 16] float16      lane order; rows past N are zero
 
-The codes and scales are the same numbers in another order: nothing is requantized.
+The codes are the same numbers in another order. The scales are stored as float16 (2 bytes per 32 weights
+instead of 4: 10% fewer bytes to stream per decode step); they are the same numbers when the quantizer
+rounded them to float16 values (`QuantizeWeights(fp16_scales=True)`, as the ort-cpu-int4 pipeline does),
+and are rounded to the nearest float16 otherwise.
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ def packed_shapes(n: int, k: int, block: int, lead: tuple[int, ...] = ()) -> tup
 
 
 def pack_scales(scales: np.ndarray) -> np.ndarray:
-    """MatMulNBits scales `[..., N, K/B]` -> lane-ordered `[..., ceil(N/16), K/B, 16]`, zero past N."""
+    """MatMulNBits scales `[..., N, K/B]` -> lane-ordered float16 `[..., ceil(N/16), K/B, 16]`, 0 past N."""
     *lead, n, blocks = scales.shape
     groups = -(-n // GROUP_ROWS)
-    padded = np.zeros((*lead, groups * GROUP_ROWS, blocks), np.float32)
+    padded = np.zeros((*lead, groups * GROUP_ROWS, blocks), np.float16)
     padded[..., :n, :] = scales
     return np.ascontiguousarray(padded.reshape(*lead, groups, GROUP_ROWS, blocks).swapaxes(-1, -2))
 
@@ -75,4 +78,4 @@ def unpack_int4_groups(packed: np.ndarray, scales: np.ndarray, n: int) -> tuple[
     codes = halves.transpose(*range(d), d, d + 4, d + 1, d + 2, d + 3, d + 5)
     codes = codes.reshape(*lead, groups * GROUP_ROWS, blocks * pairs * 8)[..., :n, :]
     lane_scales = scales.swapaxes(-1, -2).reshape(*lead, groups * GROUP_ROWS, blocks)[..., :n, :]
-    return codes, lane_scales
+    return codes, lane_scales.astype(np.float32)

@@ -56,7 +56,8 @@ def pipeline(target: str) -> list[ir.passes.PassBase]:
         return [*cleanup(), *fusions(), LowerToOrt(), LowerPortable(), *finish()]
     if target == "ort-cpu-int4":
         ort_cpu = [*cleanup(), *fusions(), LowerToOrt(deltanet="qwen-cpu"), LowerPortable(), *finish()]
-        return [*ort_cpu, QuantizeWeights(bits=4), RemoveUnused(), UseCpuKernels(), RemoveUnused()]
+        quantize = QuantizeWeights(bits=4, fp16_scales=True)  # scales the kernels keep in float16, exactly
+        return [*ort_cpu, quantize, RemoveUnused(), UseCpuKernels(), RemoveUnused()]
     if target in QUANTIZED_ORT_TARGETS:
         bits = QUANTIZED_ORT_TARGETS[target]
         return [*pipeline("ort"), QuantizeWeights(bits=bits), RemoveUnused()]

@@ -51,8 +51,12 @@ MS_DOMAIN = "com.microsoft"
 _CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the temporaries (~64 MiB of fp32 per chunk)
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows `w [R, K]` -> (q uint8 [R, ceil(K/B), B*bits/8] packed along K, scales float32 [R, ceil(K/B)])."""
+def quantize_blockwise(
+    w: np.ndarray, bits: int, block_size: int, fp16_scales: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `w [R, K]` -> (q uint8 [R, ceil(K/B), B*bits/8] packed along K, scales float32 [R, ceil(K/B)]).
+    `fp16_scales`: each scale rounded to the nearest float16 before the codes are computed (the scales stay
+    float32 arrays, every value exactly a float16, so a float16 copy loses nothing)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     rows, k = w.shape
@@ -62,11 +66,13 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, rows, step):
         chunk = slice(start, min(rows, start + step))
-        q[chunk], scales[chunk] = _quantize_rows(w[chunk], bits, block_size, blocks)
+        q[chunk], scales[chunk] = _quantize_rows(w[chunk], bits, block_size, blocks, fp16_scales)
     return q, scales
 
 
-def _quantize_rows(w: np.ndarray, bits: int, block_size: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_rows(
+    w: np.ndarray, bits: int, block_size: int, blocks: int, fp16_scales: bool
+) -> tuple[np.ndarray, np.ndarray]:
     rows, k = w.shape
     padded = np.zeros((rows, blocks * block_size), np.float32)
     padded[:, :k] = w
@@ -74,6 +80,8 @@ def _quantize_rows(w: np.ndarray, bits: int, block_size: int, blocks: int) -> tu
     extreme = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
     qmin = -(1 << (bits - 1))
     scales = (extreme / qmin).astype(np.float32)
+    if fp16_scales:  # the extreme may then land a hair outside the grid: the clip below takes it
+        scales = scales.astype(np.float16).astype(np.float32)
     inverse = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
     q = np.clip(np.rint(x * inverse[..., None]), qmin, -qmin - 1) - qmin
     q = q.astype(np.uint8)
@@ -101,6 +109,7 @@ class _LazyQuantized:
         bits: int,
         block_size: int,
         shapes: tuple[tuple[int, ...], tuple[int, ...]],
+        fp16_scales: bool,
     ):
         self.source, self.as_rows, self.bits, self.block_size, self.shapes = (
             source,
@@ -109,6 +118,7 @@ class _LazyQuantized:
             block_size,
             shapes,
         )
+        self.fp16_scales = fp16_scales
         self._lock = threading.Lock()
         self._pending: dict[int, np.ndarray] = {}
 
@@ -116,7 +126,8 @@ class _LazyQuantized:
         with self._lock:
             if index in self._pending:
                 return self._pending.pop(index)
-            results = quantize_blockwise(self.as_rows(self.source.numpy()), self.bits, self.block_size)
+            rows = self.as_rows(self.source.numpy())
+            results = quantize_blockwise(rows, self.bits, self.block_size, self.fp16_scales)
             results = tuple(r.reshape(s) for r, s in zip(results, self.shapes, strict=True))
             self._pending[1 - index] = results[1 - index]
             return results[index]
@@ -141,8 +152,11 @@ class QuantizeWeights(QwenPass):
         block_size: int = 32,
         accuracy_level: int = 4,
         exclude: Sequence[str] = (),
+        fp16_scales: bool = False,
     ) -> None:
-        """`exclude`: regular expressions; a node whose name matches one (re.search) stays fp32."""
+        """`exclude`: regular expressions; a node whose name matches one (re.search) stays fp32.
+        `fp16_scales`: round every scale to a float16 value (still stored float32 for MatMulNBits/QMoE), so
+        a later pass can keep the scales in half the bytes without changing a number (ort-cpu-int4)."""
         super().__init__()
         self.exclude = tuple(exclude)
         if bits not in self.BITS:
@@ -150,12 +164,13 @@ class QuantizeWeights(QwenPass):
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+        self.fp16_scales = fp16_scales
         self.precision = f"int{bits}"
 
     def __repr__(self) -> str:
         return (
             f"QuantizeWeights(bits={self.bits}, block_size={self.block_size}, "
-            f"accuracy_level={self.accuracy_level}, exclude={self.exclude!r})"
+            f"accuracy_level={self.accuracy_level}, exclude={self.exclude!r}, fp16_scales={self.fp16_scales})"
         )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -288,7 +303,7 @@ class QuantizeWeights(QwenPass):
         key = id(weight)
         if key not in self._done:
             source = weight.const_value
-            lazy = _LazyQuantized(source, as_rows, self.bits, block_size, shapes)
+            lazy = _LazyQuantized(source, as_rows, self.bits, block_size, shapes, self.fp16_scales)
             values = []
             for index, (suffix, dtype) in enumerate(
                 ((f"q{self.bits}", ir.DataType.UINT8), (f"q{self.bits}_scales", ir.DataType.FLOAT))

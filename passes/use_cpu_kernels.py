@@ -6,8 +6,9 @@ qwen.cpu Int4MoE (the custom-op library built from plugins/ort_cpu).
         -> Int4MoE(X, logits, pack(q1), pack(s1), pack(q2), pack(s2); k, normalize_routing_weights,
                    fc1_block_size, fc2_block_size)
 
-The same codes and scales in the kernels' layout (passes/int4_layout.py), so the arithmetic is
-MatMulNBits' at accuracy_level 4: int8 activations per block, int32 dot products, fp32 scaling. Why: on
+The same codes and scales in the kernels' layout (passes/int4_layout.py; scales as float16, exact when
+QuantizeWeights(fp16_scales=True) made them), so the arithmetic is MatMulNBits' at accuracy_level 4: int8
+activations per block, int32 dot products, fp32 scaling. Why: on
 a CPU with AVX-512 VNNI the kernels read each 16-row weight group once for up to 8 activation rows, where
 MLAS's int8 path is compute-bound at batch 8 (docs/ort-lowering.md, "CPU kernels").
 """
@@ -170,7 +171,7 @@ class UseCpuKernels(QwenPass):
         if key not in self._packed:
             source = value.const_value
             name = self._unique(f"{value.name}.cpu")
-            dtype = source.dtype
+            dtype = ir.DataType.FLOAT16 if source.dtype == ir.DataType.FLOAT else source.dtype  # scales
 
             def read() -> ir.TensorProtocol:
                 return ir.tensor(pack(source.numpy()), name=name)

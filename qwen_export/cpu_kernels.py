@@ -30,7 +30,7 @@ SOURCES = {
     "common/vector_math_avx512.cpp": AVX512,
     "int4_linear/int4_gemm.cpp": [],
     "int4_linear/int4_gemm_avx512.cpp": AVX512,
-    "int4_linear/int4_gemm_avx2.cpp": ["-mavx2", "-mfma"],
+    "int4_linear/int4_gemm_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "int4_linear/int4_linear_op.cpp": [],
     "int4_moe/int4_moe.cpp": [],
     "int4_moe/int4_moe_op.cpp": [],

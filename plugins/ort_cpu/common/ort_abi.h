@@ -23,7 +23,7 @@ struct ShapeInferContext;
 
 constexpr uint32_t kApiVersion = 17;
 
-enum ElementType : int { kFloat = 1, kUint8 = 2 };           // ONNXTensorElementDataType
+enum ElementType : int { kFloat = 1, kUint8 = 2, kFloat16 = 10 };  // ONNXTensorElementDataType
 enum ErrorCode : int { kFail = 1, kInvalidArgument = 2 };    // OrtErrorCode
 enum Characteristic : int { kRequired = 0, kOptional = 1 };  // OrtCustomOpInputOutputCharacteristic
 enum MemType : int { kMemTypeDefault = 0 };                  // OrtMemType

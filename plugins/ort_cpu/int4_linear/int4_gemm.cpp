@@ -31,10 +31,32 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_
   }
 }
 
+float half_to_float(Half h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;  // zero
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while (!(mantissa & 0x400u)) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 namespace detail {
 
 void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-                   const float* scales, float* y, int64_t ldy, int lanes) {
+                   const Half* scales, float* y, int64_t ldy, int lanes) {
   const int64_t blocks = k / block;
   const int64_t pairs = block / 8;
   for (int m = 0; m < rows; ++m) {
@@ -52,7 +74,8 @@ void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, c
       }
       const float sx = x.scale[m * blocks + b];
       for (int lane = 0; lane < kGroupRows; ++lane) {
-        acc[lane] = std::fma(static_cast<float>(dot[lane]), scales[b * kGroupRows + lane] * sx, acc[lane]);
+        const float sw = half_to_float(scales[b * kGroupRows + lane]);
+        acc[lane] = std::fma(static_cast<float>(dot[lane]), sw * sx, acc[lane]);
       }
     }
     std::memcpy(y + m * ldy, acc, sizeof(float) * lanes);
@@ -93,7 +116,7 @@ const char* int4_gemm_backend() {
 }
 
 void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
-               const float* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
+               const Half* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
                int64_t ldy) {
   const detail::TileFn tile = tile_fn();
   const int64_t blocks = k / block;
@@ -102,7 +125,7 @@ void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, c
   for (int64_t g = group_begin; g < group_end; ++g) {
     const int lanes = static_cast<int>(std::min<int64_t>(kGroupRows, n - g * kGroupRows));
     const uint8_t* w = packed + g * group_bytes;
-    const float* s = scales + g * group_scale_count;
+    const Half* s = scales + g * group_scale_count;
     // the group's weights (K*8 bytes) stay in L1/L2 while every tile of rows reads them
     for (int64_t m = 0; m < rows; m += kTileRows) {
       QuantizedRows tile_rows{x.q + m * k, x.scale + m * blocks, x.zero_fix + m * blocks};

@@ -6,7 +6,7 @@
 //   packed [G = ceil(N/16)][K/B][B/8][64] uint8: for byte j of pair p in block b of group g,
 //     lane = j / 4, kk = j % 4, n = 16 g + lane,
 //     low nibble  = q[n, b*B + 8p + kk]       high nibble = q[n, b*B + 8p + 4 + kk]
-//   scales [G][K/B][16] float (lane order, zero for padded rows).
+//   scales [G][K/B][16] float16 (lane order, zero for padded rows).
 // q is the unsigned code (0..15) of MatMulNBits' symmetric grid: w' = (q - 8) * scale.
 // Four consecutive k of one row share a 32-bit lane, which is what one VNNI dot product sums.
 #pragma once
@@ -14,6 +14,8 @@
 #include <cstdint>
 
 namespace qwen_cpu {
+
+using Half = uint16_t;  // IEEE float16 bits (the scales); every tile converts them exactly to float
 
 constexpr int kGroupRows = 16;  // output rows per packed group (one 512-bit lane each)
 constexpr int kTileRows = 8;    // activation rows computed together against one weight group
@@ -32,8 +34,11 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_
 // y[m, n] = sum_b scale_w[n, b] * scale_x[m, b] * sum_{k in b} (q_w[n, k] - 8) * q_x[m, k]
 // for rows m < rows and n in groups [group_begin, group_end) (n < N); y has row stride ldy.
 void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
-               const float* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
+               const Half* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
                int64_t ldy);
+
+// float16 -> float, exactly (the portable tile's conversion; the vector tiles use vcvtph2ps).
+float half_to_float(Half h);
 
 // Bytes of one packed group (K/B blocks of B/8 pairs of 64 bytes) and of its scales.
 inline int64_t packed_group_bytes(int64_t k) { return k * 8; }
@@ -45,13 +50,13 @@ const char* int4_gemm_backend();
 
 namespace detail {
 using TileFn = void (*)(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-                        const float* scales, float* y, int64_t ldy, int lanes);
+                        const Half* scales, float* y, int64_t ldy, int lanes);
 void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-                   const float* scales, float* y, int64_t ldy, int lanes);
+                   const Half* scales, float* y, int64_t ldy, int lanes);
 void tile_avx512_vnni(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-                      const float* scales, float* y, int64_t ldy, int lanes);
+                      const Half* scales, float* y, int64_t ldy, int lanes);
 void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-               const float* scales, float* y, int64_t ldy, int lanes);
+               const Half* scales, float* y, int64_t ldy, int lanes);
 bool cpu_has_avx512_vnni();
 bool cpu_has_avx2();
 }  // namespace detail

@@ -1,5 +1,5 @@
 // The AVX2 tile of int4_gemm, for CPUs without AVX-512 VNNI. This file alone is compiled with -mavx2
-// -mfma; it runs only where cpu_has_avx2() says so. vpmaddubsw multiplies the 4-bit codes (0..15) by the
+// -mfma -mf16c; it runs only where cpu_has_avx2() says so. vpmaddubsw multiplies the 4-bit codes (0..15) by the
 // int8 activations and adds pairs into int16 (at most 2 * 15 * 127 per pair, and the low and high nibble
 // products of a pair summed stay within 4 * 15 * 127 = 7620: no saturation), vpmaddwd adds those into
 // the int32 lanes: the same integer sums as the VNNI tile, then the same fma per block.
@@ -13,7 +13,7 @@ namespace qwen_cpu::detail {
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 namespace {
@@ -27,7 +27,7 @@ inline __m256i broadcast4(const int8_t* a) {
 // Eight of the group's 16 lanes (half 0: lanes 0-7, the first 32 bytes of each 64-byte pair; half 1: the
 // rest) against ROWS activation rows.
 template <int ROWS>
-void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const float* scales,
+void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
                float* y, int64_t ldy, int lanes, int half) {
   const int64_t blocks = k / block;
   const int64_t pairs = block / 8;
@@ -51,7 +51,8 @@ void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* 
         dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(pairs16, ones));
       }
     }
-    const __m256 sw = _mm256_loadu_ps(scales + b * kGroupRows + 8 * half);
+    const __m256 sw =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * kGroupRows + 8 * half)));
     for (int m = 0; m < ROWS; ++m) {
       const __m256 s = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[m * blocks + b]));
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), s, acc[m]);
@@ -67,7 +68,7 @@ void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* 
 }
 
 template <int ROWS>
-void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const float* scales,
+void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
           float* y, int64_t ldy, int lanes) {
   for (int half = 0; half < 2; ++half) half_tile<ROWS>(x, k, block, packed, scales, y, ldy, lanes, half);
 }
@@ -75,7 +76,7 @@ void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packe
 }  // namespace
 
 void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-               const float* scales, float* y, int64_t ldy, int lanes) {
+               const Half* scales, float* y, int64_t ldy, int lanes) {
   // 16 ymm registers: at most 4 rows at a time (4 int32 sums, 4 float accumulators, temporaries)
   QuantizedRows part = x;
   while (rows > 0) {

@@ -30,7 +30,7 @@ inline __m512i broadcast4(const int8_t* a) {
 // With few rows the dot products are a chain of dependent vpdpbusd; CHAINS > 1 keeps the low- and
 // high-nibble products in separate registers so two chains run at once (exact: integer sums).
 template <int ROWS, int CHAINS>
-void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const float* scales,
+void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
           float* y, int64_t ldy, int lanes) {
   const int64_t blocks = k / block;
   const int64_t pairs = block / 8;
@@ -57,7 +57,7 @@ void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packe
         dot[CHAINS - 1][m] = _mm512_dpbusd_epi32(dot[CHAINS - 1][m], hi, broadcast4(a + 4));
       }
     }
-    const __m512 sw = _mm512_loadu_ps(scales + b * kGroupRows);
+    const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kGroupRows)));
     for (int m = 0; m < ROWS; ++m) {
       const __m512i sum = CHAINS > 1 ? _mm512_add_epi32(dot[0][m], dot[CHAINS - 1][m]) : dot[0][m];
       const __m512 s = _mm512_mul_ps(sw, _mm512_set1_ps(x.scale[m * blocks + b]));
@@ -71,7 +71,7 @@ void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packe
 }  // namespace
 
 void tile_avx512_vnni(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
-                      const float* scales, float* y, int64_t ldy, int lanes) {
+                      const Half* scales, float* y, int64_t ldy, int lanes) {
   switch (rows) {
     case 1: return tile<1, 2>(x, k, block, packed, scales, y, ldy, lanes);
     case 2: return tile<2, 2>(x, k, block, packed, scales, y, ldy, lanes);

@@ -51,7 +51,7 @@ Status* compute_linear(void* kernel, KernelContext* context) {
     const LinearKernel& a = *static_cast<const LinearKernel*>(kernel);
     const Tensor x = input(context, 0, kFloat, kLinear, "X");
     const Tensor w = input(context, 1, kUint8, kLinear, "packed weight");
-    const Tensor s = input(context, 2, kFloat, kLinear, "packed scales");
+    const Tensor s = input(context, 2, kFloat16, kLinear, "packed scales");
     const int64_t groups = (a.n + kGroupRows - 1) / kGroupRows;
     expect(!x.dims.empty() && x.dims.back() == a.k, "Int4Linear: the last dimension of X must be K");
     expect(w.numel() == groups * packed_group_bytes(a.k), "Int4Linear: packed weight size does not match K, N");
@@ -64,7 +64,7 @@ Status* compute_linear(void* kernel, KernelContext* context) {
     QuantizedBuffer buffer;
     const QuantizedRows xq = buffer.quantize(context, x.data<float>(), rows, a.k, a.block);
     const uint8_t* packed = w.data<uint8_t>();
-    const float* scales = s.data<float>();
+    const Half* scales = s.data<Half>();
     // about 32 tasks: enough to balance the pool, few enough that each streams a long run of weights
     const int64_t per_task = std::max<int64_t>(1, groups / 32);
     parallel_for(context, (groups + per_task - 1) / per_task, [&](int64_t task) {
@@ -74,7 +74,7 @@ Status* compute_linear(void* kernel, KernelContext* context) {
   });
 }
 
-constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat};
+constexpr ElementType kLinearInputs[] = {kFloat, kUint8, kFloat16};
 
 }  // namespace
 

@@ -51,8 +51,8 @@ void route_top_k(const float* logits, const MoeShape& shape, int32_t* experts, f
   }
 }
 
-void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const float* fc1_scales,
-              const uint8_t* fc2, const float* fc2_scales, const MoeShape& s, float* y,
+void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const Half* fc1_scales,
+              const uint8_t* fc2, const Half* fc2_scales, const MoeShape& s, float* y,
               const ParallelFor& parallel_for) {
   const int64_t H = s.hidden, I = s.inter, T = s.tokens, K = s.top_k, rows = T * K;
   std::vector<int32_t> chosen(rows);
@@ -104,7 +104,7 @@ void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const flo
 
   // one task = one active expert x up to kGroupsPerTask groups of output rows
   auto run_products = [&](const QuantizedRows& in, int64_t k, int64_t block, const uint8_t* packed,
-                          const float* scales, int64_t n, float* out) {
+                          const Half* scales, int64_t n, float* out) {
     const int64_t groups = n / kGroupRows;
     const int64_t tasks_per_expert = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
     const int64_t expert_bytes = groups * packed_group_bytes(k);

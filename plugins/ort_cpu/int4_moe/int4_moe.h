@@ -32,8 +32,8 @@ void route_top_k(const float* logits, const MoeShape& shape, int32_t* experts, f
 
 // y [tokens, H] from x [tokens, H] and logits [tokens, E]. fc1: packed [E][G1 = 2I/16][H*8] bytes and
 // scales [E][G1][H/B1*16]; fc2 likewise with G2 = H/16 groups of I*8 bytes.
-void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const float* fc1_scales,
-              const uint8_t* fc2, const float* fc2_scales, const MoeShape& shape, float* y,
+void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const Half* fc1_scales,
+              const uint8_t* fc2, const Half* fc2_scales, const MoeShape& shape, float* y,
               const ParallelFor& parallel_for);
 
 // Checks what int4_moe needs of a shape; returns an empty string or why not.

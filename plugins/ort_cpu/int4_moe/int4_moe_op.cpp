@@ -29,9 +29,9 @@ Status* compute_moe(void* kernel, KernelContext* context) {
     const Tensor x = input(context, 0, kFloat, kMoe, "X");
     const Tensor logits = input(context, 1, kFloat, kMoe, "router logits");
     const Tensor fc1 = input(context, 2, kUint8, kMoe, "fc1 packed weight");
-    const Tensor fc1_scales = input(context, 3, kFloat, kMoe, "fc1 packed scales");
+    const Tensor fc1_scales = input(context, 3, kFloat16, kMoe, "fc1 packed scales");
     const Tensor fc2 = input(context, 4, kUint8, kMoe, "fc2 packed weight");
-    const Tensor fc2_scales = input(context, 5, kFloat, kMoe, "fc2 packed scales");
+    const Tensor fc2_scales = input(context, 5, kFloat16, kMoe, "fc2 packed scales");
     // fc1 [E, 2I/16, H/B1, B1/8, 64], fc2 [E, H/16, I/B2, B2/8, 64]
     expect(fc1.dims.size() == 5 && fc2.dims.size() == 5, "Int4MoE: packed expert weights must be 5-D");
     MoeShape shape;
@@ -55,13 +55,13 @@ Status* compute_moe(void* kernel, KernelContext* context) {
     expect(logits.numel() == shape.tokens * shape.experts, "Int4MoE: router logits must be [tokens, experts]");
     float* y = output(context, x.dims);
     if (shape.tokens == 0) return;
-    int4_moe(x.data<float>(), logits.data<float>(), fc1.data<uint8_t>(), fc1_scales.data<float>(),
-             fc2.data<uint8_t>(), fc2_scales.data<float>(), shape, y,
+    int4_moe(x.data<float>(), logits.data<float>(), fc1.data<uint8_t>(), fc1_scales.data<Half>(),
+             fc2.data<uint8_t>(), fc2_scales.data<Half>(), shape, y,
              [&](int64_t count, const std::function<void(int64_t)>& fn) { parallel_for(context, count, fn); });
   });
 }
 
-constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat, kUint8, kFloat};
+constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat16, kUint8, kFloat16};
 
 }  // namespace
 

@@ -103,6 +103,11 @@ inline void parallel_for(KernelContext* context, int64_t count, const std::funct
                                        const_cast<std::function<void(int64_t)>*>(&fn)));
 }
 
+// The cores' ParallelFor on this call's ORT thread pool.
+inline ParallelFor pool(KernelContext* context) {
+  return [context](int64_t count, const std::function<void(int64_t)>& fn) { parallel_for(context, count, fn); };
+}
+
 template <typename Kernel>
 Status* guarded(const char* op, Kernel&& body) {
   try {

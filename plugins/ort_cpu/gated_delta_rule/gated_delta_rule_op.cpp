@@ -55,8 +55,7 @@ Status* compute_delta_rule(void* kernel, KernelContext* context) {
     float* present_state = output(context, {s.batch, s.nv, s.dk, s.dv}, 2);
     gated_delta_rule(proj.data<float>(), conv_w.data<float>(), past_conv.data<float>(), past_state.data<float>(),
                      dt_bias.data<float>(), neg_exp_a.data<float>(), norm_w.data<float>(), s, out, present_conv,
-                     present_state,
-                     [&](int64_t count, const std::function<void(int64_t)>& fn) { parallel_for(context, count, fn); });
+                     present_state, pool(context));
   });
 }
 

@@ -53,6 +53,16 @@ float half_to_float(Half h) {
   return f;
 }
 
+void quantize_rows_parallel(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                            int32_t* zero_fix, const ParallelFor& parallel_for) {
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t blocks = k / block;
+  parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t r0 = task * kRowsPerTask, count = std::min(kRowsPerTask, rows - r0);
+    quantize_rows(x + r0 * k, count, k, block, q + r0 * k, scale + r0 * blocks, zero_fix + r0 * blocks);
+  });
+}
+
 namespace detail {
 
 void tile_portable(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "common/parallel.h"
+
 namespace qwen_cpu {
 
 using Half = uint16_t;  // IEEE float16 bits (the scales); every tile converts them exactly to float
@@ -30,6 +32,10 @@ struct QuantizedRows {
 // Symmetric per-block quantization: scale = max|x| / 127, q = round-to-nearest-even(x / scale).
 void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
                    int32_t* zero_fix);
+
+// The same, in tasks of 16 rows on `parallel_for` (prefill quantizes thousands of rows).
+void quantize_rows_parallel(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                            int32_t* zero_fix, const ParallelFor& parallel_for);
 
 // y[m, n] = sum_b scale_w[n, b] * scale_x[m, b] * sum_{k in b} (q_w[n, k] - 8) * q_x[m, k]
 // for rows m < rows and n in groups [group_begin, group_end) (n < N); y has row stride ldy.

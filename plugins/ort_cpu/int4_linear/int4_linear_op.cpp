@@ -7,27 +7,6 @@ namespace qwen_cpu {
 namespace ort {
 namespace {
 
-// int8 copies of activation rows, quantized in parallel row ranges
-struct QuantizedBuffer {
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> zero_fix;
-
-  QuantizedRows quantize(KernelContext* context, const float* x, int64_t rows, int64_t k, int64_t block) {
-    const int64_t blocks = k / block;
-    q.resize(rows * k);
-    scale.resize(rows * blocks);
-    zero_fix.resize(rows * blocks);
-    constexpr int64_t kRowsPerTask = 16;
-    parallel_for(context, (rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-      const int64_t r0 = task * kRowsPerTask, count = std::min(kRowsPerTask, rows - r0);
-      quantize_rows(x + r0 * k, count, k, block, q.data() + r0 * k, scale.data() + r0 * blocks,
-                    zero_fix.data() + r0 * blocks);
-    });
-    return {q.data(), scale.data(), zero_fix.data()};
-  }
-};
-
 // ---- Int4Linear: Y [..., N] = X [..., K] W^T, W block-int4 ------------------------------------------
 struct LinearKernel {
   int64_t k, n, block;
@@ -61,8 +40,13 @@ Status* compute_linear(void* kernel, KernelContext* context) {
     float* y = output(context, dims);
     const int64_t rows = x.numel() / a.k;
     if (rows == 0) return;
-    QuantizedBuffer buffer;
-    const QuantizedRows xq = buffer.quantize(context, x.data<float>(), rows, a.k, a.block);
+    const int64_t blocks = a.k / a.block;
+    std::vector<int8_t> q(rows * a.k);
+    std::vector<float> x_scales(rows * blocks);
+    std::vector<int32_t> zero_fix(rows * blocks);
+    quantize_rows_parallel(x.data<float>(), rows, a.k, a.block, q.data(), x_scales.data(), zero_fix.data(),
+                           pool(context));
+    const QuantizedRows xq{q.data(), x_scales.data(), zero_fix.data()};
     const uint8_t* packed = w.data<uint8_t>();
     const Half* scales = s.data<Half>();
     // about 32 tasks: enough to balance the pool, few enough that each streams a long run of weights

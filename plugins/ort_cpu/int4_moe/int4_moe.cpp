@@ -89,10 +89,7 @@ void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const Hal
       body(task * kRowsPerTask, std::min(count, (task + 1) * kRowsPerTask));
     });
   };
-  over_rows(T, [&](int64_t t0, int64_t t1) {
-    quantize_rows(x + t0 * H, t1 - t0, H, s.fc1_block, xq.data() + t0 * H, xs.data() + t0 * b1,
-                  xz.data() + t0 * b1);
-  });
+  quantize_rows_parallel(x, T, H, s.fc1_block, xq.data(), xs.data(), xz.data(), parallel_for);
   over_rows(rows, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = slots[r].token;

@@ -56,8 +56,7 @@ Status* compute_moe(void* kernel, KernelContext* context) {
     float* y = output(context, x.dims);
     if (shape.tokens == 0) return;
     int4_moe(x.data<float>(), logits.data<float>(), fc1.data<uint8_t>(), fc1_scales.data<Half>(),
-             fc2.data<uint8_t>(), fc2_scales.data<Half>(), shape, y,
-             [&](int64_t count, const std::function<void(int64_t)>& fn) { parallel_for(context, count, fn); });
+             fc2.data<uint8_t>(), fc2_scales.data<Half>(), shape, y, pool(context));
   });
 }
 

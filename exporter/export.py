@@ -16,6 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qwen_export import __version__
+from qwen_export.artifact import DATA_FILE, EXPORT_FORMAT, EXPORT_INFO_FILE, MODEL_FILE
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.model import build_decoder, present_shape, state_specs
@@ -32,8 +33,6 @@ from qwen_export.exporter.vision_spec import vision_spec_from_config
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 # Extra graphs of a multimodal export (export_model(..., multimodal=True)); model.onnx is the text tower.
 VISION_FILE = "vision.onnx"
 EMBED_FILE = "embed.onnx"
@@ -206,7 +205,7 @@ def export_model(
             save_model(graph, tmp / file)
         save_s = time.perf_counter() - save_start
         info = {
-            "format": "qwen-export/export@1",
+            "format": EXPORT_FORMAT,
             "source": source,
             "source_dir": str(source_dir),
             "architecture": spec.architecture,
@@ -236,7 +235,7 @@ def export_model(
                 "io": {"vision": vision_io_signature(vspec), "embed": embed_io_signature(spec)},
                 "nodes": {file: len(graph.graph) for file, graph in extra_graphs.items()},
             }
-        (tmp / "export.json").write_text(json.dumps(info, indent=2))
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
     return ExportResult(out_path, spec, info)
 
 
@@ -255,12 +254,11 @@ def export_fingerprint(source_dir: Path) -> str:
 def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None) -> Path:
     """An export folder for the source, reused from the cache while the checkpoint and exporter are unchanged
     (engine builds start from it, so an unchanged rebuild re-exports nothing)."""
-    from qwen_export.cache import touch
-    from qwen_export.presets import cache_root
+    from qwen_export.cache import cache_root, touch
 
     source_dir, _ = resolve_source(preset, model_dir)
     folder = cache_root() / "exports" / export_fingerprint(source_dir)
-    if not (folder / "export.json").is_file():
+    if not (folder / EXPORT_INFO_FILE).is_file():
         export_model(folder, preset=preset, model_dir=model_dir, log=log)
     else:
         touch(folder)

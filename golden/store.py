@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from qwen_export.artifact import GOLDEN_FORMAT, MANIFEST_FILE, sha256_file
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.spec import config_hash, read_config_json, spec_from_config
 from qwen_export.fsutil import atomic_output_dir
@@ -23,7 +23,6 @@ GREEDY_PROMPT_LENGTH = 16
 GREEDY_NEW_TOKENS = 32
 PROMPT_SEED = 1234
 GOLDEN_FILE = "golden.safetensors"
-MANIFEST_FILE = "manifest.json"
 REPO_GOLDEN_DIR = Path(__file__).resolve().parent  # golden/<preset>/ in the repository
 
 
@@ -86,9 +85,9 @@ def generate_golden(model_dir: str | os.PathLike, out: str | os.PathLike, source
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     with atomic_output_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / GOLDEN_FILE))
-        digest = hashlib.sha256((tmp / GOLDEN_FILE).read_bytes()).hexdigest()
+        digest = sha256_file(tmp / GOLDEN_FILE)
         manifest = {
-            "format": "qwen-export/golden@1",
+            "format": GOLDEN_FORMAT,
             "source": source,
             "architecture": spec.architecture,
             "config_sha256": config_hash(config),
@@ -116,7 +115,7 @@ def load_golden(folder: str | os.PathLike) -> Golden:
     if not manifest_path.is_file() or not data_path.is_file():
         raise QwenExportError(f"{folder}: not a golden folder (needs {MANIFEST_FILE} and {GOLDEN_FILE})")
     manifest = json.loads(manifest_path.read_text())
-    digest = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    digest = sha256_file(data_path)
     if digest != manifest["sha256"][GOLDEN_FILE]:
         raise QwenExportError(f"{data_path}: sha256 does not match {manifest_path}; regenerate the golden")
     return Golden(manifest, load_file(str(data_path)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 
 SIZE_LIMIT = 1024  # elements: only small tensors are compared, so weights are never read for this
 
@@ -21,5 +21,5 @@ class DeduplicateInitializers(QwenPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(model.graph.initializers)
         common.DeduplicateInitializersPass(size_limit=SIZE_LIMIT)(model)
-        self.stats = {"merged": before - len(model.graph.initializers)}
+        self.stats = PassStats(extras={"merged": before - len(model.graph.initializers)})
         return ir.passes.PassResult(model, before != len(model.graph.initializers))

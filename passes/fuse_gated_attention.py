@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from onnxscript.rewriter.pattern import OrValue, Var
 
 from qwen_export.passes.functions import float_scalar, int_list
 from qwen_export.passes.fusion import FusionPass, FusionRule, MatchResult
+from qwen_export.passes.onnxscript_adapter import OrValue, Var
 
 BOOL = 9  # onnx TensorProto.BOOL
 
@@ -190,40 +190,6 @@ class GatedAttentionRule(FusionRule):
                 return None
             dims.add(rot)
         return dims.pop() if len(dims) == 1 else None
-
-    def rewrite(
-        self,
-        op,
-        x,
-        attention_mask,
-        cos,
-        sin,
-        past_key,
-        past_value,
-        q_weight,
-        k_weight,
-        v_weight,
-        o_weight,
-        q_norm,
-        k_norm,
-        **_,
-    ):
-        return self.emit(
-            op,
-            x,
-            attention_mask,
-            cos,
-            sin,
-            past_key,
-            past_value,
-            q_weight,
-            k_weight,
-            v_weight,
-            o_weight,
-            q_norm,
-            k_norm,
-            **self._attrs,
-        )
 
     def aliases(self, bindings):
         return {bindings["ids"]: 0}  # the body takes the sequence length from X [B, T, H]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter._rewrite_rule import Pattern
-from onnxscript.rewriter.pattern import OrValue
 
 from qwen_export.passes.functions import float_scalar, int_list
 from qwen_export.passes.fusion import FusionPass, FusionRule, MatchResult
+from qwen_export.passes.onnxscript_adapter import OrValue, Pattern
 
 INT64_BIG = 2**31  # a Slice end at least this large means "to the end"
 
@@ -117,56 +118,37 @@ class GatedDeltaNetRule(FusionRule):
         y = op.MatMul(op.Reshape(gated, out_shape), out_weight)
         return y, present_conv, present_recurrent
 
-    def check(
-        self,
-        context,
-        x,
-        ids,
-        qkv_weight,
-        z_weight,
-        b_weight,
-        a_weight,
-        conv_weight,
-        neg_exp_A,
-        dt_bias,
-        norm_weight,
-        out_weight,
-        mask_end,
-        z_shape,
-        conv_start,
-        conv_end,
-        split,
-        q_shape,
-        k_shape,
-        v_shape,
-        heads_q,
-        heads_k,
-        q_scale,
-        out_shape,
-        conv,
-        core,
-        gated,
-        **_,
-    ) -> MatchResult:
+    def check(self, context, **bound) -> MatchResult:
+        m = SimpleNamespace(**bound)  # the match's values by pattern name
         weights = [
-            qkv_weight,
-            z_weight,
-            b_weight,
-            a_weight,
-            conv_weight,
-            neg_exp_A,
-            dt_bias,
-            norm_weight,
-            out_weight,
+            m.qkv_weight,
+            m.z_weight,
+            m.b_weight,
+            m.a_weight,
+            m.conv_weight,
+            m.neg_exp_A,
+            m.dt_bias,
+            m.norm_weight,
+            m.out_weight,
         ]
         missing = [w for w in weights if w.const_value is None]
         if missing:
             return self.refuse("weights are not initializers", *missing)
-        if not ids.is_graph_input():
-            return self.refuse("sequence length is not read from a graph input", ids)
+        if not m.ids.is_graph_input():
+            return self.refuse("sequence length is not read from a graph input", m.ids)
         shapes = [
             int_list(v)
-            for v in (q_shape, k_shape, v_shape, z_shape, out_shape, split, conv_start, conv_end, mask_end)
+            for v in (
+                m.q_shape,
+                m.k_shape,
+                m.v_shape,
+                m.z_shape,
+                m.out_shape,
+                m.split,
+                m.conv_start,
+                m.conv_end,
+                m.mask_end,
+            )
         ]
         if any(s is None for s in shapes):
             return self.refuse("reshape/split/slice arguments are not constants")
@@ -179,43 +161,44 @@ class GatedDeltaNetRule(FusionRule):
             or v_s[:2] != [0, 0]
             or z_s != v_s
         ):
-            return self.refuse("head reshapes are not [0, 0, heads, dim]", q_shape)
+            return self.refuse("head reshapes are not [0, 0, heads, dim]", m.q_shape)
         nk, dk, nv, dv = q_s[2], q_s[3], v_s[2], v_s[3]
         conv_dim = 2 * nk * dk + nv * dv
-        c, one, kernel = conv_weight.const_value.shape
+        c, one, kernel = m.conv_weight.const_value.shape
         if split_s != [nk * dk, nk * dk, nv * dv] or c != conv_dim or one != 1 or out_s != [0, 0, nv * dv]:
-            return self.refuse("channel split does not match the head shapes", split)
-        if qkv_weight.const_value.shape[1] != conv_dim or z_weight.const_value.shape[1] != nv * dv:
-            return self.refuse("projection widths do not match the head shapes", qkv_weight)
+            return self.refuse("channel split does not match the head shapes", m.split)
+        if m.qkv_weight.const_value.shape[1] != conv_dim or m.z_weight.const_value.shape[1] != nv * dv:
+            return self.refuse("projection widths do not match the head shapes", m.qkv_weight)
         if (
-            list(b_weight.const_value.shape[1:]) != [nv]
-            or list(a_weight.const_value.shape[1:]) != [nv]
-            or list(neg_exp_A.const_value.shape) != [nv]
-            or list(dt_bias.const_value.shape) != [nv]
-            or list(norm_weight.const_value.shape) != [dv]
+            list(m.b_weight.const_value.shape[1:]) != [nv]
+            or list(m.a_weight.const_value.shape[1:]) != [nv]
+            or list(m.neg_exp_A.const_value.shape) != [nv]
+            or list(m.dt_bias.const_value.shape) != [nv]
+            or list(m.norm_weight.const_value.shape) != [dv]
         ):
-            return self.refuse("gate/decay/norm parameters do not match the head counts", b_weight)
-        reason = self._conv_problem(conv.producer(), conv_dim, kernel, start, end, m_end)
+            return self.refuse("gate/decay/norm parameters do not match the head counts", m.b_weight)
+        reason = self._conv_problem(m.conv.producer(), conv_dim, kernel, start, end, m_end)
         if reason:
-            return self.refuse(reason, conv)
-        grouped = heads_q is not None
-        if grouped != (nv != nk) or (heads_k is None) == grouped:
-            return self.refuse("value heads are not mapped to key heads", heads_q)
+            return self.refuse(reason, m.conv)
+        grouped = m.heads_q is not None
+        if grouped != (nv != nk) or (m.heads_k is None) == grouped:
+            return self.refuse("value heads are not mapped to key heads", m.heads_q)
         if grouped and (
-            int_list(heads_q) != list(np.arange(nv) // (nv // nk)) or int_list(heads_k) != int_list(heads_q)
+            int_list(m.heads_q) != list(np.arange(nv) // (nv // nk))
+            or int_list(m.heads_k) != int_list(m.heads_q)
         ):
             return self.refuse(
-                "value head j does not read key head j // (num_v_heads / num_k_heads)", heads_q
+                "value head j does not read key head j // (num_v_heads / num_k_heads)", m.heads_q
             )
-        scale = float_scalar(q_scale)
+        scale = float_scalar(m.q_scale)
         if scale is None or not np.isclose(scale, dk**-0.5, rtol=1e-6):
-            return self.refuse("query is not scaled by 1/sqrt(head_k_dim)", q_scale)
-        reason = self._scan_problem(context.model, core.producer())
+            return self.refuse("query is not scaled by 1/sqrt(head_k_dim)", m.q_scale)
+        reason = self._scan_problem(context.model, m.core.producer())
         if reason:
-            return self.refuse(reason, core)
-        epsilon = gated.producer().attributes.get("epsilon")
+            return self.refuse(reason, m.core)
+        epsilon = m.gated.producer().attributes.get("epsilon")
         if epsilon is None or epsilon.is_ref():
-            return self.refuse("gated norm has no epsilon", gated)
+            return self.refuse("gated norm has no epsilon", m.gated)
         self._attrs = dict(
             num_k_heads=nk,
             num_v_heads=nv,
@@ -251,42 +234,6 @@ class GatedDeltaNetRule(FusionRule):
         ):
             return "Scan output is not stacked forward along the sequence axis"
         return is_delta_rule_step(model, scan.attributes["body"].as_graph())
-
-    def rewrite(
-        self,
-        op,
-        x,
-        attention_mask,
-        past_conv,
-        past_recurrent,
-        qkv_weight,
-        z_weight,
-        b_weight,
-        a_weight,
-        conv_weight,
-        neg_exp_A,
-        dt_bias,
-        norm_weight,
-        out_weight,
-        **_,
-    ):
-        return self.emit(
-            op,
-            x,
-            attention_mask,
-            past_conv,
-            past_recurrent,
-            qkv_weight,
-            z_weight,
-            b_weight,
-            a_weight,
-            conv_weight,
-            neg_exp_A,
-            dt_bias,
-            norm_weight,
-            out_weight,
-            **self._attrs,
-        )
 
     def aliases(self, bindings):
         return {bindings["ids"]: 0}  # the body takes the sequence length from X [B, T, H]

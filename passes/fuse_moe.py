@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import onnx_ir as ir
-from onnxscript.rewriter.pattern import OrValue
 
 from qwen_export.passes.functions import int_list
 from qwen_export.passes.fusion import FusionPass, FusionRule, MatchResult
+from qwen_export.passes.onnxscript_adapter import OrValue
 
 
 def silu(op, x):
@@ -103,32 +103,6 @@ class MoERule(FusionRule):
             return self.refuse("unselected experts are not weighted by zero", b["zeros"])
         self._attrs = dict(top_k=k[0], normalize=int(b["normalize"]))
         return MatchResult()
-
-    def rewrite(
-        self,
-        op,
-        x,
-        router_weight,
-        gate_up,
-        down,
-        shared_gate,
-        shared_up,
-        shared_down,
-        shared_expert_gate,
-        **_,
-    ):
-        return self.emit(
-            op,
-            x,
-            router_weight,
-            gate_up,
-            down,
-            shared_gate,
-            shared_up,
-            shared_down,
-            shared_expert_gate,
-            **self._attrs,
-        )
 
 
 class FuseMoE(FusionPass):

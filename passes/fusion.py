@@ -10,21 +10,22 @@ the sequence length from the op's own input instead of `input_ids`.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import onnx_ir as ir
-from onnxscript.rewriter import _basics
-from onnxscript.rewriter._matcher import SimplePatternMatcher
-from onnxscript.rewriter._rewrite_rule import ReplacementSubgraph, RewriteRule, RewriteRuleClassBase
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.functions import extract_function, qwen_op_counts, register_function, scope_of
+from qwen_export.passes.onnxscript_adapter import (
+    MatchResult,
+    NearbyOutputsMatcher,
+    ReplacementSubgraph,
+    RewriteRule,
+    RewriteRuleClassBase,
+)
 from qwen_export.passes.qwen_ops import DOMAIN, OPS, VERSION, is_qwen, problems
-
-MatchResult = _basics.MatchResult
 
 
 class FusionRule(RewriteRuleClassBase):
@@ -38,7 +39,8 @@ class FusionRule(RewriteRuleClassBase):
         self.refusals: Counter[str] = Counter()
 
     def refuse(self, reason: str, *where: ir.Node | ir.Value | None) -> MatchResult:
-        """A failed check: counted under `reason` in the pass's stats, and visible to onnxscript's tracer."""
+        """A failed check: counted under `reason` in the pass's `stats.kept`, and visible to onnxscript's
+        tracer."""
         self.refusals[reason] += 1
         return MatchResult().fail(reason, [w for w in where if w is not None])
 
@@ -51,6 +53,13 @@ class FusionRule(RewriteRuleClassBase):
             *inputs, _domain=DOMAIN, _version=VERSION, _outputs=len(sig.outputs), **attributes
         )
 
+    def rewrite(self, op: Any, **bound: Any) -> ir.Value | Sequence[ir.Value]:
+        """The one qwen node: its inputs are the match's values named like the op's inputs (`X` and `Z`
+        bind as `x` and `z`), its attributes what `check` derived (`self._attrs`). Rules whose attributes
+        come from the match itself (the norms' epsilon) write their own."""
+        inputs = [bound[name] if name in bound else bound[name.lower()] for name in OPS[self.op].inputs]
+        return self.emit(op, *inputs, **self._attrs)
+
     def aliases(self, bindings: Mapping[str, Any]) -> dict[ir.Value, int]:
         """Outer values the body reads through a fused-op input instead (value -> input index)."""
         return {}
@@ -60,36 +69,9 @@ class FusionRule(RewriteRuleClassBase):
         return []
 
 
-class NearbyOutputsMatcher(SimplePatternMatcher):
-    """onnxscript's matcher, except that a pattern's further output nodes (DeltaNet's conv-state Slice) are
-    looked for among the consumers of values the first output node's match bound, rather than among every
-    node of the graph, which made matching quadratic in the layer count."""
-
-    def match(self, model, graph_or_function, node, *, verbose=0, remove_nodes=True, tracer=None):
-        if self.pattern.has_single_output_node:
-            return super().match(
-                model, graph_or_function, node, verbose=verbose, remove_nodes=remove_nodes, tracer=tracer
-            )
-        self._tracer = tracer
-        graph = graph_or_function
-        self._graph = graph if isinstance(graph, ir.Graph) else graph.graph
-        first, *rest = self.pattern.output_nodes
-        self._init_match(verbose)
-        if not self._match_node(first, node):
-            return self._match
-        near = {user for v in self._match.value_bindings.values() if v is not None for user, _ in v.uses()}
-        candidates = [[n for n in near if p.op_identifier() in (None, n.op_identifier())] for p in rest]
-        match = MatchResult().fail("the pattern's other outputs are not computed next to its first")
-        for combination in itertools.product(*candidates):
-            self._init_match(verbose)
-            match = self._multi_match([node, *combination], check_removable=remove_nodes)
-            if match:
-                return match
-        return match
-
-
 class FusionPass(QwenPass):
-    """Base of the fusion passes: applies `rule` to the top graph; `stats` has fired/refused counts."""
+    """Base of the fusion passes: applies `rule` to the top graph; `stats` counts fired and kept (refused,
+    with the reason) blocks."""
 
     rule: ClassVar[type[FusionRule]]
 
@@ -117,11 +99,11 @@ class FusionPass(QwenPass):
         if fired:
             graph.sort()
         counts = qwen_op_counts(model)
-        self.stats = {
-            "fired": {rule_obj.op: fired},
-            "refused": dict(rule_obj.refusals),
-            "qwen_ops": {k: dict(sorted(v.items())) for k, v in counts.items()},
-        }
+        self.stats = PassStats(
+            fired={rule_obj.op: fired},
+            kept=dict(rule_obj.refusals),
+            extras={"qwen_ops": {k: dict(sorted(v.items())) for k, v in counts.items()}},
+        )
         return ir.passes.PassResult(model, fired > 0)
 
     def ensures(self, model: ir.Model) -> None:

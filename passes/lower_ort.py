@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.lower_cpu_deltanet import CPU_DOMAIN, lower_gated_deltanet_cpu
 from qwen_export.passes.lower_ort_attention import lower_gated_attention
 from qwen_export.passes.lower_ort_deltanet import lower_gated_deltanet
@@ -105,12 +105,11 @@ class LowerToOrt(QwenPass):
             for key in [k for k in model.functions if k[0] == QWEN_DOMAIN]:
                 del model.functions[key]
             graph.opset_imports.pop(QWEN_DOMAIN, None)
-        self.stats = {
-            "fired": dict(lowered),  # qwen ops lowered, by op (the pass table's "fired" column)
-            "kept_as_qwen": kept,
-            "nodes_emitted": emitted,
-            "shared_nodes": ctx.shared_nodes,
-        }
+        self.stats = PassStats(
+            fired=dict(lowered),
+            kept=dict(Counter(kept.values())),
+            extras={"kept_as_qwen": kept, "nodes_emitted": emitted, "shared_nodes": ctx.shared_nodes},
+        )
         return ir.passes.PassResult(model, bool(lowered))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.functions import inline_call
 from qwen_export.passes.qwen_ops import DOMAIN
 
@@ -20,17 +20,18 @@ class LowerPortable(QwenPass):
     name = "lower-portable"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        inlined = 0
+        self.stats = PassStats()
         while calls := [n for n in model.graph if n.domain == DOMAIN]:
             for call in calls:
+                self.stats.fire(call.op_type)
                 inline_call(model, call)
-                inlined += 1
+        inlined = self.stats.fired_total
         removed = [key for key in model.functions if key[0] == DOMAIN]
         for key in removed:
             del model.functions[key]
         model.graph.opset_imports.pop(DOMAIN, None)
         model.opset_imports.pop(DOMAIN, None)
-        self.stats = {"inlined": inlined, "functions_removed": len(removed)}
+        self.stats.extras["functions_removed"] = len(removed)
         return ir.passes.PassResult(model, bool(inlined or removed))
 
     def ensures(self, model: ir.Model) -> None:

@@ -13,7 +13,8 @@ creators supply defaults. So each lowered node has:
   onnx.checker and ONNX shape inference (pass `domain=""` for tools that insist on the default domain);
 - `plugin_version` "1", `plugin_namespace` "qwen", and the qwen op's attributes as fields.
 
-Tensor types follow the plugins (plugins/<op>/<op>_core.h, `kInputs`/`kOutputs`): activations and weights
+Tensor types follow the plugins (the op table's type classes, passes/op_table.py, which the creators'
+`kInputs`/`kOutputs` in plugins/<op>/<op>_core.h are proven equal to): activations and weights
 in fp16 or bf16 (the type of the node's X if it is 16-bit, else `dtype`), norm scales, RoPE tables,
 DeltaNet gate parameters and the recurrent state in fp32, the attention mask in int32 (the exporter's
 int64 mask is narrowed with a Cast). Constant weights are converted as new initializers (lazily); a value
@@ -33,13 +34,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.names import UniqueNames
+from qwen_export.passes.op_table import DOMAIN, OP_TABLE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-QWEN_DOMAIN = "qwen"
+QWEN_DOMAIN = DOMAIN
 PLUGIN_DOMAIN = "qwen.trt"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "qwen"
 ACT_DTYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 # (from, to) Casts that lose nothing: reading their input gives the exact value in `from`.
 _WIDENING = {
@@ -53,7 +53,8 @@ INT32_RANGE = (-(2**31), 2**31 - 1)
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One plugin's interface, as its creator declares it (plugins/<op>/<op>_core.h).
+    """One plugin's interface, generated from the op table (passes/op_table.py); the creator declares the
+    same in plugins/<op>/<op>_core.h (tests/test_plugins_fields.py proves the two equal).
 
     inputs/outputs: (name, type class) with class "act" (fp16/bf16, X's type), "f32" or "i32".
     fields: (name, "int32" | "float32", default).
@@ -67,58 +68,15 @@ class PluginSpec:
 
 
 PLUGINS: dict[str, PluginSpec] = {
-    s.qwen_op: s
-    for s in [
-        PluginSpec(
-            "RMSNorm", "QwenRMSNorm", (("X", "act"), ("scale", "f32")), (("Y", "act"),),
-            (("epsilon", "float32", 1e-6),),
-        ),
-        PluginSpec(
-            "GatedRMSNorm", "QwenGatedRMSNorm", (("X", "act"), ("Z", "act"), ("scale", "f32")),
-            (("Y", "act"),), (("epsilon", "float32", 1e-6),),
-        ),
-        PluginSpec(
-            "GatedAttention",
-            "QwenGatedAttention",
-            (
-                ("X", "act"), ("attention_mask", "i32"), ("cos", "f32"), ("sin", "f32"),
-                ("past_key", "act"), ("past_value", "act"), ("q_weight", "act"), ("k_weight", "act"),
-                ("v_weight", "act"), ("o_weight", "act"), ("q_norm", "f32"), ("k_norm", "f32"),
-            ),
-            (("Y", "act"), ("present_key", "act"), ("present_value", "act")),
-            (
-                ("num_heads", "int32", 0), ("num_kv_heads", "int32", 0), ("head_dim", "int32", 0),
-                ("rotary_dim", "int32", 0), ("epsilon", "float32", 1e-6), ("scale", "float32", 0.0),
-            ),
-        ),
-        PluginSpec(
-            "GatedDeltaNet",
-            "QwenGatedDeltaNet",
-            (
-                ("X", "act"), ("attention_mask", "i32"), ("past_conv", "act"), ("past_recurrent", "f32"),
-                ("qkv_weight", "act"), ("z_weight", "act"), ("b_weight", "act"), ("a_weight", "act"),
-                ("conv_weight", "act"), ("neg_exp_A", "f32"), ("dt_bias", "f32"), ("norm_weight", "f32"),
-                ("out_weight", "act"),
-            ),
-            (("Y", "act"), ("present_conv", "act"), ("present_recurrent", "f32")),
-            (
-                ("num_k_heads", "int32", 0), ("num_v_heads", "int32", 0), ("head_k_dim", "int32", 0),
-                ("head_v_dim", "int32", 0), ("conv_kernel", "int32", 4), ("epsilon", "float32", 1e-6),
-            ),
-        ),
-        PluginSpec(
-            "MoE",
-            "QwenMoE",
-            (
-                ("X", "act"), ("router_weight", "act"), ("gate_up", "act"), ("down", "act"),
-                ("shared_gate", "act"), ("shared_up", "act"), ("shared_down", "act"),
-                ("shared_expert_gate", "act"),
-            ),
-            (("Y", "act"),),
-            (("top_k", "int32", 0), ("normalize", "int32", 1)),
-        ),
-    ]
-}  # fmt: skip
+    op.name: PluginSpec(
+        op.name,
+        op.plugin,
+        tuple((p.name, p.kind) for p in op.inputs),
+        tuple((p.name, p.kind) for p in op.outputs),
+        op.plugin_fields,
+    )
+    for op in OP_TABLE.values()
+}
 
 
 class LowerTrtPlugins(QwenPass):
@@ -166,13 +124,13 @@ class LowerTrtPlugins(QwenPass):
             for key in removed:
                 del model.functions[key]
             graph.opset_imports.pop(QWEN_DOMAIN, None)
-        self.stats = {
-            "lowered": dict(lowered),
-            "kept_as_qwen": kept,
-            "casts": casts,
-            "functions_removed": len(removed),
-            "dtype": self.dtype,
-        }
+        self.stats = PassStats(
+            fired=dict(lowered),
+            kept=dict(Counter(kept.values())),
+            extras={
+                "kept_as_qwen": kept, "casts": casts, "functions_removed": len(removed), "dtype": self.dtype,
+            },  # fmt: skip
+        )
         return ir.passes.PassResult(model, bool(lowered or removed))
 
     # --- one node ---------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ TensorRT-RTX 1.7 findings this pass encodes (see docs/engines.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+
+from qwen_export.passes.base import PassStats, QwenPass
 
 MOE_MODES = ("auto", "gather", "hybrid", "dense")
 DEFAULT_GATHER_BUDGET_MIB = 256
@@ -95,7 +96,7 @@ class _Emitter:
         return value
 
 
-class LowerToTrtRtx(ir.passes.InPlacePass):
+class LowerToTrtRtx(QwenPass):
     """Lower attention to opset-23 Attention and MoE to gathered top-k expert weights, for TensorRT-RTX.
 
     The delta rule stays a Scan. Runs on the exporter's fp32 standard graph, before the precision pass.
@@ -117,7 +118,6 @@ class LowerToTrtRtx(ir.passes.InPlacePass):
         self.max_tokens = max_tokens
         self.gather_budget_mib = gather_budget_mib
         self.attention = attention
-        self.stats: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -127,33 +127,27 @@ class LowerToTrtRtx(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self.stats = {
-            "attention": 0,
-            "moe": 0,
-            "moe_mode": self.moe,
-            "scan_bodies_renamed": 0,
-            "reshape_allowzero": 0,
-        }
+        self.stats = stats = PassStats(fired={"Attention": 0, "MoE": 0}, extras={"moe_mode": self.moe})
         if model.opset_imports.get("", 0) < 23:
             raise ValueError("lower-trt-rtx needs opset 23 (for Attention); the exporter emits 23")
         if self.attention:
             masks: dict[ir.Value, ir.Value] = {}
             for node in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
-                self.stats["attention"] += self._lower_attention(graph, node, masks)
+                stats.fire("Attention", self._lower_attention(graph, node, masks))
         if self.moe != "dense":
             gather_max: list[int] = []
             for node in [n for n in graph if n.op_type == "ScatterElements" and n.domain == ""]:
                 limit = self._lower_moe(graph, node)
                 if limit is not None:
-                    self.stats["moe"] += 1
+                    stats.fire("MoE")
                     gather_max.append(limit)
             if gather_max:
-                self.stats["gather_max_tokens"] = min(gather_max)
-        self.stats["scan_bodies_renamed"] = self._rename_scan_bodies(graph)
-        self.stats["reshape_allowzero"] = self._reshape_allowzero(graph)
+                stats.extras["gather_max_tokens"] = min(gather_max)
+        stats.extras["scan_bodies_renamed"] = self._rename_scan_bodies(graph)
+        stats.extras["reshape_allowzero"] = self._reshape_allowzero(graph)
         common_passes.RemoveUnusedNodesPass()(model)
-        modified = any(
-            self.stats[k] for k in ("attention", "moe", "scan_bodies_renamed", "reshape_allowzero")
+        modified = bool(
+            stats.fired_total or stats.extras["scan_bodies_renamed"] or stats.extras["reshape_allowzero"]
         )
         return ir.passes.PassResult(model, modified=modified)
 
@@ -274,7 +268,7 @@ class LowerToTrtRtx(ir.passes.InPlacePass):
         if form == "auto":
             fits = self.max_tokens is not None and self.max_tokens <= gather_max
             form = "gather" if fits else "hybrid"
-        self.stats["moe_form"] = form
+        self.stats.extras["moe_form"] = form
         if form == "gather":
             emit = _Emitter(graph, prefix, before=reduce)
             routed = self._gather_experts(emit, tokens, top_idx, top_val, gate_up, down, inter)
@@ -392,10 +386,3 @@ class LowerToTrtRtx(ir.passes.InPlacePass):
                 changed += 1
         return changed
 
-
-def lowering_summary(passes: Sequence[ir.passes.PassBase]) -> dict[str, Any]:
-    """The stats of the lowering pass in a list, for manifests."""
-    for p in passes:
-        if isinstance(p, LowerToTrtRtx):
-            return dict(p.stats)
-    return {}

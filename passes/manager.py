@@ -6,14 +6,17 @@ from __future__ import annotations
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
 import psutil
+from rich.table import Table
 
+from qwen_export.artifact import PASSES_FORMAT
 from qwen_export.memory import peak_rss_mib
-from qwen_export.passes.base import pass_name, pass_stats, pass_summary
+from qwen_export.passes.base import PassStats, QwenPass, as_qwen_pass, pass_name, pass_summary
 from qwen_export.passes.graph_stats import histogram_delta, node_counts, op_histogram
 from qwen_export.passes.numerics import NumericCheck, StageNumerics
 from qwen_export.passes.verify import check_well_formed, verify_by_default
@@ -38,12 +41,14 @@ class PassRecord:
     nodes_after: dict[str, int]
     ops_delta: dict[str, int]  # top graph
     ops_delta_all: dict[str, int]  # top graph, subgraphs and function bodies
-    stats: dict[str, Any]
+    stats: PassStats
+    options: str = ""  # the pass as constructed (its repr), e.g. "Precision('bf16', logits_fp32=True)"
     verified: bool = False
     numerics: StageNumerics | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "numerics"}
+        data["stats"] = self.stats.to_json()
         data["wall_s"] = round(self.wall_s, 4)
         for k in ("rss_before_mib", "rss_after_mib", "peak_rss_rise_mib", "python_peak_mib"):
             data[k] = None if data[k] is None else round(data[k], 1)
@@ -64,13 +69,58 @@ class PipelineReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": "qwen-export/passes@1",
+            "format": PASSES_FORMAT,
             "checked": self.checked,
             "tolerance": self.tolerance,
             "first_failure": self.first_failure,
             "input": self.baseline.to_json() if self.baseline is not None else None,
             "passes": [r.to_json() for r in self.records],
         }
+
+    def stage_tolerances(self) -> str:
+        """'2e-4' or, where a pass changed the precision, '2e-4, then 1 from quantize-weights on'."""
+        parts: list[str] = []
+        current = None
+        for record in [r for r in self.records if r.numerics is not None]:
+            if record.numerics.tolerance != current:
+                current = record.numerics.tolerance
+                parts.append(f"{current:g}" if not parts else f"then {current:g} from {record.name} on")
+        return ", ".join(parts) or f"{self.tolerance:g}"
+
+    def table(self) -> Table:
+        """One row per pass: time, node counts, op changes, what fired, and the check's |Δ| and verdict."""
+        headers = ["#", "pass", "time", "nodes", "in fns", "op changes", "fired", "|Δ| prev", "|Δ| golden"]
+        table = Table(*headers, "", title="passes")
+        for column in table.columns:  # names and numbers stay whole; the lists wrap
+            column.no_wrap = column.header not in ("op changes", "fired")
+        for i, r in enumerate(self.records, 1):
+            fired = ", ".join(f"{op}×{n}" for op, n in r.stats.fired.items() if n)
+            num = r.numerics
+            ok = num is not None and num.within_tolerance
+            verdict = "" if num is None else ("[green]ok[/green]" if ok else "[red]FAIL[/red]")
+            table.add_row(
+                str(i),
+                r.name,
+                f"{r.wall_s:.2f}s",
+                f"{r.nodes_before['graph']}→{r.nodes_after['graph']}",
+                str(r.nodes_after["functions"]),
+                _top_changes(r.ops_delta),
+                fired,
+                _fmt_delta(num.max_vs_previous if num else None),
+                _fmt_delta(num.max_vs_golden if num else None),
+                verdict,
+            )
+        return table
+
+
+def _fmt_delta(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def _top_changes(delta: dict[str, int], n: int = 2) -> str:
+    items = list(delta.items())
+    text = ", ".join(f"{op} {count:+d}" for op, count in items[:n])
+    return text + (f" (+{len(items) - n})" if len(items) > n else "")
 
 
 class PassManager:
@@ -80,6 +130,8 @@ class PassManager:
     report names the first stage whose outputs leave tolerance against the golden or the previous stage.
     `verify`: run the ONNX checker (full_check) after every pass and fail on the first invalid graph;
     defaults to the QWEN_EXPORT_VERIFY_PASSES environment variable.
+    `around`: a context each pass runs in (the engine build's progress stages); `on_start`/`on_end` are
+    called just inside it.
     """
 
     def __init__(
@@ -90,13 +142,15 @@ class PassManager:
         trace_memory: bool = False,
         on_start: Callable[[int, ir.passes.PassBase], None] | None = None,
         on_end: Callable[[int, PassRecord], None] | None = None,
+        around: Callable[[ir.passes.PassBase], AbstractContextManager[Any]] | None = None,
     ):
-        self.passes = list(passes)
+        self.passes = [as_qwen_pass(p) for p in passes]
         self.check = check
         self.verify = verify_by_default() if verify is None else verify
         self.trace_memory = trace_memory
         self.on_start = on_start
         self.on_end = on_end
+        self.around = around or (lambda p: nullcontext())
 
     def run(self, model: ir.Model) -> tuple[ir.Model, PipelineReport]:
         baseline = previous = self.check.measure(model) if self.check else None
@@ -104,23 +158,24 @@ class PassManager:
         records = []
         tolerance = self.check.tolerance if self.check else None
         for i, p in enumerate(self.passes):
-            if self.on_start:
-                self.on_start(i, p)
-            if getattr(p, "precision", None):
-                tolerance = tolerance_for(p.precision)["logits_max_abs"]
-            model, record = self._run_one(p, model, previous, tolerance)
-            if record.numerics is not None:
-                previous = record.numerics
-                if first_failure is None and not record.numerics.within_tolerance:
-                    first_failure = record.name
-            records.append(record)
-            if self.on_end:
-                self.on_end(i, record)
+            with self.around(p):
+                if self.on_start:
+                    self.on_start(i, p)
+                if p.precision:
+                    tolerance = tolerance_for(p.precision)["logits_max_abs"]
+                model, record = self._run_one(p, model, previous, tolerance)
+                if record.numerics is not None:
+                    previous = record.numerics
+                    if first_failure is None and not record.numerics.within_tolerance:
+                        first_failure = record.name
+                records.append(record)
+                if self.on_end:
+                    self.on_end(i, record)
         return model, PipelineReport(records, baseline, tolerance, first_failure)
 
     def _run_one(
         self,
-        p: ir.passes.PassBase,
+        p: QwenPass,
         model: ir.Model,
         previous: StageNumerics | None,
         tolerance: float | None = None,
@@ -131,6 +186,7 @@ class PassManager:
             op_histogram(model, True),
         )
         rss_before, peak_before = _rss_mib(), peak_rss_mib()
+        p.stats = PassStats()  # a pass that records nothing reports an empty record, not a stale one
         if self.trace_memory:
             tracemalloc.start()
         start = time.perf_counter()
@@ -155,7 +211,8 @@ class PassManager:
             nodes_after=node_counts(model).to_json(),
             ops_delta=histogram_delta(ops_before, op_histogram(model)),
             ops_delta_all=histogram_delta(all_before, op_histogram(model, True)),
-            stats=pass_stats(p),
+            stats=p.stats,
+            options=repr(p),
         )
         if self.verify:
             try:

@@ -14,8 +14,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qwen_export.golden.store import Golden, make_prompt
+from qwen_export.tolerances import tolerance_for
 
-TOLERANCE = 2e-4  # max |Δ| in fp32, logits and states
+TOLERANCE = tolerance_for("fp32")["logits_max_abs"]  # max |Δ| in fp32, logits and states
 
 
 @contextlib.contextmanager

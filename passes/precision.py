@@ -22,13 +22,14 @@ kept fp32 with casts around them: their kernels, not this pass, decide their pre
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.names import UniqueNames
 
 FLOAT = ir.DataType.FLOAT
@@ -61,7 +62,7 @@ def _is_float(value: ir.Value | None) -> bool:
     return _dtype(value) in FLOAT_TYPES
 
 
-class Precision(ir.passes.InPlacePass):
+class Precision(QwenPass):
     """Convert an fp32 graph to fp16/bf16 with fp32 islands (norms, softmax, router, DeltaNet gates, state).
 
     Weights become low-precision initializers (converted lazily, so saving streams them); activations
@@ -96,7 +97,6 @@ class Precision(ir.passes.InPlacePass):
         self.logits_fp32 = logits_fp32
         self.state_policy = {"kv": kv_cache, "conv": conv_state, "recurrent": recurrent_state}
         self.residual, self.lm_head = residual, lm_head
-        self.stats: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Precision({self.precision!r}, logits_fp32={self.logits_fp32})"
@@ -109,12 +109,15 @@ class Precision(ir.passes.InPlacePass):
         self._low_consts: dict[ir.Value, ir.Value] = {}
         self._dt: dict[ir.Value, ir.DataType] = {}
         self._unique = UniqueNames()
-        self.stats = {"precision": self.precision, "casts": 0, "fp32_nodes": 0, "low_nodes": 0, "islands": {}}
+        self.stats = PassStats(
+            extras={"precision": self.precision, "casts": 0, "fp32_nodes": 0, "low_nodes": 0, "islands": {}}
+        )
+        extras = self.stats.extras
 
         derived = _int_derived_nodes(graph)
         islands = self._islands(graph, derived)
         for reason, nodes in islands.items():
-            self.stats["islands"][reason] = len(nodes)
+            extras["islands"][reason] = len(nodes)
         self._fp32 = set().union(*islands.values()) if islands else set()
 
         for value in graph.inputs:
@@ -125,7 +128,7 @@ class Precision(ir.passes.InPlacePass):
         self._fix_outputs(graph)
         common_passes.RemoveUnusedNodesPass()(model)
         self._drop_unused_initializers(graph)
-        self.stats["low_initializers"] = sum(
+        extras["low_initializers"] = sum(
             1
             for v in graph.initializers.values()
             if v.const_value is not None and v.const_value.dtype == self.low
@@ -193,7 +196,7 @@ class Precision(ir.passes.InPlacePass):
             compute = FLOAT  # an int -> float cast the graph had (position or mask arithmetic)
         else:
             compute = self.low
-        self.stats["fp32_nodes" if compute == FLOAT else "low_nodes"] += 1
+        self.stats.extras["fp32_nodes" if compute == FLOAT else "low_nodes"] += 1
         for index, value in float_inputs:
             if node.op_type == "Where" and index == 0:
                 continue
@@ -223,7 +226,7 @@ class Precision(ir.passes.InPlacePass):
                     branch.outputs[i] = cast
             self._dt[out] = target
             out.type = ir.TensorType(target)
-        self.stats["low_nodes"] += 1
+        self.stats.extras["low_nodes"] += 1
 
     def _known_float(self, value: ir.Value) -> bool:
         return value in self._dt or _is_float(value)
@@ -266,7 +269,7 @@ class Precision(ir.passes.InPlacePass):
         else:
             graph.append(cast)
         self._dt[out] = dtype
-        self.stats["casts"] += 1
+        self.stats.extras["casts"] += 1
         return out
 
     def _low_const(self, value: ir.Value) -> ir.Value:
@@ -490,9 +493,3 @@ def _gate_chain(loop: ir.Node) -> set[ir.Node]:
             frontier.extend(v for v in node.inputs if v is not None and not _is_const(v))
     return chain
 
-
-def island_report(passes: Iterable[ir.passes.PassBase]) -> dict[str, Any]:
-    for p in passes:
-        if isinstance(p, Precision):
-            return dict(p.stats)
-    return {}

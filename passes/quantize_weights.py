@@ -44,7 +44,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.names import UniqueNames
 
 MS_DOMAIN = "com.microsoft"
@@ -139,7 +139,7 @@ class QuantizeWeights(QwenPass):
 
     Runs on the `ort` graph (after the lowering and its cleanup); the inputs and outputs of the model do
     not change. A MoE whose hidden or expert size is not a multiple of 16 stays fp32
-    (`stats["kept"]` says why). Only the top graph is walked: after the ORT lowering no weight MatMul lives
+    (`stats.kept` says why). Only the top graph is walked: after the ORT lowering no weight MatMul lives
     in a subgraph.
     """
 
@@ -177,8 +177,8 @@ class QuantizeWeights(QwenPass):
         graph = self._graph = model.graph
         self._unique = UniqueNames.of_graph(graph)
         self._done: dict[int, tuple[ir.Value, ir.Value]] = {}
-        fired = {"MatMulNBits": 0, "QMoE": 0}  # nodes emitted, by op (the pass table's "fired" column)
-        self.stats = {"fired": fired, "kept": {}, "fp32_bytes": 0, "quantized_bytes": 0}
+        fired = {"MatMulNBits": 0, "QMoE": 0}  # nodes emitted, by op
+        self.stats = PassStats(fired=fired, extras={"fp32_bytes": 0, "quantized_bytes": 0})
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
                 quantize = self._matmul
@@ -202,7 +202,7 @@ class QuantizeWeights(QwenPass):
 
     # --- per node --------------------------------------------------------------------------------------
     def _keep(self, reason: str) -> None:
-        self.stats["kept"][reason] = self.stats["kept"].get(reason, 0) + 1
+        self.stats.keep(reason)
 
     def _matmul(self, node: ir.Node) -> ir.Node | None:
         x, w = node.inputs
@@ -320,6 +320,6 @@ class QuantizeWeights(QwenPass):
                 self._graph.register_initializer(value)
                 values.append(value)
             self._done[key] = (values[0], values[1])
-            self.stats["fp32_bytes"] += int(np.prod(source.shape)) * 4
-            self.stats["quantized_bytes"] += int(np.prod(shapes[0])) + 4 * int(np.prod(shapes[1]))
+            self.stats.extras["fp32_bytes"] += int(np.prod(source.shape)) * 4
+            self.stats.extras["quantized_bytes"] += int(np.prod(shapes[0])) + 4 * int(np.prod(shapes[1]))
         return self._done[key]

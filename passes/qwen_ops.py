@@ -1,7 +1,8 @@
 """The qwen op set's signatures (docs/ops.md) and the shape rules a qwen node must satisfy.
 
-The fusion passes build nodes from these signatures and check every node they emit against `problems`;
-tests check the signatures against the tables in docs/ops.md.
+The signatures are generated from the op table (passes/op_table.py, one declaration per op). The fusion
+passes build nodes from them and check every node they emit against `problems`; tests check them against
+the tables in docs/ops.md.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-DOMAIN = "qwen"
-VERSION = 1
+from qwen_export.passes.op_table import DOMAIN, OP_TABLE, VERSION
+
+__all__ = ["DOMAIN", "OPS", "VERSION", "OpSignature", "is_qwen", "problems"]
 
 
 @dataclass(frozen=True)
 class OpSignature:
+    """A qwen op's ONNX interface: input and output names in order, attribute names by type."""
+
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -28,68 +32,10 @@ class OpSignature:
         return self.int_attributes + self.float_attributes
 
 
+# Generated from the op table (passes/op_table.py); docs/ops.md's tables are checked against these.
 OPS: dict[str, OpSignature] = {
-    s.name: s
-    for s in [
-        OpSignature("RMSNorm", ("X", "scale"), ("Y",), (), ("epsilon",)),
-        OpSignature("GatedRMSNorm", ("X", "Z", "scale"), ("Y",), (), ("epsilon",)),
-        OpSignature(
-            "GatedAttention",
-            (
-                "X",
-                "attention_mask",
-                "cos",
-                "sin",
-                "past_key",
-                "past_value",
-                "q_weight",
-                "k_weight",
-                "v_weight",
-                "o_weight",
-                "q_norm",
-                "k_norm",
-            ),
-            ("Y", "present_key", "present_value"),
-            ("num_heads", "num_kv_heads", "head_dim", "rotary_dim"),
-            ("epsilon", "scale"),
-        ),
-        OpSignature(
-            "GatedDeltaNet",
-            (
-                "X",
-                "attention_mask",
-                "past_conv",
-                "past_recurrent",
-                "qkv_weight",
-                "z_weight",
-                "b_weight",
-                "a_weight",
-                "conv_weight",
-                "neg_exp_A",
-                "dt_bias",
-                "norm_weight",
-                "out_weight",
-            ),
-            ("Y", "present_conv", "present_recurrent"),
-            ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel"),
-            ("epsilon",),
-        ),
-        OpSignature(
-            "MoE",
-            (
-                "X",
-                "router_weight",
-                "gate_up",
-                "down",
-                "shared_gate",
-                "shared_up",
-                "shared_down",
-                "shared_expert_gate",
-            ),
-            ("Y",),
-            ("top_k", "normalize"),
-        ),
-    ]
+    op.name: OpSignature(op.name, op.input_names, op.output_names, op.int_attributes, op.float_attributes)
+    for op in OP_TABLE.values()
 }
 
 

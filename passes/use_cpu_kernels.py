@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.passes.base import QwenPass
+from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.int4_layout import pack_codes, pack_scales, packed_shapes
 from qwen_export.passes.names import UniqueNames
 
@@ -42,7 +42,7 @@ class UseCpuKernels(QwenPass):
     """Int4 MatMulNBits and QMoE nodes become qwen.cpu Int4Linear and Int4MoE, which run on qwen-export's
     CPU kernels (ONNX Runtime custom-op library, plugins/ort_cpu).
 
-    A node the kernels do not cover stays as it is and `stats["kept"]` says why (zero points, biases, a
+    A node the kernels do not cover stays as it is and `stats.kept` says why (zero points, biases, a
     block that is not a multiple of 32, an activation other than Qwen's SwiGLU).
     """
 
@@ -53,13 +53,13 @@ class UseCpuKernels(QwenPass):
         self._unique = UniqueNames.of_graph(graph)
         self._packed: dict[int, ir.Value] = {}
         fired = {"Int4Linear": 0, "Int4MoE": 0}
-        self.stats = {"fired": fired, "kept": {}}
+        self.stats = PassStats(fired=fired)
         for node in list(graph):
             if node.domain != MS_DOMAIN or node.op_type not in ("MatMulNBits", "QMoE"):
                 continue
             why_not = self._why_not_linear(node) if node.op_type == "MatMulNBits" else self._why_not_moe(node)
             if why_not:
-                self.stats["kept"][why_not] = self.stats["kept"].get(why_not, 0) + 1
+                self.stats.keep(why_not)
                 continue
             new = self._linear(node) if node.op_type == "MatMulNBits" else self._moe(node)
             ir.convenience.replace_nodes_and_values(

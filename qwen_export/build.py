@@ -1,12 +1,15 @@
-"""Library entry point for a deployable artifact: export -> passes -> target lowering -> OUT/.
+"""Library entry point for a deployable artifact: export -> the target's passes -> OUT/.
 
-OUT holds model.onnx (+ model.onnx.data), manifest.json (source, target, passes, versions, file sizes and
-hashes, timings, check verdict) and passes.json (one record per pass). OUT is replaced atomically.
+`build_artifact(BuildRequest(...))` serves every target in the registry (qwen_export/targets.py): ONNX
+targets write model.onnx (+ model.onnx.data), manifest.json (source, target, passes, versions, file sizes
+and hashes, timings, check verdict) and passes.json (one record per pass); engine targets write
+engines/<sm>/model.engine and a manifest that fingerprints everything that went in. OUT is replaced
+atomically; nothing is left there on error.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -14,13 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from qwen_export.artifact import (
+    BUILD_FORMAT,
+    DATA_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PASSES_FILE,
+    BuildResult,
+    file_entries,
+)
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.export import (
-    DATA_FILE,
-    MODEL_FILE,
     SpeculativeSpec,
     io_signature,
     resolve_source,
@@ -31,34 +41,119 @@ from qwen_export.exporter.model import build_decoder
 from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
+from qwen_export.targets import get_target
 
-MANIFEST_FILE = "manifest.json"
-PASSES_FILE = "passes.json"
+if TYPE_CHECKING:
+    from rich.console import Console
 
-
-@dataclass
-class BuildResult:
-    out_dir: Path
-    target: str
-    manifest: dict[str, Any]
-    report: Any  # qwen_export.passes.manager.PipelineReport
-
-    @property
-    def model_path(self) -> Path:
-        return self.out_dir / MODEL_FILE
-
-    @property
-    def check_passed(self) -> bool | None:
-        """None when no numeric check ran."""
-        return self.report.first_failure is None if self.report.checked else None
+    from qwen_export.engines.builder import BuildPlan
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything `build` can be asked; which options a target accepts is its registry entry's `options`
+    (the field's `option` metadata names the option)."""
+
+    out: Path
+    target: str = "onnx"
+    preset: str | None = None
+    model_dir: Path | None = None
+    check: bool = dataclasses.field(default=False, metadata={"option": "check"})
+    golden_dir: Path | None = dataclasses.field(default=None, metadata={"option": "golden"})
+    gpu: str | None = dataclasses.field(default=None, metadata={"option": "gpu"})
+    precision: str | None = dataclasses.field(default=None, metadata={"option": "precision"})
+    max_batch: int | None = dataclasses.field(default=None, metadata={"option": "max_batch"})
+    max_prompt: int | None = dataclasses.field(default=None, metadata={"option": "max_prompt"})
+    max_context: int | None = dataclasses.field(default=None, metadata={"option": "max_context"})
+    spec_file: Path | None = dataclasses.field(default=None, metadata={"option": "spec"})
+    workspace_mib: int | None = dataclasses.field(default=None, metadata={"option": "workspace"})
+    opt_level: int = dataclasses.field(default=3, metadata={"option": "opt_level"})
+    version_compatible: bool = dataclasses.field(default=False, metadata={"option": "version_compatible"})
+    hardware_compatibility: str = dataclasses.field(
+        default="none", metadata={"option": "hardware_compatibility"}
+    )
+    timing_cache: Path | None = dataclasses.field(default=None, metadata={"option": "timing_cache"})
+    dry_run: bool = dataclasses.field(default=False, metadata={"option": "dry_run"})
+
+    def given_options(self) -> list[str]:
+        """The options set away from their defaults, by option name."""
+        return [
+            f.metadata["option"]
+            for f in dataclasses.fields(self)
+            if "option" in f.metadata and getattr(self, f.name) != f.default
+        ]
+
+    def check_options(self) -> None:
+        """A one-line error for the first option the target does not take, naming the targets that do."""
+        from qwen_export.targets import TARGETS
+
+        target = get_target(self.target)
+        for option in self.given_options():
+            if option not in target.options:
+                takers = ", ".join(t.name for t in TARGETS.values() if option in t.options)
+                flag = "--" + option.replace("_", "-")
+                raise QwenExportError(f"{flag} is not an option of target {target.name} (it is for {takers})")
+
+
+def build_artifact(
+    request: BuildRequest,
+    on_pass_start: Callable | None = None,
+    on_pass_end: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+    console: Console | None = None,
+) -> BuildResult | BuildPlan:
+    """Build `request.target` from the request's source into `request.out`; an engine target's dry run
+    returns its plan instead. Bad input raises QwenExportError before any work."""
+    request.check_options()
+    if get_target(request.target).kind == "engine":
+        return _build_engines(request, log, console)
+    return build(
+        request.out,
+        preset=request.preset,
+        model_dir=request.model_dir,
+        target=request.target,
+        check=request.check,
+        golden_dir=request.golden_dir,
+        on_pass_start=on_pass_start,
+        on_pass_end=on_pass_end,
+        log=log,
+    )
+
+
+def _build_engines(
+    request: BuildRequest, log: Callable[[str], None] | None, console: Console | None
+) -> BuildResult | BuildPlan:
+    from qwen_export.engines.api import build_engine_artifact, deploy_spec
+    from qwen_export.exporter.export import cached_export
+
+    # Everything that can be wrong with the request is reported before any work.
+    deploy = deploy_spec(
+        gpu=request.gpu,
+        precision=request.precision,
+        max_batch=request.max_batch,
+        max_prompt=request.max_prompt,
+        max_context=request.max_context,
+        target=request.target,
+        workspace_mib=request.workspace_mib,
+        spec_file=request.spec_file,
+    )
+    check_writable_parent(Path(request.out))
+    if console is not None:
+        with console.status("exporting…"):
+            exported = cached_export(preset=request.preset, model_dir=request.model_dir, log=log)
+    else:
+        exported = cached_export(preset=request.preset, model_dir=request.model_dir, log=log)
+    return build_engine_artifact(
+        exported,
+        deploy,
+        request.out,
+        dry_run=request.dry_run,
+        console=console,
+        opt_level=request.opt_level,
+        version_compatible=request.version_compatible,
+        hardware_compatibility=request.hardware_compatibility,
+        timing_cache=request.timing_cache,
+    )
 
 
 def _golden_for(preset: str | None, golden_dir: str | os.PathLike | None, config: dict[str, Any]):
@@ -96,16 +191,14 @@ def build(
     on_pass_end: Callable | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BuildResult:
-    """Export, run `pipeline(target)` and write the artifact to OUT; nothing is left at OUT on error.
+    """Export, run the target's pipeline and write the artifact to OUT; nothing is left at OUT on error.
 
     check: run every stage in ONNX Runtime against the golden reference (the preset's stored golden, or
     `golden_dir`) and the previous stage. A check that fails is not an error: the artifact is written (for
     inspection) with manifest check.passed = false, and `BuildResult.check_passed` is False.
     """
-    from qwen_export.passes.pipeline import pipeline
-
     out_path = check_writable_parent(Path(out))
-    pipeline(target)  # an unknown target fails before any work
+    get_target(target)  # an unknown target fails before any work
     start = time.perf_counter()
     source_dir, source = resolve_source(preset, model_dir)
     config = read_config_json(source_dir)
@@ -145,9 +238,8 @@ def _build(
     from qwen_export.passes.graph_stats import node_counts
     from qwen_export.passes.manager import PassManager
     from qwen_export.passes.numerics import NumericCheck
-    from qwen_export.passes.pipeline import pipeline
 
-    passes = pipeline(target)
+    passes = get_target(target).passes()
     ckpt = Checkpoint.open(source_dir)
     model = build_decoder(spec, ckpt)
     left_out = ckpt.account()
@@ -174,14 +266,10 @@ def _build(
         kernels = _copy_cpu_kernels(target, tmp)
         if confirm is not None and confirm() != spec:
             raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
-        files = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in (MODEL_FILE, DATA_FILE, *kernels)
-            if (tmp / name).exists()
-        }
+        files = file_entries(tmp, [MODEL_FILE, DATA_FILE, *kernels])
         (tmp / PASSES_FILE).write_text(json.dumps(report.to_json(), indent=2))
         manifest = {
-            "format": "qwen-export/build@1",
+            "format": BUILD_FORMAT,
             "source": source,
             "source_dir": str(source_dir),
             "architecture": spec.architecture,
@@ -221,15 +309,13 @@ def _build(
             },
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return BuildResult(out_path, target, manifest, report)
+    return BuildResult(out_path, target, manifest, report=report)
 
 
 def _copy_cpu_kernels(target: str, folder: Path) -> list[str]:
     """A target that runs qwen.cpu ops carries the custom-op library, so the artifact runs without the
     sources or a compiler. Returns the files added."""
-    from qwen_export.passes.targets import CPU_KERNEL_TARGETS
-
-    if target not in CPU_KERNEL_TARGETS:
+    if not get_target(target).cpu_kernels:
         return []
     from qwen_export import cpu_kernels
 
@@ -239,7 +325,7 @@ def _copy_cpu_kernels(target: str, folder: Path) -> list[str]:
 
 def _fused_ops(report) -> dict[str, dict[str, int]]:
     """qwen ops right after the last fusion pass (before any lowering), top-level and nested."""
-    counts = [r.stats["qwen_ops"] for r in report.records if "qwen_ops" in r.stats]
+    counts = [r.stats.extras["qwen_ops"] for r in report.records if "qwen_ops" in r.stats.extras]
     return counts[-1] if counts else {}
 
 

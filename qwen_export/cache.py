@@ -22,9 +22,17 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_export.errors import QwenExportError
-from qwen_export.presets import cache_root
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def cache_root() -> Path:
+    """The cache folder: QWEN_EXPORT_CACHE, default ~/.cache/qwen-export."""
+    return Path(os.environ.get("QWEN_EXPORT_CACHE", Path.home() / ".cache" / "qwen-export"))
 
 AREAS = {
     "presets": "built-in models' checkpoints (random weights, rebuilt in seconds)",
@@ -113,3 +121,62 @@ def remove(chosen: Iterable[CacheItem]) -> int:
         shutil.rmtree(aside, ignore_errors=True)
         freed += entry.bytes
     return freed
+
+
+@dataclass
+class CacheReport:
+    """What the cache holds in `areas`, and what a prune removed (or, in a dry run, would remove)."""
+
+    root: Path
+    areas: list[str]
+    found: list[CacheItem]
+    chosen: list[CacheItem]
+    freed_bytes: int
+    dry_run: bool
+    pruned: bool
+
+    def to_json(self) -> dict:
+        key = "would_remove" if self.dry_run else "removed"
+        return {
+            "root": str(self.root),
+            "entries": [e.to_json() for e in self.found],
+            key: [e.to_json() for e in self.chosen],
+            "freed_bytes": self.freed_bytes,
+        }
+
+    def render(self, console: Console, log: Console) -> None:
+        from rich.table import Table
+
+        table = Table("area", "entries", "size", "least recently used", title=str(self.root))
+        now = time.time()
+        for name in self.areas:
+            mine = [e for e in self.found if e.area == name]
+            oldest = f"{(now - mine[0].last_used) / 86400:.1f} days ago" if mine else ""
+            table.add_row(name, str(len(mine)), f"{sum(e.bytes for e in mine) / 1e9:.2f} GB", oldest)
+        console.print(table)
+        if self.pruned:
+            verb = "would remove" if self.dry_run else "removed"
+            size = sum(e.bytes for e in self.chosen) / 1e9
+            log.print(f"{verb} {len(self.chosen)} entries ({size:.2f} GB)", highlight=False)
+
+
+def prune(
+    areas: Iterable[str] | None = None,
+    older_than_days: float | None = None,
+    max_gb: float | None = None,
+    clear: bool = False,
+    dry_run: bool = False,
+) -> CacheReport:
+    """Report the cache's areas and, with `clear`, `older_than_days` or `max_gb`, remove entries (oldest
+    use first; `dry_run` only says which)."""
+    if clear and (older_than_days is not None or max_gb is not None):
+        raise QwenExportError("--clear removes everything; drop --prune-older-than/--max-size, or --clear")
+    areas = list(areas or AREAS)
+    found = entries(areas)
+    pruning = clear or older_than_days is not None or max_gb is not None
+    chosen: list[CacheItem] = []
+    if pruning:
+        max_bytes = None if max_gb is None else int(max_gb * 1e9)
+        chosen = found if clear else select_for_removal(found, older_than_days, max_bytes)
+    freed = 0 if dry_run else remove(chosen)
+    return CacheReport(cache_root(), areas, found, chosen, freed, dry_run, pruning)

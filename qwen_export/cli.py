@@ -1,4 +1,5 @@
-"""`qwen-export` command line: a thin layer over the library API."""
+"""`qwen-export` command line: each command parses its options, calls the library, and hands the result to
+the renderer that lives with the result type."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from qwen_export.errors import QwenExportError
+from qwen_export.targets import help_text
+from qwen_export.tolerances import tolerance_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local folders; never reach for the network
 
@@ -27,6 +29,17 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+
+@app.callback()
+def _targets_from_the_registry(ctx: typer.Context) -> None:
+    # A target registered after this module was imported (another package, a test) reaches `build --help`:
+    # the group's callback runs before a subcommand parses its options.
+    build_command = getattr(ctx.command, "commands", {}).get("build")
+    for param in getattr(build_command, "params", []):
+        if param.name == "target":
+            param.help = help_text()
+
+
 PresetOpt = Annotated[
     str | None,
     typer.Option("--preset", "-p", help="Built-in model with seeded random weights (see `presets`)."),
@@ -35,6 +48,9 @@ ModelOpt = Annotated[
     Path | None, typer.Option("--model", "-m", help="Local Hugging Face folder: config.json + *.safetensors.")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced atomically when done).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
 
 
 def user_errors(fn):
@@ -53,6 +69,16 @@ def user_errors(fn):
 
 def _log(message: str) -> None:
     err.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+
+
+def _emit(result: Any, as_json: bool, report: Path | None = None) -> None:
+    """The result as JSON (stdout and/or a file) or through its own renderer."""
+    if report is not None:
+        report.write_text(json.dumps(result.to_json(), indent=2))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        result.render(Console())
 
 
 @app.command()
@@ -82,13 +108,9 @@ def export(
 
     with err.status("exporting…"):
         result = export_model(
-            out,
-            preset=preset,
-            model_dir=model,
-            debug_hidden_states=debug_hidden_states,
-            multimodal=multimodal,
-            log=_log,
-        )
+            out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states,
+            multimodal=multimodal, log=_log,
+        )  # fmt: skip
     info = result.info
     err.print(
         f"[green]wrote[/green] {result.model_path} ({info['graph']['nodes']} nodes, "
@@ -99,11 +121,7 @@ def export(
 
 @app.command()
 @user_errors
-def golden(
-    out: OutOpt,
-    preset: PresetOpt = None,
-    model: ModelOpt = None,
-) -> None:
+def golden(out: OutOpt, preset: PresetOpt = None, model: ModelOpt = None) -> None:
     """Run the PyTorch reference and store golden outputs: prefill logits (lengths 1..200), 32 greedy tokens,
     final states, with a manifest of versions, seed, prompts, shapes and sha256."""
     from qwen_export.exporter.export import resolve_source
@@ -116,6 +134,9 @@ def golden(
     err.print(f"[green]wrote[/green] {out} in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
+FP32_MAX_ABS = tolerance_for("fp32")["logits_max_abs"]
+
+
 @app.command()
 @user_errors
 def validate(
@@ -125,33 +146,17 @@ def validate(
     golden_dir: Annotated[
         Path, typer.Option("--golden", "-g", help="Golden folder from `qwen-export golden`.")
     ],
-    tolerance: Annotated[float, typer.Option(help="Max |Δ| allowed on logits and states (fp32).")] = 2e-4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    tolerance: Annotated[
+        float, typer.Option(help=f"Max |Δ| allowed on logits and states (fp32; default {FP32_MAX_ABS:g}).")
+    ] = FP32_MAX_ABS,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the artifact on ONNX Runtime CPU against golden outputs; exit 1 if anything is out of tolerance."""
-    from qwen_export.golden.store import load_golden
-    from qwen_export.validate import render, validate_onnx
+    from qwen_export.validate import validate_artifact
 
-    model_path = artifact / "model.onnx" if artifact.is_dir() else artifact
-    if not model_path.is_file():
-        raise QwenExportError(f"{model_path}: no such model; pass a folder written by `qwen-export export`")
-    manifest = artifact / "manifest.json"
-    if manifest.is_file():
-        from qwen_export.tolerances import artifact_precision
-
-        precision = artifact_precision(json.loads(manifest.read_text()))
-        if precision != "fp32":
-            raise QwenExportError(
-                f"{artifact}: a {precision} artifact; validate holds fp32 artifacts to 2e-4 and identical "
-                f"greedy tokens. Use `qwen-export diff {artifact}`, which applies the {precision} tolerances"
-            )
-    golden_data = load_golden(golden_dir)
     with err.status("validating…"):
-        report = validate_onnx(model_path, golden_data, tolerance)
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        render(report)
+        report = validate_artifact(artifact, golden_dir, tolerance)
+    _emit(report, as_json)
     raise typer.Exit(0 if report.passed else 1)
 
 
@@ -179,97 +184,24 @@ def run(
     ] = None,
 ) -> None:
     """Generate from an artifact, streaming tokens as they come (text, or images/video with a prompt)."""
-    from qwen_export.runtime.sampling import SamplingConfig
-    from qwen_export.runtime.session import Session
+    from qwen_export.runtime.run import RunRequest, run_multimodal_request, stream_text
 
     if (prompt is None) == (ids is None):
         raise QwenExportError("pass exactly one of --prompt TEXT or --ids 1,2,3")
-    try:
-        sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        token_ids = [int(t) for t in ids.split(",")] if ids is not None else None
-        stop_ids = [int(t) for t in stop.split(",")] if stop else []
-    except ValueError as e:
-        raise QwenExportError(str(e)) from None
-    if image or video:
-        if prompt is None:
-            raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
-        # No --stop means the tokenizer's end-of-sequence token (None), not "never stop".
-        _run_multimodal(
-            artifact,
-            prompt,
-            image or [],
-            video or [],
-            max_new_tokens,
-            sampling,
-            stop_ids if stop else None,
-            as_json,
-        )
-        return
-    session = Session.load(artifact)
-    token_ids = token_ids if token_ids is not None else session.encode(prompt)
-    timings: dict[str, float] = {}
-    generated: list[int] = []
-    for step in session.stream([token_ids], max_new_tokens, sampling, stop_ids, timings):
-        generated.append(int(step[0]))
-        if not as_json:
-            piece = session.tokenizer.decode([generated[-1]]) if session.tokenizer else f"{generated[-1]} "
-            print(piece, end="", flush=True)
-    decode_s = timings["decode_end"] - timings["decode_start"]
-    rate = (len(generated) - 1) / decode_s if decode_s > 0 and len(generated) > 1 else 0.0
-    if as_json:
-        text = session.tokenizer.decode(generated) if session.tokenizer else None
-        print(
-            json.dumps(
-                {
-                    "prompt_ids": token_ids,
-                    "ids": generated,
-                    "text": text,
-                    "backend": session.backend.name,
-                    "time_to_first_token_s": round(timings["time_to_first_token_s"], 6),
-                    "decode_tokens_per_s": round(rate, 2),
-                }
-            )
-        )
+    request = RunRequest.parse(
+        artifact, prompt=prompt, ids=ids, max_new_tokens=max_new_tokens, greedy=greedy,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        images=image or [], videos=video or [],
+    )  # fmt: skip
+    if request.images or request.videos:
+        with err.status("running…"):
+            result = run_multimodal_request(request)
     else:
-        print()
-        err.print(
-            f"[dim]{len(generated)} tokens · first token {timings['time_to_first_token_s'] * 1e3:.1f} ms · "
-            f"decode {rate:.1f} tokens/s · {session.backend.name}[/dim]"
-        )
-
-
-def _run_multimodal(artifact, prompt, images, videos, max_new_tokens, sampling, stop_ids, as_json) -> None:
-    from qwen_export.runtime.multimodal import run_multimodal
-
-    frames = [[Path(f) for f in v.split(",")] for v in videos]
-    with err.status("running…"):
-        result = run_multimodal(
-            artifact,
-            prompt,
-            images=images,
-            videos=frames,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            stop_tokens=stop_ids,
-        )
+        result = stream_text(request, None if as_json else lambda piece: print(piece, end="", flush=True))
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "ids": result.tokens,
-                    "text": result.text,
-                    "prompt_tokens": result.prompt_tokens,
-                    "time_to_first_token_s": round(result.time_to_first_token_s, 6),
-                    "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-                }
-            )
-        )
+        print(json.dumps(result.to_json()))
     else:
-        print(result.text)
-        err.print(
-            f"[dim]{len(result.tokens)} tokens · first token {result.time_to_first_token_s * 1e3:.1f} ms · "
-            f"decode {result.decode_tokens_per_s:.1f} tokens/s[/dim]"
-        )
+        result.render(err)
 
 
 @app.command()
@@ -289,14 +221,14 @@ def diff(
         bool,
         typer.Option(help="Rebuild with a check after every pass; name the first pass out of tolerance."),
     ] = False,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    report: ReportOpt = None,
     save_outputs: Annotated[
         Path | None,
         typer.Option(
             help="Write our outputs as Polygraphy RunResults (for `polygraphy run --load-outputs`)."
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
 
@@ -306,50 +238,9 @@ def diff(
 
     with err.status("comparing with the reference…"):
         result = diff_artifact(artifact, against, per_layer=per_layer, per_pass=per_pass)
-    payload = result.to_json()
-    if report is not None:
-        report.write_text(json.dumps(payload, indent=2))
     if save_outputs is not None:
         save_polygraphy_outputs(artifact, save_outputs)
-    if as_json:
-        print(json.dumps(payload, indent=2))
-    else:
-        table = Table(
-            "check",
-            "max |Δ|",
-            "mean |Δ|",
-            "cos min",
-            "top-1",
-            "top-5",
-            "KL mean",
-            title=f"{artifact} vs {result.against} ({result.precision}: {result.tolerances})",
-        )
-        for name, m in result.prefill.items():
-            table.add_row(
-                name,
-                f"{m['max_abs']:.2e}",
-                f"{m['mean_abs']:.2e}",
-                f"{m['cosine_min']:.6f}",
-                f"{m['top1_agreement']:.1%}",
-                f"{m['top5_agreement']:.1%}",
-                f"{m['kl_mean']:.2e}",
-            )
-        Console().print(table)
-        Console().print(f"greedy agreement: {result.greedy_agreement}/{result.greedy_tokens} tokens")
-        for layer in result.layers:
-            mark = "ok" if layer["ok"] else "[red]OUT OF TOLERANCE[/red]"
-            Console().print(
-                f"layer {layer['layer']:>3}: max |Δ| {layer['max_abs']:.2e} (rel {layer['rel']:.1e}) {mark}"
-            )
-        for stage in result.passes:
-            mark = "ok" if stage["ok"] else "[red]OUT OF TOLERANCE[/red]"
-            Console().print(
-                f"pass {stage['stage']:<28} vs reference {stage['max_vs_reference'] or 0:.2e} {mark}"
-            )
-        if result.first_bad_layer is not None:
-            Console().print(f"[bold red]first layer out of tolerance: {result.first_bad_layer}[/bold red]")
-        if result.first_bad_pass is not None:
-            Console().print(f"[bold red]first pass out of tolerance: {result.first_bad_pass}[/bold red]")
+    _emit(result, as_json, report)
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -359,111 +250,18 @@ def profile(
     artifact: Annotated[Path, typer.Argument(help="An ONNX artifact folder from `export` or `build`.")],
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length for the prefill phase.")] = 65,
     decode_steps: Annotated[int, typer.Option(min=1, help="Decode steps to time.")] = 16,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    report: ReportOpt = None,
     chart: Annotated[Path | None, typer.Option(help="Write a PNG chart of time per layer here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Latency per decoder layer and per op type for prefill and decode (p50/p90 step), and per build pass."""
     from qwen_export.profile import profile_artifact, render_chart
 
     with err.status("profiling…"):
         result = profile_artifact(artifact, prompt_tokens, decode_steps)
-    payload = result.to_json()
-    if report is not None:
-        report.write_text(json.dumps(payload, indent=2))
     if chart is not None:
         render_chart(result, chart)
-    if as_json:
-        print(json.dumps(payload, indent=2))
-        return
-    console = Console()
-    for name, phase in result.phases.items():
-        console.print(
-            f"[bold]{name}[/bold]: step p50 {phase.step_ms_p50:.2f} ms, p90 {phase.step_ms_p90:.2f} ms "
-            f"({result.runtime})"
-        )
-        table = Table("part", "ms / step", "share")
-        for part, ms in phase.per_layer_ms.items():
-            table.add_row(part, f"{ms:.3f}", f"{ms / phase.attributed_ms_mean:.0%}")
-        console.print(table)
-        top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(phase.per_op_type_ms.items())[:6])
-        console.print(f"[dim]by op type (ms): {top}[/dim]")
-    if result.passes:
-        table = Table("pass", "wall s", "peak RSS rise (MiB)", "top-level nodes", title="build passes")
-        for rec in result.passes:
-            before, after = rec.get("nodes_before", {}), rec.get("nodes_after", {})
-            table.add_row(
-                str(rec.get("name")),
-                f"{rec.get('wall_s', 0):.3f}",
-                f"{rec.get('peak_rss_rise_mib', 0):.1f}",
-                f"{before.get('graph', '?')} → {after.get('graph', '?')}",
-            )
-        console.print(table)
-
-
-TargetOpt = Annotated[
-    str,
-    typer.Option(
-        "--target",
-        "-t",
-        help="onnx (standard ops), ort (ORT contrib ops), ort-int4 / ort-int8 (ort with weight-only "
-        "MatMulNBits/QMoE), ort-cpu-int4 (int4 on qwen-export's CPU kernels; the fastest CPU decode), "
-        "fused (qwen ops), trt-plugins (ONNX with our "
-        "TensorRT plugin nodes); engines: trt-rtx (TensorRT-RTX, built here for sm80/86/89/120) or trt "
-        "(full TensorRT + plugins, built on the GPU).",
-    ),
-]
-CheckOpt = Annotated[
-    bool,
-    typer.Option(help="Run every stage in ONNX Runtime against the golden reference and the previous stage."),
-]
-GoldenOpt = Annotated[
-    Path | None, typer.Option("--golden", help="Golden folder for --check (default: the preset's).")
-]
-
-
-def _fmt_delta(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1e}"
-
-
-def _top_changes(delta: dict[str, int], n: int = 2) -> str:
-    items = list(delta.items())
-    text = ", ".join(f"{op} {count:+d}" for op, count in items[:n])
-    return text + (f" (+{len(items) - n})" if len(items) > n else "")
-
-
-def _pass_table(records) -> Table:
-    headers = ["#", "pass", "time", "nodes", "in fns", "op changes", "fired", "|Δ| prev", "|Δ| golden"]
-    table = Table(*headers, "", title="passes")
-    for column in table.columns:
-        column.no_wrap = True
-    for i, r in enumerate(records, 1):
-        fired = ", ".join(f"{op}×{n}" for op, n in r.stats.get("fired", {}).items() if n)
-        num = r.numerics
-        verdict = "" if num is None else ("[green]ok[/green]" if num.within_tolerance else "[red]FAIL[/red]")
-        table.add_row(
-            str(i),
-            r.name,
-            f"{r.wall_s:.2f}s",
-            f"{r.nodes_before['graph']}→{r.nodes_after['graph']}",
-            str(r.nodes_after["functions"]),
-            _top_changes(r.ops_delta),
-            fired,
-            _fmt_delta(num.max_vs_previous if num else None),
-            _fmt_delta(num.max_vs_golden if num else None),
-            verdict,
-        )
-    return table
-
-
-def _stage_tolerances(report) -> str:
-    """'2e-4' or, where a pass changed the precision, '2e-4, then 1 from quantize-weights on'."""
-    parts, current = [], None
-    for record in [r for r in report.records if r.numerics is not None]:
-        if record.numerics.tolerance != current:
-            current = record.numerics.tolerance
-            parts.append(f"{current:g}" if not parts else f"then {current:g} from {record.name} on")
-    return ", ".join(parts) or f"{report.tolerance:g}"
+    _emit(result, as_json, report)
 
 
 @app.command()
@@ -472,9 +270,14 @@ def build(
     out: OutOpt,
     preset: PresetOpt = None,
     model: ModelOpt = None,
-    target: TargetOpt = "onnx",
-    check: CheckOpt = False,
-    golden: GoldenOpt = None,
+    target: Annotated[str, typer.Option("--target", "-t", help=help_text())] = "onnx",
+    check: Annotated[
+        bool,
+        typer.Option(help="Run each stage in ONNX Runtime against the golden reference and the one before."),
+    ] = False,
+    golden: Annotated[
+        Path | None, typer.Option("--golden", help="Golden folder for --check (default: the preset's).")
+    ] = None,
     gpu: Annotated[
         str | None,
         typer.Option(
@@ -507,191 +310,50 @@ def build(
     for engine targets, OUT/engines/<gpu>/model.engine and a manifest fingerprinting everything that went in.
 
     With --check, each stage runs in ONNX Runtime (optimizations off) on fixed prompts; the command names
-    the first pass whose logits or states leave tolerance (2e-4) and exits with code 1. Unchanged engine
-    rebuilds come from the engine cache.
+    the first pass whose logits or states leave tolerance and exits with code 1. Unchanged engine
+    rebuilds come from the engine cache. Each target takes only its own options (`qwen-export targets`).
     """
-    if target in ENGINE_TARGETS:
-        _build_engines(
-            out,
-            preset,
-            model,
-            target,
-            gpu,
-            precision,
-            max_batch,
-            max_prompt,
-            max_context,
-            spec,
-            workspace,
-            opt_level,
-            version_compatible,
-            hardware_compatibility,
-            timing_cache,
-            dry_run,
-        )
-        return
-    if gpu or precision or dry_run:
-        raise QwenExportError(
-            f"--gpu, --precision and --dry-run are for engine targets ({', '.join(ENGINE_TARGETS)})"
-        )
-    from rich import progress as rp
+    from qwen_export.build import BuildRequest, build_artifact
+    from qwen_export.progress import pass_progress
 
-    from qwen_export.build import build as build_artifact
-    from qwen_export.passes.base import pass_name
-    from qwen_export.passes.pipeline import pipeline
-
-    total = len(pipeline(target))
-    columns = (
-        rp.SpinnerColumn(),
-        rp.TextColumn("{task.description}"),
-        rp.BarColumn(),
-        rp.MofNCompleteColumn(),
-        rp.TimeElapsedColumn(),
-    )
-    with rp.Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("exporting", total=total)
-
-        def on_start(i: int, p) -> None:
-            progress.update(task, description=f"{pass_name(p)}" + (" (+ check)" if check else ""))
-
-        def on_end(i: int, record) -> None:
-            progress.advance(task)
-
-        result = build_artifact(
-            out,
-            preset=preset,
-            model_dir=model,
-            target=target,
-            check=check,
-            golden_dir=golden,
-            on_pass_start=on_start,
-            on_pass_end=on_end,
-            log=_log,
-        )
-    # Piped output gets a wide table rather than one squeezed to 80 columns.
-    (err if err.is_terminal else Console(stderr=True, width=160)).print(_pass_table(result.report.records))
-    m = result.manifest
-    err.print(
-        f"[green]wrote[/green] {result.model_path} (target {target}, {m['graph']['nodes']['graph']} nodes, "
-        f"{m['timings_s']['total']:.1f} s, peak RSS {m['peak_rss_mib']:.0f} MiB)",
-        highlight=False,
-    )
-    report = result.report
-    if result.check_passed is False:
-        err.print(
-            f"[bold red]check failed:[/bold red] first stage out of tolerance: {report.first_failure} "
-            f"(see {result.out_dir / 'passes.json'})",
-            highlight=False,
-        )
-        raise typer.Exit(1)
-    if result.check_passed:
-        err.print(
-            "[green]check passed[/green]: every stage within its tolerance "
-            f"({_stage_tolerances(report)}) of the golden reference and of the previous stage",
-            highlight=False,
-        )
-
-
-ENGINE_TARGETS = ("trt-rtx", "trt")
-
-
-def _build_engines(
-    out,
-    preset,
-    model,
-    target,
-    gpu,
-    precision,
-    max_batch,
-    max_prompt,
-    max_context,
-    spec_file,
-    workspace,
-    opt_level,
-    version_compatible,
-    hardware_compatibility,
-    timing_cache,
-    dry_run,
-) -> None:
-    from qwen_export.engines.api import build_engine_artifact, deploy_spec
-    from qwen_export.exporter.export import cached_export
-    from qwen_export.fsutil import check_writable_parent
-
-    # Everything that can be wrong with the request is reported before any work.
-    deploy = deploy_spec(
-        gpu=gpu,
-        precision=precision,
-        max_batch=max_batch,
-        max_prompt=max_prompt,
-        max_context=max_context,
-        target=target,
-        workspace_mib=workspace,
-        spec_file=spec_file,
-    )
-    check_writable_parent(Path(out))
-    with err.status("exporting…"):
-        exported = cached_export(preset=preset, model_dir=model, log=_log)
-    build_engine_artifact(
-        exported,
-        deploy,
-        out,
-        dry_run=dry_run,
-        console=err,
-        opt_level=opt_level,
-        version_compatible=version_compatible,
-        hardware_compatibility=hardware_compatibility,
-        timing_cache=timing_cache,
-    )
+    request = BuildRequest(
+        out=out, target=target, preset=preset, model_dir=model, check=check, golden_dir=golden, gpu=gpu,
+        precision=precision, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
+        spec_file=spec, workspace_mib=workspace, opt_level=opt_level, version_compatible=version_compatible,
+        hardware_compatibility=hardware_compatibility, timing_cache=timing_cache, dry_run=dry_run,
+    )  # fmt: skip
+    request.check_options()
+    with pass_progress(request, err) as hooks:
+        result = build_artifact(request, hooks.on_start, hooks.on_end, log=_log, console=err)
+    if getattr(result, "report", None) is not None:
+        # Piped output gets a wide table rather than one squeezed to 80 columns.
+        result.render(err if err.is_terminal else Console(stderr=True, width=160))
+        if result.check_passed is False:
+            raise typer.Exit(1)
 
 
 @app.command("passes")
-def list_passes(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
+def list_passes(as_json: ListJsonOpt = False) -> None:
     """List the graph passes, what each does, and which targets' pipelines use it."""
-    from qwen_export.errors import QwenExportError as _Err
-    from qwen_export.passes.base import pass_name, pass_summary
-    from qwen_export.passes.pipeline import TARGETS, catalog, pipeline
+    from qwen_export.targets import pass_table
 
-    used: dict[str, list[str]] = {}
-    for target in TARGETS:
-        try:
-            names = {pass_name(p) for p in pipeline(target)}
-        except _Err:
-            continue
-        for name in names:
-            used.setdefault(name, []).append(target)
-    rows = [(pass_name(cls), pass_summary(cls), used.get(pass_name(cls), [])) for cls in catalog()]
-    if as_json:
-        print(json.dumps([{"name": n, "summary": s, "targets": t} for n, s, t in rows]))
-        return
-    table = Table("pass", "what it does", "targets")
-    for name, summary, targets in rows:
-        table.add_row(name, summary, ", ".join(targets) or "(optional)")
-    Console().print(table)
+    _emit(pass_table(), as_json)
+
+
+@app.command("targets")
+def list_targets(as_json: ListJsonOpt = False) -> None:
+    """List the build targets: kind, what runs the artifact, the options each takes."""
+    from qwen_export.targets import target_table
+
+    _emit(target_table(), as_json)
 
 
 @app.command()
-def presets(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
+def presets(as_json: ListJsonOpt = False) -> None:
     """List the built-in presets."""
-    from qwen_export.presets import PRESETS
+    from qwen_export.presets import preset_table
 
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    n: {"architecture": p.architecture, "description": p.description}
-                    for n, p in PRESETS.items()
-                }
-            )
-        )
-        return
-    table = Table("preset", "architecture", "description")
-    for name, p in PRESETS.items():
-        table.add_row(name, p.architecture, p.description)
-    Console().print(table)
+    _emit(preset_table(), as_json)
 
 
 @app.command()
@@ -699,7 +361,7 @@ def presets(
 def cache(
     area: Annotated[
         list[str] | None,
-        typer.Option("--area", help="presets, exports or engines (repeatable); default: all three."),
+        typer.Option("--area", help="presets, exports, engines or kernels (repeatable); default: all."),
     ] = None,
     prune_older_than: Annotated[
         float | None, typer.Option(min=0, help="Remove entries unused for more than this many days.")
@@ -718,42 +380,13 @@ def cache(
 
     Without --clear, --prune-older-than or --max-size it only reports. Removed entries are rebuilt on
     next use."""
-    from qwen_export import cache as cache_lib
+    from qwen_export.cache import prune
 
-    areas = area or list(cache_lib.AREAS)
-    found = cache_lib.entries(areas)
-    pruning = clear or prune_older_than is not None or max_size is not None
-    if clear and (prune_older_than is not None or max_size is not None):
-        raise QwenExportError("--clear removes everything; drop --prune-older-than/--max-size, or --clear")
-    chosen = []
-    if pruning:
-        max_bytes = None if max_size is None else int(max_size * 1e9)
-        chosen = cache_lib.select_for_removal(found, prune_older_than, max_bytes) if not clear else found
-    freed = 0 if dry_run else cache_lib.remove(chosen)
+    result = prune(area, prune_older_than, max_size, clear, dry_run)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "root": str(cache_lib.cache_root()),
-                    "entries": [e.to_json() for e in found],
-                    "removed" if not dry_run else "would_remove": [e.to_json() for e in chosen],
-                    "freed_bytes": freed,
-                },
-                indent=2,
-            )
-        )
-        return
-    table = Table("area", "entries", "size", "least recently used", title=str(cache_lib.cache_root()))
-    now = time.time()
-    for name in areas:
-        mine = [e for e in found if e.area == name]
-        oldest = f"{(now - mine[0].last_used) / 86400:.1f} days ago" if mine else ""
-        table.add_row(name, str(len(mine)), f"{sum(e.bytes for e in mine) / 1e9:.2f} GB", oldest)
-    Console().print(table)
-    if pruning:
-        verb = "would remove" if dry_run else "removed"
-        size = sum(e.bytes for e in chosen) / 1e9
-        err.print(f"{verb} {len(chosen)} entries ({size:.2f} GB)", highlight=False)
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        result.render(Console(), err)
 
 
 def main() -> None:

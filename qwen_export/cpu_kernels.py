@@ -78,7 +78,7 @@ def fingerprint(cxx: str, portable_only: bool = False) -> str:
 def library_path(cache: Path | None = None, portable_only: bool | None = None) -> Path:
     """The custom-op library for this machine, compiled into the cache on first use. `portable_only`
     (default: not x86-64) builds without the x86 tiles."""
-    from qwen_export.presets import cache_root
+    from qwen_export.cache import cache_root
 
     if not (SOURCE_DIR / "register.cpp").is_file():
         raise QwenExportError(

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from qwen_export.exporter.model import layer_output_name
 from qwen_export.golden.store import PROMPT_LENGTHS, Golden, load_golden, make_prompt
 from qwen_export.metrics import agreement_length, compare_logits
 from qwen_export.tolerances import artifact_precision, tolerance_for
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PER_LAYER_PROMPT = 65  # crosses the delta rule's 64-token chunk boundary
 
@@ -49,6 +52,41 @@ class DiffReport:
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()} | {"passed": self.passed}
+
+    def render(self, console: Console) -> None:
+        from rich.table import Table
+
+        headers = ("check", "max |Δ|", "mean |Δ|", "cos min", "top-1", "top-5", "KL mean")
+        table = Table(
+            *headers, title=f"{self.artifact} vs {self.against} ({self.precision}: {self.tolerances})"
+        )
+        for name, m in self.prefill.items():
+            table.add_row(
+                name,
+                f"{m['max_abs']:.2e}",
+                f"{m['mean_abs']:.2e}",
+                f"{m['cosine_min']:.6f}",
+                f"{m['top1_agreement']:.1%}",
+                f"{m['top5_agreement']:.1%}",
+                f"{m['kl_mean']:.2e}",
+            )
+        console.print(table)
+        console.print(f"greedy agreement: {self.greedy_agreement}/{self.greedy_tokens} tokens")
+        bad = "[red]OUT OF TOLERANCE[/red]"
+        for layer in self.layers:
+            mark = "ok" if layer["ok"] else bad
+            console.print(
+                f"layer {layer['layer']:>3}: max |Δ| {layer['max_abs']:.2e} (rel {layer['rel']:.1e}) {mark}"
+            )
+        for stage in self.passes:
+            mark = "ok" if stage["ok"] else bad
+            console.print(
+                f"pass {stage['stage']:<28} vs reference {stage['max_vs_reference'] or 0:.2e} {mark}"
+            )
+        if self.first_bad_layer is not None:
+            console.print(f"[bold red]first layer out of tolerance: {self.first_bad_layer}[/bold red]")
+        if self.first_bad_pass is not None:
+            console.print(f"[bold red]first pass out of tolerance: {self.first_bad_pass}[/bold red]")
 
 
 def reference_layer_outputs(model, input_ids: np.ndarray) -> list[np.ndarray]:
@@ -110,11 +148,12 @@ def model_with_layer_outputs(model_path: Path, num_layers: int) -> Iterator[Path
 
 
 def _artifact_model(artifact: Path) -> tuple[Path, dict[str, Any]]:
-    from qwen_export.passes.targets import ONNX_TARGETS
     from qwen_export.runtime.session import Artifact
+    from qwen_export.targets import TARGETS
 
     art = Artifact.open(artifact)
-    if art.target not in ONNX_TARGETS:
+    known = TARGETS.get(art.target)
+    if known is None or not known.runs_on_onnxruntime:
         raise QwenExportError(
             f"{artifact}: diff runs ONNX artifacts on this machine; target {art.target} needs its GPU"
         )
@@ -134,7 +173,7 @@ def bisect_passes(
     from qwen_export.golden.store import generate_golden
     from qwen_export.passes.manager import PassManager
     from qwen_export.passes.numerics import NumericCheck
-    from qwen_export.passes.pipeline import pipeline
+    from qwen_export.targets import pipeline
 
     _, spec, ckpt = load_model_source(source_dir)
     with tempfile.TemporaryDirectory() as tmp:

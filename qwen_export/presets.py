@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from qwen_export.cache import cache_root, touch
 from qwen_export.errors import QwenExportError
 from qwen_export.fsutil import atomic_output_dir
+
+if TYPE_CHECKING:
+    from qwen_export.listing import Listing
 
 PRESET_SEED = 20260216
 PRESET_FORMAT = 1  # bump when the way presets are generated changes
@@ -94,29 +97,17 @@ PRESETS: dict[str, Preset] = {
             "small-qwen3.5-moe",
             "Qwen3_5MoeForCausalLM",
             dict(
-                vocab_size=32000,
-                hidden_size=1024,
-                num_hidden_layers=8,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                head_dim=128,
-                linear_num_key_heads=8,
-                linear_num_value_heads=16,
-                linear_key_head_dim=64,
-                linear_value_head_dim=64,
-                linear_conv_kernel_dim=4,
-                rms_norm_eps=1e-6,
-                max_position_embeddings=262144,
+                vocab_size=32000, hidden_size=1024, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
+                linear_value_head_dim=64, linear_conv_kernel_dim=4,
+                rms_norm_eps=1e-6, max_position_embeddings=262144,
                 rope_parameters={
-                    "rope_type": "default",
-                    "rope_theta": 10000000.0,
-                    "partial_rotary_factor": 0.25,
+                    "rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                 },
-                num_experts=64,
-                num_experts_per_tok=4,
-                moe_intermediate_size=256,
-                shared_expert_intermediate_size=256,
-            ),
+                num_experts=64, num_experts_per_tok=4,
+                moe_intermediate_size=256, shared_expert_intermediate_size=256,
+            ),  # fmt: skip
             "about 0.5B parameters shaped like Qwen3.5-35B-A3B (8 layers, 64 experts top-4), for benchmarks",
         ),
     ]
@@ -127,10 +118,6 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise QwenExportError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QWEN_EXPORT_CACHE", Path.home() / ".cache" / "qwen-export"))
 
 
 def _hf_config(preset: Preset):
@@ -189,8 +176,6 @@ def materialize(name: str, quiet: bool = False) -> Path:
     preset = get_preset(name)
     folder = cache_root() / "presets" / f"{name}-{preset.fingerprint()}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        from qwen_export.cache import touch
-
         touch(folder)  # its last use, for `qwen-export cache`
         return folder
     if not quiet:
@@ -204,3 +189,13 @@ def materialize(name: str, quiet: bool = False) -> Path:
             json.dumps({"preset": name, "seed": PRESET_SEED, "fingerprint": preset.fingerprint()}, indent=2)
         )
     return folder
+
+
+def preset_table() -> Listing:
+    from qwen_export.listing import Listing
+
+    rows = [
+        {"name": name, "architecture": p.architecture, "description": p.description}
+        for name, p in PRESETS.items()
+    ]
+    return Listing("presets", ("preset", "architecture", "description"), rows, json_key="name")

@@ -10,11 +10,14 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qwen_export.golden.store import make_prompt
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LAYER = re.compile(r"^/layers\.(\d+)/")
 
@@ -52,6 +55,32 @@ class ProfileReport:
         for name, phase in self.phases.items():
             data["phases"][name]["coverage"] = phase.coverage
         return data
+
+    def render(self, console: Console) -> None:
+        from rich.table import Table
+
+        for name, phase in self.phases.items():
+            console.print(
+                f"[bold]{name}[/bold]: step p50 {phase.step_ms_p50:.2f} ms, p90 {phase.step_ms_p90:.2f} ms "
+                f"({self.runtime})"
+            )
+            table = Table("part", "ms / step", "share")
+            for part, ms in phase.per_layer_ms.items():
+                table.add_row(part, f"{ms:.3f}", f"{ms / phase.attributed_ms_mean:.0%}")
+            console.print(table)
+            top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(phase.per_op_type_ms.items())[:6])
+            console.print(f"[dim]by op type (ms): {top}[/dim]")
+        if self.passes:
+            table = Table("pass", "wall s", "peak RSS rise (MiB)", "top-level nodes", title="build passes")
+            for rec in self.passes:
+                before, after = rec.get("nodes_before", {}), rec.get("nodes_after", {})
+                table.add_row(
+                    str(rec.get("name")),
+                    f"{rec.get('wall_s', 0):.3f}",
+                    f"{rec.get('peak_rss_rise_mib', 0):.1f}",
+                    f"{before.get('graph', '?')} → {after.get('graph', '?')}",
+                )
+            console.print(table)
 
 
 def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) -> PhaseProfile:

@@ -20,16 +20,18 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "int4": {"logits_max_abs": 1.0, "layer_rel": 5e-2, "top1_min": 0.75, "kl_mean_max": 1e-2},
 }
 
+FP32_MAX_ABS = TOLERANCES["fp32"]["logits_max_abs"]  # logits and states of an fp32 artifact vs the reference
+
 
 def artifact_precision(info: dict) -> str:
     """The precision an artifact's numbers are held to: its manifest's `precision` (engines), the weight
     width of a quantized ORT target (`ort-int4` -> int4), else fp32."""
     if info.get("precision"):
         return str(info["precision"])
-    from qwen_export.passes.targets import QUANTIZED_ORT_TARGETS
+    from qwen_export.targets import TARGETS
 
-    bits = QUANTIZED_ORT_TARGETS.get(str(info.get("target", "")))
-    return f"int{bits}" if bits else "fp32"
+    target = TARGETS.get(str(info.get("target", "")))
+    return target.precision if target is not None else "fp32"
 
 
 def tolerance_for(precision: str) -> dict[str, float]:

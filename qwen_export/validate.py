@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qwen_export.errors import QwenExportError
 from qwen_export.golden.store import PROMPT_LENGTHS, Golden
 from qwen_export.metrics import compare_logits
+from qwen_export.tolerances import artifact_precision, tolerance_for
 
-FP32_TOLERANCE = 2e-4
+if TYPE_CHECKING:
+    from rich.console import Console
+
+FP32_TOLERANCE = tolerance_for("fp32")["logits_max_abs"]
 
 
 @dataclass
@@ -35,6 +41,52 @@ class ValidationReport:
 
     def to_json(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+    def render(self, console: Console) -> None:
+        from rich.table import Table
+
+        table = Table(
+            "check", "max |Δ|", "top-1", "result", title=f"{self.model} vs golden (tol {self.tolerance:g})"
+        )
+        for r in self.rows:
+            top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
+            table.add_row(
+                r.name, f"{r.max_abs:.2e}", top1, "[green]ok[/green]" if r.passed else "[red]FAIL[/red]"
+            )
+        ok = self.greedy_match_length == self.greedy_tokens
+        table.add_row(
+            "greedy tokens identical",
+            f"{self.greedy_match_length}/{self.greedy_tokens}",
+            "",
+            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
+        )
+        console.print(table)
+
+
+def validate_artifact(
+    artifact: str | Path, golden_dir: str | Path, tolerance: float = FP32_TOLERANCE
+) -> ValidationReport:
+    """An export or build folder (or a .onnx file) against a golden folder; quantized artifacts are refused
+    (their tolerances are diff's)."""
+    import json
+
+    from qwen_export.artifact import MANIFEST_FILE, MODEL_FILE
+    from qwen_export.golden.store import load_golden
+
+    artifact = Path(artifact)
+    model_path = artifact / MODEL_FILE if artifact.is_dir() else artifact
+    if not model_path.is_file():
+        raise QwenExportError(f"{model_path}: no such model; pass a folder written by `qwen-export export`")
+    manifest = artifact / MANIFEST_FILE
+    if manifest.is_file():
+        precision = artifact_precision(json.loads(manifest.read_text()))
+        if precision != "fp32":
+            raise QwenExportError(
+                f"{artifact}: a {precision} artifact; validate holds fp32 artifacts to {FP32_TOLERANCE:g} "
+                f"and identical greedy tokens. Use `qwen-export diff {artifact}`, which applies the "
+                f"{precision} tolerances"
+            )
+    return validate_onnx(model_path, load_golden(golden_dir), tolerance)
 
 
 def _row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, logits: bool = True) -> CheckRow:
@@ -77,25 +129,3 @@ def validate_onnx(
     report.greedy_tokens = int(same.size)
     report.greedy_match_length = int(same.size if same.all() else same.argmin())
     return report
-
-
-def render(report: ValidationReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        "check", "max |Δ|", "top-1", "result", title=f"{report.model} vs golden (tol {report.tolerance:g})"
-    )
-    for r in report.rows:
-        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
-        table.add_row(
-            r.name, f"{r.max_abs:.2e}", top1, "[green]ok[/green]" if r.passed else "[red]FAIL[/red]"
-        )
-    ok = report.greedy_match_length == report.greedy_tokens
-    table.add_row(
-        "greedy tokens identical",
-        f"{report.greedy_match_length}/{report.greedy_tokens}",
-        "",
-        "[green]ok[/green]" if ok else "[red]FAIL[/red]",
-    )
-    Console().print(table)

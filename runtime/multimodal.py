@@ -31,8 +31,6 @@ from qwen_export.runtime.multimodal_inputs import (
     vision_graph_feeds,
 )
 from qwen_export.runtime.ort_decoder import (
-    PAST_PREFIX,
-    PRESENT_PREFIX,
     OrtDecoder,
     StepOutput,
     session_options,
@@ -58,11 +56,7 @@ class EmbedsDecoder(OrtDecoder):
             "attention_mask": np.asarray(attention_mask, np.int64),
             "position_ids": np.ascontiguousarray(position_ids, np.int64),
         }
-        feeds.update({PAST_PREFIX + k: v for k, v in states.items()})
-        outs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
-        present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outs.items() if n.startswith(PRESENT_PREFIX)}
-        extra = {n: v for n, v in outs.items() if n != "logits" and not n.startswith(PRESENT_PREFIX)}
-        return StepOutput(outs["logits"], present, extra)
+        return self.run_feeds(feeds, states)
 
 
 @dataclass

@@ -84,7 +84,12 @@ class OrtDecoder:
             "attention_mask": np.asarray(attention_mask, np.int64),
             "position_ids": np.asarray(position_ids, np.int64),
         }
-        feeds.update({PAST_PREFIX + k: v for k, v in states.items()})
+        return self.run_feeds(feeds, states)
+
+    def run_feeds(self, feeds: dict[str, np.ndarray], states: Mapping[str, np.ndarray]) -> StepOutput:
+        """One run of the graph on `feeds` plus the past states; the outputs split into logits, present
+        states and anything else (debug outputs)."""
+        feeds = {**feeds, **{PAST_PREFIX + k: v for k, v in states.items()}}
         outs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         present = {n.removeprefix(PRESENT_PREFIX): v for n, v in outs.items() if n.startswith(PRESENT_PREFIX)}
         extra = {n: v for n, v in outs.items() if n != "logits" and not n.startswith(PRESENT_PREFIX)}

@@ -11,14 +11,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qwen_export.artifact import EXPORT_INFO_FILE, MANIFEST_FILE, MODEL_FILE, READABLE_FORMATS
 from qwen_export.errors import QwenExportError
-from qwen_export.passes.targets import ONNX_TARGETS
 from qwen_export.runtime.ort_decoder import positions_from_mask
 from qwen_export.runtime.sampling import Sampler, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
+from qwen_export.targets import TARGETS
 
 GREEDY = SamplingConfig()
-SUPPORTED_FORMATS = ("qwen-export/export@1", "qwen-export/build@1")
 
 
 class Backend(Protocol):
@@ -55,26 +55,29 @@ class Artifact:
     @classmethod
     def open(cls, folder: str | Path) -> Artifact:
         folder = Path(folder)
-        for name in ("manifest.json", "export.json"):
+        for name in (MANIFEST_FILE, EXPORT_INFO_FILE):
             if (folder / name).is_file():
                 info_path = folder / name
                 break
         else:
-            raise QwenExportError(f"{folder}: not an artifact folder (no manifest.json or export.json)")
+            raise QwenExportError(
+                f"{folder}: not an artifact folder (no {MANIFEST_FILE} or {EXPORT_INFO_FILE})"
+            )
         try:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError as e:
             raise QwenExportError(f"{info_path}: malformed JSON ({e})") from None
         fmt = info.get("format")
-        if fmt not in SUPPORTED_FORMATS:
+        if fmt not in READABLE_FORMATS:
             raise QwenExportError(
                 f"{info_path}: format {fmt!r} comes from another qwen-export version; "
-                f"this one reads {', '.join(SUPPORTED_FORMATS)} (rebuild the artifact)"
+                f"this one reads {', '.join(READABLE_FORMATS)} (rebuild the artifact)"
             )
         target = info.get("target", "onnx")
-        model_entry = info.get("model", "model.onnx")  # engine manifests describe their source model instead
-        model_path = folder / (model_entry if isinstance(model_entry, str) else "model.onnx")
-        onnx_target = target in ONNX_TARGETS
+        model_entry = info.get("model", MODEL_FILE)  # engine manifests describe their source model instead
+        model_path = folder / (model_entry if isinstance(model_entry, str) else MODEL_FILE)
+        known = TARGETS.get(target)
+        onnx_target = known is not None and known.runs_on_onnxruntime
         if onnx_target and not model_path.is_file():
             raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
         if onnx_target and not (folder / (model_path.name + ".data")).is_file():
@@ -110,7 +113,8 @@ class Session:
                 f"{artifact.folder}: a multimodal artifact (text graph takes inputs_embeds); run it with "
                 "`qwen-export run ARTIFACT --prompt TEXT --image FILE`"
             )
-        if artifact.target in ("trt", "trt-rtx"):
+        known = TARGETS.get(artifact.target)
+        if known is not None and known.kind == "engine":
             from qwen_export.runtime.tensorrt_backend import TensorRTBackend
 
             backend: Backend = TensorRTBackend.from_artifact(artifact)
@@ -200,8 +204,7 @@ class Session:
             hit = next((i for i, t in enumerate(row) if t in stop_tokens), None)
             tokens.append(row if hit is None else row[: hit + 1])
         decode_s = timings["decode_end"] - timings["decode_start"]
-        decode_steps = max(len(steps) - 1, 0)
-        rate = decode_steps * len(prompts) / decode_s if decode_s > 0 and decode_steps else 0.0
+        rate = decode_tokens_per_s(timings, len(steps), len(prompts))
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer else None
         return GenerationResult(
             tokens,
@@ -210,3 +213,10 @@ class Session:
             texts,
             {"decode_s": decode_s, "steps": float(len(steps))},
         )
+
+
+def decode_tokens_per_s(timings: dict[str, float], steps: int, batch: int = 1) -> float:
+    """Tokens per second over the decode steps `stream` timed (the first token comes from the prefill)."""
+    decode_s = timings["decode_end"] - timings["decode_start"]
+    decode_steps = max(steps - 1, 0)
+    return decode_steps * batch / decode_s if decode_s > 0 and decode_steps else 0.0

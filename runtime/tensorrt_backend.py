@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from qwen_export.errors import QwenExportError
+from qwen_export.targets import engine_traits, get_target
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -21,12 +22,12 @@ PRESENT_PREFIX = "present."
 def _tensorrt_module(target: str):
     """tensorrt_rtx_bindings (the pip wheels) for trt-rtx engines, tensorrt for trt engines."""
     from qwen_export.engines.toolchain import import_trt_rtx
-
+    rtx = get_target(target).backend == "tensorrt-rtx"
     try:
-        return import_trt_rtx() if target == "trt-rtx" else importlib.import_module("tensorrt")
+        return import_trt_rtx() if rtx else importlib.import_module("tensorrt")
     except Exception as e:  # ImportError, or the toolchain's own "not installed" error
         raise QwenExportError(
-            f"the {target} backend needs TensorRT{'-RTX' if target == 'trt-rtx' else ''} and an NVIDIA GPU "
+            f"the {target} backend needs {engine_traits(target).builder} and an NVIDIA GPU "
             f"({e}); install it on the GPU machine"
         ) from None
 

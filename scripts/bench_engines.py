@@ -60,7 +60,7 @@ def bench_builds(
                 "shared_stages_s": shared,
                 "engines": {
                     r.sm: {"bytes": r.bytes, "sha256": r.sha256[:16], "timings_s": r.timings_s}
-                    for r in cold.records
+                    for r in cold.engines
                 },
                 "cold_s": round(cold_s, 2),
                 "cached_rebuild_s": round(warm_s, 3),

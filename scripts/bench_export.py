@@ -142,7 +142,8 @@ def _error_info(exc: BaseException) -> dict[str, Any]:
 
 
 def _child_materialize(preset: str) -> dict[str, Any]:
-    from qwen_export.presets import cache_root, get_preset
+    from qwen_export.cache import cache_root
+    from qwen_export.presets import get_preset
 
     p = get_preset(preset)
     folder = cache_root() / "presets" / f"{preset}-{p.fingerprint()}"

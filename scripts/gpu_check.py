@@ -16,12 +16,15 @@ op's remaining cases; every case records its status. Without a GPU:
     python3 scripts/gpu_check.py --check-abi libqwen.so        # ctypes mirrors vs the library's structs
 
 Needs only torch (and numpy for nothing): it must not import qwen_export, whose pins the GPU image lacks.
+It reads the op table (passes/op_table.py, standard library only) by file path, and generates its ctypes
+mirrors of the kernels' launch parameter structs and its op list from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -45,43 +48,34 @@ TARGETS = {
     "attention_prefill_peak_fraction": 0.40,
 }
 TIME_BUDGET_S = 7 * 60  # the whole run must end within 8 minutes
-OPS = ["rms_norm", "gated_rms_norm", "gated_attention", "gated_deltanet", "moe"]
+
+
+def _load_op_table():
+    """passes/op_table.py, loaded by path: qwen_export is not installed on the GPU machine."""
+    path = ROOT / "passes" / "op_table.py"
+    spec = importlib.util.spec_from_file_location("qwen_op_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+OP_TABLE = _load_op_table().OP_TABLE  # qwen op name -> OpSpec
+OPS = [op.folder for op in OP_TABLE.values()]  # plugins/<folder>/: rms_norm, ..., moe
 DTYPE_CODE = {"fp16": 0, "bf16": 1}
 
 # Qwen3.5-397B-A17B layer shapes. The shared-expert width is not in the design brief; 1024 (= the routed
 # expert width) is assumed.
 BIG = dict(
-    hidden=4096,
-    heads=32,
-    kv_heads=2,
-    head_dim=256,
-    rotary=64,
-    k_heads=16,
-    v_heads=64,
-    kdim=128,
-    vdim=128,
-    conv=4,
-    experts=512,
-    top_k=10,
-    inter=1024,
-    shared_inter=1024,
-)
+    hidden=4096, heads=32, kv_heads=2, head_dim=256, rotary=64,
+    k_heads=16, v_heads=64, kdim=128, vdim=128, conv=4,
+    experts=512, top_k=10, inter=1024, shared_inter=1024,
+)  # fmt: skip
 TINY = dict(
-    hidden=64,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    rotary=8,
-    k_heads=2,
-    v_heads=4,
-    kdim=16,
-    vdim=16,
-    conv=4,
-    experts=8,
-    top_k=2,
-    inter=32,
-    shared_inter=32,
-)
+    hidden=64, heads=4, kv_heads=2, head_dim=32, rotary=8,
+    k_heads=2, v_heads=4, kdim=16, vdim=16, conv=4,
+    experts=8, top_k=2, inter=32, shared_inter=32,
+)  # fmt: skip
 RAGGED = [1, 7, 63, 64, 65, 200, 1000]
 # --dry-run stands these in for BIG: small enough for CPU references, big enough for every code path.
 DRY_SHAPES = dict(
@@ -103,155 +97,56 @@ DRY_SHAPES = dict(
 
 
 # ---- ctypes mirrors of the launch parameter structs (plugins/<op>/<op>_kernel.h) ---------------------------
+# Generated from the op table (see Launch in passes/op_table.py for the layout); tests/test_op_table.py
+# proves them equal to the C structs, field by field, and --check-abi compares sizes with a built library.
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+CTYPES = {"int64_t": I64, "int32_t": I32, "float": F32}
 
 
-class RMSNormParams(ctypes.Structure):
-    _fields_ = [
-        ("x", P),
-        ("scale", P),
-        ("y", P),
-        ("rows", I64),
-        ("dim", I64),
-        ("epsilon", F32),
-        ("dtype", I32),
-    ]
+def ctypes_type(c_type: str):
+    """The ctypes type of a struct field's C type (every pointer is passed as c_void_p)."""
+    return P if c_type.endswith("*") else CTYPES[c_type]
 
 
-class GatedRMSNormParams(ctypes.Structure):
-    _fields_ = [
-        ("x", P),
-        ("z", P),
-        ("scale", P),
-        ("y", P),
-        ("rows", I64),
-        ("dim", I64),
-        ("epsilon", F32),
-        ("dtype", I32),
-    ]
+def params_struct(op) -> type:
+    """The ctypes mirror of `op`'s Qwen<Op>Params."""
+    fields = [(name, ctypes_type(c_type)) for name, c_type in op.params_fields]
+    return type(op.params_struct, (ctypes.Structure,), {"_fields_": fields})
 
 
-class GatedAttentionParams(ctypes.Structure):
-    _fields_ = [
-        (n, P)
-        for n in [
-            "x",
-            "mask",
-            "cos",
-            "sin",
-            "pastKey",
-            "pastValue",
-            "qWeight",
-            "kWeight",
-            "vWeight",
-            "oWeight",
-            "qNorm",
-            "kNorm",
-            "y",
-            "presentKey",
-            "presentValue",
-            "workspace",
-        ]
-    ] + [
-        ("batch", I64),
-        ("tokens", I64),
-        ("past", I64),
-        ("hidden", I64),
-        ("numHeads", I32),
-        ("numKvHeads", I32),
-        ("headDim", I32),
-        ("rotaryDim", I32),
-        ("epsilon", F32),
-        ("scale", F32),
-        ("dtype", I32),
-        ("kvSplits", I32),
-    ]
+STRUCTS = {name: params_struct(op) for name, op in OP_TABLE.items()}
 
 
-class GatedDeltaNetParams(ctypes.Structure):
-    _fields_ = [
-        (n, P)
-        for n in [
-            "x",
-            "mask",
-            "pastConv",
-            "pastRecurrent",
-            "qkvWeight",
-            "zWeight",
-            "bWeight",
-            "aWeight",
-            "convWeight",
-            "negExpA",
-            "dtBias",
-            "normWeight",
-            "outWeight",
-            "y",
-            "presentConv",
-            "presentRecurrent",
-            "workspace",
-        ]
-    ] + [
-        ("batch", I64),
-        ("tokens", I64),
-        ("maskLen", I64),
-        ("hidden", I64),
-        ("numKHeads", I32),
-        ("numVHeads", I32),
-        ("headKDim", I32),
-        ("headVDim", I32),
-        ("convKernel", I32),
-        ("epsilon", F32),
-        ("dtype", I32),
-        ("ruleMode", I32),
-    ]
-
-
-class MoEParams(ctypes.Structure):
-    _fields_ = [
-        (n, P)
-        for n in [
-            "x",
-            "routerWeight",
-            "gateUp",
-            "down",
-            "sharedGate",
-            "sharedUp",
-            "sharedDown",
-            "sharedExpertGate",
-            "y",
-            "workspace",
-        ]
-    ] + [
-        ("tokens", I64),
-        ("hidden", I64),
-        ("experts", I64),
-        ("inter", I64),
-        ("sharedInter", I64),
-        ("topK", I32),
-        ("normalize", I32),
-        ("dtype", I32),
-        ("forceTiled", I32),
-    ]
-
-
-STRUCTS = {
-    "RMSNorm": RMSNormParams,
-    "GatedRMSNorm": GatedRMSNormParams,
-    "GatedAttention": GatedAttentionParams,
-    "GatedDeltaNet": GatedDeltaNetParams,
-    "MoE": MoEParams,
-}
+def make_params(name: str, ins, outs, sizes: dict, attrs: dict, dtype: str, **knobs):
+    """Qwen<name>Params: the tensors' pointers (inputs, outputs in the op's order; None -> NULL), the
+    problem sizes and test knobs by their C names, the op's attributes by their ONNX names."""
+    op = OP_TABLE[name]
+    if len(ins) != len(op.inputs) or len(outs) != len(op.outputs):
+        raise ValueError(f"{name} takes {len(op.inputs)} inputs / {len(op.outputs)} outputs")
+    if set(sizes) != set(op.launch.sizes) or not set(knobs) <= set(op.launch.knobs):
+        raise ValueError(f"{name} takes sizes {op.launch.sizes} and knobs {op.launch.knobs}")
+    params = STRUCTS[name]()
+    for port, tensor in zip((*op.inputs, *op.outputs), (*ins, *outs), strict=True):
+        setattr(params, port.c_field, ptr(tensor))
+    for size, value in sizes.items():
+        setattr(params, size, int(value))
+    for attribute in op.attributes:
+        setattr(params, attribute.c_field, attrs[attribute.name])
+    params.dtype = DTYPE_CODE[dtype]
+    for knob, value in knobs.items():
+        setattr(params, knob, int(value))
+    return params
 
 
 def load_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name in STRUCTS:
+    for name, op in OP_TABLE.items():
         getattr(lib, f"qwen{name}ParamsSize").restype = ctypes.c_int64
         getattr(lib, f"qwenLaunch{name}").restype = ctypes.c_int
         getattr(lib, f"qwenLaunch{name}").argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    for name in ["GatedAttention", "GatedDeltaNet", "MoE"]:
-        getattr(lib, f"qwen{name}WorkspaceSize").restype = ctypes.c_int64
-        getattr(lib, f"qwen{name}WorkspaceSize").argtypes = [ctypes.c_void_p]
+        if op.launch.workspace:
+            getattr(lib, f"qwen{name}WorkspaceSize").restype = ctypes.c_int64
+            getattr(lib, f"qwen{name}WorkspaceSize").argtypes = [ctypes.c_void_p]
     return lib
 
 
@@ -553,16 +448,14 @@ class Runner:
 
     def rms_norm(self, x, scale, eps, dtype):
         y = self.torch.empty_like(x)
-        p = RMSNormParams(
-            ptr(x), ptr(scale), ptr(y), x.numel() // x.shape[-1], x.shape[-1], eps, DTYPE_CODE[dtype]
-        )
+        sizes = dict(rows=x.numel() // x.shape[-1], dim=x.shape[-1])
+        p = make_params("RMSNorm", (x, scale), (y,), sizes, dict(epsilon=eps), dtype)
         return (lambda: self._launch("RMSNorm", p)), (y,)
 
     def gated_rms_norm(self, x, z, scale, eps, dtype):
         y = self.torch.empty_like(x)
-        p = GatedRMSNormParams(
-            ptr(x), ptr(z), ptr(scale), ptr(y), x.numel() // x.shape[-1], x.shape[-1], eps, DTYPE_CODE[dtype]
-        )
+        sizes = dict(rows=x.numel() // x.shape[-1], dim=x.shape[-1])
+        p = make_params("GatedRMSNorm", (x, z, scale), (y,), sizes, dict(epsilon=eps), dtype)
         return (lambda: self._launch("GatedRMSNorm", p)), (y,)
 
     def gated_attention(self, ins, a, dtype, kv_splits=0):
@@ -573,25 +466,8 @@ class Runner:
         y = torch.empty_like(x)
         pres_k = torch.empty(b, a["num_kv_heads"], past + t, a["head_dim"], dtype=x.dtype, device="cuda")
         pres_v = torch.empty_like(pres_k)
-        p = GatedAttentionParams(
-            *[ptr(v) for v in ins],
-            ptr(y),
-            ptr(pres_k),
-            ptr(pres_v),
-            None,
-            b,
-            t,
-            past,
-            h,
-            a["num_heads"],
-            a["num_kv_heads"],
-            a["head_dim"],
-            a["rotary_dim"],
-            a["epsilon"],
-            a["scale"],
-            DTYPE_CODE[dtype],
-            kv_splits,
-        )
+        sizes = dict(batch=b, tokens=t, past=past, hidden=h)
+        p = make_params("GatedAttention", ins, (y, pres_k, pres_v), sizes, a, dtype, kvSplits=kv_splits)
         ws = self._workspace("GatedAttention", p)
         return (lambda: (ws, self._launch("GatedAttention", p))), (y, pres_k, pres_v)
 
@@ -602,28 +478,11 @@ class Runner:
         y = torch.empty_like(x)
         conv_out = pconv.clone() if in_place else torch.empty_like(pconv)
         rec_out = prec.clone() if in_place else torch.empty_like(prec)
-        args = [ptr(v) for v in ins]
+        args = list(ins)
         if in_place:  # the state outputs alias their inputs, as TensorRT's aliased plugin I/O does
-            args[2], args[3] = ptr(conv_out), ptr(rec_out)
-        p = GatedDeltaNetParams(
-            *args,
-            ptr(y),
-            ptr(conv_out),
-            ptr(rec_out),
-            None,
-            b,
-            t,
-            mask.shape[1],
-            h,
-            a["num_k_heads"],
-            a["num_v_heads"],
-            a["head_k_dim"],
-            a["head_v_dim"],
-            a["conv_kernel"],
-            a["epsilon"],
-            DTYPE_CODE[dtype],
-            mode,
-        )
+            args[2], args[3] = conv_out, rec_out
+        sizes = dict(batch=b, tokens=t, maskLen=mask.shape[1], hidden=h)
+        p = make_params("GatedDeltaNet", args, (y, conv_out, rec_out), sizes, a, dtype, ruleMode=mode)
         ws = self._workspace("GatedDeltaNet", p)
         if in_place:
             saved = (pconv.clone(), prec.clone())
@@ -640,20 +499,14 @@ class Runner:
         x = ins[0]
         y = self.torch.empty_like(x)
         e, i, h = ins[3].shape
-        p = MoEParams(
-            *[ptr(v) for v in ins],
-            ptr(y),
-            None,
-            x.numel() // x.shape[-1],
-            x.shape[-1],
-            e,
-            i,
-            ins[4].shape[1],
-            a["top_k"],
-            a["normalize"],
-            DTYPE_CODE[dtype],
-            force_tiled,
+        sizes = dict(
+            tokens=x.numel() // x.shape[-1],
+            hidden=x.shape[-1],
+            experts=e,
+            inter=i,
+            sharedInter=ins[4].shape[1],
         )
+        p = make_params("MoE", ins, (y,), sizes, a, dtype, forceTiled=force_tiled)
         ws = self._workspace("MoE", p)
         return (lambda: (ws, self._launch("MoE", p))), (y,)
 

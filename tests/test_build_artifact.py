@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
 import onnx_ir as ir
 import pytest
-from passes_support import EXPECTED_FUSED, TOL, golden, max_abs, verify_every_pass  # noqa: F401
+from passes_support import EXPECTED_FUSED, TOL, golden, max_abs
 from typer.testing import CliRunner
 
 from qwen_export.build import build
 from qwen_export.cli import app
 from qwen_export.errors import QwenExportError
-from qwen_export.passes import pipeline as pipeline_module
 from qwen_export.passes.base import QwenPass, pass_name
-from qwen_export.passes.pipeline import catalog
 from qwen_export.runtime.ort_decoder import OrtDecoder
+from qwen_export.targets import get_target, pass_catalog, pipeline, registered
 
 from checkpoints import make_local_checkpoint
+
+pytestmark = pytest.mark.usefixtures("verify_every_pass")
 
 runner = CliRunner()
 
@@ -39,7 +41,7 @@ def test_artifact_files_and_manifest(onnx_build):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == onnx_build.manifest
     assert manifest["target"] == "onnx" and manifest["source"] == "preset:tiny-qwen3.5-moe"
-    assert [p["name"] for p in manifest["passes"]] == [pass_name(p) for p in pipeline_module.pipeline("onnx")]
+    assert [p["name"] for p in manifest["passes"]] == [pass_name(p) for p in pipeline("onnx")]
     for name, info in manifest["files"].items():
         data = (out / name).read_bytes()
         assert info["bytes"] == len(data) and info["sha256"] == hashlib.sha256(data).hexdigest()
@@ -110,13 +112,13 @@ class Boom(QwenPass):
         raise RuntimeError("boom")
 
 
-def test_failed_build_keeps_previous_artifact(tmp_path, monkeypatch):
+def test_failed_build_keeps_previous_artifact(tmp_path):
     out = tmp_path / "out"
     build(out, preset="tiny-qwen3.5", target="fused")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(pipeline_module, "pipeline", lambda target: [Boom()])
-    with pytest.raises(RuntimeError, match="boom"):
-        build(out, preset="tiny-qwen3.5", target="fused")
+    boom = dataclasses.replace(get_target("fused"), name="fused-boom", pipeline=lambda options: [Boom()])
+    with registered(boom), pytest.raises(RuntimeError, match="boom"):
+        build(out, preset="tiny-qwen3.5", target="fused-boom")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.tmp-*"))
 
@@ -137,7 +139,7 @@ def test_cli_build_prints_a_table_per_pass(tmp_path):
         app, ["build", "--preset", "tiny-qwen3.5", "-t", "onnx", "-o", str(tmp_path / "o"), "--check"]
     )
     assert result.exit_code == 0, result.output
-    for p in pipeline_module.pipeline("onnx"):
+    for p in pipeline("onnx"):
         assert pass_name(p) in result.output
     assert "GatedDeltaNet×3" in result.output and "check passed" in result.output
     assert (tmp_path / "o" / "manifest.json").is_file()
@@ -170,12 +172,16 @@ class PlantWrongScale(QwenPass):
         return ir.passes.PassResult(model, True)
 
 
-def test_cli_check_failure_names_the_pass_and_exits_1(tmp_path, monkeypatch):
-    real = pipeline_module.pipeline
-    monkeypatch.setattr(pipeline_module, "pipeline", lambda target: [*real(target), PlantWrongScale()])
-    result = runner.invoke(
-        app, ["build", "--preset", "tiny-qwen3.5", "-t", "fused", "-o", str(tmp_path / "o"), "--check"]
+def test_cli_check_failure_names_the_pass_and_exits_1(tmp_path):
+    fused = get_target("fused")
+    planted = dataclasses.replace(
+        fused, name="fused-planted", pipeline=lambda options: [*fused.passes(options), PlantWrongScale()]
     )
+    with registered(planted):
+        result = runner.invoke(
+            app,
+            ["build", "--preset", "tiny-qwen3.5", "-t", planted.name, "-o", str(tmp_path / "o"), "--check"],
+        )
     assert result.exit_code == 1, result.output
     assert "first stage out of tolerance: plant-wrong-scale" in " ".join(result.output.split())
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -186,7 +192,7 @@ def test_cli_passes_lists_every_pass_with_its_summary():
     result = runner.invoke(app, ["passes", "--json"])
     assert result.exit_code == 0, result.output
     listed = {p["name"]: p for p in json.loads(result.output)}
-    assert set(listed) == {pass_name(c) for c in catalog()}
+    assert set(listed) == {pass_name(c) for c in pass_catalog()}
     assert listed["fuse-moe"]["summary"].startswith("Fuse each sparse MoE block")
     assert {"onnx", "fused"} <= set(listed["fuse-moe"]["targets"])
     assert listed["infer-shapes"]["targets"] == []  # in the catalog for library pipelines, in no target

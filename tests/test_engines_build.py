@@ -85,8 +85,8 @@ def test_an_unchanged_rebuild_comes_from_the_cache(first_builds, moe_model, work
     seconds = time.perf_counter() - start
     assert again.built == [] and again.reused == ["sm80", "sm89", "sm120"]
     assert seconds < 0.1 * first_s, (seconds, first_s)
-    for record in again.records:
-        assert record.sha256 == next(r.sha256 for r in first.records if r.sm == record.sm)
+    for record in again.engines:
+        assert record.sha256 == next(r.sha256 for r in first.engines if r.sm == record.sm)
         assert sha256(again.out_dir / record.path) == record.sha256
     assert not any(name.startswith("pass ") for name in again.timings_s)  # no pass ran
 
@@ -122,7 +122,7 @@ def test_other_presets_build(preset, precision, workdir):
         workdir / f"out-{preset}-{precision}",
         use_cache=False,
     )
-    assert [r.sm for r in result.records] == ["sm80", "sm89", "sm120"]
-    for record in result.records:
+    assert [r.sm for r in result.engines] == ["sm80", "sm89", "sm120"]
+    for record in result.engines:
         assert record.bytes > 1_000_000 and not record.from_cache
         assert sha256(result.out_dir / record.path) == record.sha256

@@ -13,10 +13,11 @@ from qwen_export.exporter.export import export_model
 from qwen_export.golden.reference import load_reference, reference_forward, reference_greedy
 from qwen_export.golden.store import make_prompt
 from qwen_export.runtime.ort_decoder import OrtDecoder
+from qwen_export.tolerances import FP32_MAX_ABS
 
 from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 
-TOL = 2e-4
+TOL = FP32_MAX_ABS
 
 
 def checkpoint_tensor_names(folder) -> list[str]:

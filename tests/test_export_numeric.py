@@ -1,6 +1,6 @@
 """The exported graph (ONNX Runtime CPU, optimizations off) against the Hugging Face reference (fp32).
 
-Tolerance: max |Δ| <= 2e-4 on logits and states; greedy tokens identical.
+Tolerance: max |Δ| <= FP32_MAX_ABS on logits and states; greedy tokens identical.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from qwen_export.golden.reference import cache_states, load_reference, reference
 from qwen_export.golden.store import PROMPT_LENGTHS, load_golden, make_prompt, repo_golden_dir
 from qwen_export.presets import materialize
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
+from qwen_export.tolerances import FP32_MAX_ABS
 
-TOL = 2e-4
+TOL = FP32_MAX_ABS
 TINY_PRESETS = ["tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5"]
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from passes_support import TINY_PRESETS, TOL, exported, golden, max_abs, verify_every_pass  # noqa: F401
+from passes_support import TINY_PRESETS, TOL, exported, golden, max_abs
 
 from qwen_export.golden.reference import load_reference, reference_forward
 from qwen_export.golden.store import make_prompt
 from qwen_export.passes.manager import PassManager
-from qwen_export.passes.pipeline import pipeline
 from qwen_export.presets import materialize
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
+from qwen_export.targets import pipeline
+
+pytestmark = pytest.mark.usefixtures("verify_every_pass")
 
 LENGTHS = (1, 63, 64, 65, 200)
 STAGES = ["export", "fused", "onnx"]  # before any pass; qwen ops as functions; lowered to standard ONNX

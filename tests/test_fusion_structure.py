@@ -7,7 +7,7 @@ import re
 
 import onnx_ir as ir
 import pytest
-from passes_support import EXPECTED_FUSED, TINY_PRESETS, expected_top_graph, exported, verify_every_pass  # noqa: F401
+from passes_support import EXPECTED_FUSED, TINY_PRESETS, expected_top_graph, exported
 
 from qwen_export.passes.functions import MAX_BODY_CONSTANT, qwen_op_counts
 from qwen_export.passes.fuse_gated_attention import FuseGatedAttention
@@ -15,8 +15,11 @@ from qwen_export.passes.fuse_gated_deltanet import FuseGatedDeltaNet
 from qwen_export.passes.fuse_moe import FuseMoE
 from qwen_export.passes.graph_stats import op_histogram
 from qwen_export.passes.manager import PassManager
-from qwen_export.passes.pipeline import cleanup, fusions, pipeline
+from qwen_export.passes.pipeline import cleanup, fusions
 from qwen_export.passes.qwen_ops import DOMAIN, OPS, problems
+from qwen_export.targets import pipeline
+
+pytestmark = pytest.mark.usefixtures("verify_every_pass")
 
 FUSION_OF = {
     "fuse-gated-rms-norm": "GatedRMSNorm",
@@ -43,7 +46,7 @@ def fused():
 def test_each_fusion_fires_once_per_block(fused, preset):
     model, report = fused(preset)
     top, nested = EXPECTED_FUSED[preset]
-    fired = {r.name: r.stats["fired"][FUSION_OF[r.name]] for r in report.records if r.name in FUSION_OF}
+    fired = {r.name: r.stats.fired[FUSION_OF[r.name]] for r in report.records if r.name in FUSION_OF}
     # RMSNorm fires for the 9 layer/final norms and the 2 q/k norms the attention fusion then nests.
     assert fired == {
         "fuse-gated-rms-norm": nested["GatedRMSNorm"],
@@ -52,7 +55,7 @@ def test_each_fusion_fires_once_per_block(fused, preset):
         "fuse-gated-attention": top["GatedAttention"],
         "fuse-moe": top.get("MoE", 0),
     }
-    assert all(not r.stats.get("refused") for r in report.records), [r.stats for r in report.records]
+    assert all(not r.stats.kept for r in report.records), [r.stats for r in report.records]
     counts = qwen_op_counts(model)
     assert dict(counts["top"]) == top
     assert dict(counts["nested"]) == nested
@@ -171,8 +174,8 @@ def test_deltanet_refuses_a_scan_that_is_not_a_delta_rule():
     sub.replace_input_with(1, v)  # S^T k - v instead of v - S^T k
     p = FuseGatedDeltaNet()
     p(model)
-    assert p.stats["fired"] == {"GatedDeltaNet": 2}
-    assert p.stats["refused"] == {"Scan body is not a delta rule step": 1}
+    assert p.stats.fired == {"GatedDeltaNet": 2}
+    assert p.stats.kept == {"Scan body is not a delta rule step": 1}
 
 
 def test_deltanet_refuses_a_conv_that_is_not_depthwise():
@@ -181,7 +184,7 @@ def test_deltanet_refuses_a_conv_that_is_not_depthwise():
     conv.attributes["group"] = ir.AttrInt64("group", 1)
     p = FuseGatedDeltaNet()
     p(model)
-    assert p.stats["refused"] == {"conv is not depthwise (group != channels)": 1}
+    assert p.stats.kept == {"conv is not depthwise (group != channels)": 1}
 
 
 def test_attention_refuses_weights_that_are_not_initializers():
@@ -192,8 +195,8 @@ def test_attention_refuses_weights_that_are_not_initializers():
     matmul.replace_input_with(1, copy.outputs[0])
     p = FuseGatedAttention()
     p(model)
-    assert p.stats["fired"] == {"GatedAttention": 0}
-    assert p.stats["refused"] == {"weights are not initializers": 1}
+    assert p.stats.fired == {"GatedAttention": 0}
+    assert p.stats.kept == {"weights are not initializers": 1}
 
 
 def test_attention_refuses_mismatched_norm_epsilons():
@@ -201,7 +204,7 @@ def test_attention_refuses_mismatched_norm_epsilons():
     _node(model, "/layers.3/self_attn/RMSNorm_1").attributes["epsilon"] = ir.AttrFloat32("epsilon", 1e-5)
     p = FuseGatedAttention()
     p(model)
-    assert p.stats["refused"] == {"q_norm and k_norm epsilons differ": 1}
+    assert p.stats.kept == {"q_norm and k_norm epsilons differ": 1}
 
 
 def test_moe_refuses_a_router_that_keeps_the_smallest_experts():
@@ -209,8 +212,8 @@ def test_moe_refuses_a_router_that_keeps_the_smallest_experts():
     _node(model, "/layers.2/mlp/router/TopK_0").attributes["largest"] = ir.AttrInt64("largest", 0)
     p = FuseMoE()
     p(model)
-    assert p.stats["fired"] == {"MoE": 3}
-    assert p.stats["refused"] == {"router keeps the smallest probabilities, not the largest": 1}
+    assert p.stats.fired == {"MoE": 3}
+    assert p.stats.kept == {"router keeps the smallest probabilities, not the largest": 1}
 
 
 def test_fusion_postcondition_rejects_an_invalid_qwen_node():

@@ -26,10 +26,11 @@ from qwen_export.presets import PRESETS, randomize_flat_parameters
 from qwen_export.runtime.mrope import rope_index
 from qwen_export.runtime.multimodal import MultimodalRunner, run_multimodal
 from qwen_export.runtime.multimodal_inputs import load_image
+from qwen_export.tolerances import FP32_MAX_ABS
 
 from checkpoints import LOCAL_CLASSES, TINY_VISION
 
-TOL = 2e-4
+TOL = FP32_MAX_ABS
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
 TOKEN_IDS = dict(vision_start_token_id=259, vision_end_token_id=260, image_token_id=261, video_token_id=262)
 MIN_PIXELS, MAX_PIXELS = 256, 4096

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
-from passes_support import TOL, exported, golden, verify_every_pass  # noqa: F401
+from passes_support import TOL, exported, golden
 
 from qwen_export.passes.base import QwenPass, pass_name
 from qwen_export.passes.manager import PassManager
 from qwen_export.passes.numerics import NumericCheck
-from qwen_export.passes.pipeline import pipeline
+from qwen_export.targets import pipeline
+
+pytestmark = pytest.mark.usefixtures("verify_every_pass")
 
 
 class PlantEpsilon(QwenPass):

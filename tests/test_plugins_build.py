@@ -180,8 +180,18 @@ def test_trt_wrappers_compile_against_the_plugin_api_declarations(source):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+# TensorRT 11.1's public headers, laid beside the repository for CI (../shared/third_party).
+SHARED_TENSORRT = Path(__file__).resolve().parents[2] / "shared" / "third_party" / "TensorRT-11.1"
+
+
 def _tensorrt_include() -> Path | None:
-    for root in [os.environ.get("TENSORRT_ROOT"), "/usr/include/x86_64-linux-gnu", "/usr/local/tensorrt"]:
+    roots = [
+        os.environ.get("TENSORRT_ROOT"),
+        SHARED_TENSORRT,
+        "/usr/include/x86_64-linux-gnu",
+        "/usr/local/tensorrt",
+    ]
+    for root in roots:
         if root:
             for candidate in [Path(root), Path(root) / "include"]:
                 if (candidate / "NvInferRuntime.h").exists():
@@ -195,7 +205,12 @@ def _tensorrt_include() -> Path | None:
 )
 @pytest.mark.parametrize("source", WRAPPERS)
 def test_trt_wrappers_compile_against_real_tensorrt_headers(source):
-    cuda_include = Path(NVCC).resolve().parents[1] / "include" if NVCC else Path("/usr/local/cuda/include")
+    cuda_roots = [Path(NVCC).resolve().parents[1]] if NVCC else []  # nvcc may be a wrapper outside CUDA
+    cuda_roots += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))]
+    cuda_include = next(
+        (r / "include" for r in cuda_roots if (r / "include" / "cuda_runtime_api.h").exists()), None
+    )
+    assert cuda_include is not None, f"no cuda_runtime_api.h under {cuda_roots} (set CUDA_HOME)"
     r = _run(
         [
             CXX,

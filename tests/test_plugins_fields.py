@@ -1,37 +1,56 @@
 """The plugin nodes the TensorRT lowering emits, checked against the creators' tables in the C++ sources:
-plugin names, version, namespace, field names and types (int32 narrowing), and I/O tensor types."""
+plugin names, version, namespace, field names and types (int32 narrowing), and I/O tensor types. The
+creators' tables (plugins/<op>/<op>_core.h) are a copy of the op table (passes/op_table.py) that C++ needs;
+the first test proves the copy equal."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
 from plugin_graphs import qwen_graph
-from plugin_tables import OP_FOLDERS, creator_table
+from plugin_tables import creator_table
 
 from qwen_export.passes.lower_trt_plugins import PLUGIN_DOMAIN, PLUGINS, LowerTrtPlugins
+from qwen_export.passes.op_table import OP_TABLE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from qwen_export.passes.qwen_ops import OPS
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 CLASS_DTYPES = {"f32": {ir.DataType.FLOAT}, "i32": {ir.DataType.INT32}}
 ACT = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-TABLES = {creator_table(op).name: creator_table(op) for op in OP_FOLDERS}
+TABLES = {creator_table(op).name: creator_table(op) for op in OP_TABLE}
 
 
-@pytest.mark.parametrize("op", sorted(OP_FOLDERS))
+@pytest.mark.parametrize("op", sorted(OP_TABLE))
+def test_creator_tables_are_the_op_table(op):
+    """kPluginName, kFields (names, types, defaults, order), kInputs and kOutputs (names, type classes,
+    order) of plugins/<op>/<op>_core.h, and the common version and namespace, equal the op table's."""
+    table, spec = creator_table(op), OP_TABLE[op]
+    assert table.name == spec.plugin == f"Qwen{op}"  # not a TensorRT built-in op name: built-in importers win
+    assert table.fields == spec.plugin_fields
+    assert table.inputs == tuple((p.name, p.kind) for p in spec.inputs)
+    assert table.outputs == tuple((p.name, p.kind) for p in spec.outputs)
+    assert (table.version, table.namespace) == (PLUGIN_VERSION, PLUGIN_NAMESPACE) == ("1", "qwen")
+    assert len(table.aliases) == len(table.outputs)
+
+
+@pytest.mark.parametrize("op", sorted(OP_TABLE))
 def test_lowering_table_is_the_creators(op):
+    """What the lowering emits (PLUGINS, generated from the op table) is what the creator declares."""
     table, spec = creator_table(op), PLUGINS[op]
-    assert (spec.name, spec.fields, spec.inputs, spec.outputs) == (
+    assert (spec.qwen_op, spec.name, spec.fields, spec.inputs, spec.outputs) == (
+        op,
         table.name,
         table.fields,
         table.inputs,
         table.outputs,
     )
-    assert (table.version, table.namespace) == ("1", "qwen")
-    assert table.name == f"Qwen{op}"  # not a TensorRT built-in op name: built-in importers win
-    assert len(table.aliases) == len(table.outputs)
 
 
-@pytest.mark.parametrize("op", sorted(OP_FOLDERS))
+def test_every_op_has_a_plugin():
+    assert list(PLUGINS) == list(OPS) == list(OP_TABLE)
+
+
+@pytest.mark.parametrize("op", sorted(OP_TABLE))
 def test_plugins_take_the_qwen_op_interface(op):
     """Inputs/outputs in docs/ops.md order, and every attribute of the op is a plugin field."""
     table, sig = creator_table(op), OPS[op]
@@ -80,12 +99,12 @@ def test_fused_preset_lowers_to_creator_nodes():
     from passes_support import exported
 
     from qwen_export.passes.manager import PassManager
-    from qwen_export.passes.pipeline import pipeline
+    from qwen_export.targets import pipeline
 
     model, _ = PassManager(pipeline("fused")).run(exported("tiny-qwen3.5-moe"))
     pass_ = LowerTrtPlugins()
     pass_(model)
-    assert pass_.stats["lowered"] == {"RMSNorm": 9, "GatedDeltaNet": 3, "GatedAttention": 1, "MoE": 4}
+    assert pass_.stats.fired == {"RMSNorm": 9, "GatedDeltaNet": 3, "GatedAttention": 1, "MoE": 4}
     assert not any(n.domain == "qwen" for n in model.graph)
     plugins = [n for n in model.graph if n.domain == PLUGIN_DOMAIN]
     assert len(plugins) == 17

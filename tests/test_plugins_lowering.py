@@ -29,7 +29,7 @@ def plugin(model: ir.Model, name: str) -> ir.Node:
 
 def test_result_is_valid_onnx_without_qwen_ops_or_functions():
     model, pass_ = lowered()
-    assert pass_.stats["functions_removed"] == 1 and not pass_.stats["kept_as_qwen"]
+    assert pass_.stats.extras["functions_removed"] == 1 and not pass_.stats.extras["kept_as_qwen"]
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     onnx.shape_inference.infer_shapes(proto, strict_mode=False)
@@ -86,8 +86,8 @@ def test_fp16_activations_set_the_plugin_type_and_casts_are_read_around():
 
 def test_unknown_qwen_op_is_kept_with_its_function():
     model, pass_ = lowered(qwen_graph(extra_op="FutureOp"))
-    assert list(pass_.stats["kept_as_qwen"].values()) == ["no TensorRT plugin for qwen.FutureOp"]
-    assert pass_.stats["functions_removed"] == 0
+    assert list(pass_.stats.extras["kept_as_qwen"].values()) == ["no TensorRT plugin for qwen.FutureOp"]
+    assert pass_.stats.extras["functions_removed"] == 0
     assert [n.op_type for n in model.graph if n.domain == "qwen"] == ["FutureOp"]
     assert "qwen" in model.graph.opset_imports
 

@@ -8,13 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from qwen_export.cli import app
-from qwen_export.exporter.export import export_model
 from qwen_export.profile import profile_artifact
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir
+def artifact(tiny_moe_export):
+    return tiny_moe_export
 
 
 def test_per_layer_times_add_up_to_the_step(artifact):

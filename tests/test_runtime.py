@@ -43,8 +43,8 @@ def check_against_hf(session: Session, model) -> None:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir
+def artifact(tiny_moe_export):
+    return tiny_moe_export
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5"])

@@ -14,12 +14,11 @@ from typing import Any
 import onnx_ir as ir
 from rich.console import Console
 
-from qwen_export.engines.builder import BuildPlan, BuildResult, build_engines
+from qwen_export.artifact import MODEL_FILE, BuildResult
+from qwen_export.engines.builder import BuildPlan, build_engines
 from qwen_export.engines.spec import DeploySpec, DeploySpecError
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.export import save_model
-
-MODEL_FILE = "model.onnx"
 
 
 def deploy_spec(

@@ -25,32 +25,33 @@ from rich.console import Console
 from rich.table import Table
 
 from qwen_export import __version__
+from qwen_export.artifact import BUILD_FORMAT, MANIFEST_FILE, BuildResult, engine_file, sha256_file
 from qwen_export.engines import cache as cache_mod
 from qwen_export.engines import toolchain as toolchain_mod
 from qwen_export.engines.cache import EngineCache, code_digest, fingerprint, model_digest, place
 from qwen_export.engines.graph import (
     engine_passes,
     op_counts,
-    pass_label,
     pass_modules,
     run_passes,
     save_graph,
 )
 from qwen_export.engines.progress import Stages
 from qwen_export.engines.spec import DeploySpec, DeploySpecError, Profile
-from qwen_export.engines.toolchain import BuildOptions, Toolchain, file_sha256, toolchain_for
+from qwen_export.engines.toolchain import BuildOptions, Toolchain, toolchain_for
+from qwen_export.engines.worker import build_engine
 from qwen_export.errors import QwenExportError
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
+from qwen_export.passes.base import pass_name
+from qwen_export.targets import engine_traits
 
-MANIFEST_FORMAT = "qwen-export/build@1"
-MANIFEST_FILE = "manifest.json"
 TIMING_CACHE_RTX_NOTE = (
     "not used: TensorRT-RTX does not time tactics at build time; its timing cache is a deprecated no-op "
     "that would query a GPU (its runtime cache, for JIT kernels, lives with the application)"
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetPlan:
     sm: str
     label: str
@@ -59,7 +60,7 @@ class TargetPlan:
     path: str  # relative to the output folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildPlan:
     """What a build would do: per target, its fingerprint and whether the cache already holds it."""
 
@@ -101,6 +102,18 @@ class BuildPlan:
             console.print(f"profile {profile['name']}: input_ids min/opt/max {ids}")
 
 
+@dataclass(frozen=True)
+class EngineJob:
+    """What building the plan needs beyond the plan itself (planning computed it once)."""
+
+    passes: list[Any]  # the target's pipeline, as objects
+    profiles: list[Profile]
+    fingerprint_inputs: dict[str, Any]  # every engine's fingerprint is these plus its GPU
+    export_info: dict[str, Any]  # the source export's export.json
+    toolchain: Toolchain
+    digests: Any  # the engine cache's file-digest memo (cache.FileDigests)
+
+
 @dataclass
 class EngineRecord:
     sm: str
@@ -115,23 +128,6 @@ class EngineRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class BuildResult:
-    out_dir: Path
-    manifest: dict[str, Any]
-    records: list[EngineRecord]
-    plan: BuildPlan
-    timings_s: dict[str, float]
-
-    @property
-    def built(self) -> list[str]:
-        return [r.sm for r in self.records if not r.from_cache]
-
-    @property
-    def reused(self) -> list[str]:
-        return [r.sm for r in self.records if r.from_cache]
 
 
 def graph_inputs(onnx_path: Path) -> list[tuple[str, list[int | str | None]]]:
@@ -164,7 +160,7 @@ def _pass_identity(p: ir.passes.PassBase) -> dict[str, Any]:
         if not k.startswith("_") and k != "stats" and isinstance(v, (str, int, float, bool, type(None), dict))
     }  # fmt: skip
     return {
-        "name": pass_label(p),
+        "name": pass_name(p),
         "class": f"{type(p).__module__}.{type(p).__qualname__}",
         "options": options,
     }
@@ -182,7 +178,8 @@ def plan_engines(
     stages: Stages | None = None,
     require_toolchain: bool = True,
     dry_run: bool = False,
-) -> tuple[BuildPlan, dict[str, Any]]:
+    timing_cache_file: Path | None = None,
+) -> tuple[BuildPlan, EngineJob]:
     """Validate everything and fingerprint every target; returns the plan and what the build needs."""
     onnx_path = Path(onnx_path).expanduser().resolve()
     options = options or BuildOptions(workspace_mib=spec.workspace_mib)
@@ -235,17 +232,19 @@ def plan_engines(
         for sm in spec.gpus:
             key = fingerprint({**common, "gpu": sm})
             entry = cache.lookup(key, verify=True, digests=digests)
-            targets.append(
-                TargetPlan(sm, spec.label(sm), key, entry is not None, f"engines/{sm}/model.engine")
-            )
+            targets.append(TargetPlan(sm, spec.label(sm), key, entry is not None, engine_file(sm)))
         stage.detail = f"{sum(t.cached for t in targets)}/{len(targets)} engines cached"
         if not dry_run:
             digests.save()
-    timing_cache = (
-        {"path": None, "used": False}
-        if getattr(toolchain, "timing_cache", None) is None
-        else {"path": str(toolchain.timing_cache), "used": True}  # type: ignore[attr-defined]
-    )
+    if not engine_traits(spec.target).timing_cache:
+        timing_cache = {
+            "path": str(timing_cache_file) if timing_cache_file else None, "used": False,
+            "note": TIMING_CACHE_RTX_NOTE,
+        }  # fmt: skip
+    elif getattr(toolchain, "timing_cache", None) is None:
+        timing_cache = {"path": None, "used": False}
+    else:
+        timing_cache = {"path": str(toolchain.timing_cache), "used": True}  # type: ignore[attr-defined]
     plan = BuildPlan(
         target=spec.target,
         toolchain=toolchain_text,
@@ -261,14 +260,7 @@ def plan_engines(
         targets=targets,
         timing_cache=timing_cache,
     )
-    return plan, {
-        "passes": passes,
-        "profiles": profiles,
-        "common": common,
-        "info": info,
-        "toolchain": toolchain,
-        "digests": digests,
-    }
+    return plan, EngineJob(passes, profiles, common, info, toolchain, digests)
 
 
 def tool_versions(toolchain: Toolchain) -> dict[str, str]:
@@ -317,7 +309,7 @@ def build_engines(
         Path(plugin_library) if plugin_library else None,
         Path(timing_cache) if timing_cache else None,
     )
-    plan, context = plan_engines(
+    plan, job = plan_engines(
         onnx_path,
         spec,
         out_dir,
@@ -328,11 +320,8 @@ def build_engines(
         stages=stages,
         require_toolchain=not dry_run,
         dry_run=dry_run,
+        timing_cache_file=Path(timing_cache) if timing_cache else None,
     )
-    if spec.target == "trt-rtx":
-        plan.timing_cache = {
-            "path": str(timing_cache) if timing_cache else None, "used": False, "note": TIMING_CACHE_RTX_NOTE,
-        }  # fmt: skip
     if dry_run:
         if console is not None:
             plan.render(console)
@@ -344,26 +333,28 @@ def build_engines(
         tempfile.TemporaryDirectory(prefix="qwen-graph-") as scratch,
     ):
         graph = _PreparedGraph(
-            Path(plan.model), context["passes"], stages, (tmp / "graph") if keep_graph else Path(scratch)
+            Path(plan.model), job.passes, stages, (tmp / "graph") if keep_graph else Path(scratch)
         )
         if keep_graph:
             graph.path()
         for target in plan.targets:
-            records.append(_engine(target, tmp, graph, context, options, cache, stages, isolate))
+            records.append(_engine(target, tmp, graph, job, options, cache, stages, isolate))
         if not graph.records:  # everything came from the cache: report the passes the engines were built with
             cached = cache.lookup(plan.targets[0].fingerprint)
             graph.records = (cached.meta.get("passes") if cached else None) or []
             graph.summary = (cached.meta.get("graph") if cached else None) or {}
-        context["digests"].save()
-        plugin = _ship_plugin_library(context["toolchain"], tmp)
+        job.digests.save()
+        plugin = _ship_plugin_library(job.toolchain, tmp)
         timings = stages.timings()
         timings["total"] = round(time.perf_counter() - start, 4)
-        manifest = _manifest(plan, context, records, graph.records, graph.summary, timings, keep_graph)
+        manifest = _manifest(plan, job, records, graph.records, graph.summary, timings, keep_graph)
         manifest["plugin_library"] = plugin
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    result = BuildResult(Path(plan.out_dir), manifest, records, plan, timings)
+    result = BuildResult(
+        Path(plan.out_dir), plan.target, manifest, engines=records, plan=plan, timings_s=timings
+    )
     if console is not None:
-        _summary(console, result)
+        result.render(console)
     return result
 
 
@@ -380,7 +371,7 @@ class _PreparedGraph:
         if self._path is None:
             with self.stages.stage("load model", self.model.name):
                 model = ir.load(self.model)
-            self.records = run_passes(model, self.passes, self.stages)
+            model, self.records = run_passes(model, self.passes, self.stages)
             self.summary = {"ops": op_counts(model), "initializers": len(model.graph.initializers)}
             with self.stages.stage("save graph"):
                 self._path = save_graph(model, self.folder)
@@ -391,7 +382,7 @@ def _engine(
     target: TargetPlan,
     out: Path,
     graph: _PreparedGraph,
-    context: dict[str, Any],
+    job: EngineJob,
     options: BuildOptions,
     cache: EngineCache,
     stages: Stages,
@@ -413,31 +404,29 @@ def _engine(
             {"restore": round(stage.wall_s, 4)},
             entry.meta.get("info", {}),
         )
-    target.cached = False  # never cached, or evicted since planning
+    # Never cached, or evicted since planning.
     graph_path = graph.path()
-    toolchain: Toolchain = context["toolchain"]
+    toolchain = job.toolchain
     staging = cache.staging(target.fingerprint) if cache.enabled else destination
-    with stages.stage(
-        f"{target.sm} build", f"{toolchain.target}, {len(context['profiles'])} profiles"
-    ) as stage:
-        built = toolchain.build(graph_path, context["profiles"], target.sm, options, staging, isolate=isolate)
+    with stages.stage(f"{target.sm} build", f"{toolchain.target}, {len(job.profiles)} profiles") as stage:
+        built = build_engine(toolchain, graph_path, job.profiles, target.sm, options, staging, isolate)
         stage.detail = f"parse {built.timings_s['parse']:.2f} s, build {built.timings_s['build']:.2f} s"
     with stages.stage(f"{target.sm} store") as store:
         if cache.enabled:
             meta = {
                 "gpu": target.sm,
-                "fingerprint_inputs": context["common"],
+                "fingerprint_inputs": job.fingerprint_inputs,
                 "passes": graph.records,
                 "graph": graph.summary,
                 "builder_warnings": built.warnings,
                 "info": built.info,
             }
             entry = cache.store(target.fingerprint, built.engine, meta)
-            context["digests"].remember(entry.engine, entry.sha256)
+            job.digests.remember(entry.engine, entry.sha256)
             place(entry.engine, destination)
             sha, size = entry.sha256, entry.bytes
         else:
-            sha, size = file_sha256(destination), destination.stat().st_size
+            sha, size = sha256_file(destination), destination.stat().st_size
     timings = {k: round(v, 4) for k, v in built.timings_s.items()}
     timings["store"] = round(store.wall_s, 4)
     return EngineRecord(
@@ -458,17 +447,17 @@ def _ship_plugin_library(toolchain: Toolchain, out: Path) -> str | None:
 
 def _manifest(
     plan: BuildPlan,
-    context: dict[str, Any],
+    job: EngineJob,
     records: list[EngineRecord],
     pass_records: list[dict[str, Any]],
     graph_summary: dict[str, Any],
     timings: dict[str, float],
     keep_graph: bool,
 ) -> dict[str, Any]:
-    info = context["info"]
-    common = context["common"]
+    info = job.export_info
+    common = job.fingerprint_inputs
     return {
-        "format": MANIFEST_FORMAT,
+        "format": BUILD_FORMAT,
         "target": plan.target,
         "source": info.get("source"),
         "source_dir": info.get("source_dir"),
@@ -479,7 +468,7 @@ def _manifest(
         "options": plan.options,
         "timing_cache": plan.timing_cache,
         "passes": pass_records,
-        "precision": next((p["stats"] for p in pass_records if p["name"] == "precision"), {}),
+        "precision": next((p["stats"]["extras"] for p in pass_records if p["name"] == "precision"), {}),
         "engines": {r.sm: r.to_json() for r in records},
         "plugin_library": None,
         "fingerprint": {k: v for k, v in common.items() if k not in ("profiles",)},
@@ -489,22 +478,6 @@ def _manifest(
         "reused": [r.sm for r in records if r.from_cache],
         "timings_s": timings,
     }
-
-
-def _summary(console: Console, result: BuildResult) -> None:
-    table = Table("gpu", "engine", "MiB", "sha256", "from", "s", title=f"{result.plan.target} engines")
-    for r in result.records:
-        seconds = sum(r.timings_s.values())
-        table.add_row(
-            r.label,
-            r.path,
-            f"{r.bytes / 2**20:.1f}",
-            r.sha256[:12],
-            "cache" if r.from_cache else "built",
-            f"{seconds:.2f}",
-        )
-    console.print(table)
-    console.print(f"wrote {result.out_dir / MANIFEST_FILE} in {result.timings_s['total']:.2f} s")
 
 
 def load_profiles(manifest: dict[str, Any]) -> list[Profile]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import onnx
 
+from qwen_export.artifact import sha256_file
 from qwen_export.cache import touch
-from qwen_export.engines.toolchain import file_sha256
 
 ENGINE_FILE = "model.engine"
 ENTRY_FILE = "entry.json"
@@ -28,7 +28,7 @@ CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    from qwen_export.presets import cache_root
+    from qwen_export.cache import cache_root
 
     return cache_root() / "engines"
 
@@ -74,7 +74,7 @@ class FileDigests:
         known = self.entries.get(key)
         if known is not None and all(known.get(k) == v for k, v in stamp.items()):
             return known["sha256"]
-        digest = file_sha256(file)
+        digest = sha256_file(file)
         self.entries[key] = {**stamp, "sha256": digest}
         return digest
 
@@ -165,7 +165,7 @@ class EngineCache:
 
     def store(self, key: str, engine: Path, meta: dict[str, Any]) -> CacheEntry:
         """Take the engine file at `engine` (moved in) and record it under `key`."""
-        sha, size = file_sha256(engine), engine.stat().st_size
+        sha, size = sha256_file(engine), engine.stat().st_size
         entry_meta = {**meta, "sha256": sha, "bytes": size, "key": key}
         folder = self._folder(key)
         folder.parent.mkdir(parents=True, exist_ok=True)

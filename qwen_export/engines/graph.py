@@ -1,44 +1,35 @@
-"""Prepare the graph an engine is built from: the target's lowering, then the precision policy."""
+"""Prepare the graph an engine is built from: the target's pipeline (qwen_export/targets.py), run by the
+one pass manager, each pass a progress stage."""
 
 from __future__ import annotations
 
 import importlib
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import onnx_ir as ir
 
+from qwen_export.artifact import DATA_FILE, MODEL_FILE
 from qwen_export.engines.progress import Stages
 from qwen_export.engines.spec import DeploySpec
-from qwen_export.errors import QwenExportError
 from qwen_export.exporter.export import save_model
-from qwen_export.passes.lower_trt_rtx import LowerToTrtRtx
-from qwen_export.passes.precision import Precision
-
-GRAPH_FILE = "model.onnx"
-GRAPH_DATA = "model.onnx.data"
+from qwen_export.passes.base import PassStats, QwenPass, pass_name
+from qwen_export.passes.manager import PassManager, PassRecord
+from qwen_export.targets import PipelineOptions, get_target
 
 
-def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[ir.passes.PassBase]:
+def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[QwenPass]:
     """The passes between the exporter's standard graph and the graph handed to the engine builder."""
-    precision = Precision(spec.precision, logits_fp32=spec.logits_fp32)
-    if spec.target == "trt-rtx":
-        return [LowerToTrtRtx(moe=moe, max_tokens=spec.max_batch * spec.max_prompt), precision]
-    if spec.target == "trt":
-        # Fused qwen ops become plugin nodes, which TensorRT's parser looks up in the plugin registry; the
-        # precision pass runs first (it keeps qwen ops' I/O fp32) and the plugin lowering casts around them.
-        from qwen_export.passes.lower_trt_plugins import LowerTrtPlugins
-        from qwen_export.passes.pipeline import finish, pipeline
-
-        return [*pipeline("fused"), precision, LowerTrtPlugins(dtype=spec.precision), *finish()]
-    raise QwenExportError(f"unknown engine target {spec.target!r}")
-
-
-def pass_label(p: ir.passes.PassBase) -> str:
-    return getattr(p, "name", "") or type(p).__name__
+    options = PipelineOptions(
+        precision=spec.precision,
+        logits_fp32=spec.logits_fp32,
+        max_tokens=spec.max_batch * spec.max_prompt,
+        moe=moe,
+    )
+    return get_target(spec.target).passes(options)
 
 
 def pass_modules(passes: Sequence[ir.passes.PassBase]) -> list[ModuleType]:
@@ -47,38 +38,47 @@ def pass_modules(passes: Sequence[ir.passes.PassBase]) -> list[ModuleType]:
     return [importlib.import_module(n) for n in sorted(names)]
 
 
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], stages: Stages) -> list[dict[str, Any]]:
-    """Run `passes` in order, each as a stage; returns one record per pass (time, options, stats)."""
-    records = []
-    for p in passes:
-        label = pass_label(p)
-        with stages.stage(f"pass {label}", repr(p)) as stage:
-            start = time.perf_counter()
-            result = p(model)
-            model = result.model
-            wall = time.perf_counter() - start
-            stage.detail = _stats_line(getattr(p, "stats", {}))
-        records.append(
-            {
-                "name": label,
-                "repr": repr(p),
-                "modified": bool(result.modified),
-                "wall_s": round(wall, 4),
-                "stats": dict(getattr(p, "stats", {}) or {}),
-            }
-        )
-    return records
+def run_passes(
+    model: ir.Model, passes: Sequence[QwenPass], stages: Stages
+) -> tuple[ir.Model, list[dict[str, Any]]]:
+    """Run `passes` through the pass manager, each as a stage; returns the model and one manifest record
+    per pass (name, options, whether it changed the graph, wall time, stats)."""
+    current: list[Any] = []
+
+    @contextmanager
+    def stage(p: ir.passes.PassBase) -> Iterator[None]:
+        with stages.stage(f"pass {pass_name(p)}", repr(p)) as record:
+            current[:] = [record]
+            yield
+
+    def on_end(i: int, record: PassRecord) -> None:
+        current[0].detail = stats_line(record.stats)
+
+    model, report = PassManager(passes, around=stage, on_end=on_end).run(model)
+    return model, [manifest_record(r) for r in report.records]
 
 
-def _stats_line(stats: dict[str, Any]) -> str:
-    keys = ("attention", "moe", "gather_max_tokens", "casts", "fp32_nodes", "low_nodes")
-    return ", ".join(f"{k} {stats[k]}" for k in keys if k in stats)
+def manifest_record(record: PassRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "repr": record.options,
+        "modified": bool(record.modified),
+        "wall_s": round(record.wall_s, 4),
+        "stats": record.stats.to_json(),
+    }
+
+
+def stats_line(stats: PassStats) -> str:
+    """One line for the progress display: what fired, and the precision pass's counts."""
+    fired = [f"{kind} {n}" for kind, n in stats.fired.items()]
+    keys = ("gather_max_tokens", "casts", "fp32_nodes", "low_nodes")
+    return ", ".join(fired + [f"{k} {stats.extras[k]}" for k in keys if k in stats.extras])
 
 
 def save_graph(model: ir.Model, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / GRAPH_FILE
-    save_model(model, path, GRAPH_DATA)
+    path = folder / MODEL_FILE
+    save_model(model, path, DATA_FILE)
     return path
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen_export.errors import QwenExportError
+from qwen_export.targets import TARGETS, EngineTraits, names
 
-TARGETS = ("trt-rtx", "trt")
 PRECISIONS = ("fp16", "bf16")
 INT32_MAX = 2**31 - 1
 
@@ -35,9 +35,6 @@ GPU_NAMES: dict[str, str] = {
     "gb10": "sm121",
 }  # fmt: skip
 KNOWN_SMS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")
-# TensorRT-RTX 1.7 compiles ahead of time, on a CPU, for these (its ComputeCapability enum). It also
-# lists SM75, but has no fp32 GEMM for Turing, and the delta rule keeps its recurrent state in fp32.
-TRT_RTX_AOT_SMS = ("sm80", "sm86", "sm89", "sm120", "sm121")
 BF16_MIN_SM = 80
 
 
@@ -156,14 +153,15 @@ class DeploySpec:
 
     def problems(self, gpus_given: bool = True) -> list[str]:
         out: list[str] = []
-        if self.target not in TARGETS:
-            out.append(f"unknown target {self.target!r}: engines build for {', '.join(TARGETS)}")
+        traits = TARGETS[self.target].engine if self.target in TARGETS else None
+        if traits is None:
+            out.append(f"unknown target {self.target!r}: engines build for {', '.join(names('engine'))}")
         if not self.gpus and not gpus_given:
             out.append("no GPU target: pass one or more, for example --gpu sm89,sm120")
         if self.precision not in PRECISIONS:
-            if self.precision == "fp32" and self.target == "trt-rtx":
+            if self.precision == "fp32" and traits is not None and not traits.builds_fp32:
                 out.append(
-                    "precision fp32 cannot be built with TensorRT-RTX: it has no fp32 attention kernel "
+                    f"precision fp32 cannot be built with {traits.builder}: it has no fp32 attention kernel "
                     "(opset-23 Attention builds only in fp16/bf16); use --precision fp16 or bf16 (norms, "
                     "router, DeltaNet gates and recurrent state stay fp32 inside the engine)"
                 )
@@ -189,21 +187,22 @@ class DeploySpec:
         ):
             out.append(f"workspace_mib must be a positive integer, got {self.workspace_mib!r}")
         for sm in self.gpus:
-            out += self._gpu_problems(sm)
+            out += self._gpu_problems(sm, traits)
         return out
 
-    def _gpu_problems(self, sm: str) -> list[str]:
+    def _gpu_problems(self, sm: str, traits: EngineTraits | None) -> list[str]:
         label = self.label(sm)
         out = []
-        if self.target == "trt-rtx" and sm == "sm75":
+        aot = traits.aot_sms if traits is not None else None
+        if aot is not None and sm == "sm75":
             out.append(
-                f"{label}: TensorRT-RTX cannot build this model for Turing: it has no fp32 GEMM there, and "
-                "the DeltaNet recurrence keeps its state in fp32; build it with --target trt on that GPU"
+                f"{label}: {traits.builder} cannot build this model for Turing: it has no fp32 GEMM there, "
+                "and the DeltaNet recurrence keeps its state in fp32; build it with --target trt on that GPU"
             )
-        elif self.target == "trt-rtx" and sm not in TRT_RTX_AOT_SMS:
+        elif aot is not None and sm not in aot:
             out.append(
-                f"{label}: TensorRT-RTX cannot build for {sm} (it builds ahead of time only for "
-                f"{', '.join(TRT_RTX_AOT_SMS)}); build it with --target trt on that GPU"
+                f"{label}: {traits.builder} cannot build for {sm} (it builds ahead of time only for "
+                f"{', '.join(aot)}); build it with --target trt on that GPU"
             )
         if self.precision == "bf16" and sm_number(sm) < BF16_MIN_SM:
             out.append(f"{label}: {sm} has no bf16 support; use --precision fp16 for it")

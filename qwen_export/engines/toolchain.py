@@ -11,7 +11,6 @@ optimization profiles, configure, build a serialized engine. They differ only wh
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import time
@@ -21,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_export.engines.spec import TRT_RTX_AOT_SMS, DeploySpecError, Profile, sm_number
+from qwen_export.artifact import sha256_file
+from qwen_export.engines.spec import DeploySpecError, Profile, sm_number
 from qwen_export.errors import QwenExportError
+from qwen_export.targets import engine_traits
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 TRT_RTX_MODULES = ("tensorrt_rtx_bindings", "tensorrt_rtx")
@@ -56,10 +57,10 @@ class BuildOptions:
                 f"unknown hardware compatibility {self.hardware_compatibility!r}: use one of "
                 f"{', '.join(HARDWARE_COMPATIBILITY)}"
             )
-        elif target == "trt-rtx" and self.hardware_compatibility != "none":
+        elif not engine_traits(target).hardware_compatibility and self.hardware_compatibility != "none":
             out.append(
-                "TensorRT-RTX has no hardware-compatibility level: its engines run on the compute "
-                "capabilities they are built for; list every GPU with --gpu instead"
+                f"{engine_traits(target).builder} has no hardware-compatibility level: its engines run on "
+                "the compute capabilities they are built for; list every GPU with --gpu instead"
             )
         return out
 
@@ -93,14 +94,6 @@ def _collecting_logger(trt: Any) -> Any:
                 self.warnings.append(msg)
 
     return Collector()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Toolchain(ABC):
@@ -139,23 +132,6 @@ class Toolchain(ABC):
     def spawn_args(self) -> dict[str, Any]:
         """What a worker process needs to recreate this toolchain."""
         return {"target": self.target}
-
-    def build(
-        self,
-        onnx_path: Path,
-        profiles: Sequence[Profile],
-        sm: str,
-        options: BuildOptions,
-        engine_path: Path,
-        isolate: bool = True,
-    ) -> EngineBuild:
-        """Build the `sm` engine into `engine_path`. With `isolate`, in a child process: the builders abort
-        the whole process on some internal errors, and a crash must become an error message instead."""
-        if not isolate:
-            return self.build_here(onnx_path, profiles, sm, options, engine_path)
-        from qwen_export.engines.worker import build_in_child
-
-        return build_in_child(self, onnx_path, profiles, sm, options, engine_path)
 
     def build_here(
         self, onnx_path: Path, profiles: Sequence[Profile], sm: str, options: BuildOptions, engine_path: Path
@@ -260,7 +236,8 @@ class TensorRTRtx(Toolchain):
         out = []
         trt = self.load()
         for sm in sms:
-            if sm not in TRT_RTX_AOT_SMS or not hasattr(trt.ComputeCapability, sm.upper()):
+            aot = engine_traits(self.target).aot_sms or ()
+            if sm not in aot or not hasattr(trt.ComputeCapability, sm.upper()):
                 out.append(f"{sm}: this TensorRT-RTX ({trt.__version__}) cannot build for it ahead of time")
         return out
 
@@ -327,7 +304,7 @@ class TensorRT(Toolchain):
 
     def extra_fingerprint(self) -> dict[str, Any]:
         path = self.plugin_library
-        return {"plugin_library_sha256": file_sha256(path) if path and path.is_file() else None}
+        return {"plugin_library_sha256": sha256_file(path) if path and path.is_file() else None}
 
     def target_problems(self, sms: Sequence[str], options: BuildOptions) -> list[str]:
         out = []
@@ -414,8 +391,7 @@ def current_sm() -> str | None:
 def toolchain_for(
     target: str, plugin_library: Path | None = None, timing_cache: Path | None = None
 ) -> Toolchain:
-    if target == "trt-rtx":
-        return TensorRTRtx()
-    if target == "trt":
+    toolchain = globals()[engine_traits(target).toolchain]
+    if toolchain is TensorRT:
         return TensorRT(plugin_library, timing_cache)
-    raise DeploySpecError(f"unknown engine target {target!r}: use trt-rtx or trt")
+    return toolchain()

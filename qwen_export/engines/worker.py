@@ -25,6 +25,22 @@ from qwen_export.engines.toolchain import (
 )
 
 
+def build_engine(
+    toolchain: Toolchain,
+    onnx_path: Path,
+    profiles: Sequence[Profile],
+    sm: str,
+    options: BuildOptions,
+    engine_path: Path,
+    isolate: bool = True,
+) -> EngineBuild:
+    """Build the `sm` engine into `engine_path`. With `isolate`, in a child process: the builders abort
+    the whole process on some internal errors, and a crash must become an error message instead."""
+    if not isolate:
+        return toolchain.build_here(onnx_path, profiles, sm, options, engine_path)
+    return build_in_child(toolchain, onnx_path, profiles, sm, options, engine_path)
+
+
 def build_in_child(
     toolchain: Toolchain,
     onnx_path: Path,

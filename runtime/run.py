@@ -1,0 +1,139 @@
+"""What `qwen-export run` asks and gets back: a parsed request, streamed text generation or a multimodal
+run, and a result that prints itself as JSON or a one-line summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwen_export.errors import QwenExportError
+from qwen_export.runtime.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    artifact: Path
+    prompt: str | None
+    token_ids: list[int] | None
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_ids: list[int] | None  # None: the tokenizer's end-of-sequence token (multimodal), else never stop
+    images: list[Path] = field(default_factory=list)
+    videos: list[list[Path]] = field(default_factory=list)
+
+    @classmethod
+    def parse(
+        cls,
+        artifact: Path,
+        *,
+        prompt: str | None,
+        ids: str | None,
+        max_new_tokens: int,
+        greedy: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        stop: str | None,
+        images: Sequence[Path] = (),
+        videos: Sequence[str] = (),
+    ) -> RunRequest:
+        """The command line's strings as a request; a malformed number is a one-line error."""
+        try:
+            sampling = SamplingConfig(
+                greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+            )
+            token_ids = [int(t) for t in ids.split(",")] if ids is not None else None
+            stop_ids = [int(t) for t in stop.split(",")] if stop else None
+        except ValueError as e:
+            raise QwenExportError(str(e)) from None
+        if (images or videos) and prompt is None:
+            raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
+        frames = [[Path(f) for f in v.split(",")] for v in videos]
+        return cls(artifact, prompt, token_ids, max_new_tokens, sampling, stop_ids, list(images), frames)
+
+
+@dataclass
+class RunResult:
+    ids: list[int]
+    text: str | None
+    backend: str | None
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    prompt_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+    echo_text: bool = False  # the text was not streamed, so the summary prints it
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.prompt_ids is not None:
+            data["prompt_ids"] = self.prompt_ids
+        data |= {"ids": self.ids, "text": self.text}
+        if self.backend is not None:
+            data["backend"] = self.backend
+        if self.prompt_tokens is not None:
+            data["prompt_tokens"] = self.prompt_tokens
+        return data | {
+            "time_to_first_token_s": round(self.time_to_first_token_s, 6),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+    def render(self, console: Console) -> None:
+        if self.echo_text:
+            print(self.text)
+        else:
+            print()
+        backend = f" · {self.backend}" if self.backend else ""
+        console.print(
+            f"[dim]{len(self.ids)} tokens · first token {self.time_to_first_token_s * 1e3:.1f} ms · "
+            f"decode {self.decode_tokens_per_s:.1f} tokens/s{backend}[/dim]"
+        )
+
+
+def stream_text(request: RunRequest, on_piece: Callable[[str], None] | None = None) -> RunResult:
+    """Generate from a text artifact, handing each new token's text to `on_piece` as it comes."""
+    from qwen_export.runtime.session import Session, decode_tokens_per_s
+
+    session = Session.load(request.artifact)
+    token_ids = request.token_ids if request.token_ids is not None else session.encode(request.prompt or "")
+    timings: dict[str, float] = {}
+    generated: list[int] = []
+    stops = request.stop_ids or []
+    for step in session.stream([token_ids], request.max_new_tokens, request.sampling, stops, timings):
+        generated.append(int(step[0]))
+        if on_piece is not None:
+            tokenizer = session.tokenizer
+            on_piece(tokenizer.decode([generated[-1]]) if tokenizer else f"{generated[-1]} ")
+    text = session.tokenizer.decode(generated) if session.tokenizer else None
+    rate = decode_tokens_per_s(timings, len(generated))
+    return RunResult(
+        generated, text, session.backend.name, timings["time_to_first_token_s"], rate, prompt_ids=token_ids
+    )
+
+
+def run_multimodal_request(request: RunRequest) -> RunResult:
+    from qwen_export.runtime.multimodal import run_multimodal
+
+    result = run_multimodal(
+        request.artifact,
+        request.prompt or "",
+        images=request.images,
+        videos=request.videos,
+        max_new_tokens=request.max_new_tokens,
+        sampling=request.sampling,
+        stop_tokens=request.stop_ids,
+    )
+    return RunResult(
+        result.tokens,
+        result.text,
+        None,
+        result.time_to_first_token_s,
+        result.decode_tokens_per_s,
+        prompt_tokens=result.prompt_tokens,
+        echo_text=True,
+    )

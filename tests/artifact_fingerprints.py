@@ -1,0 +1,191 @@
+"""Fingerprints of every artifact the toolkit writes, to prove a refactor changed no byte.
+
+For every tiny preset: the golden reference, the export, a build per ONNX-writing target, and the graph an
+engine target hands to its builder (trt-rtx also builds its engine for one GPU). Each artifact is reduced
+to the sha256 of every file it holds, with its manifest's volatile fields (wall times, peak memory, the
+cache folder, the pass records' timings) removed first. `passes.json` is a per-pass report of wall times
+and pass statistics, not part of the artifact's contract, and is left out.
+
+    python tests/artifact_fingerprints.py --write     # record tests/data/artifact_fingerprints.json
+    python tests/artifact_fingerprints.py             # compare against it; exit 1 on any difference
+
+The recorded file comes from the code before the refactor it guards; it is a regression fence, not a
+measure of correctness (the golden tests compare with the Hugging Face reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+RECORD = Path(__file__).resolve().parent / "data" / "artifact_fingerprints.json"
+PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5")
+ONNX_BUILD_TARGETS = ("onnx", "ort", "ort-int4", "ort-int8", "ort-cpu-int4", "fused", "trt-plugins")
+ENGINE_LIMITS = ("--gpu", "sm89", "--max-batch", "1", "--max-prompt", "64", "--max-context", "128")
+VOLATILE = {"timings_s", "wall_s", "peak_rss_mib", "cache_dir", "rss_before_mib", "rss_after_mib"}
+# Pass records in an engine manifest carry per-pass statistics whose layout is a report format.
+ENGINE_VOLATILE = VOLATILE | {"passes", "sha256", "fingerprint", "bytes", "path"}
+SKIP_FILES = {"passes.json"}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _strip(data: Any, drop: set[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip(v, drop) for k, v in data.items() if k not in drop}
+    if isinstance(data, list):
+        return [_strip(v, drop) for v in data]
+    return data
+
+
+def folder_fingerprint(
+    folder: Path, drop: set[str] = VOLATILE, scratch: Path | None = None
+) -> dict[str, str]:
+    """sha256 per file (relative path); JSON manifests hashed after removing the volatile fields and
+    naming the scratch folder `<scratch>`. Engines are left out: TensorRT-RTX writes different bytes for
+    the same network each build, so an engine target is held to its prepared graph and its manifest."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if path.name in SKIP_FILES or path.suffix == ".engine":
+            continue
+        if path.suffix == ".json":
+            text = path.read_text().replace(str(scratch), "<scratch>") if scratch else path.read_text()
+            stable = json.dumps(_strip(json.loads(text), drop), sort_keys=True)
+            out[name] = hashlib.sha256(stable.encode()).hexdigest()
+        else:
+            out[name] = _sha256(path)
+    return out
+
+
+def _cli(*args: str, env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "qwen_export.cli", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+
+def _engine_graph(preset: str, target: str, out: Path) -> None:
+    """The graph `target`'s engines are built from (ONNX files only; runs where the builder cannot)."""
+    import onnx_ir as ir
+
+    from qwen_export.engines.graph import engine_passes, run_passes, save_graph
+    from qwen_export.engines.progress import Stages
+    from qwen_export.engines.spec import DeploySpec
+    from qwen_export.exporter.export import cached_export
+
+    spec = DeploySpec.create("sm89", max_batch=1, max_prompt=64, max_context=128, target=target)
+    model = ir.load(cached_export(preset=preset) / "model.onnx")
+    run_passes(model, engine_passes(spec), Stages(None))
+    save_graph(model, out)
+
+
+def fingerprints(cases: list[str] | None = None, jobs: int = 2) -> dict[str, dict[str, str]]:
+    """Every case's fingerprint, built in a fresh cache folder."""
+    with tempfile.TemporaryDirectory(prefix="qwen-fingerprints-") as scratch:
+        root = Path(scratch)
+        env = {**os.environ, "QWEN_EXPORT_CACHE": str(root / "cache")}
+        os.environ["QWEN_EXPORT_CACHE"] = env["QWEN_EXPORT_CACHE"]
+        work: dict[str, Any] = {}
+        for preset in PRESETS:
+            work[f"{preset}/golden"] = lambda p=preset, o=root: _cli(
+                "golden", "-p", p, "-o", f"{o}/{p}-golden", env=env
+            )
+            work[f"{preset}/export"] = lambda p=preset, o=root: _cli(
+                "export", "-p", p, "-o", f"{o}/{p}-export", env=env
+            )
+            for target in ONNX_BUILD_TARGETS:
+                work[f"{preset}/build-{target}"] = lambda p=preset, t=target, o=root: _cli(
+                    "build", "-p", p, "-t", t, "-o", f"{o}/{p}-build-{t}", env=env
+                )
+            work[f"{preset}/engine-trt-rtx"] = lambda p=preset, o=root: _cli(
+                "build", "-p", p, "-t", "trt-rtx", *ENGINE_LIMITS, "-o", f"{o}/{p}-engine-trt-rtx", env=env
+            )
+            for target in ("trt-rtx", "trt"):
+                work[f"{preset}/graph-{target}"] = lambda p=preset, t=target, o=root: _engine_graph(
+                    p, t, o / f"{p}-graph-{t}"
+                )
+        chosen = [c for c in work if cases is None or c in cases]
+        for preset in PRESETS:  # materialise each preset once, before the parallel builds share the cache
+            if any(c.startswith(preset) for c in chosen):
+                _cli("presets", env=env)
+                from qwen_export.presets import materialize
+
+                materialize(preset, quiet=True)
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(lambda c: work[c](), chosen))
+        result = {}
+        for case in chosen:
+            folder = root / case.replace("/", "-")
+            drop = ENGINE_VOLATILE if "/engine-" in case else VOLATILE
+            result[case] = folder_fingerprint(folder, drop, root)
+        return result
+
+
+def machine() -> dict[str, str]:
+    """What the reference's float results depend on: the CPU's widest vector ISA. A golden regenerated on
+    another ISA differs in the last bits (about 1e-6 on logits), so goldens compare only on the same one."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = next((name for name in ("avx512_vnni", "avx512f", "avx2") if name in flags), "other")
+    return {"isa": isa}
+
+
+def compare(recorded: dict[str, dict[str, str]], now: dict[str, dict[str, str]]) -> list[str]:
+    """One line per file that differs, appeared or disappeared."""
+    problems = []
+    for case, files in now.items():
+        before = recorded.get(case)
+        if before is None:
+            problems.append(f"{case}: not recorded")
+            continue
+        for name in sorted(set(before) | set(files)):
+            if before.get(name) != files.get(name):
+                state = "missing now" if name not in files else "new" if name not in before else "differs"
+                problems.append(f"{case}/{name}: {state}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="record the fingerprints instead of comparing")
+    parser.add_argument(
+        "--case", action="append", help="only this case (repeatable), e.g. tiny-qwen3.5/export"
+    )
+    args = parser.parse_args()
+    now = fingerprints(args.case)
+    if args.write:
+        RECORD.parent.mkdir(parents=True, exist_ok=True)
+        record = {"machine": machine(), "artifacts": now}
+        RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {RECORD} ({len(now)} artifacts)")
+        return 0
+    recorded = json.loads(RECORD.read_text())
+    if recorded["machine"] != machine():
+        now = {case: files for case, files in now.items() if not case.endswith("/golden")}
+        print(f"goldens not compared: recorded on {recorded['machine']}, this is {machine()}")
+    problems = compare(recorded["artifacts"], now)
+    print("\n".join(problems) or f"{len(now)} artifacts byte-identical to the record")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Fixtures shared by more than one test module. Helper functions and constants stay in the helper
+modules (passes_support.py, checkpoints.py, ...) and are imported normally; fixtures live here so that no
+test module has to import one."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def verify_every_pass():
+    """Every PassManager run in a module that opts in checks each graph with onnx.checker (full_check) after
+    each pass. Not autouse: a module opts in with `pytestmark = pytest.mark.usefixtures("verify_every_pass")`
+    (usefixtures names are set up before a test's own arguments, so at module scope this still comes before
+    the module-scoped fixtures that run pipelines)."""
+    # Imported here, not at the top: conftest is loaded for every test module, and only the modules that opt
+    # in should pull in the pass package.
+    from qwen_export.passes.verify import VERIFY_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(VERIFY_ENV, "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_export(tmp_path_factory):
+    """An export of the tiny MoE preset, per module (diff, profile and runtime tests read it)."""
+    from qwen_export.exporter.export import export_model
+
+    return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir

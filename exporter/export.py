@@ -48,6 +48,14 @@ class ExportResult:
     def model_path(self) -> Path:
         return self.out_dir / MODEL_FILE
 
+    def render(self, console: Any) -> None:
+        info = self.info
+        console.print(
+            f"[green]wrote[/green] {self.model_path} ({info['graph']['nodes']} nodes, "
+            f"{info['timings_s']['total']:.1f} s, peak RSS {info['peak_rss_mib']:.0f} MiB)",
+            highlight=False,
+        )
+
 
 def resolve_source(preset: str | None, model_dir: str | os.PathLike | None) -> tuple[Path, str]:
     """(checkpoint folder, human description) for exactly one of --preset / --model."""

@@ -111,12 +111,7 @@ def export(
             out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states,
             multimodal=multimodal, log=_log,
         )  # fmt: skip
-    info = result.info
-    err.print(
-        f"[green]wrote[/green] {result.model_path} ({info['graph']['nodes']} nodes, "
-        f"{info['timings_s']['total']:.1f} s, peak RSS {info['peak_rss_mib']:.0f} MiB)",
-        highlight=False,
-    )
+    result.render(err)
 
 
 @app.command()

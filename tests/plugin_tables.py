@@ -21,13 +21,21 @@ _FIELD_TYPE = {"Int32": "int32", "Float32": "float32"}
 
 
 @dataclass(frozen=True)
-class CreatorTable:
+class ReadmeTable:
+    """A plugin's interface as a table lists it: plugin name, version, namespace, fields, I/O classes."""
+
     name: str
     version: str
     namespace: str
     fields: tuple[tuple[str, str, float], ...]
     inputs: tuple[tuple[str, str], ...]
     outputs: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class CreatorTable(ReadmeTable):
+    """The creator's constexpr tables, which also say which outputs alias inputs."""
+
     aliases: tuple[int, ...]
 
 
@@ -101,16 +109,6 @@ def params_struct(qwen_op: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 _README_IO_CLASS = {"fp16 / bf16": "act", "as X": "act", "fp32": "f32", "int32": "i32"}
-
-
-@dataclass(frozen=True)
-class ReadmeTable:
-    name: str
-    version: str
-    namespace: str
-    fields: tuple[tuple[str, str, float], ...]
-    inputs: tuple[tuple[str, str], ...]
-    outputs: tuple[tuple[str, str], ...]
 
 
 def readme_table(qwen_op: str) -> ReadmeTable:

@@ -100,3 +100,21 @@ def test_registry_declares_each_target_once_with_a_pipeline_of_qwen_passes():
         assert (target.kind == "engine") == (target.engine is not None) == (target.options >= {"gpu"})
     assert names("engine") == ("trt-rtx", "trt")
     assert get_target("ort-cpu-int4").cpu_kernels and get_target("ort-int8").precision == "int8"
+
+
+def test_passes_lists_the_engine_pipelines_passes_too():
+    listed = {p["name"]: p for p in json.loads(runner.invoke(app, ["passes", "--json"]).output)}
+    assert listed["lower-trt-rtx"]["targets"] == ["trt-rtx"]
+    assert listed["precision"]["targets"] == ["trt-rtx", "trt"]
+    assert listed["lower-trt-plugins"]["targets"] == ["trt-plugins", "trt"]
+
+
+def test_the_cli_is_a_thin_layer():
+    from pathlib import Path
+
+    import qwen_export.cli
+
+    source = Path(qwen_export.cli.__file__).read_text()
+    assert len(source.splitlines()) <= 400
+    # Tables are drawn by the result types' renderers, and targets are only named in the registry.
+    assert "Table(" not in source and "trt-rtx" not in source and '"ort"' not in source

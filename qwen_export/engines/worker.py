@@ -38,17 +38,6 @@ def build_engine(
     the whole process on some internal errors, and a crash must become an error message instead."""
     if not isolate:
         return toolchain.build_here(onnx_path, profiles, sm, options, engine_path)
-    return build_in_child(toolchain, onnx_path, profiles, sm, options, engine_path)
-
-
-def build_in_child(
-    toolchain: Toolchain,
-    onnx_path: Path,
-    profiles: Sequence[Profile],
-    sm: str,
-    options: BuildOptions,
-    engine_path: Path,
-) -> EngineBuild:
     with tempfile.TemporaryDirectory(prefix="qwen-engine-build-") as folder:
         request = Path(folder) / "request.json"
         report = Path(folder) / "report.json"

@@ -1,0 +1,1 @@
+"""Triton kernels of this op (qwen_export.plugins.gated_attention); see the README beside them."""

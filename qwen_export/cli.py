@@ -3,17 +3,29 @@ the renderer that lives with the result type."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from qwen_export.cli_kernels import kernels_app
+from qwen_export.cli_support import (
+    JsonOpt,
+    ListJsonOpt,
+    ModelOpt,
+    OutOpt,
+    PresetOpt,
+    ReportOpt,
+    emit,
+    err,
+    log,
+    user_errors,
+)  # fmt: skip
 from qwen_export.errors import QwenExportError
 from qwen_export.targets import help_text
 from qwen_export.tolerances import tolerance_for
@@ -27,7 +39,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 
 
 @app.callback()
@@ -38,47 +49,6 @@ def _targets_from_the_registry(ctx: typer.Context) -> None:
     for param in getattr(build_command, "params", []):
         if param.name == "target":
             param.help = help_text()
-
-
-PresetOpt = Annotated[
-    str | None,
-    typer.Option("--preset", "-p", help="Built-in model with seeded random weights (see `presets`)."),
-]
-ModelOpt = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Local Hugging Face folder: config.json + *.safetensors.")
-]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced atomically when done).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
-ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
-
-
-def user_errors(fn):
-    """Turn user-input errors into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except QwenExportError as e:
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _log(message: str) -> None:
-    err.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
-
-
-def _emit(result: Any, as_json: bool, report: Path | None = None) -> None:
-    """The result as JSON (stdout and/or a file) or through its own renderer."""
-    if report is not None:
-        report.write_text(json.dumps(result.to_json(), indent=2))
-    if as_json:
-        print(json.dumps(result.to_json(), indent=2))
-    else:
-        result.render(Console())
 
 
 @app.command()
@@ -109,7 +79,7 @@ def export(
     with err.status("exporting…"):
         result = export_model(
             out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states,
-            multimodal=multimodal, log=_log,
+            multimodal=multimodal, log=log,
         )  # fmt: skip
     result.render(err)
 
@@ -125,7 +95,7 @@ def golden(out: OutOpt, preset: PresetOpt = None, model: ModelOpt = None) -> Non
     start = time.perf_counter()
     source_dir, source = resolve_source(preset, model)
     with err.status("running the reference…"):
-        generate_golden(source_dir, out, source, log=_log)
+        generate_golden(source_dir, out, source, log=log)
     err.print(f"[green]wrote[/green] {out} in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
@@ -151,7 +121,7 @@ def validate(
 
     with err.status("validating…"):
         report = validate_artifact(artifact, golden_dir, tolerance)
-    _emit(report, as_json)
+    emit(report, as_json)
     raise typer.Exit(0 if report.passed else 1)
 
 
@@ -235,7 +205,7 @@ def diff(
         result = diff_artifact(artifact, against, per_layer=per_layer, per_pass=per_pass)
     if save_outputs is not None:
         save_polygraphy_outputs(artifact, save_outputs)
-    _emit(result, as_json, report)
+    emit(result, as_json, report)
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -256,7 +226,7 @@ def profile(
         result = profile_artifact(artifact, prompt_tokens, decode_steps)
     if chart is not None:
         render_chart(result, chart)
-    _emit(result, as_json, report)
+    emit(result, as_json, report)
 
 
 @app.command()
@@ -319,7 +289,7 @@ def build(
     )  # fmt: skip
     request.check_options()
     with pass_progress(request, err) as hooks:
-        result = build_artifact(request, hooks.on_start, hooks.on_end, log=_log, console=err)
+        result = build_artifact(request, hooks.on_start, hooks.on_end, log=log, console=err)
     if getattr(result, "report", None) is not None:
         # Piped output gets a wide table rather than one squeezed to 80 columns.
         result.render(err if err.is_terminal else Console(stderr=True, width=160))
@@ -332,7 +302,7 @@ def list_passes(as_json: ListJsonOpt = False) -> None:
     """List the graph passes, what each does, and which targets' pipelines use it."""
     from qwen_export.targets import pass_table
 
-    _emit(pass_table(), as_json)
+    emit(pass_table(), as_json)
 
 
 @app.command("targets")
@@ -340,7 +310,7 @@ def list_targets(as_json: ListJsonOpt = False) -> None:
     """List the build targets: kind, what runs the artifact, the options each takes."""
     from qwen_export.targets import target_table
 
-    _emit(target_table(), as_json)
+    emit(target_table(), as_json)
 
 
 @app.command()
@@ -348,7 +318,7 @@ def presets(as_json: ListJsonOpt = False) -> None:
     """List the built-in presets."""
     from qwen_export.presets import preset_table
 
-    _emit(preset_table(), as_json)
+    emit(preset_table(), as_json)
 
 
 @app.command()
@@ -391,6 +361,8 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
 
+
+app.add_typer(kernels_app, name="kernels")
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "qwen_export"
 
 # Package -> folder, as pyproject.toml's [tool.setuptools] package-dir / packages install them.
+# The plugin op folders that hold Triton kernels (Python packages beside the C++ sources).
+OPS = ("rms_norm", "gated_rms_norm", "gated_attention", "gated_deltanet", "moe")
 PACKAGES = {
     "qwen_export": "qwen_export",
     "qwen_export.engines": "qwen_export/engines",
@@ -23,6 +25,8 @@ PACKAGES = {
     "qwen_export.passes": "passes",
     "qwen_export.runtime": "runtime",
     "qwen_export.golden": "golden",
+    "qwen_export.plugins": "plugins",
+    **{f"qwen_export.plugins.{op}": f"plugins/{op}" for op in OPS},
 }
 
 

@@ -1,0 +1,57 @@
+"""What every `qwen-export` command shares: the error console, one-line user errors, option types, and
+printing a result as JSON or through its own renderer."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from qwen_export.errors import QwenExportError
+
+err = Console(stderr=True)
+
+
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", "-p", help="Built-in model with seeded random weights (see `presets`)."),
+]
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", "-m", help="Local Hugging Face folder: config.json + *.safetensors.")
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced atomically when done).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
+
+
+def user_errors(fn):
+    """Turn user-input errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QwenExportError as e:
+            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def log(message: str) -> None:
+    err.print(f"[dim]{message}[/dim]", highlight=False, soft_wrap=True)
+
+
+def emit(result: Any, as_json: bool, report: Path | None = None) -> None:
+    """The result as JSON (stdout and/or a file) or through its own renderer."""
+    if report is not None:
+        report.write_text(json.dumps(result.to_json(), indent=2))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        result.render(Console())

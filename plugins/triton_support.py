@@ -195,3 +195,29 @@ def compare(
     scale = float(reference.abs().max()) or 1.0
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     return CheckRow(kernel, case, diff / scale, tolerance_for(precision)["layer_rel"], True, guards_ok)
+
+
+# A GPU's compute capability -> the SM name its cubins and frozen launch configurations are built for.
+CAPABILITY_SM = {(8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90a", (10, 0): "sm_100a"}
+DEFAULT_SM = "sm_90a"  # the configuration a launch on the CPU (the interpreter) uses: the H100/H200 build
+
+
+def device_sm(tensor: Any, sm: str | None = None) -> str:
+    """The SM whose frozen launch configuration a launch on `tensor`'s device uses (`sm` overrides)."""
+    if sm is not None:
+        return sm
+    if tensor.device.type != "cuda":
+        return DEFAULT_SM
+    import torch
+
+    cap = torch.cuda.get_device_capability(tensor.device)
+    if cap in CAPABILITY_SM:
+        return CAPABILITY_SM[cap]
+    return "sm_120a" if cap[0] >= 12 else "sm_100a" if cap[0] >= 10 else "sm_80"
+
+
+def variant_of(dtype: Any) -> str:
+    """The variant a launch with activations of `dtype` uses (fp32, for checks, runs as fp16's)."""
+    import torch
+
+    return "bf16" if dtype == torch.bfloat16 else "fp16"

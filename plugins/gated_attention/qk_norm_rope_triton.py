@@ -16,32 +16,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qwen_export.plugins.triton_support import KernelSpec
+from qwen_export.plugins.triton_support import KernelSpec, device_sm, variant_of
 
 # Map a CUDA capability to the SM names the AOT build compiles for; CPU (the interpreter) runs as sm_90a.
-_CAPABILITY_SM = {(8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90a", (10, 0): "sm_100a"}
-DEFAULT_SM = "sm_90a"
 
 
-def device_sm(tensor, sm: str | None = None) -> str:
-    """The SM whose frozen launch configuration a launch on `tensor`'s device uses (`sm` overrides)."""
-    if sm is not None:
-        return sm
-    if tensor.device.type != "cuda":
-        return DEFAULT_SM
-    import torch
-
-    cap = torch.cuda.get_device_capability(tensor.device)
-    if cap in _CAPABILITY_SM:
-        return _CAPABILITY_SM[cap]
-    return "sm_120a" if cap[0] >= 12 else "sm_100a" if cap[0] >= 10 else "sm_80"
 
 
-def variant_of(dtype) -> str:
-    """The variant whose constexprs a launch with activations of `dtype` uses (fp32 runs as fp16's)."""
-    import torch
-
-    return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 @triton.jit

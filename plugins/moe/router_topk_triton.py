@@ -20,28 +20,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qwen_export.plugins.triton_support import KernelSpec
+from qwen_export.plugins.triton_support import KernelSpec, device_sm
 
 # CUDA capability -> the SM name whose frozen launch configuration applies; CPU (the interpreter) is sm_90a.
-_CAPABILITY_SM = {(8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90a", (10, 0): "sm_100a"}
-DEFAULT_SM = "sm_90a"
 MAX_TOP_K = 32
 MAX_EXPERTS = 4096
 DECODE_MAX_TOKENS = 16  # up to this many tokens the router runs its decode tile
 
 
-def device_sm(tensor, sm: str | None = None) -> str:
-    """The SM whose frozen launch configuration a launch on `tensor`'s device uses (`sm` overrides)."""
-    if sm is not None:
-        return sm
-    if tensor.device.type != "cuda":
-        return DEFAULT_SM
-    import torch
-
-    cap = torch.cuda.get_device_capability(tensor.device)
-    if cap in _CAPABILITY_SM:
-        return _CAPABILITY_SM[cap]
-    return "sm_120a" if cap[0] >= 12 else "sm_100a" if cap[0] >= 10 else "sm_80"
 
 
 def act_of(dtype) -> str:

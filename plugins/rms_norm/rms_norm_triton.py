@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qwen_export.plugins.triton_support import KernelSpec
+from qwen_export.plugins.triton_support import KernelSpec, device_sm, variant_of
 
 
 @triton.jit
@@ -145,28 +145,10 @@ SPECS: list[KernelSpec] = list(SPEC_BY_CLASS.values())
 
 
 # The SM whose frozen configuration a launch uses; CPU tensors (the interpreter) run as sm_90a.
-_CAPABILITY_SM = {(8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89", (9, 0): "sm_90a"}
-DEFAULT_SM = "sm_90a"
 
 
-def device_sm(tensor, sm: str | None = None) -> str:
-    if sm is not None:
-        return sm
-    if tensor.device.type != "cuda":
-        return DEFAULT_SM
-    import torch
-
-    cap = torch.cuda.get_device_capability(tensor.device)
-    if cap in _CAPABILITY_SM:
-        return _CAPABILITY_SM[cap]
-    return "sm_120a" if cap[0] >= 12 else "sm_100a" if cap[0] >= 10 else "sm_80"
 
 
-def variant_of(dtype) -> str:
-    """The variant a launch with activations of `dtype` uses (fp32, interpreter/GPU checks only, as fp16)."""
-    import torch
-
-    return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 def width_class(dim: int, classes=WIDTH_CLASSES) -> int:

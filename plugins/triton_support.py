@@ -130,7 +130,9 @@ class KernelSpec:
 
     signature: argument name -> Triton type ("*fp16", "*fp32", "i32", "fp32", ...; pointers start with *)
                or "constexpr" for compile-time arguments, in the kernel's argument order; "{act}" in a
-               type stands for the variant's activation type (its "act" entry: "fp16" or "bf16").
+               type stands for the variant's activation type (its "act" entry: "fp16" or "bf16"); a
+               ":16" suffix ("*fp16:16", "i32:16") promises the argument is a multiple of 16 (pointers:
+               16-byte aligned), which the AOT build compiles in and the loader checks at launch.
     constexprs: the compile-time values (block sizes, head dims, dtype switches); `per_sm` overrides
                them per SM ("sm_90a": {...}); num_warps and num_stages likewise.
     variants:  named constexpr sets compiled as separate cubins (for example fp16 / bf16 activations).
@@ -221,3 +223,11 @@ def variant_of(dtype: Any) -> str:
     import torch
 
     return "bf16" if dtype == torch.bfloat16 else "fp16"
+
+
+def aligned16(signature: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """`signature` with the ":16" divisibility promise on `names` (the launcher must guarantee it)."""
+    missing = set(names) - set(signature)
+    if missing:
+        raise ValueError(f"not in the signature: {sorted(missing)}")
+    return {k: f"{v}:16" if k in names else v for k, v in signature.items()}

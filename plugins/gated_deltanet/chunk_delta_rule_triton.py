@@ -82,27 +82,11 @@ def _solve(a, rhs, n, dt: tl.constexpr):
 
 
 @triton.jit
-def chunk_delta_rule_kernel(
-    qkv_ptr,
-    a_ptr,
-    b_ptr,
-    neg_exp_a_ptr,
-    dt_bias_ptr,
-    mask_ptr,
-    state_in_ptr,
-    state_out_ptr,
-    out_ptr,
-    T,
-    mask_len,
-    nk,
-    nv,
-    stride_qkv,
-    stride_ab,
-    use_state,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BV: tl.constexpr,
-):
+def chunk_delta_rule_kernel(  # the recurrent kernel's arguments (recurrent.SIGNATURE), one launcher for both
+    qkv_ptr, a_ptr, b_ptr, neg_exp_a_ptr, dt_bias_ptr, mask_ptr, state_in_ptr, state_out_ptr, out_ptr,
+    T, mask_len, nk, nv, stride_qkv, stride_ab, use_state,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
     dt: tl.constexpr = qkv_ptr.dtype.element_ty
     # the solve's and in-chunk attention's dot operands: fp16 (10 mantissa bits) for fp16 and bf16
     # activations, fp32 for fp32 ones
@@ -181,27 +165,7 @@ def chunk_delta_rule_kernel(
     tl.store(state_out_ptr + state_base + state_at, state)
 
 
-SIGNATURE = {
-    "qkv_ptr": "*{act}",
-    "a_ptr": "*{act}",
-    "b_ptr": "*{act}",
-    "neg_exp_a_ptr": "*fp32",
-    "dt_bias_ptr": "*fp32",
-    "mask_ptr": "*i32",
-    "state_in_ptr": "*fp32",
-    "state_out_ptr": "*fp32",
-    "out_ptr": "*{act}",
-    "T": "i32",
-    "mask_len": "i32",
-    "nk": "i32",
-    "nv": "i32",
-    "stride_qkv": "i32",
-    "stride_ab": "i32",
-    "use_state": "i32",
-    "DK": "constexpr",
-    "DV": "constexpr",
-    "BV": "constexpr",
-}
+SIGNATURE = recurrent.SIGNATURE  # the same arguments as the recurrent kernel, for one launcher
 
 SPEC = KernelSpec(
     name="gated_deltanet.chunk_delta_rule",

@@ -38,6 +38,30 @@ SMALL_BLOCK_ROWS = 24  # mean rows per active expert below which the grouped pat
 
 
 @triton.jit
+def _expert_tile(
+    N, top_k, sorted_ids_ptr, expert_ids_ptr, stride_we,
+    ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """This program's (expert, rows, source tokens, weight offset, column tile). Routed: rows are sorted
+    token-expert pairs of one expert (expert < 0: an unused padding block); dense (the shared expert):
+    rows are tokens and the expert is 0."""
+    pid = tl.program_id(0)
+    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    offs_m = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if ROUTED:
+        expert = tl.load(expert_ids_ptr + pid // n_tiles)
+        rows = tl.load(sorted_ids_ptr + offs_m)
+        src = rows // top_k
+        w_off = expert.to(tl.int64) * stride_we
+    else:
+        expert = 0
+        rows = offs_m
+        src = offs_m
+        w_off = 0
+    return expert, rows, src, w_off, pid % n_tiles
+
+
+@triton.jit
 def gate_up_swiglu_kernel(
     x_ptr,  # [T, K] activations, rows stride_xt apart, contiguous within a row
     wg_ptr,  # gate weight: element (e, n, k) at e * stride_we + n * stride_wn + k
@@ -57,22 +81,11 @@ def gate_up_swiglu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ROUTED:
-        expert = tl.load(expert_ids_ptr + pid_m)
-        if expert < 0:
-            return
-        rows = tl.load(sorted_ids_ptr + offs_m)
-        src = rows // top_k
-        w_off = expert.to(tl.int64) * stride_we
-    else:
-        rows = offs_m
-        src = offs_m
-        w_off = 0
+    expert, rows, src, w_off, pid_n = _expert_tile(
+        N, top_k, sorted_ids_ptr, expert_ids_ptr, stride_we, ROUTED, BLOCK_M, BLOCK_N
+    )
+    if expert < 0:
+        return
     row_ok = rows < n_rows
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -115,20 +128,11 @@ def down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if ROUTED:
-        expert = tl.load(expert_ids_ptr + pid_m)
-        if expert < 0:
-            return
-        rows = tl.load(sorted_ids_ptr + offs_m)
-        w_off = expert.to(tl.int64) * stride_we
-    else:
-        rows = offs_m
-        w_off = 0
+    expert, rows, _, w_off, pid_n = _expert_tile(
+        N, 1, sorted_ids_ptr, expert_ids_ptr, stride_we, ROUTED, BLOCK_M, BLOCK_N
+    )
+    if expert < 0:
+        return
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

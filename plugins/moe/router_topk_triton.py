@@ -181,17 +181,10 @@ TOPK_SPEC = KernelSpec(
     name="moe.router_topk",
     kernel=router_topk_kernel,
     signature={
-        "logits_ptr": "*fp32",
-        "weights_ptr": "*fp32",
-        "ids_ptr": "*i32",
-        "T": "i32",
-        "E": "i32",
-        "top_k": "i32",
-        "normalize": "i32",
-        "BLOCK_T": "constexpr",
-        "BLOCK_E": "constexpr",
+        "logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32",
+        "top_k": "i32", "normalize": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr",
         "MAX_TOP_K": "constexpr",
-    },
+    },  # fmt: skip
     # a [8 tokens, 512 experts] tile: 16 values per thread per array at 8 warps; Ampere / Ada spill a few
     # registers at that size (ptxas caps them at 128 there), so they take 4 tokens per program
     constexprs={"BLOCK_T": 8, "BLOCK_E": 512, "MAX_TOP_K": MAX_TOP_K},

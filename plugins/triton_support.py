@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,20 @@ SMS = ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120a")
 
 
 def interpreter() -> bool:
-    """Turn Triton's interpreter on for kernels imported from now on; True if it is on."""
+    """Turn Triton's interpreter on for kernels imported from now on; True if it is on.
+
+    It must come before triton itself is imported (torch and transformers may import it): triton.language's
+    own helpers (`tl.sum`, ...) are decorated when triton is imported, and compiled-mode helpers cannot be
+    called from an interpreted kernel."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    return os.environ["TRITON_INTERPRET"] == "1"
+    on = os.environ["TRITON_INTERPRET"] == "1"
+    language = sys.modules.get("triton.language")
+    if on and language is not None and type(language.sum).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set (torch or transformers import it): set "
+            "TRITON_INTERPRET=1 in the environment, or call triton_support.interpreter() before those imports"
+        )
+    return on
 
 
 def _bits_to_fp32(data: np.ndarray) -> np.ndarray:

@@ -72,7 +72,11 @@ def check_kernels(
     """Each op's kernels on the first layer that has the op, in every precision of `dtypes`."""
     from qwen_export.plugins.triton_support import interpreter, upcast_bf16_dots
 
-    if not interpreter():  # before any kernel module is imported: triton.jit decides at decoration
+    try:  # before any kernel module is imported: triton.jit decides at decoration
+        on = interpreter()
+    except RuntimeError as e:
+        raise QwenExportError(str(e)) from None
+    if not on:
         raise QwenExportError("TRITON_INTERPRET is set to something other than 1; unset it to check kernels")
     import torch
 

@@ -4,7 +4,14 @@ test module has to import one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The Triton kernel tests run under Triton's interpreter, which must be on before anything imports triton
+# (torch and transformers do): triton.language's own helpers are decorated at import. The ahead-of-time
+# compile tests run their compiler in child processes without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ atomically; nothing is left there on error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,10 +139,7 @@ def _build_engines(
         spec_file=request.spec_file,
     )
     check_writable_parent(Path(request.out))
-    if console is not None:
-        with console.status("exporting…"):
-            exported = cached_export(preset=request.preset, model_dir=request.model_dir, log=log)
-    else:
+    with console.status("exporting…") if console is not None else contextlib.nullcontext():
         exported = cached_export(preset=request.preset, model_dir=request.model_dir, log=log)
     return build_engine_artifact(
         exported,

@@ -26,9 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from qwen_export.targets import TARGETS, names
+
 RECORD = Path(__file__).resolve().parent / "data" / "artifact_fingerprints.json"
 PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5")
-ONNX_BUILD_TARGETS = ("onnx", "ort", "ort-int4", "ort-int8", "ort-cpu-int4", "fused", "trt-plugins")
+# From the registry: every target that writes ONNX is built; every engine target's prepared graph is
+# fingerprinted, and those that build ahead of time on this CPU (trt-rtx) also build their engine.
+ONNX_BUILD_TARGETS = tuple(t.name for t in TARGETS.values() if t.kind != "engine")
+ENGINE_TARGETS = names("engine")
+AOT_ENGINE_TARGETS = tuple(t.name for t in TARGETS.values() if t.engine and t.engine.aot_sms)
 ENGINE_LIMITS = ("--gpu", "sm89", "--max-batch", "1", "--max-prompt", "64", "--max-context", "128")
 VOLATILE = {"timings_s", "wall_s", "peak_rss_mib", "cache_dir", "rss_before_mib", "rss_after_mib"}
 # Pass records in an engine manifest carry per-pass statistics whose layout is a report format.
@@ -112,10 +118,11 @@ def fingerprints(cases: list[str] | None = None, jobs: int = 2) -> dict[str, dic
                 work[f"{preset}/build-{target}"] = lambda p=preset, t=target, o=root: _cli(
                     "build", "-p", p, "-t", t, "-o", f"{o}/{p}-build-{t}", env=env
                 )
-            work[f"{preset}/engine-trt-rtx"] = lambda p=preset, o=root: _cli(
-                "build", "-p", p, "-t", "trt-rtx", *ENGINE_LIMITS, "-o", f"{o}/{p}-engine-trt-rtx", env=env
-            )
-            for target in ("trt-rtx", "trt"):
+            for target in AOT_ENGINE_TARGETS:
+                work[f"{preset}/engine-{target}"] = lambda p=preset, t=target, o=root: _cli(
+                    "build", "-p", p, "-t", t, *ENGINE_LIMITS, "-o", f"{o}/{p}-engine-{t}", env=env
+                )
+            for target in ENGINE_TARGETS:
                 work[f"{preset}/graph-{target}"] = lambda p=preset, t=target, o=root: _engine_graph(
                     p, t, o / f"{p}-graph-{t}"
                 )

@@ -186,7 +186,9 @@ def test_no_import_cycles_among_project_modules():
     assert not found, describe(graph, found)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is in the standard library from 3.11")
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="reads pyproject.toml with tomllib; runs on Python 3.11+ (CI's venv)"
+)
 def test_walked_packages_are_the_installed_ones():
     import tomllib
 

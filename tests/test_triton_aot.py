@@ -119,7 +119,8 @@ def test_interpreted_kernels_are_refused(tmp_path):
 
 
 @pytest.mark.skipif(
-    CXX is None or not (CUDA_INCLUDE / "cuda.h").exists(), reason="needs g++ and CUDA headers"
+    CXX is None or not (CUDA_INCLUDE / "cuda.h").exists(),
+    reason="needs g++ and the CUDA toolkit's headers (cuda.h); runs wherever nvcc is installed, as in CI",
 )
 def test_generated_cpp_and_loader_compile_and_launch_on_a_stand_in_driver(builds, tmp_path):
     root, _ = builds
@@ -182,8 +183,7 @@ def test_command_line_builds_with_a_progress_bar(tmp_path):
 
 def test_every_plugin_kernel_compiles_for_sm_89(tmp_path):
     found = sorted(PLUGINS.glob("*/kernels.py"))
-    if not found:
-        pytest.skip("no plugins/<op>/kernels.py exists yet: nothing to discover")
+    assert {p.parent.name for p in found} == {op.folder for op in OP_TABLE.values()}  # every op has kernels
     out = tmp_path / "kernels"
     # One activation type per spec keeps this test short (bf16 takes fp16's code paths); the build compiles
     # every variant for every SM.

@@ -26,7 +26,9 @@ from qwen_export.plugins.gated_deltanet.kernels import DeltaNetLayer  # noqa: E4
 from qwen_export.plugins.gated_deltanet.recurrent_delta_rule_triton import recurrent_delta_rule  # noqa: E402
 from qwen_export.plugins.triton_support import CheckRow, Guarded, compare  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET is set to something other than 1")
+pytestmark = pytest.mark.skipif(
+    not INTERPRETED, reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here"
+)
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16"}

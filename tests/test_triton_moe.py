@@ -24,7 +24,9 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMo
 from qwen_export.plugins.moe import kernels as moe  # noqa: E402
 from qwen_export.plugins.moe.grouped_gemm_triton import DECODE_MAX_PAIRS  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET is set to something other than 1")
+pytestmark = pytest.mark.skipif(
+    not INTERPRETED, reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here"
+)
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

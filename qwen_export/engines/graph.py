@@ -43,18 +43,14 @@ def run_passes(
 ) -> tuple[ir.Model, list[dict[str, Any]]]:
     """Run `passes` through the pass manager, each as a stage; returns the model and one manifest record
     per pass (name, options, whether it changed the graph, wall time, stats)."""
-    current: list[Any] = []
 
     @contextmanager
-    def stage(p: ir.passes.PassBase) -> Iterator[None]:
+    def stage(p: QwenPass) -> Iterator[None]:
         with stages.stage(f"pass {pass_name(p)}", repr(p)) as record:
-            current[:] = [record]
             yield
+            record.detail = stats_line(p.stats)  # the pass's record of the run that just ended
 
-    def on_end(i: int, record: PassRecord) -> None:
-        current[0].detail = stats_line(record.stats)
-
-    model, report = PassManager(passes, around=stage, on_end=on_end).run(model)
+    model, report = PassManager(passes, around=stage).run(model)
     return model, [manifest_record(r) for r in report.records]
 
 

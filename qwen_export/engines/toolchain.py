@@ -105,6 +105,11 @@ class Toolchain(ABC):
     def __init__(self) -> None:
         self._trt: Any = None
 
+    @classmethod
+    def create(cls, plugin_library: Path | None = None, timing_cache: Path | None = None) -> Toolchain:
+        """This toolchain for a build; a builder without plugins or a timing cache ignores them."""
+        return cls()
+
     # --- what the library is --------------------------------------------------------------------------
     @abstractmethod
     def load(self) -> Any:
@@ -272,6 +277,10 @@ class TensorRT(Toolchain):
         self.timing_cache = timing_cache
         self._cache_obj: Any = None
 
+    @classmethod
+    def create(cls, plugin_library: Path | None = None, timing_cache: Path | None = None) -> Toolchain:
+        return cls(plugin_library, timing_cache)
+
     def spawn_args(self) -> dict[str, Any]:
         return {
             "target": self.target,
@@ -391,7 +400,4 @@ def current_sm() -> str | None:
 def toolchain_for(
     target: str, plugin_library: Path | None = None, timing_cache: Path | None = None
 ) -> Toolchain:
-    toolchain = globals()[engine_traits(target).toolchain]
-    if toolchain is TensorRT:
-        return TensorRT(plugin_library, timing_cache)
-    return toolchain()
+    return globals()[engine_traits(target).toolchain].create(plugin_library, timing_cache)

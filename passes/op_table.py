@@ -8,7 +8,7 @@ this table by a test (docs/plugins.md, "Adding an op", lists every place an op r
   structs in scripts/gpu_check.py (which loads this file by path: it cannot import qwen_export);
 - proven equal to it: the plugin creators' constexpr tables (`kPluginName`, `kFields`, `kInputs`,
   `kOutputs` in plugins/<folder>/<folder>_core.h) and the plugin READMEs (tests/test_plugins_fields.py,
-  tests/test_op_table.py), the launch parameter structs in plugins/<folder>/<folder>_kernel.h
+  tests/test_op_table.py), the launch parameter structs in plugins/<folder>/<folder>_launch.h
   (tests/test_op_table.py), and the tables of docs/ops.md (tests/test_fusion_contract.py).
 
 No imports beyond the standard library, and nothing newer than Python 3.9 at run time: the GPU machine
@@ -79,7 +79,7 @@ class Attribute:
 class Launch:
     """What the kernel's launch parameter struct holds besides the op's interface.
 
-    `Qwen<Op>Params` (plugins/<folder>/<folder>_kernel.h) is laid out as: one pointer per input, one per
+    `Qwen<Op>Params` (plugins/<folder>/<folder>_launch.h) is laid out as: one pointer per input, one per
     output, a `workspace` pointer (when `workspace`), the int64 problem `sizes`, one field per attribute
     (int32 / float, camelCase), int32 `dtype`, then the int32 test `knobs` (0: automatic).
     """

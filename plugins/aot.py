@@ -497,12 +497,13 @@ def compile_kernels(
 
 
 def all_kernel_specs(notes: list[str] | None = None) -> list[KernelSpec]:
-    """Every op's `KERNELS` (plugins/<folder>/kernels.py, folders from OP_TABLE); a folder without a
-    kernels.py yet is skipped with a line in `notes`."""
+    """Every op's `KERNELS` (plugins/<folder>/kernels.py, folders from OP_TABLE) and the shared ones
+    (plugins/common/kernels.py: the projections' GEMM); a folder without a kernels.py yet is skipped with a
+    line in `notes`."""
     from qwen_export.passes.op_table import OP_TABLE
 
     specs: list[KernelSpec] = []
-    for folder in dict.fromkeys(op.folder for op in OP_TABLE.values()):
+    for folder in dict.fromkeys(["common", *(op.folder for op in OP_TABLE.values())]):
         if not (PLUGINS_DIR / folder / "kernels.py").exists():
             if notes is not None:
                 notes.append(f"plugins/{folder}/kernels.py does not exist yet: no Triton kernels from it")
@@ -534,6 +535,12 @@ def _c_bytes(data: bytes, width: int = 32) -> str:
     for i in range(0, len(data), width):
         lines.append('    "' + "".join(f"\\x{b:02x}" for b in data[i : i + width]) + '"')
     return "\n".join(lines) or '    ""'
+
+
+def constexpr_text(constexprs: dict[str, Any]) -> str:
+    """The integer constexprs as the loader reads them (`constexprValue`): "BLOCK_M=4;HAS_RESIDUAL=1"."""
+    ints = {k: int(v) for k, v in sorted(constexprs.items()) if isinstance(v, (bool, int))}
+    return ";".join(f"{k}={v}" for k, v in ints.items())
 
 
 def write_embedded_cpp(kernels: Sequence[CompiledKernel], path: str | os.PathLike) -> Path:
@@ -573,6 +580,7 @@ def write_embedded_cpp(kernels: Sequence[CompiledKernel], path: str | os.PathLik
             str(k.shared), str(k.static_shared), str(k.global_scratch_size), str(k.global_scratch_align),
             "true" if k.launch_pdl else "false", "true" if k.launch_cooperative_grid else "false",
             str(k.registers), str(k.spills), f"kArgs{i}", str(len(k.args)),
+            _c_string(constexpr_text(k.constexprs)),
         ]  # fmt: skip
         out.append("    {" + ", ".join(fields) + "},")
     if not kernels:

@@ -96,7 +96,7 @@ DRY_SHAPES = dict(
 )
 
 
-# ---- ctypes mirrors of the launch parameter structs (plugins/<op>/<op>_kernel.h) ---------------------------
+# ---- ctypes mirrors of the launch parameter structs (plugins/<op>/<op>_launch.h) ---------------------------
 # Generated from the op table (see Launch in passes/op_table.py for the layout); tests/test_op_table.py
 # proves them equal to the C structs, field by field, and --check-abi compares sizes with a built library.
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float

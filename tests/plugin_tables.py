@@ -1,6 +1,6 @@
 """Reads the plugins' own copies of the op table (passes/op_table.py) from their sources, for the tests:
 the creators' constexpr tables (plugins/<op>/<op>_core.h), the launch parameter structs
-(plugins/<op>/<op>_kernel.h) and the tables of the plugin READMEs (plugins/<op>/README.md).
+(plugins/<op>/<op>_launch.h) and the tables of the plugin READMEs (plugins/<op>/README.md).
 
 The creators (plugins/common/trt_plugin_base.h) build their field lists, and the plugins their I/O types,
 from the constexpr tables, so parsing them checks the op table against what TensorRT will be given.
@@ -87,10 +87,10 @@ def creator_table(qwen_op: str) -> CreatorTable:
 
 
 def params_struct(qwen_op: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """(struct name, ((field, C type), ...)) of the launch parameter struct in <op>_kernel.h; C types are
+    """(struct name, ((field, C type), ...)) of the launch parameter struct in <op>_launch.h; C types are
     normalised to single spaces with `*` attached (`void const*`, `int64_t`)."""
     folder = OP_FOLDERS[qwen_op]
-    path = PLUGINS_DIR / folder / f"{folder}_kernel.h"
+    path = PLUGINS_DIR / folder / f"{folder}_launch.h"
     text = path.read_text()
     match = re.search(r"typedef struct (\w+)\s*\{(.*?)\}\s*(\w+);", text, re.S)
     if match is None or match.group(1) != match.group(3):

@@ -1,7 +1,7 @@
 """The op table (passes/op_table.py) against every copy of it that cannot be generated from it, and the
 checklist of docs/plugins.md ("Adding an op"): every file an op must reach does.
 
-Proven equal here: the launch parameter structs (plugins/<op>/<op>_kernel.h) and the ctypes mirrors that
+Proven equal here: the launch parameter structs (plugins/<op>/<op>_launch.h) and the ctypes mirrors that
 scripts/gpu_check.py generates from the table, the exported launchers, the plugin READMEs' tables, and
 the NumPy reference's signatures. The creators' constexpr tables are proven equal in
 tests/test_plugins_fields.py, docs/ops.md's tables in tests/test_fusion_contract.py.
@@ -87,7 +87,7 @@ def test_camel_case_names():
     ]
 
 
-# ---- plugins/<op>/<op>_kernel.h ----------------------------------------------------------------------------
+# ---- plugins/<op>/<op>_launch.h ----------------------------------------------------------------------------
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_params_struct_is_the_op_table(op):
     """Qwen<Op>Params: names, order and C types (pointer constness and element type follow the type
@@ -99,7 +99,7 @@ def test_kernel_params_struct_is_the_op_table(op):
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_header_declares_the_launchers(op):
     spec = OP_TABLE[op]
-    text = (PLUGINS_DIR / spec.folder / f"{spec.folder}_kernel.h").read_text()
+    text = (PLUGINS_DIR / spec.folder / f"{spec.folder}_launch.h").read_text()
     declared = set(re.findall(r"QWEN_EXPORT \w+ (qwen\w+)\(", text))
     assert declared == set(spec.launchers)
 
@@ -199,13 +199,13 @@ def test_every_op_reaches_every_file(op):
     assert op in lower_ort.LOWERINGS
     # docs/ops.md has the op's section (its tables: tests/test_fusion_contract.py)
     assert re.search(rf"^## {op}$", (ROOT / "docs" / "ops.md").read_text(), re.M)
-    # plugins/<folder>/: core, kernel, TensorRT wrapper, README
-    for name in ["_core.h", "_core.cpp", "_kernel.h", "_kernel.cu", "_plugin.h", "_plugin.cpp"]:
+    # plugins/<folder>/: core, launcher, Triton kernels, TensorRT wrapper, README
+    for name in ["_core.h", "_core.cpp", "_launch.h", "_launch.cpp", "_plugin.h", "_plugin.cpp", "kernels.py"]:
         assert (PLUGINS_DIR / f / f"{f}{name}").is_file(), f"{f}/{f}{name}"
     assert (PLUGINS_DIR / f / "README.md").is_file()
     cmake = (PLUGINS_DIR / "CMakeLists.txt").read_text()
     assert f in re.search(r"set\(QWEN_OPS ([^)]*)\)", cmake).group(1).split()
-    assert f"{f}/{f}_kernel.cu" in cmake
+    assert f"{f}/{f}_launch.cpp" in cmake
     library = (PLUGINS_DIR / "common" / "trt_plugin_library.cpp").read_text()
     assert f'#include "../{f}/{f}_plugin.h"' in library
     creator = re.search(rf"static QwenPluginCreator<{op}Op> (\w+);", library)

@@ -2,9 +2,10 @@
 // every failure returned as a Status.
 #include "common/triton_loader.h"
 
-#include <cuda.h>
+#include "common/cuda_driver.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -30,11 +31,11 @@ std::string describe(const KernelImage& image) {
   return describe(image.kernel, image.variant) + " " + image.sm;
 }
 
-Status cudaFailure(const std::string& what, const std::string& call, CUresult result) {
+Status cudaFailure(const cuda::Driver* d, const std::string& what, const std::string& call, CUresult result) {
   const char* name = nullptr;
   const char* text = nullptr;
-  if (cuGetErrorName(result, &name) != CUDA_SUCCESS) name = nullptr;
-  if (cuGetErrorString(result, &text) != CUDA_SUCCESS) text = nullptr;
+  if (d->cuGetErrorName(result, &name) != CUDA_SUCCESS) name = nullptr;
+  if (d->cuGetErrorString(result, &text) != CUDA_SUCCESS) text = nullptr;
   std::string message = what + ": " + call + " failed: " + (name ? name : "CUresult");
   message += " (" + std::to_string(static_cast<int>(result)) + (text ? std::string(", ") + text : "") + ")";
   return fail(Code::kCuda, message);
@@ -122,6 +123,21 @@ const KernelImage* selectImage(const KernelTable& table, const char* kernel, con
   return best;
 }
 
+bool constexprValue(const KernelImage& image, const char* name, int64_t* value) {
+  if (!image.constexprs || !name || !value) return false;
+  const size_t length = std::strlen(name);
+  for (const char* p = image.constexprs; *p;) {
+    const char* end = std::strchr(p, ';');
+    if (!end) end = p + std::strlen(p);
+    if (static_cast<size_t>(end - p) > length && std::strncmp(p, name, length) == 0 && p[length] == '=') {
+      *value = std::strtoll(p + length + 1, nullptr, 10);
+      return true;
+    }
+    p = *end ? end + 1 : end;
+  }
+  return false;
+}
+
 size_t scratchBytes(const KernelImage& image, Grid grid) {
   if (image.globalScratchSize <= 0) return 0;
   return static_cast<size_t>(grid.x) * grid.y * grid.z * static_cast<size_t>(image.numCtas) *
@@ -197,21 +213,24 @@ Status Loader::resolve(const char* kernel, const char* variant, const KernelImag
   *image = nullptr;
   *function = nullptr;
   const std::string what = describe(kernel, variant);
+  std::string why;
+  const cuda::Driver* d = cuda::driver(&why);
+  if (!d) return fail(Code::kNoDriver, what + ": " + why);
   std::lock_guard<std::mutex> lock(state_->mutex);
   if (!state_->initialized) {
-    state_->init = cuInit(0);
+    state_->init = d->cuInit(0);
     state_->initialized = true;
   }
-  if (state_->init != CUDA_SUCCESS) return cudaFailure(what, "cuInit", state_->init);
+  if (state_->init != CUDA_SUCCESS) return cudaFailure(d, what, "cuInit", state_->init);
 
   CUcontext ctx = nullptr;
-  CUresult r = cuCtxGetCurrent(&ctx);
-  if (r != CUDA_SUCCESS) return cudaFailure(what, "cuCtxGetCurrent", r);
+  CUresult r = d->cuCtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS) return cudaFailure(d, what, "cuCtxGetCurrent", r);
   if (!ctx) return fail(Code::kNoContext, what + ": no CUDA context is current on this thread");
   unsigned long long id = 0;
 #if CUDA_VERSION >= 12000
-  r = cuCtxGetId(ctx, &id);
-  if (r != CUDA_SUCCESS) return cudaFailure(what, "cuCtxGetId", r);
+  r = d->cuCtxGetId(ctx, &id);
+  if (r != CUDA_SUCCESS) return cudaFailure(d, what, "cuCtxGetId", r);
 #else
   id = reinterpret_cast<unsigned long long>(ctx);
 #endif
@@ -219,8 +238,8 @@ Status Loader::resolve(const char* kernel, const char* variant, const KernelImag
   if (it == state_->contexts.end()) {
     State::Context c;
     CUdevice device = 0;
-    r = cuCtxGetDevice(&device);
-    if (r != CUDA_SUCCESS) return cudaFailure(what, "cuCtxGetDevice", r);
+    r = d->cuCtxGetDevice(&device);
+    if (r != CUDA_SUCCESS) return cudaFailure(d, what, "cuCtxGetDevice", r);
     const struct {
       CUdevice_attribute attribute;
       int* value;
@@ -231,8 +250,8 @@ Status Loader::resolve(const char* kernel, const char* variant, const KernelImag
         {CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, &c.sharedOptin, "shared memory opt-in"},
     };
     for (const auto& q : queries) {
-      r = cuDeviceGetAttribute(q.value, q.attribute, device);
-      if (r != CUDA_SUCCESS) return cudaFailure(what, std::string("cuDeviceGetAttribute(") + q.name + ")", r);
+      r = d->cuDeviceGetAttribute(q.value, q.attribute, device);
+      if (r != CUDA_SUCCESS) return cudaFailure(d, what, std::string("cuDeviceGetAttribute(") + q.name + ")", r);
     }
     c.loaded.resize(table_.count);
     it = state_->contexts.emplace(id, std::move(c)).first;
@@ -259,20 +278,20 @@ Status Loader::resolve(const char* kernel, const char* variant, const KernelImag
   if (!loaded.function) {
     const std::string where = describe(*chosen);
     CUmodule module = nullptr;
-    r = cuModuleLoadData(&module, chosen->cubin);
-    if (r != CUDA_SUCCESS) return cudaFailure(where, "cuModuleLoadData", r);
+    r = d->cuModuleLoadData(&module, chosen->cubin);
+    if (r != CUDA_SUCCESS) return cudaFailure(d, where, "cuModuleLoadData", r);
     CUfunction fn = nullptr;
     const char* call = "cuModuleGetFunction";
-    r = cuModuleGetFunction(&fn, module, chosen->entry);
+    r = d->cuModuleGetFunction(&fn, module, chosen->entry);
     // The driver's own count of the cubin's static shared memory; with the dynamic part it must fit the
     // block's opt-in limit (what the build checked against its table, here against this device).
     int staticShared = 0;
     if (r == CUDA_SUCCESS) {
       call = "cuFuncGetAttribute(SHARED_SIZE_BYTES)";
-      r = cuFuncGetAttribute(&staticShared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn);
+      r = d->cuFuncGetAttribute(&staticShared, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn);
     }
     if (r == CUDA_SUCCESS && chosen->sharedBytes + staticShared > c.sharedOptin) {
-      cuModuleUnload(module);
+      d->cuModuleUnload(module);
       const std::string needed = std::to_string(chosen->sharedBytes) + " + " + std::to_string(staticShared);
       const std::string limit = std::to_string(c.sharedOptin);
       return fail(Code::kSharedMemory, where + " needs " + needed + " (static) bytes of shared memory; " +
@@ -280,15 +299,15 @@ Status Loader::resolve(const char* kernel, const char* variant, const KernelImag
     }
     if (r == CUDA_SUCCESS && chosen->sharedBytes > kDefaultSharedLimit) {
       call = "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)";
-      r = cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, chosen->sharedBytes);
+      r = d->cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, chosen->sharedBytes);
     }
     if (r == CUDA_SUCCESS && chosen->numCtas == 16) {
       call = "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)";
-      r = cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1);
+      r = d->cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1);
     }
     if (r != CUDA_SUCCESS) {
-      cuModuleUnload(module);
-      return cudaFailure(where, std::string(call) + (fn ? "" : std::string(" of ") + chosen->entry), r);
+      d->cuModuleUnload(module);
+      return cudaFailure(d, where, std::string(call) + (fn ? "" : std::string(" of ") + chosen->entry), r);
     }
     loaded.module = module;
     loaded.function = fn;
@@ -304,10 +323,13 @@ Status Loader::launch(const KernelImage& image, CUfunction function, Grid grid, 
                       size_t numArgs, CUstream stream, void* scratch, size_t scratchSize) {
   const std::string where = describe(image);
   if (!function) return fail(Code::kBadArguments, where + ": no function (resolve() it first)");
+  std::string why;
+  const cuda::Driver* d = cuda::driver(&why);
+  if (!d) return fail(Code::kNoDriver, where + ": " + why);
   Status s = checkArgs(image, args, numArgs);
   if (!s.ok()) return s;
-  if (numArgs + 2 > kMaxParams) {
-    return fail(Code::kBadArguments, where + ": more than " + std::to_string(kMaxParams - 2) + " arguments");
+  if (numArgs + 3 > kMaxParams) {
+    return fail(Code::kBadArguments, where + ": more than " + std::to_string(kMaxParams - 3) + " arguments");
   }
   const unsigned long long gridX = static_cast<unsigned long long>(grid.x) * image.numCtas;
   if (gridX > 0x7fffffffull || grid.y > 65535u || grid.z > 65535u) {
@@ -339,14 +361,15 @@ Status Loader::launch(const KernelImage& image, CUfunction function, Grid grid, 
   for (size_t i = 0; i < numArgs; ++i) params[i] = args[i].storage();
   params[numArgs] = &globalScratch;
   params[numArgs + 1] = &profileScratch;
+  params[numArgs + 2] = nullptr;  // the driver reads only the kernel's own count; a replay stops here
 
   const unsigned block = 32u * static_cast<unsigned>(image.numWarps);
   const unsigned shared = static_cast<unsigned>(image.sharedBytes);
   CUresult r;
   if (image.numCtas == 1 && !image.launchPdl && !image.launchCooperativeGrid) {
-    r = cuLaunchKernel(function, static_cast<unsigned>(gridX), grid.y, grid.z, block, 1, 1, shared, stream,
+    r = d->cuLaunchKernel(function, static_cast<unsigned>(gridX), grid.y, grid.z, block, 1, 1, shared, stream,
                        params, nullptr);
-    if (r != CUDA_SUCCESS) return cudaFailure(where, "cuLaunchKernel", r);
+    if (r != CUDA_SUCCESS) return cudaFailure(d, where, "cuLaunchKernel", r);
     return Status::success();
   }
   CUlaunchAttribute attrs[4];
@@ -383,8 +406,8 @@ Status Loader::launch(const KernelImage& image, CUfunction function, Grid grid, 
   config.hStream = stream;
   config.attrs = attrs;
   config.numAttrs = numAttrs;
-  r = cuLaunchKernelEx(&config, function, params, nullptr);
-  if (r != CUDA_SUCCESS) return cudaFailure(where, "cuLaunchKernelEx", r);
+  r = d->cuLaunchKernelEx(&config, function, params, nullptr);
+  if (r != CUDA_SUCCESS) return cudaFailure(d, where, "cuLaunchKernelEx", r);
   return Status::success();
 }
 

@@ -17,7 +17,8 @@
 // - Every failure comes back as a Status (code + message); nothing here exits, aborts or throws.
 //
 // Needs neither TensorRT nor the CUDA headers: the driver types are declared as cuda.h declares them, so a
-// header-free core can size workspaces with it. The implementation (triton_loader.cpp) uses the driver API.
+// header-free core can size workspaces with it. The implementation (triton_loader.cpp) calls the driver
+// API through common/cuda_driver.h, resolved at run time: nothing links libcuda.
 #pragma once
 
 #include <cstddef>
@@ -72,6 +73,7 @@ struct KernelImage {
   int spills;
   const ArgSpec* args;
   int numArgs;
+  const char* constexprs;  // the integer constexprs it was compiled with: "BLOCK_M=4;BLOCK_N=256"
 };
 
 struct KernelTable {
@@ -90,6 +92,7 @@ enum class Code : int {
   kScratch,           // the kernel needs global scratch and none (or too little, or misaligned) was passed
   kSharedMemory,      // the kernel needs more shared memory than this device allows a block
   kNoContext,         // no CUDA context is current on the calling thread
+  kNoDriver,          // the CUDA driver library could not be loaded (common/cuda_driver.h)
   kCuda,              // a CUDA driver call failed (the message names it and its error)
 };
 
@@ -148,6 +151,10 @@ bool imageRunsOn(const KernelImage& image, int major, int minor);
 // the kernel/variant is in the table at all.
 const KernelImage* selectImage(const KernelTable& table, const char* kernel, const char* variant, int major,
                                int minor, bool* found = nullptr);
+
+// The constexpr `name` `image` was compiled with (launchers size grids from it, so a grid always matches
+// the cubin's tiles); false if it has none of that name.
+bool constexprValue(const KernelImage& image, const char* name, int64_t* value);
 
 // Global scratch bytes one launch of `image` on `grid` needs (0 for most kernels).
 size_t scratchBytes(const KernelImage& image, Grid grid);

@@ -5,7 +5,7 @@
 #include "../common/qwen_gemm.h"
 #include "flash_attention.h"
 #include "gated_attention_core.h"
-#include "gated_attention_kernel.h"
+#include "gated_attention_launch.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,5 +1,5 @@
 // QwenGatedAttention plugin: maps the TensorRT tensors onto the kernel launcher.
-#include "gated_attention_kernel.h"
+#include "gated_attention_launch.h"
 #include "gated_attention_plugin.h"
 
 namespace qwen

@@ -5,7 +5,7 @@
 #include "../common/qwen_gemm.h"
 #include "delta_rule.h"
 #include "gated_deltanet_core.h"
-#include "gated_deltanet_kernel.h"
+#include "gated_deltanet_launch.h"
 
 #include <algorithm>
 

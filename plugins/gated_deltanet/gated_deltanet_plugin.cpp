@@ -1,6 +1,6 @@
 // QwenGatedDeltaNet plugin: maps the TensorRT tensors onto the kernel launcher. With aliasing on,
 // present_conv / present_recurrent are the past buffers themselves; the kernels handle both cases.
-#include "gated_deltanet_kernel.h"
+#include "gated_deltanet_launch.h"
 #include "gated_deltanet_plugin.h"
 
 namespace qwen

@@ -1,6 +1,6 @@
 // QwenGatedRMSNorm plugin: maps the TensorRT tensors onto the kernel launcher.
 #include "gated_rms_norm_plugin.h"
-#include "gated_rms_norm_kernel.h"
+#include "gated_rms_norm_launch.h"
 
 namespace qwen
 {

@@ -4,7 +4,7 @@
 #include "../common/qwen_cuda.cuh"
 #include "../common/qwen_gemm.h"
 #include "moe_core.h"
-#include "moe_kernel.h"
+#include "moe_launch.h"
 
 #include <algorithm>
 #include <climits>

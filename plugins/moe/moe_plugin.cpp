@@ -1,5 +1,5 @@
 // QwenMoE plugin: maps the TensorRT tensors onto the kernel launcher.
-#include "moe_kernel.h"
+#include "moe_launch.h"
 #include "moe_plugin.h"
 
 namespace qwen

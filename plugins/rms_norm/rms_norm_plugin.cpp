@@ -1,6 +1,6 @@
 // QwenRMSNorm plugin: maps the TensorRT tensors onto the kernel launcher.
 #include "rms_norm_plugin.h"
-#include "rms_norm_kernel.h"
+#include "rms_norm_launch.h"
 
 namespace qwen
 {

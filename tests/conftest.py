@@ -35,3 +35,32 @@ def tiny_moe_export(tmp_path_factory):
     from qwen_export.exporter.export import export_model
 
     return export_model(tmp_path_factory.mktemp("a") / "tiny", preset="tiny-qwen3.5-moe").out_dir
+
+
+@pytest.fixture(scope="session")
+def plugin_library():
+    """The plugin library built with CMake for one SM, and the recording CUDA driver
+    (tests/plugin_library.py); skipped, with the reason, where cmake or the CUDA toolkit's headers are
+    missing."""
+    from plugin_library import build_library, why_not_buildable
+
+    reason = why_not_buildable()
+    if reason:
+        pytest.skip(f"{reason}: the plugin library is built where they are (CI has both)")
+    return build_library()
+
+
+@pytest.fixture(scope="session")
+def plugin_replay(plugin_library):
+    """The plugin library driven by the recording driver: its launches replay under Triton's interpreter."""
+    from qwen_export.plugins.launch_replay import launch_replay
+
+    return launch_replay(plugin_library.library, plugin_library.driver)
+
+
+@pytest.fixture(scope="session")
+def gpu_check():
+    """scripts/gpu_check.py as a module: the launch parameter mirrors and the PyTorch references."""
+    from plugin_library import load_gpu_check
+
+    return load_gpu_check("gpu_check_fixture")

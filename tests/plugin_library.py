@@ -1,0 +1,75 @@
+"""The plugin library as the tests build and drive it: CMake (plugins/CMakeLists.txt) with the Triton
+kernels compiled ahead of time for one SM (sm_90a; the six-SM build is tests/test_triton_aot.py's), the
+recording CUDA driver beside it, and scripts/gpu_check.py loaded as a module for its ctypes mirrors and
+PyTorch references.
+
+The build lives in <repo>/build/test-plugins so that reruns are incremental, under a file lock so that
+concurrent test processes share it."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+GPU_CHECK = ROOT / "scripts" / "gpu_check.py"
+BUILD_DIR = ROOT / "build" / "test-plugins"
+TEST_SM = "sm_90a"
+TRT_INCLUDE = ROOT.parent / "shared" / "third_party" / "TensorRT-11.1" / "include"
+
+
+@dataclass(frozen=True)
+class BuiltLibrary:
+    library: Path  # libqwen_trt_plugins.so
+    driver: Path  # libqwen_recording_driver.so
+    kernels_json: Path
+
+
+def why_not_buildable() -> str | None:
+    """Why the library cannot be built here (None: it can)."""
+    if not shutil.which("cmake"):
+        return "needs cmake"
+    if not (Path("/usr/local/cuda/include/cuda.h").exists() or shutil.which("nvcc")):
+        return "needs the CUDA toolkit's cuda.h (/usr/local/cuda)"
+    return None
+
+
+def build_library(build_dir: Path = BUILD_DIR) -> BuiltLibrary:
+    """Configure and build (incrementally) the plugin library with its kernels for TEST_SM."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        configure = [
+            "cmake", "-S", str(PLUGINS), "-B", str(build_dir), f"-DQWEN_TRITON_SMS={TEST_SM}",
+            f"-DQWEN_PYTHON={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
+        ]  # fmt: skip
+        if TRT_INCLUDE.is_dir():
+            configure.append(f"-DTENSORRT_ROOT={TRT_INCLUDE.parent}")
+        for step in (configure, ["cmake", "--build", str(build_dir), "-j2"]):
+            r = subprocess.run(step, capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return BuiltLibrary(
+        build_dir / "libqwen_trt_plugins.so",
+        build_dir / "libqwen_recording_driver.so",
+        build_dir / "triton_kernels" / "kernels.json",
+    )
+
+
+def load_gpu_check(name: str = "gpu_check_under_test"):
+    """scripts/gpu_check.py as a module, the way nothing from qwen_export is on its path (it imports only
+    the standard library at module level, and loads the op table by file path)."""
+    spec = importlib.util.spec_from_file_location(name, GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module

@@ -199,12 +199,16 @@ CUresult CUDAAPI cuLaunchKernel(CUfunction, unsigned gx, unsigned gy, unsigned g
   return CUDA_SUCCESS; }
 CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig*, CUfunction, void**, void**) {
   return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuMemcpy2DAsync(const CUDA_MEMCPY2D*, CUstream) { return CUDA_ERROR_NOT_SUPPORTED; }
+CUresult CUDAAPI cuMemsetD8Async(CUdeviceptr, unsigned char, size_t, CUstream) {
+  return CUDA_ERROR_NOT_SUPPORTED; }
 """
 
 # Drives the loader over the generated table and the fake driver; prints the table (one JSON object per
 # image), `select M.m <sm or none>` lines, and `check <name> ok|FAIL <detail>` lines; exits with the number
 # of failed checks. argv[1]: a folder to write each embedded cubin to, as <kernel>.<variant>.<sm>.cubin.
 LOADER_MAIN = r"""
+#include "common/cuda_driver.h"
 #include "common/triton_loader.h"
 #include <cstdio>
 #include <cstring>
@@ -244,6 +248,12 @@ static void printImage(const KernelImage& k) {
 }
 
 int main(int argc, char** argv) {
+  // argv[2]: the fake driver library, which the loader resolves at run time as it would libcuda.so.1.
+  std::string why;
+  if (argc > 2 && !qwen::cuda::setDriverLibrary(argv[2], &why)) {
+    std::printf("check set_driver FAIL %s\n", why.c_str());
+    return 1;
+  }
   const KernelTable table = embeddedKernels();
   for (size_t i = 0; i < table.count; ++i) {
     const KernelImage& k = table.images[i];
@@ -316,8 +326,9 @@ int main(int argc, char** argv) {
   // A kernel with global scratch and more than 48 KB of dynamic shared memory (a made-up image).
   static const unsigned char fakeCubin[8] = {0x7f, 'E', 'L', 'F'};
   static const ArgSpec fakeArgs[] = {{"x_ptr", "*fp32", ArgType::kPtr, false}};
-  static const KernelImage fake[] = {{"aot_test.scratchy", "fp16", "sm_90a", 90, true, "scratchy", fakeCubin,
-                                      8, "", 4, 1, 2, 65536, 0, 64, 128, false, false, 32, 0, fakeArgs, 1}};
+  static const KernelImage fake[] = {{"aot_test.scratchy", "fp16", "sm_90a", 90, true, "scratchy",
+                                      fakeCubin, 8, "", 4, 1, 2, 65536, 0, 64, 128, false, false, 32, 0,
+                                      fakeArgs, 1, ""}};
   const KernelTable fakeTable{fake, 1};
   Loader scratchy(fakeTable);
   check("scratch_bytes", maxScratchBytes(fakeTable, "aot_test.scratchy", "fp16", Grid{4, 2, 1}) == 512);

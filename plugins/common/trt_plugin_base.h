@@ -262,7 +262,8 @@ public:
         int32_t const status = Op::enqueue(mAttrs, inputDesc, outputDesc, inputs, outputs, workspace, stream);
         if (status != 0)
         {
-            logError(std::string(Op::kName) + ": kernel launch failed with status " + std::to_string(status));
+            logError(std::string(Op::kName) + ": launch failed (status " + std::to_string(status)
+                + "): " + qwenLastError());
         }
         return status;
     }

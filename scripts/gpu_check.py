@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""GPU check of the plugin kernels (plugins/) against PyTorch references of the qwen ops (docs/ops.md).
+"""GPU check of the plugin library (plugins/) against PyTorch references of the qwen ops (docs/ops.md).
 
-On a CUDA machine with PyTorch and nvcc (no TensorRT, no CuPy needed): compiles the kernels and the
-header-free cores with nvcc into one shared library for the GPU it finds, loads it with ctypes (the
-launchers are plain C functions), runs every op at fp16 and bf16 over the Qwen3.5-397B-A17B layer shapes
-and ragged prefill lengths, compares each output with the reference (max |out - ref| / max |ref| must be
-within 1e-2), times the decode and prefill benchmarks, and writes a JSON report:
+The library is built on any machine, without a GPU (CMake: the Triton kernels compiled ahead of time for
+sm_80 ... sm_120a and embedded, our loader, the launchers): `cmake -S plugins -B build/plugins && cmake
+--build build/plugins`. On a CUDA machine with PyTorch (no TensorRT, no CuPy, no compiler needed) this
+script loads that library with ctypes (the launchers are plain C functions), runs every op at fp16 and bf16
+over the Qwen3.5-397B-A17B layer shapes and ragged prefill lengths, compares each output with the
+reference (max |out - ref| / max |ref| within 1e-2), times the decode cases (achieved TB/s against the HBM
+peak) and the prefill benchmark (TFLOP/s against the tensor-core peak), and writes a JSON report:
 
-    python3 scripts/gpu_check.py --out gpu_check.json          # on the GPU machine, < 8 min on one H200
+    python3 scripts/gpu_check.py --library build/plugins/libqwen_trt_plugins.so --out gpu_check.json
 
-Each op runs in its own worker process, so a kernel fault (which poisons a CUDA context) costs only that
-op's remaining cases; every case records its status. Without a GPU:
+It finishes within 8 minutes on one H200. Each op runs in its own worker process, so a kernel fault (which
+poisons a CUDA context) costs only that op's remaining cases; every case records its status. Without a GPU:
 
+    python3 scripts/gpu_check.py --dry-run --library build/plugins/libqwen_trt_plugins.so
+        every case at reduced shapes, through the same launchers, their launches recorded by the recording
+        CUDA driver built beside the library and replayed under Triton's interpreter
+        (qwen_export.plugins.launch_replay: this mode alone needs the repository's environment)
     python3 scripts/gpu_check.py --cpu-reference-only         # references at tiny shapes on CPU
     python3 scripts/gpu_check.py --check-abi libqwen.so        # ctypes mirrors vs the library's structs
 
-Needs only torch (and numpy for nothing): it must not import qwen_export, whose pins the GPU image lacks.
-It reads the op table (passes/op_table.py, standard library only) by file path, and generates its ctypes
-mirrors of the kernels' launch parameter structs and its op list from it.
+Needs only torch otherwise: it must not import qwen_export, whose pins the GPU image lacks. It reads the op
+table (passes/op_table.py, standard library only) by file path, and generates its ctypes mirrors of the
+launch parameter structs and its op list from it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +145,7 @@ def make_params(name: str, ins, outs, sizes: dict, attrs: dict, dtype: str, **kn
 
 def load_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
+    lib.qwenLastError.restype = ctypes.c_char_p
     for name, op in OP_TABLE.items():
         getattr(lib, f"qwen{name}ParamsSize").restype = ctypes.c_int64
         getattr(lib, f"qwenLaunch{name}").restype = ctypes.c_int
@@ -161,46 +167,30 @@ def check_abi(lib: ctypes.CDLL) -> dict[str, list[int]]:
     return sizes
 
 
-# ---- build ----------------------------------------------------------------------------------------------
-def build_library(out_dir: Path, arch: str, jobs: int) -> tuple[Path, float]:
-    """nvcc: every .cu for sm_<arch> plus the cores, linked into one shared library (static cudart)."""
-    start = time.monotonic()
-    nvcc = os.environ.get("NVCC") or "nvcc"
-    sources = sorted(PLUGINS.rglob("*.cu"))
-    cores = [PLUGINS / "common" / "qwen_core.cpp", *sorted(PLUGINS.glob("*/*_core.cpp"))]
-    flags = [
-        "-std=c++17",
-        "-O3",
-        "--expt-relaxed-constexpr",
-        "-Xcompiler=-fPIC,-fvisibility=hidden",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}",
-    ]
+# ---- the library ------------------------------------------------------------------------------------------
+DEFAULT_LIBRARY = ROOT / "build" / "plugins" / "libqwen_trt_plugins.so"
+RECORDING_DRIVER = "libqwen_recording_driver.so"  # built beside the library (QWEN_PLUGINS_BUILD_TESTS)
+BUILD_HINT = "build it with: cmake -S plugins -B build/plugins && cmake --build build/plugins -j"
 
-    def compile_one(src: Path) -> Path:
-        obj = out_dir / (str(src.relative_to(PLUGINS)).replace("/", "_") + ".o")
-        result = subprocess.run(
-            [nvcc, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {src}:\n{result.stderr[-4000:]}")
-        return obj
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        objects = list(pool.map(compile_one, [*sources, *cores]))
-    lib = out_dir / "libqwen_plugin_kernels.so"
-    link = [
-        nvcc,
-        "-shared",
-        "-cudart=static",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}",
-        *map(str, objects),
-        "-o",
-        str(lib),
-    ]
-    result = subprocess.run(link, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"link failed:\n{result.stderr[-4000:]}")
-    return lib, time.monotonic() - start
+def library_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as the plugin library (None: it can)."""
+    if not path.is_file():
+        return f"no plugin library at {path}: {BUILD_HINT}"
+    return None
+
+
+def embedded_kernels(lib: ctypes.CDLL) -> list[dict[str, str]]:
+    """The Triton kernel images the library embeds (kernel, variant, sm)."""
+    lib.qwenKernelCount.restype = ctypes.c_int64
+    kernel, variant, sm, cubin = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_void_p()
+    images = []
+    for i in range(lib.qwenKernelCount()):
+        if lib.qwenKernelAt(ctypes.c_int64(i), *map(ctypes.byref, (kernel, variant, sm, cubin))) == 0:
+            images.append(
+                {"kernel": kernel.value.decode(), "variant": variant.value.decode(), "sm": sm.value.decode()}
+            )
+    return images
 
 
 # ---- references (docs/ops.md), fp32 compute on the rounded 16-bit inputs ----------------------------------
@@ -429,20 +419,27 @@ def ptr(t) -> int:
 
 
 class Runner:
-    def __init__(self, lib):
+    """Drives the library's launchers on `device`. With `replay` (a qwen_export LaunchReplay, --dry-run) the
+    buffers are CPU tensors and each launch's recorded kernels are replayed under Triton's interpreter."""
+
+    def __init__(self, lib, device: str = "cuda", replay=None):
         self.lib = lib
         torch = _torch()
         self.torch = torch
-        self.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self.device = device
+        self.replay = replay
+        self.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream if replay is None else None)
 
-    def _launch(self, name: str, params) -> None:
+    def _launch(self, name: str, params, tensors) -> None:
         status = getattr(self.lib, f"qwenLaunch{name}")(ctypes.byref(params), self.stream)
         if status != 0:
-            raise RuntimeError(f"qwenLaunch{name} returned {status}")
+            raise RuntimeError(f"qwenLaunch{name} returned {status}: {self.lib.qwenLastError().decode()}")
+        if self.replay is not None:
+            self.replay.replay([t for t in tensors if t is not None])
 
     def _workspace(self, name: str, params):
         size = int(getattr(self.lib, f"qwen{name}WorkspaceSize")(ctypes.byref(params)))
-        ws = self.torch.empty(max(size, 256), dtype=self.torch.uint8, device="cuda")
+        ws = self.torch.empty(max(size, 256), dtype=self.torch.uint8, device=self.device)
         params.workspace = ptr(ws)
         return ws
 
@@ -450,13 +447,13 @@ class Runner:
         y = self.torch.empty_like(x)
         sizes = dict(rows=x.numel() // x.shape[-1], dim=x.shape[-1])
         p = make_params("RMSNorm", (x, scale), (y,), sizes, dict(epsilon=eps), dtype)
-        return (lambda: self._launch("RMSNorm", p)), (y,)
+        return (lambda: self._launch("RMSNorm", p, (x, scale, y))), (y,)
 
     def gated_rms_norm(self, x, z, scale, eps, dtype):
         y = self.torch.empty_like(x)
         sizes = dict(rows=x.numel() // x.shape[-1], dim=x.shape[-1])
         p = make_params("GatedRMSNorm", (x, z, scale), (y,), sizes, dict(epsilon=eps), dtype)
-        return (lambda: self._launch("GatedRMSNorm", p)), (y,)
+        return (lambda: self._launch("GatedRMSNorm", p, (x, z, scale, y))), (y,)
 
     def gated_attention(self, ins, a, dtype, kv_splits=0):
         torch = self.torch
@@ -464,12 +461,14 @@ class Runner:
         b, t, h = x.shape
         past = pk.shape[2]
         y = torch.empty_like(x)
-        pres_k = torch.empty(b, a["num_kv_heads"], past + t, a["head_dim"], dtype=x.dtype, device="cuda")
+        shape = (b, a["num_kv_heads"], past + t, a["head_dim"])
+        pres_k = torch.empty(shape, dtype=x.dtype, device=self.device)
         pres_v = torch.empty_like(pres_k)
         sizes = dict(batch=b, tokens=t, past=past, hidden=h)
         p = make_params("GatedAttention", ins, (y, pres_k, pres_v), sizes, a, dtype, kvSplits=kv_splits)
         ws = self._workspace("GatedAttention", p)
-        return (lambda: (ws, self._launch("GatedAttention", p))), (y, pres_k, pres_v)
+        tensors = (*ins, y, pres_k, pres_v, ws)
+        return (lambda: self._launch("GatedAttention", p, tensors)), (y, pres_k, pres_v)
 
     def gated_deltanet(self, ins, a, dtype, mode=0, in_place=False):
         torch = self.torch
@@ -484,16 +483,17 @@ class Runner:
         sizes = dict(batch=b, tokens=t, maskLen=mask.shape[1], hidden=h)
         p = make_params("GatedDeltaNet", args, (y, conv_out, rec_out), sizes, a, dtype, ruleMode=mode)
         ws = self._workspace("GatedDeltaNet", p)
+        tensors = (*args, y, conv_out, rec_out, ws)
         if in_place:
             saved = (pconv.clone(), prec.clone())
 
             def run():  # re-seed the aliased state so every timed launch starts from the same past
                 conv_out.copy_(saved[0])
                 rec_out.copy_(saved[1])
-                self._launch("GatedDeltaNet", p)
+                self._launch("GatedDeltaNet", p, tensors)
 
             return run, (y, conv_out, rec_out)
-        return (lambda: (ws, self._launch("GatedDeltaNet", p))), (y, conv_out, rec_out)
+        return (lambda: self._launch("GatedDeltaNet", p, tensors)), (y, conv_out, rec_out)
 
     def moe(self, ins, a, dtype, force_tiled=0):
         x = ins[0]
@@ -508,10 +508,10 @@ class Runner:
         )
         p = make_params("MoE", ins, (y,), sizes, a, dtype, forceTiled=force_tiled)
         ws = self._workspace("MoE", p)
-        return (lambda: (ws, self._launch("MoE", p))), (y,)
+        return (lambda: self._launch("MoE", p, (*ins, y, ws))), (y,)
 
 
-DRY_RUN = False  # --dry-run: the case machinery on CPU, with the references standing in for the kernels
+DRY_RUN = False  # --dry-run: on CPU, the launches replayed under Triton's interpreter
 
 
 def sync() -> None:
@@ -519,45 +519,36 @@ def sync() -> None:
         _torch().cuda.synchronize()
 
 
-class ReferenceRunner:
-    """Runner stand-in for --dry-run: the 'kernel' outputs are the references themselves."""
-
-    def rms_norm(self, x, scale, eps, dtype):
-        y = ref_rms_norm(x, scale, eps).to(x.dtype)
-        return (lambda: None), (y,)
-
-    def gated_rms_norm(self, x, z, scale, eps, dtype):
-        y = ref_gated_rms_norm(x, z, scale, eps).to(x.dtype)
-        return (lambda: None), (y,)
-
-    def gated_attention(self, ins, a, dtype, kv_splits=0):
-        y, k, v = ref_gated_attention(ins, a, ins[0].dtype)
-        return (lambda: None), (y.to(ins[0].dtype), k.to(ins[0].dtype), v.to(ins[0].dtype))
-
-    def gated_deltanet(self, ins, a, dtype, mode=0, in_place=False):
-        y, conv, rec = ref_gated_deltanet(ins, a, ins[0].dtype)
-        return (lambda: None), (y.to(ins[0].dtype), conv.to(ins[0].dtype), rec)
-
-    def moe(self, ins, a, dtype, force_tiled=0):
-        y, _ = ref_moe(ins, a, ins[0].dtype)
-        return (lambda: None), (y.to(ins[0].dtype),)
-
-
-def dry_run(out: Path) -> int:
-    """Every case list, metric and the report assembly, on CPU at reduced shapes (BIG -> DRY_SHAPES)."""
+def dry_run(out: Path, lib_path: Path, ops: list[str]) -> int:
+    """Every case list, metric and the report assembly, on CPU at reduced shapes (BIG -> DRY_SHAPES), through
+    the library's launchers: the recording driver beside it records their launches, and
+    qwen_export.plugins.launch_replay replays them under Triton's interpreter (so this mode needs the
+    repository's environment; the GPU run does not)."""
     global DRY_RUN, BIG
+    import importlib
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
 
+    driver = lib_path.parent / RECORDING_DRIVER
+    for problem in (library_problem(lib_path), None if driver.is_file() else f"no {driver}: {BUILD_HINT}"):
+        if problem:
+            print(problem)
+            return 2
+    # Imported by name: the GPU machine has no qwen_export, and only this mode needs it.
+    replay = importlib.import_module("qwen_export.plugins.launch_replay").launch_replay(lib_path, driver)
     DRY_RUN, BIG = True, DRY_SHAPES
-    report = {"mode": "dry-run", "cases": []}
-    runner = ReferenceRunner()
-    for op in OPS:
+    report = {"mode": "dry-run", "library": str(lib_path), "cases": []}
+    runner = Runner(load_library(lib_path), device="cpu", replay=replay)
+    for op in ops:
         gen = torch.Generator().manual_seed(1234)
+        started = time.monotonic()
         try:
             with torch.no_grad():
                 report["cases"].extend(CASES[op](runner, "bf16", "cpu", gen))
         except Exception:
             report["cases"].append({"op": op, "status": "error", "error": traceback.format_exc()[-4000:]})
+        print(f"{op}: {time.monotonic() - started:.0f}s", flush=True)
     statuses = [c["status"] for c in report["cases"]]
     report["summary"] = {st: statuses.count(st) for st in sorted(set(statuses))}
     report["benchmarks"] = summarize_benchmarks(report["cases"])
@@ -568,10 +559,8 @@ def dry_run(out: Path) -> int:
 
 def time_ms(run, min_iters=5, max_iters=50, budget_s=0.5) -> float:
     torch = _torch()
-    if DRY_RUN:
-        start = time.perf_counter()
-        run()
-        return (time.perf_counter() - start) * 1e3
+    if DRY_RUN:  # the case ran once already; an interpreter's time means nothing
+        return float("nan")
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -1089,7 +1078,7 @@ def _dense_moe(ins, a):
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
-def run_all(out: Path, ops: list[str], jobs: int) -> int:
+def run_all(out: Path, ops: list[str], lib: Path) -> int:
     import torch
 
     start = time.time()
@@ -1117,16 +1106,22 @@ def run_all(out: Path, ops: list[str], jobs: int) -> int:
         "host": platform.node(),
     }
     work = Path(tempfile.mkdtemp(prefix="qwen_gpu_check_"))
+    problem = library_problem(lib)
     try:
-        lib, secs = build_library(work, arch, jobs)
-        report["build"] = {"status": "ok", "seconds": round(secs, 1), "arch": f"sm_{arch}"}
+        if problem:
+            raise RuntimeError(problem)
+        images = embedded_kernels(load_library(lib))
         check_abi(load_library(lib))
+        report["library"] = {
+            "status": "ok", "path": str(lib), "kernel_images": len(images),
+            "sms": sorted({i["sm"] for i in images}),
+        }  # fmt: skip
     except Exception:
-        report["build"] = {"status": "error", "error": traceback.format_exc()[-4000:]}
+        report["library"] = {"status": "error", "error": problem or traceback.format_exc()[-4000:]}
         out.write_text(json.dumps(report, indent=2))
-        print("build failed; see", out)
+        print(f"cannot use the plugin library: {problem or 'see ' + str(out)}")
         return 2
-    print(f"built sm_{arch} in {secs:.0f}s", flush=True)
+    print(f"{lib}: {len(images)} kernel images for {', '.join(report['library']['sms'])}", flush=True)
     for op in ops:
         part = work / f"{op}.jsonl"
         remaining = deadline - time.time()
@@ -1190,11 +1185,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 4, help="parallel nvcc jobs")
+    parser.add_argument(
+        "--library",
+        type=Path,
+        default=DEFAULT_LIBRARY,
+        help=f"the plugin library (default {DEFAULT_LIBRARY})",
+    )
     parser.add_argument(
         "--cpu-reference-only", action="store_true", help="no GPU: reference self-check on CPU"
     )
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: the case machinery on CPU")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="no GPU: every case through the launchers, replayed on the CPU"
+    )
     parser.add_argument(
         "--check-abi", type=Path, help="compare the ctypes mirrors with this library's structs"
     )
@@ -1209,7 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(check_abi(load_library(args.check_abi.resolve()))))
         return 0
     if args.dry_run:
-        return dry_run(args.out)
+        return dry_run(args.out, args.library.resolve(), [o for o in args.ops.split(",") if o])
     if args.cpu_reference_only:
         report = cpu_reference_only()
         args.out.write_text(json.dumps({"mode": "cpu-reference-only", "ops": report}, indent=2))
@@ -1219,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"unknown ops {unknown}")
-    return run_all(args.out.resolve(), ops, args.jobs)
+    return run_all(args.out.resolve(), ops, args.library.resolve())
 
 
 if __name__ == "__main__":

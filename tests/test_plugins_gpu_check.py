@@ -1,6 +1,7 @@
 """scripts/gpu_check.py without a GPU: its references cross-checked on CPU (second formulations, an emulation
-of the flash kernel's tiling, splits and masking), its case machinery and report on CPU, and its
-independence from qwen_export (the GPU machine runs it under its own Python packages)."""
+of the flash kernel's tiling, splits and masking), every case run through the plugin library's launchers
+with their launches replayed under Triton's interpreter, the report, and its independence from qwen_export
+(the GPU machine runs it under its own Python packages)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 def run(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)], capture_output=True, text=True, timeout=900
     )
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
@@ -41,8 +42,9 @@ def test_cpu_reference_only(tmp_path):
     assert ops["gated_attention"]["fully_masked_row_is_mean_of_v"]
 
 
-def test_dry_run_covers_every_case_and_writes_the_report(tmp_path):
-    proc, report = run("--dry-run", tmp_path=tmp_path)
+def test_dry_run_covers_every_case_and_writes_the_report(tmp_path, plugin_library):
+    """Every case through the library's launchers, their launches replayed under Triton's interpreter."""
+    proc, report = run("--dry-run", "--library", str(plugin_library.library), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ops = {c["op"] for c in report["cases"]}
     assert ops == {"rms_norm", "gated_rms_norm", "gated_attention", "gated_deltanet", "moe"}

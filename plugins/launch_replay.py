@@ -177,7 +177,8 @@ class LaunchReplay:
         signature, constexprs, warps, stages = spec.config(sm, variant)
         types = [(name, t.split(":")[0]) for name, t in signature.items() if t != "constexpr"]
         if record.numParams != len(types) + SCRATCH_PARAMS:
-            raise ReplayError(f"{kernel}: {record.numParams} parameters recorded, the spec has {len(types)} + 2")
+            expected = len(types) + SCRATCH_PARAMS
+            raise ReplayError(f"{kernel}: {record.numParams} parameters recorded, its spec takes {expected}")
         args = []
         for (name, t), bits in zip(types, record.params, strict=False):
             what = f"{kernel} ({variant}) argument {name}"

@@ -142,7 +142,8 @@ class KernelSpec:
 
     signature: argument name -> Triton type ("*fp16", "*fp32", "i32", "fp32", ...; pointers start with *)
                or "constexpr" for compile-time arguments, in the kernel's argument order; "{act}" in a
-               type stands for the variant's activation type (its "act" entry: "fp16" or "bf16"); a
+               type stands for the variant's activation type (its "act" entry: "fp16" or "bf16"), "{out}"
+               for its output type (its "out" entry, else the activation type); a
                ":16" suffix ("*fp16:16", "i32:16") promises the argument is a multiple of 16 (pointers:
                16-byte aligned), which the AOT build compiles in and the loader checks at launch.
     constexprs: the compile-time values (block sizes, head dims, dtype switches); `per_sm` overrides
@@ -165,9 +166,10 @@ class KernelSpec:
         """(signature, constexprs, num_warps, num_stages) of this kernel's `variant` on `sm`."""
         values = {**self.constexprs, **self.variants[variant], **self.per_sm.get(sm, {})}
         act = values.pop("act", "fp16")
+        out = values.pop("out", act)
         warps = values.pop("num_warps", self.num_warps)
         stages = values.pop("num_stages", self.num_stages)
-        signature = {k: v.replace("{act}", act) for k, v in self.signature.items()}
+        signature = {k: v.replace("{act}", act).replace("{out}", out) for k, v in self.signature.items()}
         return signature, values, warps, stages
 
 

@@ -52,7 +52,8 @@ class KernelReport:
             table.add_row(r.kernel, r.case, f"{r.max_abs:.2e}", bound, verdict)
         console.print(table)
         for op in self.missing:
-            console.print(f"[red]no Triton kernels for {op} (plugins/{OP_TABLE[op].folder}/kernels.py)[/red]")
+            folder = OP_TABLE[op].folder if op in OP_TABLE else op
+            console.print(f"[red]no Triton kernels for {op} (plugins/{folder}/kernels.py)[/red]")
 
 
 def text_view(model: Any) -> SimpleNamespace:
@@ -87,11 +88,12 @@ def check_kernels(
     source_dir, source = resolve_source(preset, model_dir)
     view = text_view(load_reference(Path(source_dir)))
     report = KernelReport(source)
-    for op in OP_TABLE.values():
+    # The shared kernels (plugins/common: the projections' GEMM) first, then each op's own.
+    for name, folder in [("common", "common"), *((op.name, op.folder) for op in OP_TABLE.values())]:
         try:
-            module = importlib.import_module(f"qwen_export.plugins.{op.folder}.kernels")
+            module = importlib.import_module(f"qwen_export.plugins.{folder}.kernels")
         except ModuleNotFoundError:
-            report.missing.append(op.name)
+            report.missing.append(name)
             continue
         for index in range(len(view.model.layers)):
             rows = [r for dtype in dtypes for r in module.check_layer(view, index, getattr(torch, dtype))]

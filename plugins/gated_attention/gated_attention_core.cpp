@@ -1,5 +1,7 @@
 #include "gated_attention_core.h"
 
+#include "gated_attention_workspace.h"
+
 #include <algorithm>
 #include <sstream>
 
@@ -33,9 +35,15 @@ std::string validate(Attrs const& a)
     {
         supported = supported || hd == a.headDim;
     }
-    if (!supported)
+    if (a.headDim > kMaxHeadDim)
     {
-        s << "head_dim " << a.headDim << " is not supported (one of 32, 64, 128, 256); ";
+        s << "head_dim " << a.headDim << " is over " << kMaxHeadDim
+          << " (the attention kernels hold a head in one tile); ";
+    }
+    else if (!supported)
+    {
+        s << "head_dim " << a.headDim << " is not supported (one of 32, 64, 128, 256: the attention kernels' "
+          << "power-of-two head dims); ";
     }
     if (a.rotaryDim <= 0 || a.rotaryDim % 2 != 0 || a.rotaryDim > a.headDim)
     {
@@ -104,25 +112,37 @@ int32_t numKvSplits(int64_t batch, int64_t kvHeads, int64_t rows, int64_t keys)
     return static_cast<int32_t>(splits);
 }
 
+namespace
+{
+
+// gated_attention_workspace.h's carving, as byte offsets.
+struct OffsetCarver
+{
+    WorkspaceLayout w;
+    size_t take(size_t bytes)
+    {
+        return w.add(bytes);
+    }
+};
+
+} // namespace
+
 Layout layout(Attrs const& a, Sizes const& z)
 {
-    int64_t const bt = z.batch * z.tokens;
-    int64_t const nh = a.numHeads, kv = a.numKvHeads, hd = a.headDim;
-    int64_t const rows = z.tokens * (nh / kv);
-    WorkspaceLayout w;
+    OffsetCarver carver;
+    WorkspaceShape const shape{z.batch, z.tokens, a.numHeads, a.numKvHeads, a.headDim};
+    Buffers<size_t> const b = carve(carver, shape);
     Layout l{};
-    l.qg = w.add(bt * nh * 2 * hd * 4);
-    l.k = w.add(bt * kv * hd * 4);
-    l.v = w.add(bt * kv * hd * 4);
-    l.qPacked = w.add(bt * nh * hd * kActBytes);
-    l.attn = w.add(bt * nh * hd * kActBytes);
-    l.yAcc = w.add(bt * z.hidden * 4);
-    l.splits = numKvSplits(z.batch, kv, rows, z.past + z.tokens);
-    // TensorRT sizes the workspace once, for the profile's largest shapes, and it must serve every smaller
-    // shape too; splits > 1 happens only for small shapes, so the partials get a shape-independent bound.
-    l.partO = w.add(static_cast<size_t>(kMaxSplitRows) * hd * 4);
-    l.partML = w.add(static_cast<size_t>(kMaxSplitRows) * 2 * 4);
-    l.total = w.total();
+    l.qg = b.qProj;
+    l.k = b.k;
+    l.v = b.v;
+    l.qPacked = b.q;
+    l.attn = b.attn;
+    l.yAcc = b.attn;
+    l.partO = b.acc;
+    l.partML = b.m;
+    l.partL = b.l;
+    l.total = carver.w.total();
     return l;
 }
 

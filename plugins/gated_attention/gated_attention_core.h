@@ -51,8 +51,10 @@ constexpr OutputRecipe kOutputRecipes[] = {
 // The KV cache grows (present is longer than past), so it cannot alias its input.
 constexpr int32_t kAliases[] = {-1, -1, -1};
 
-// Head dims the flash-attention kernel is instantiated for.
+// Head dims the Triton kernels are compiled for (qk_norm_rope / flash_prefill / split_kv_decode: HEAD_DIMS):
+// powers of two (tl.arange), at most 256.
 constexpr int32_t kSupportedHeadDims[] = {32, 64, 128, 256};
+constexpr int32_t kMaxHeadDim = 256;
 
 struct Attrs
 {
@@ -80,8 +82,9 @@ struct Sizes
 };
 Sizes sizesFromInputs(Dims const* inputs);
 
-// Key splits of the split-KV (flash-decoding) path: > 1 only when (batch x kv heads x row tiles) is too
-// small to fill the GPU, as in decode. A function of the shapes only, so workspace sizing and launch agree.
+// The CUDA implementation's key-split heuristic, kept for the core tests (plugins/tests/test_cores.cpp); the
+// Triton launch splits as split_kv_decode_triton.decode_plan does (gated_attention_launch.cpp), from the
+// decode cubin's BLOCK_N and MAX_SPLITS, with partials sized by gated_attention_workspace.h.
 int32_t numKvSplits(int64_t batch, int64_t kvHeads, int64_t rows, int64_t keys);
 constexpr int64_t kTargetBlocks = 264;  // split-KV aims at this many blocks
 constexpr int64_t kSplitMinBlocks = 132; // at or above this many blocks there is no split
@@ -89,17 +92,19 @@ constexpr int64_t kSplitMinBlocks = 132; // at or above this many blocks there i
 // splits * blocks < kTargetBlocks + kSplitMinBlocks; each block holds at most 64 (padded) rows.
 constexpr int64_t kMaxSplitRows = (kTargetBlocks + kSplitMinBlocks) * 64;
 
+// Byte offsets of the workspace slices (gated_attention_workspace.h carves them; the field names predate it
+// and are kept for the core tests).
 struct Layout
 {
-    size_t qg;      // f32 [B*T, nh * 2 * hd]    q_proj output (query | gate per head)
-    size_t k;       // f32 [B*T, kv * hd]        k_proj output
-    size_t v;       // f32 [B*T, kv * hd]        v_proj output
-    size_t qPacked; // act [B, kv, T * group, hd] normed, rotated queries, GQA group rows packed
-    size_t attn;    // act [B*T, nh * hd]        gated attention output (o_proj input)
-    size_t yAcc;    // f32 [B*T, H]              o_proj output
-    size_t partO;   // f32 [splits, B, kv, T * group, hd]  split-KV partial outputs (splits > 1)
-    size_t partML;  // f32 [splits, B, kv, T * group, 2]   split-KV partial (max, sum)
-    int32_t splits;
+    size_t qg;      // act [B*T, nh * 2 * hd]   q_proj output (query | gate per head)
+    size_t k;       // act [B*T, kv * hd]       k_proj output
+    size_t v;       // act [B*T, kv * hd]       v_proj output
+    size_t qPacked; // act [B*T, nh * hd]       normed, rotated queries
+    size_t attn;    // act [B*T, nh * hd]       gated attention output (o_proj input)
+    size_t yAcc;    // no slice of its own: o_proj writes Y directly (equals `attn`)
+    size_t partO;   // f32 [B, nh, kMaxDecodeSplits, hd]  split-KV partial outputs
+    size_t partML;  // f32 [B, nh, kMaxDecodeSplits]      split-KV partial maxima
+    size_t partL;   // f32 [B, nh, kMaxDecodeSplits]      split-KV partial sums
     size_t total;
 };
 Layout layout(Attrs const& attrs, Sizes const& sizes);

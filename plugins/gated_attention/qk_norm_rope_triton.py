@@ -9,6 +9,10 @@ positions past .. past+T-1 (K normed and rotated, V copied).
 RMSNorm is the zero-centred one, `x * rsqrt(mean(x^2) + eps) * (1 + w)`, then RoPE on the first
 rotary_dim dims (rotate_half convention), all in fp32, rounded once to the activation type.
 One program handles BLOCK_T tokens of one head (q heads first, then kv heads).
+
+Variants: "fp16" / "bf16" take the checkpoint's raw weights w (transformers' q_norm/k_norm, this module's
+Python launcher); "fp16_scale" / "bf16_scale" (NORM_PLUS_ONE=0) take the effective multiplier `1 + w`, as the
+exported graph stores it (docs/ops.md) and the plugin's QwenGatedAttention passes it.
 """
 
 from __future__ import annotations
@@ -18,18 +22,14 @@ import triton.language as tl
 
 from qwen_export.plugins.triton_support import KernelSpec, device_sm, variant_of
 
-# Map a CUDA capability to the SM names the AOT build compiles for; CPU (the interpreter) runs as sm_90a.
-
-
-
-
-
 
 @triton.jit
 def _norm_rope_tile(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, rows, row_ok, x_row_stride, rot, eps, HEAD_DIM: tl.constexpr
-):
-    """RMSNorm(1 + w) then RoPE on the first `rot` dims of a [BLOCK_T, HEAD_DIM] tile, in fp32."""
+    x_ptr, w_ptr, cos_ptr, sin_ptr, rows, row_ok, x_row_stride, rot, eps, HEAD_DIM: tl.constexpr,
+    NORM_PLUS_ONE: tl.constexpr,
+):  # fmt: skip
+    """RMSNorm(1 + w, or w itself without NORM_PLUS_ONE) then RoPE on the first `rot` dims of a
+    [BLOCK_T, HEAD_DIM] tile, in fp32."""
     d = tl.arange(0, HEAD_DIM)
     half = rot // 2
     partner = tl.where(d < half, d + half, d - half)
@@ -44,8 +44,11 @@ def _norm_rope_tile(
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
     w = tl.load(w_ptr + d).to(tl.float32)
     wp = tl.load(w_ptr + partner, mask=rotated, other=0.0).to(tl.float32)
-    xn = x * rstd[:, None] * (1.0 + w[None, :])
-    xpn = xp * rstd[:, None] * (1.0 + wp[None, :])
+    if NORM_PLUS_ONE:
+        w = 1.0 + w
+        wp = 1.0 + wp
+    xn = x * rstd[:, None] * w[None, :]
+    xpn = xp * rstd[:, None] * wp[None, :]
     cs_mask = row_ok[:, None] & rotated[None, :]
     cos = tl.load(cos_ptr + rows[:, None] * rot + d[None, :], mask=cs_mask, other=1.0)
     sin = tl.load(sin_ptr + rows[:, None] * rot + d[None, :], mask=cs_mask, other=0.0)
@@ -75,6 +78,7 @@ def qk_norm_rope_kernel(
     eps,
     HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    NORM_PLUS_ONE: tl.constexpr,  # 1: weights are w (multiply by 1 + w); 0: the multiplier itself
 ):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -84,15 +88,16 @@ def qk_norm_rope_kernel(
     if head < nh:
         x = _norm_rope_tile(
             qp_ptr + head * 2 * HEAD_DIM, qw_ptr, cos_ptr, sin_ptr, rows64, row_ok, nh * 2 * HEAD_DIM,
-            rot, eps, HEAD_DIM,
+            rot, eps, HEAD_DIM, NORM_PLUS_ONE,
         )  # fmt: skip
         q_dst = q_out_ptr + (rows64[:, None] * nh + head) * HEAD_DIM + d[None, :]
         tl.store(q_dst, x.to(q_out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         kh = head - nh
         x = _norm_rope_tile(
-            k_ptr + kh * HEAD_DIM, kw_ptr, cos_ptr, sin_ptr, rows64, row_ok, kv * HEAD_DIM, rot, eps, HEAD_DIM
-        )
+            k_ptr + kh * HEAD_DIM, kw_ptr, cos_ptr, sin_ptr, rows64, row_ok, kv * HEAD_DIM, rot, eps,
+            HEAD_DIM, NORM_PLUS_ONE,
+        )  # fmt: skip
         b = rows64 // T
         pos = past + rows64 % T
         cache_rows = (b * kv + kh) * S_cap + pos
@@ -109,7 +114,17 @@ _SIGNATURE = {
     "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": "*{act}", "k_cache_ptr": "*{act}",
     "v_cache_ptr": "*{act}", "n_rows": "i32", "T": "i32", "nh": "i32", "kv": "i32", "past": "i32",
     "S_cap": "i32", "rot": "i32", "eps": "fp32", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
+    "NORM_PLUS_ONE": "constexpr",
 }  # fmt: skip
+
+# The activation types, each with raw zero-centred weights w (NORM_PLUS_ONE=1, the Python launcher's) and with
+# the effective multiplier 1 + w ("_scale", NORM_PLUS_ONE=0: the plugin launcher's, docs/ops.md).
+VARIANTS = {
+    "fp16": {"act": "fp16"},
+    "bf16": {"act": "bf16"},
+    "fp16_scale": {"act": "fp16", "NORM_PLUS_ONE": 0},
+    "bf16_scale": {"act": "bf16", "NORM_PLUS_ONE": 0},
+}
 
 
 def _spec(head_dim: int) -> KernelSpec:
@@ -119,9 +134,10 @@ def _spec(head_dim: int) -> KernelSpec:
         name=f"gated_attention.qk_norm_rope_hd{head_dim}",
         kernel=qk_norm_rope_kernel,
         signature=_SIGNATURE,
-        constexprs={"HEAD_DIM": head_dim, "BLOCK_T": 2048 // head_dim},
+        constexprs={"HEAD_DIM": head_dim, "BLOCK_T": 2048 // head_dim, "NORM_PLUS_ONE": 1},
         num_warps=4,
         num_stages=1,
+        variants=VARIANTS,
     )
 
 

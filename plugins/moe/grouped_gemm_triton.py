@@ -4,8 +4,11 @@ Expert e (transformers' `Qwen3_5MoeExperts`): `gate, up = (x @ gate_up_proj[e].T
 `y = (silu(gate) * up) @ down_proj[e].T`, with gate_up_proj [E, 2I, H] (gate rows first, then up rows) and
 down_proj [E, H, I]. Weights are read in transformers' layout: [E, N, K] with K (the reduced dimension)
 contiguous, so loads along K vectorise (the AOT build knows that stride is 1). `w_gate` is
-gate_up_proj[:, :I] and `w_up` gate_up_proj[:, I:]: two views of the same tensor. A [E, K, N] layout (the
-CUDA plugin's [E, H, 2I]) has to be transposed once when the engine is built.
+gate_up_proj[:, :I] and `w_up` gate_up_proj[:, I:]: two views of the same tensor.
+The "*_kn" specs (W_KN=True) read the TensorRT plugin's layout instead, [E, K, N] with N contiguous
+(gate_up [E, H, 2I], gate columns first; down [E, I, H]; the shared expert's [H, Is] / [Is, H]): the same
+arguments, `stride_wn` then being the row stride along K, and N a multiple of 16 (the column masks keep
+whole 16-element groups, so the N-contiguous loads vectorise).
 
 Grouped path (align_triton.py groups the token-expert pairs by expert, padded to BLOCK_M):
 - `gate_up_swiglu_kernel`: per (block, N tile): gate and up tiles of the block's rows with tl.dot into two
@@ -24,6 +27,8 @@ expert's base offset and the row offsets are int64 (512 experts x 2048 x 4096 is
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import triton
 import triton.language as tl
@@ -80,6 +85,7 @@ def gate_up_swiglu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_KN: tl.constexpr = False,  # weights [E, K, N], N contiguous: (e, n, k) at e*stride_we + k*stride_wn + n
 ):
     expert, rows, src, w_off, pid_n = _expert_tile(
         N, top_k, sorted_ids_ptr, expert_ids_ptr, stride_we, ROUTED, BLOCK_M, BLOCK_N
@@ -91,7 +97,13 @@ def gate_up_swiglu_kernel(
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xt + k[None, :]
-    b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]  # [BLOCK_K, BLOCK_N], rows past N clamped
+    # [BLOCK_K, BLOCK_N] weight tiles: [E, K, N] columns past N masked, [E, N, K] rows past N clamped
+    if W_KN:
+        b_offs = k[:, None] * stride_wn + n[None, :]
+        w_step = BLOCK_K * stride_wn
+    else:
+        b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
+        w_step = BLOCK_K
     wg = wg_ptr + w_off
     wu = wu_ptr + w_off
     acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
@@ -99,13 +111,17 @@ def gate_up_swiglu_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bg = tl.load(wg + b_offs, mask=k_ok[:, None], other=0.0)
-        bu = tl.load(wu + b_offs, mask=k_ok[:, None], other=0.0)
+        if W_KN:
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        else:
+            b_mask = k_ok[:, None]
+        bg = tl.load(wg + b_offs, mask=b_mask, other=0.0)
+        bu = tl.load(wu + b_offs, mask=b_mask, other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
         acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
         a_ptrs += BLOCK_K
-        wg += BLOCK_K
-        wu += BLOCK_K
+        wg += w_step
+        wu += w_step
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
     dst = h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :]
     tl.store(dst, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -127,6 +143,7 @@ def down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_KN: tl.constexpr = False,  # weights [E, K, N], N contiguous (as gate_up_swiglu_kernel)
 ):
     expert, rows, _, w_off, pid_n = _expert_tile(
         N, 1, sorted_ids_ptr, expert_ids_ptr, stride_we, ROUTED, BLOCK_M, BLOCK_N
@@ -139,16 +156,25 @@ def down_kernel(
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows64[:, None] * K + k[None, :]
-    b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
+    if W_KN:
+        b_offs = k[:, None] * stride_wn + n[None, :]
+        w_step = BLOCK_K * stride_wn
+    else:
+        b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
+        w_step = BLOCK_K
     w = w_ptr + w_off
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w + b_offs, mask=k_ok[:, None], other=0.0)
+        if W_KN:
+            b_mask = k_ok[:, None] & n_ok[None, :]
+        else:
+            b_mask = k_ok[:, None]
+        b = tl.load(w + b_offs, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
         a_ptrs += BLOCK_K
-        w += BLOCK_K
+        w += w_step
     dst = y_ptr + rows64[:, None] * N + n[None, :]
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -169,6 +195,7 @@ def gate_up_swiglu_decode_kernel(
     ROUTED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_KN: tl.constexpr = False,  # weights [E, K, N], N contiguous (as gate_up_swiglu_kernel)
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)  # a pair (ROUTED) or a token
@@ -181,22 +208,40 @@ def gate_up_swiglu_decode_kernel(
         w_off = 0
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    offs = tl.minimum(n, N - 1)[:, None] * stride_wn + k[None, :]  # [BLOCK_N, BLOCK_K]
     xp = x_ptr + src.to(tl.int64) * stride_xt
     wg = wg_ptr + w_off
     wu = wu_ptr + w_off
-    acc_g = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
-    acc_u = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = k < K - k0
-        xk = tl.load(xp + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(wg + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xk
-        acc_u += tl.load(wu + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xk
-        xp += BLOCK_K
-        wg += BLOCK_K
-        wu += BLOCK_K
-    g = tl.sum(acc_g, axis=1)
-    u = tl.sum(acc_u, axis=1)
+    if W_KN:
+        # [BLOCK_K, BLOCK_N] steps along the contiguous N, reduced over K at the end
+        n_ok = n < N
+        offs = k[:, None] * stride_wn + n[None, :]
+        acc_g = tl.full((BLOCK_K, BLOCK_N), 0, tl.float32)
+        acc_u = tl.full((BLOCK_K, BLOCK_N), 0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k < K - k0
+            xk = tl.load(xp + k, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+            mask = k_ok[:, None] & n_ok[None, :]
+            acc_g += tl.load(wg + offs, mask=mask, other=0.0).to(tl.float32) * xk
+            acc_u += tl.load(wu + offs, mask=mask, other=0.0).to(tl.float32) * xk
+            xp += BLOCK_K
+            wg += BLOCK_K * stride_wn
+            wu += BLOCK_K * stride_wn
+        g = tl.sum(acc_g, axis=0)
+        u = tl.sum(acc_u, axis=0)
+    else:
+        offs = tl.minimum(n, N - 1)[:, None] * stride_wn + k[None, :]  # [BLOCK_N, BLOCK_K]
+        acc_g = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
+        acc_u = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k < K - k0
+            xk = tl.load(xp + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc_g += tl.load(wg + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xk
+            acc_u += tl.load(wu + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * xk
+            xp += BLOCK_K
+            wg += BLOCK_K
+            wu += BLOCK_K
+        g = tl.sum(acc_g, axis=1)
+        u = tl.sum(acc_u, axis=1)
     h = g / (1.0 + tl.exp(-g)) * u
     tl.store(h_ptr + row.to(tl.int64) * N + n, h.to(h_ptr.dtype.element_ty), mask=n < N)
 
@@ -214,6 +259,7 @@ def down_decode_kernel(
     ROUTED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_KN: tl.constexpr = False,  # weights [E, K, N], N contiguous (as gate_up_swiglu_kernel)
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
@@ -225,17 +271,30 @@ def down_decode_kernel(
     row64 = row.to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    offs = tl.minimum(n, N - 1)[:, None] * stride_wn + k[None, :]
     hp = h_ptr + row64 * K
     w = w_ptr + w_off
-    acc = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = k < K - k0
-        hk = tl.load(hp + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(w + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * hk
-        hp += BLOCK_K
-        w += BLOCK_K
-    tl.store(y_ptr + row64 * N + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n < N)
+    if W_KN:
+        n_ok = n < N
+        offs = k[:, None] * stride_wn + n[None, :]  # [BLOCK_K, BLOCK_N]
+        acc = tl.full((BLOCK_K, BLOCK_N), 0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k < K - k0
+            hk = tl.load(hp + k, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(w + offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * hk
+            hp += BLOCK_K
+            w += BLOCK_K * stride_wn
+        y = tl.sum(acc, axis=0)
+    else:
+        offs = tl.minimum(n, N - 1)[:, None] * stride_wn + k[None, :]
+        acc = tl.full((BLOCK_N, BLOCK_K), 0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k < K - k0
+            hk = tl.load(hp + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w + offs, mask=k_ok[None, :], other=0.0).to(tl.float32) * hk
+            hp += BLOCK_K
+            w += BLOCK_K
+        y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + row64 * N + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
 # ":16": the AOT build compiles these as multiples of 16 (bytes for pointers), which lets loads vectorise
@@ -246,24 +305,24 @@ _GEMM_SIGNATURE = {
     "x_ptr": "*{act}:16", "wg_ptr": "*{act}:16", "wu_ptr": "*{act}:16", "h_ptr": "*{act}:16",
     "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "n_rows": "i32", "top_k": "i32", "N": "i32",
     "K": "i32:16", "stride_xt": "i32:16", "stride_we": "i32:16", "stride_wn": "i32:16", "ROUTED": "constexpr",
-    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "W_KN": "constexpr",
 }  # fmt: skip
 _DOWN_SIGNATURE = {
     "h_ptr": "*{act}:16", "w_ptr": "*{act}:16", "y_ptr": "*{act}:16", "sorted_ids_ptr": "*i32",
     "expert_ids_ptr": "*i32", "n_rows": "i32", "N": "i32", "K": "i32:16", "stride_we": "i32:16",
     "stride_wn": "i32:16", "ROUTED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-    "BLOCK_K": "constexpr",
+    "BLOCK_K": "constexpr", "W_KN": "constexpr",
 }  # fmt: skip
 _GATE_UP_DECODE_SIGNATURE = {
     "x_ptr": "*{act}:16", "wg_ptr": "*{act}:16", "wu_ptr": "*{act}:16", "h_ptr": "*{act}:16",
     "ids_ptr": "*i32", "top_k": "i32", "N": "i32", "K": "i32:16", "stride_xt": "i32:16",
     "stride_we": "i32:16", "stride_wn": "i32:16", "ROUTED": "constexpr", "BLOCK_N": "constexpr",
-    "BLOCK_K": "constexpr",
+    "BLOCK_K": "constexpr", "W_KN": "constexpr",
 }  # fmt: skip
 _DOWN_DECODE_SIGNATURE = {
     "h_ptr": "*{act}:16", "w_ptr": "*{act}:16", "y_ptr": "*{act}:16", "ids_ptr": "*i32", "N": "i32",
     "K": "i32:16", "stride_we": "i32:16", "stride_wn": "i32:16", "ROUTED": "constexpr",
-    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "W_KN": "constexpr",
 }  # fmt: skip
 
 # BLOCK_M is per variant (align pads to it, so gate_up and down must agree); per_sm never overrides it.
@@ -280,7 +339,7 @@ GATE_UP_SPEC = KernelSpec(
     name="moe.gate_up_swiglu",
     kernel=gate_up_swiglu_kernel,
     signature=_GEMM_SIGNATURE,
-    constexprs={"BLOCK_N": 64, "BLOCK_K": 64},
+    constexprs={"BLOCK_N": 64, "BLOCK_K": 64, "W_KN": False},
     num_warps=8,
     num_stages=3,
     per_sm={
@@ -296,7 +355,7 @@ DOWN_SPEC = KernelSpec(
     name="moe.down",
     kernel=down_kernel,
     signature=_DOWN_SIGNATURE,
-    constexprs={"BLOCK_N": 64, "BLOCK_K": 64},
+    constexprs={"BLOCK_N": 64, "BLOCK_K": 64, "W_KN": False},
     num_warps=4,
     num_stages=3,
     per_sm={"sm_90a": _WIDE, "sm_100a": _WIDE, **{sm: {"num_stages": 2} for sm in _SMALL_SMEM}},
@@ -312,7 +371,7 @@ GATE_UP_DECODE_SPEC = KernelSpec(
     name="moe.gate_up_swiglu_decode",
     kernel=gate_up_swiglu_decode_kernel,
     signature=_GATE_UP_DECODE_SIGNATURE,
-    constexprs={"BLOCK_N": 32, "BLOCK_K": 256},
+    constexprs={"BLOCK_N": 32, "BLOCK_K": 256, "W_KN": False},
     num_warps=8,
     num_stages=3,
     per_sm=_GEMV_PER_SM,
@@ -322,14 +381,36 @@ DOWN_DECODE_SPEC = KernelSpec(
     name="moe.down_decode",
     kernel=down_decode_kernel,
     signature=_DOWN_DECODE_SIGNATURE,
-    constexprs={"BLOCK_N": 64, "BLOCK_K": 128},
+    constexprs={"BLOCK_N": 64, "BLOCK_K": 128, "W_KN": False},
     num_warps=8,
     num_stages=3,
     per_sm=_GEMV_PER_SM,
     variants=act_variants(_DECODE_TILES),
 )
 
-SPECS: list[KernelSpec] = [GATE_UP_SPEC, DOWN_SPEC, GATE_UP_DECODE_SPEC, DOWN_DECODE_SPEC]
+
+def _kn_spec(spec: KernelSpec, **constexprs) -> KernelSpec:
+    """`spec` for weights in the plugin's [E, K, N] layout (W_KN): the same variants, warps, stages and
+    per-SM settings, named "<name>_kn"; N gains the ':16' hint (its column masks then keep 16-element
+    groups whole and the loads along N vectorise; the plugin refuses widths that are not multiples of 16)."""
+    signature = {k: "i32:16" if k == "N" else v for k, v in spec.signature.items()}
+    values = {**spec.constexprs, **constexprs, "W_KN": True}
+    return dataclasses.replace(spec, name=f"{spec.name}_kn", signature=signature, constexprs=values)
+
+
+# The plugin's layout (qwenLaunchMoE): the grouped tiles as above (the B tile is [BLOCK_K, BLOCK_N] either
+# way); the GEMVs step [BLOCK_K, BLOCK_N] tiles along the contiguous N: 64 columns (128-byte rows) by 128
+# rows, 8K weight elements per step and matrix as above, so one token's top-10 experts at I = 1024 are 160
+# gate_up programs and, at H = 4096, 640 down programs.
+GATE_UP_KN_SPEC = _kn_spec(GATE_UP_SPEC)
+DOWN_KN_SPEC = _kn_spec(DOWN_SPEC)
+GATE_UP_DECODE_KN_SPEC = _kn_spec(GATE_UP_DECODE_SPEC, BLOCK_N=64, BLOCK_K=128)
+DOWN_DECODE_KN_SPEC = _kn_spec(DOWN_DECODE_SPEC, BLOCK_N=64, BLOCK_K=128)
+
+SPECS: list[KernelSpec] = [
+    GATE_UP_SPEC, DOWN_SPEC, GATE_UP_DECODE_SPEC, DOWN_DECODE_SPEC,
+    GATE_UP_KN_SPEC, DOWN_KN_SPEC, GATE_UP_DECODE_KN_SPEC, DOWN_DECODE_KN_SPEC,
+]  # fmt: skip
 
 
 def _check_weights(x, w_gate, w_up, w_down):

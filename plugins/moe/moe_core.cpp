@@ -1,6 +1,6 @@
 #include "moe_core.h"
 
-#include <algorithm>
+#include <climits>
 #include <sstream>
 
 namespace qwen
@@ -61,6 +61,29 @@ std::string checkShapes(Attrs const& a, Dims const* in, int32_t nbInputs)
         s << "experts " << e << " must be within top_k (" << a.topK << ").." << kMaxExperts << "; ";
         error += s.str();
     }
+    // What the Triton kernels take: widths with their ':16' hints, and one expert's matrix indexed in int32.
+    struct Width
+    {
+        char const* name;
+        int64_t value;
+    };
+    for (Width const w : {Width{"hidden (X dim -1)", h}, Width{"inter (down dim 1)", i},
+             Width{"shared inter (shared_gate dim 1)", is}})
+    {
+        if (w.value >= 0 && w.value % kWidthMultiple != 0)
+        {
+            std::ostringstream s;
+            s << w.name << " " << w.value << " must be a multiple of " << kWidthMultiple << "; ";
+            error += s.str();
+        }
+    }
+    if (h > 0 && ((i > 0 && h * 2 * i > INT32_MAX) || (is > 0 && h * is > INT32_MAX)))
+    {
+        std::ostringstream s;
+        s << "gate_up (" << h << " x " << 2 * i << ") and shared_gate (" << h << " x " << is
+          << ") must each hold fewer than 2^31 elements per expert; ";
+        error += s.str();
+    }
     return error.empty() ? error : std::string(kPluginName) + ": " + error;
 }
 
@@ -76,28 +99,18 @@ Sizes sizesFromInputs(Dims const* in)
 
 Layout layout(Attrs const& a, Sizes const& z)
 {
-    int64_t const seg = std::min(z.tokens, kSegmentTokens);
-    int64_t const rows = seg * a.topK;
-    int64_t const e = z.experts;
-    WorkspaceLayout w;
+    OffsetCarver w;
     Layout l{};
-    l.segTokens = seg;
-    l.logits = w.add(seg * e * 4);
-    l.topIdx = w.add(rows * 4);
-    l.topW = w.add(rows * 4);
-    l.counts = w.add(e * 4);
-    l.rowOff = w.add((e + 1) * 4);
-    l.tileOff = w.add((e + 1) * 4);
-    l.cursor = w.add(e * 4);
-    l.permToken = w.add(rows * 4);
-    l.permW = w.add(rows * 4);
-    l.gateUp = w.add(std::min(rows, kSkinnyMaxGroupedRows) * 2 * z.inter * 4);
-    l.act = w.add(rows * z.inter * kActBytes);
-    l.sharedGU = w.add(std::min(seg, kSkinnyMaxRows) * 2 * z.sharedInter * 4);
-    l.sharedAct = w.add(seg * z.sharedInter * kActBytes);
-    l.sharedGate = w.add(seg * 4);
-    l.acc = w.add(seg * z.hidden * 4);
-    l.total = w.total();
+    l.at = carve(w, WorkspaceShape{z.tokens, z.hidden, z.experts, z.inter, z.sharedInter, a.topK});
+    l.logits = l.at.logits;
+    l.topIdx = l.at.ids;
+    l.counts = l.at.counts;
+    l.rowOff = l.at.offsets;
+    l.permToken = l.at.sortedIds;
+    l.act = l.at.h;
+    l.acc = l.at.y;
+    l.segTokens = segmentTokens(z.tokens);
+    l.total = w.used();
     return l;
 }
 

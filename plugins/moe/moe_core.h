@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/qwen_core.h"
+#include "moe_workspace.h"
 
 namespace qwen
 {
@@ -37,11 +38,14 @@ constexpr OutputRecipe kOutputRecipes[] = {
 
 constexpr int32_t kAliases[] = {-1};
 
-// Limits of the routing kernel (one warp per token holds the token's E probabilities in shared memory).
+// Limits of the Triton kernels (router_topk_triton.py): moe.router_topk keeps at most MAX_TOP_K = 32 picks
+// per token, and moe.align_scatter maps blocks to at most MAX_EXPERTS = 4096 experts. The launcher also
+// checks the cubins it resolves. kSegmentTokens (moe_workspace.h) bounds the workspace.
 constexpr int64_t kMaxExperts = 4096;
 constexpr int64_t kMaxTopK = 32;
-// Tokens are routed and computed in segments of at most this many, which bounds the workspace.
-constexpr int64_t kSegmentTokens = 4096;
+// The grouped GEMMs take K, N, the row strides and the weight strides with ':16' hints: H, I and Is must be
+// multiples of this.
+constexpr int64_t kWidthMultiple = 16;
 
 struct Attrs
 {
@@ -65,23 +69,18 @@ struct Sizes
 };
 Sizes sizesFromInputs(Dims const* inputs);
 
+// The workspace at these sizes: moe_workspace.h's carve (the launcher's own), as offsets. `at` holds every
+// slice; the named copies are the ones plugins/tests/test_cores.cpp checks.
 struct Layout
 {
-    size_t logits;    // f32 [seg, E]
-    size_t topIdx;    // i32 [seg * k]
-    size_t topW;      // f32 [seg * k]
-    size_t counts;    // i32 [E]      assignments per expert
-    size_t rowOff;    // i32 [E + 1]  first permuted row of each expert
-    size_t tileOff;   // i32 [E + 1]  first GEMM tile of each expert
-    size_t cursor;    // i32 [E]
-    size_t permToken; // i32 [seg * k] token of each permuted row
-    size_t permW;     // f32 [seg * k] routing weight of each permuted row
-    size_t gateUp;    // f32 [min(seg * k, kSkinnyMaxGroupedRows), 2I] (weight-streaming path only)
-    size_t act;       // act [seg * k, I]  silu(gate) * up
-    size_t sharedGU;  // f32 [min(seg, kSkinnyMaxRows), 2 * Is] (weight-streaming path only)
-    size_t sharedAct; // act [seg, Is]
-    size_t sharedGate;// f32 [seg]  shared-expert gate logit, then sigmoid
-    size_t acc;       // f32 [seg, H] routed + shared accumulator
+    Buffers<size_t> at;
+    size_t logits;    // = at.logits     f32 [seg, E]
+    size_t topIdx;    // = at.ids        i32 [seg * k]
+    size_t counts;    // = at.counts     i32 [chunks, E]
+    size_t rowOff;    // = at.offsets    i32 [E + 1] first sorted row of each expert
+    size_t permToken; // = at.sortedIds  i32 [sorted rows] pair of each sorted row
+    size_t act;       // = at.h          act [seg * k, I] silu(gate) * up
+    size_t acc;       // = at.y          act [seg * k, H] expert outputs the combine sums
     int64_t segTokens;
     size_t total;
 };

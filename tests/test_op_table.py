@@ -29,8 +29,6 @@ C_TO_CTYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ct
 OPS = sorted(OP_TABLE)
 
 
-
-
 @pytest.fixture(scope="module")
 def gpu_check():
     return load_gpu_check()
@@ -108,9 +106,7 @@ def test_gpu_check_runs_every_op_of_the_table(gpu_check):
     assert gpu_check.OPS == folders
     assert set(gpu_check.CASES) == set(folders)
     for folder in folders:
-        assert callable(getattr(gpu_check.Runner, folder)) and callable(
-            getattr(gpu_check.ReferenceRunner, folder)
-        )
+        assert callable(getattr(gpu_check.Runner, folder))
 
 
 class _Tensor:
@@ -194,7 +190,7 @@ def test_every_op_reaches_every_file(op):
     assert (PLUGINS_DIR / f / "kernels.py").is_file()
     cmake = (PLUGINS_DIR / "CMakeLists.txt").read_text()
     assert f in re.search(r"set\(QWEN_OPS ([^)]*)\)", cmake).group(1).split()
-    assert f"{f}/{f}_launch.cpp" in cmake
+    assert "${op}/${op}_launch.cpp" in cmake  # every folder of QWEN_OPS: its launcher is in the library
     library = (PLUGINS_DIR / "common" / "trt_plugin_library.cpp").read_text()
     assert f'#include "../{f}/{f}_plugin.h"' in library
     creator = re.search(rf"static QwenPluginCreator<{op}Op> (\w+);", library)

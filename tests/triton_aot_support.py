@@ -61,8 +61,13 @@ SCALE_ROWS = KernelSpec(
     name="aot_test.scale_rows",
     kernel=scale_rows_kernel,
     signature={
-        "x_ptr": "*{act}:16", "w_ptr": "*fp32", "out_ptr": "*{act}", "n_cols": "i32", "eps": "fp32",
-        "flag": "i1", "BLOCK": "constexpr",
+        "x_ptr": "*{act}:16",
+        "w_ptr": "*fp32",
+        "out_ptr": "*{act}",
+        "n_cols": "i32",
+        "eps": "fp32",
+        "flag": "i1",
+        "BLOCK": "constexpr",
     },  # fmt: skip
     constexprs={"BLOCK": 256},
     num_warps=4,

@@ -78,7 +78,7 @@ BIG = dict(
 )  # fmt: skip
 TINY = dict(
     hidden=64, heads=4, kv_heads=2, head_dim=32, rotary=8,
-    k_heads=2, v_heads=4, kdim=16, vdim=16, conv=4,
+    k_heads=1, v_heads=2, kdim=128, vdim=128, conv=4,
     experts=8, top_k=2, inter=32, shared_inter=32,
 )  # fmt: skip
 RAGGED = [1, 7, 63, 64, 65, 200, 1000]
@@ -89,10 +89,10 @@ DRY_SHAPES = dict(
     kv_heads=2,
     head_dim=32,
     rotary=8,
-    k_heads=2,
-    v_heads=4,
-    kdim=16,
-    vdim=16,
+    k_heads=1,
+    v_heads=2,
+    kdim=128,  # the delta-rule kernels are compiled for head dims 128 (Qwen3.5 / Qwen3-Next)
+    vdim=128,
     conv=4,
     experts=16,
     top_k=4,
@@ -393,6 +393,10 @@ def deltanet_inputs(s, batch, tokens, dtype, device, pad=0, gen=None):
         1.0 + 0.1 * torch.randn(dv, device=device, generator=gen),
         randn((nv * dv, h), dtype, device, (nv * dv) ** -0.5, gen),
     ]
+    if pad:  # a padded row is a first prefill: its states are zero (where padding is the same whether
+        # transformers zeroes the padding tokens or the kernels skip them)
+        ins[2][-1].zero_()
+        ins[3][-1].zero_()
     attrs = dict(num_k_heads=nk, num_v_heads=nv, head_k_dim=dk, head_v_dim=dv, conv_kernel=kk, epsilon=1e-6)
     return ins, attrs
 

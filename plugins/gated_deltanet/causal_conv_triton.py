@@ -17,6 +17,8 @@ Prefill and decode run the same kernel; the decode variants freeze BLOCK_T = 1 (
 
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
@@ -153,6 +155,16 @@ SPEC = KernelSpec(
 )
 
 
+# The plugin's conv state has the activation type ([B, C, K-1], as transformers' cache holds it): the same
+# kernel with 16-bit state pointers. The state holds past inputs, so it round-trips exactly (loads widen,
+# the store narrows values that were activations to begin with).
+ACT_STATE_SPEC = dataclasses.replace(
+    SPEC,
+    name="gated_deltanet.causal_conv_act_state",
+    signature=aligned16({**SIGNATURE, "state_in_ptr": "*{act}", "state_out_ptr": "*{act}"}, ALIGNED_16),
+)
+
+
 def grid(batch: int, channels: int, block_c: int) -> tuple[int, int]:
     return (triton.cdiv(channels, block_c), batch)
 
@@ -180,12 +192,12 @@ def causal_conv(x, weight, conv_state=None, mask=None, state_out=None, out=None)
         out = torch.empty((batch, tokens, channels), dtype=x.dtype, device=x.device)
     use_state = conv_state is not None
     state_in = conv_state if use_state else state_out
-    assert state_in.dtype == torch.float32 and state_out.dtype == torch.float32
+    assert state_in.dtype == state_out.dtype and state_in.dtype in (torch.float32, x.dtype)
     assert state_in.is_contiguous() and state_out.is_contiguous() and out.is_contiguous()
     values = (x, weight, mask, state_in, state_out, out, tokens, channels, mask.stride(0), x.stride(1))
     args = runtime_args(SPEC, values + (int(use_state),))
     check_aligned(args, ALIGNED_16)
-    causal_conv_kernel[grid(batch, channels, consts["BLOCK_C"])](
+    causal_conv_kernel[grid(batch, channels, consts["BLOCK_C"])](  # ACT_STATE_SPEC's kernel: the same
         **args, **consts, num_warps=warps, num_stages=stages
     )
     return out, state_out

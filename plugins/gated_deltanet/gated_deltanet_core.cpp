@@ -1,5 +1,7 @@
 #include "gated_deltanet_core.h"
 
+#include "gated_deltanet_workspace.h"
+
 #include <algorithm>
 #include <sstream>
 
@@ -29,14 +31,15 @@ std::string validate(Attrs const& a)
         s << "num_v_heads (" << a.numVHeads << ") must be a positive multiple of num_k_heads (" << a.numKHeads
           << "); ";
     }
-    if (a.headKDim <= 0 || a.headKDim > kMaxHeadDim || a.headVDim <= 0 || a.headVDim > kMaxHeadDim)
+    if (a.headKDim != kHeadDim || a.headVDim != kHeadDim)
     {
-        s << "head_k_dim (" << a.headKDim << ") and head_v_dim (" << a.headVDim << ") must be within 1.."
-          << kMaxHeadDim << "; ";
+        s << "head_k_dim (" << a.headKDim << ") and head_v_dim (" << a.headVDim << ") must be " << kHeadDim
+          << ", the head dims the delta-rule kernels are compiled for; ";
     }
-    if (a.convKernel < 2 || a.convKernel > 8)
+    if (a.convKernel != kConvKernel)
     {
-        s << "conv_kernel " << a.convKernel << " must be within 2..8; ";
+        s << "conv_kernel " << a.convKernel << " is not supported: the conv kernel is compiled for "
+          << kConvKernel << "; ";
     }
     if (!(a.epsilon > 0.0F))
     {
@@ -84,51 +87,32 @@ Sizes sizesFromInputs(Dims const* in)
     return Sizes{in[0].d[0], in[0].d[1], in[0].d[2]};
 }
 
-int64_t segmentChunks(Attrs const& a, Sizes const& z)
-{
-    int64_t const chunks = ceilDiv(z.tokens, kChunk);
-    int64_t const perChunk = std::max<int64_t>(1, z.batch * a.numVHeads);
-    return std::max<int64_t>(1, std::min(chunks, kChunkItemsPerSegment / perChunk));
-}
-
 bool usesChunked(RuleMode mode, int64_t tokens)
 {
     return mode == RuleMode::kChunked || (mode == RuleMode::kAuto && tokens > kRecurrentMaxTokens);
 }
 
-Layout layout(Attrs const& a, Sizes const& z, RuleMode mode)
+namespace
 {
-    int64_t const bt = z.batch * z.tokens;
-    int64_t const nk = a.numKHeads, nv = a.numVHeads, dk = a.headKDim, dv = a.headVDim;
+
+// gated_deltanet_workspace.h's carving, as byte offsets.
+struct OffsetCarver
+{
     WorkspaceLayout w;
-    Layout l{};
-    l.xMasked = w.add(bt * z.hidden * kActBytes);
-    l.mixed = w.add(bt * convDim(a) * 4);
-    l.z = w.add(bt * nv * dv * 4);
-    l.b = w.add(bt * nv * 4);
-    l.a = w.add(bt * nv * 4);
-    l.q = w.add(bt * nk * dk * 4);
-    l.k = w.add(bt * nk * dk * 4);
-    l.beta = w.add(bt * nv * 4);
-    l.g = w.add(bt * nv * 4);
-    l.o = w.add(bt * nv * dv * 4);
-    l.normed = w.add(bt * nv * dv * kActBytes);
-    l.yAcc = w.add(bt * z.hidden * 4);
-    l.segChunks = 0;
-    if (usesChunked(mode, z.tokens))
+    size_t take(size_t bytes)
     {
-        l.segChunks = segmentChunks(a, z);
-        // Capacity, not the segment's item count: TensorRT sizes the workspace for the largest shapes and
-        // it must fit every smaller one, and items per segment is not monotonic in the batch size.
-        int64_t const heads = z.batch * nv;
-        int64_t const items = std::min(heads * ceilDiv(z.tokens, kChunk), std::max(heads, kChunkItemsPerSegment));
-        l.u = w.add(items * kChunk * dv * 4);
-        l.w = w.add(items * kChunk * dk * 4);
-        l.aqk = w.add(items * kChunk * kChunk * 4);
-        l.gcum = w.add(items * kChunk * 4);
+        return w.add(bytes);
     }
-    l.total = w.total();
-    return l;
+};
+
+} // namespace
+
+Layout layout(Attrs const& a, Sizes const& z)
+{
+    OffsetCarver carver;
+    WorkspaceShape const shape{z.batch, z.tokens, convDim(a), a.numVHeads, a.headVDim};
+    Buffers<size_t> const b = carve(carver, shape);
+    return Layout{b.qkv, b.z, b.b, b.a, b.conv, b.o, b.normed, carver.w.total()};
 }
 
 size_t workspaceSize(Attrs const& a, Dims const* in, int32_t nbInputs)

@@ -54,14 +54,14 @@ constexpr OutputRecipe kOutputRecipes[] = {
 // aliased and separate buffers both work.
 constexpr int32_t kAliases[] = {-1, 2, 3};
 
-// Delta-rule chunk length for prefill, and the largest T evaluated token by token (recurrent kernel).
-constexpr int64_t kChunk = 64;
+// The largest T evaluated token by token (the recurrent kernel) in automatic mode; longer prefills run the
+// chunked kernel (64-token chunks).
 constexpr int64_t kRecurrentMaxTokens = 16;
-// Chunked prefill runs in segments of at most this many (batch x value head x chunk) items, which bounds
-// the chunk workspace (about 80 KiB per item at head dims 128).
-constexpr int64_t kChunkItemsPerSegment = 1024;
-// Head dims the delta-rule kernels support (their shared-memory tiles are sized for this).
-constexpr int64_t kMaxHeadDim = 128;
+// The head dims and conv width the plugin's kernels are compiled for (the DK / DV / KERNEL constexprs of
+// plugins/gated_deltanet/*_triton.py's specs, checked against the cubins again at launch): Qwen3.5's and
+// Qwen3-Next's linear attention.
+constexpr int64_t kHeadDim = 128;
+constexpr int64_t kConvKernel = 4;
 
 struct Attrs
 {
@@ -92,29 +92,16 @@ inline int64_t convDim(Attrs const& a)
     return 2LL * a.numKHeads * a.headKDim + static_cast<int64_t>(a.numVHeads) * a.headVDim;
 }
 
-// Chunks per segment of the chunked prefill.
-int64_t segmentChunks(Attrs const& a, Sizes const& z);
-
+// Workspace offsets (gated_deltanet_workspace.h's carving) and its total.
 struct Layout
 {
-    size_t xMasked; // act [B*T, H]      X * mask
-    size_t mixed;   // f32 [B*T, C]      qkv projection, then (in place) conv + SiLU output
-    size_t z;       // f32 [B*T, nv*dv]  gate projection
-    size_t b;       // f32 [B*T, nv]
-    size_t a;       // f32 [B*T, nv]
-    size_t q;       // f32 [B, nk, T, dk] l2-normed, scaled queries
-    size_t k;       // f32 [B, nk, T, dk] l2-normed keys
-    size_t beta;    // f32 [B, nv, T]
-    size_t g;       // f32 [B, nv, T]    log decay
-    size_t o;       // f32 [B, T, nv, dv] delta-rule output
-    size_t normed;  // act [B*T, nv*dv]  gated RMSNorm output (out_proj input)
-    size_t yAcc;    // f32 [B*T, H]
-    // chunked prefill only (T > kRecurrentMaxTokens), per segment item (b, value head, chunk):
-    size_t u;       // f32 [items, kChunk, dv]  A @ (v * beta)
-    size_t w;       // f32 [items, kChunk, dk]  A @ (k * beta * exp(gcum))
-    size_t aqk;     // f32 [items, kChunk, kChunk] (q k^T) * decay, lower triangle
-    size_t gcum;    // f32 [items, kChunk]  cumulative log decay within the chunk
-    int64_t segChunks;
+    size_t qkv;
+    size_t z;
+    size_t b;
+    size_t a;
+    size_t conv;
+    size_t o;
+    size_t normed;
     size_t total;
 };
 // Delta-rule evaluation: auto (recurrent for T <= kRecurrentMaxTokens, else chunked), or forced (tests).
@@ -126,7 +113,7 @@ enum class RuleMode : int32_t
 };
 bool usesChunked(RuleMode mode, int64_t tokens);
 
-Layout layout(Attrs const& attrs, Sizes const& sizes, RuleMode mode = RuleMode::kAuto);
+Layout layout(Attrs const& attrs, Sizes const& sizes);
 
 } // namespace gated_deltanet
 } // namespace qwen

@@ -23,6 +23,7 @@ from qwen_export.plugins.triton_support import CheckRow, Guarded, KernelSpec, co
 
 KERNELS: list[KernelSpec] = [
     causal_conv_triton.SPEC,
+    causal_conv_triton.ACT_STATE_SPEC,
     chunk_delta_rule_triton.SPEC,
     recurrent_delta_rule_triton.SPEC,
 ]

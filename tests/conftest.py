@@ -39,7 +39,7 @@ def tiny_moe_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def plugin_library():
-    """The plugin library built with CMake for one SM, and the recording CUDA driver
+    """The plugin library built with CMake for every SM, and the recording CUDA driver
     (tests/plugin_library.py); skipped, with the reason, where cmake or the CUDA toolkit's headers are
     missing."""
     from plugin_library import build_library, why_not_buildable

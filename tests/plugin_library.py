@@ -1,7 +1,7 @@
 """The plugin library as the tests build and drive it: CMake (plugins/CMakeLists.txt) with the Triton
-kernels compiled ahead of time for one SM (sm_90a; the six-SM build is tests/test_triton_aot.py's), the
-recording CUDA driver beside it, and scripts/gpu_check.py loaded as a module for its ctypes mirrors and
-PyTorch references.
+kernels compiled ahead of time for all six SMs (what a user ships; the recording driver reports an sm_90
+device, so replays use the sm_90a cubins), the recording CUDA driver beside it, and scripts/gpu_check.py
+loaded as a module for its ctypes mirrors and PyTorch references.
 
 The build lives in <repo>/build/test-plugins so that reruns are incremental, under a file lock so that
 concurrent test processes share it."""
@@ -16,11 +16,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_export.plugins.triton_support import SMS
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
 GPU_CHECK = ROOT / "scripts" / "gpu_check.py"
 BUILD_DIR = ROOT / "build" / "test-plugins"
-TEST_SM = "sm_90a"
 TRT_INCLUDE = ROOT.parent / "shared" / "third_party" / "TensorRT-11.1" / "include"
 
 
@@ -41,12 +42,12 @@ def why_not_buildable() -> str | None:
 
 
 def build_library(build_dir: Path = BUILD_DIR) -> BuiltLibrary:
-    """Configure and build (incrementally) the plugin library with its kernels for TEST_SM."""
+    """Configure and build (incrementally) the plugin library with its kernels for every SM."""
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f"{build_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         configure = [
-            "cmake", "-S", str(PLUGINS), "-B", str(build_dir), f"-DQWEN_TRITON_SMS={TEST_SM}",
+            "cmake", "-S", str(PLUGINS), "-B", str(build_dir), f"-DQWEN_TRITON_SMS={';'.join(SMS)}",
             f"-DQWEN_PYTHON={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
         ]  # fmt: skip
         if TRT_INCLUDE.is_dir():

@@ -16,7 +16,7 @@ from checkpoints import LOCAL_CLASSES, make_local_checkpoint
 runner = CliRunner()
 PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5")
 # Which ops a model has: dense Qwen3.5 has no MoE block.
-OPS = {"rms_norm", "gated_rms_norm", "gated_attention", "gated_deltanet", "moe"}
+OPS = {"common", "rms_norm", "gated_rms_norm", "gated_attention", "gated_deltanet", "moe"}  # common: the GEMM
 
 
 def _ops(rows: list[dict]) -> set[str]:

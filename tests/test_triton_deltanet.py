@@ -94,9 +94,11 @@ def spec_module(spec):
 
 def test_specs_cover_every_sm_and_variant():
     """The AOT view of each kernel: signature in the kernel's argument order, every constexpr given a value
-    for every SM and variant, activations typed by the variant, states fp32."""
+    for every SM and variant, activations typed by the variant, states fp32 (the activation type in the
+    plugin's conv)."""
     assert [k.name for k in kernels.KERNELS] == [
         "gated_deltanet.causal_conv",
+        "gated_deltanet.causal_conv_act_state",
         "gated_deltanet.chunk_delta_rule",
         "gated_deltanet.recurrent_delta_rule",
     ]
@@ -113,8 +115,9 @@ def test_specs_cover_every_sm_and_variant():
                     assert "{act}" not in kind
                     kind, _, hint = kind.partition(":")
                     assert hint == ("16" if name in spec_module(spec).ALIGNED_16 else ""), (spec.name, name)
-                    if name.startswith("state"):
-                        assert kind == "*fp32", (spec.name, name)
+                    if name.startswith("state"):  # fp32, or the activation type for the plugin's conv
+                        state = f"*{act}" if spec.name.endswith("_act_state") else "*fp32"
+                        assert kind == state, (spec.name, name)
                     if name in ("qkv_ptr", "x_ptr", "out_ptr"):
                         assert kind == f"*{act}", (spec.name, variant, name)
         for name in ("DK", "DV"):
@@ -254,6 +257,6 @@ def test_check_layer_on_tiny_preset():
     model = load_reference(materialize("tiny-qwen3.5-moe", quiet=True))
     rows = [row for dtype in (FP32, FP16, BF16) for row in kernels.check_layer(model, 0, dtype)]
     assert {r.kernel for r in rows} == {spec.name for spec in kernels.KERNELS}
-    assert len(rows) == 36
+    assert len(rows) == 48  # 3 steps x (conv, act-state conv in fp16/bf16, rule) x 2 rows x 3 dtypes
     assert_rows(rows)
     assert kernels.check_layer(model, 3, FP32) == []

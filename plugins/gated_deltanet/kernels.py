@@ -101,8 +101,9 @@ class DeltaNetLayer:
             use_qk_l2norm_in_kernel=True,
         )
 
-    def run_conv(self, mixed, state, dtype, mask=None):
-        """Our conv on `mixed` cast to `dtype`, from `state` (None: zeros), every buffer Guarded:
+    def run_conv(self, mixed, state, dtype, mask=None, state_dtype=None):
+        """Our conv on `mixed` cast to `dtype`, from `state` (None: zeros) held in `state_dtype` (fp32 by
+        default; the activation type is the plugin's, ACT_STATE_SPEC), every buffer Guarded:
         (out, new state, guard problems)."""
         torch = self.torch
         batch, tokens, channels = mixed.shape
@@ -111,11 +112,13 @@ class DeltaNetLayer:
             "x": Guarded(mixed, dtype),
             "weight": Guarded(self.conv_weight, dtype),
             "mask": Guarded(mask),
-            "state_out": Guarded(torch.zeros(batch, channels, self.conv_weight.shape[1] - 1)),
+            "state_out": Guarded(
+                torch.zeros(batch, channels, self.conv_weight.shape[1] - 1), state_dtype or torch.float32
+            ),
             "out": Guarded(torch.zeros(batch, tokens, channels), dtype),
         }
         if state is not None:
-            g["state_in"] = Guarded(state, torch.float32)
+            g["state_in"] = Guarded(state, state_dtype or torch.float32)
         causal_conv_triton.causal_conv(
             g["x"].tensor,
             g["weight"].tensor,
@@ -164,12 +167,16 @@ class DeltaNetLayer:
     def check_conv(self, mixed, state, dtype, case: str) -> tuple[list[CheckRow], Any, Any]:
         """Rows for our conv against the reference; also the reference (output, state) for the next step."""
         ref_out, ref_state = self.ref_conv(mixed, state)
-        out, new_state, problems = self.run_conv(mixed, state, dtype)
-        name = causal_conv_triton.SPEC.name
-        rows = [
-            compare(name, f"{case}: output", out, ref_out, dtype, not problems),
-            compare(name, f"{case}: conv state", new_state, ref_state, dtype, not problems),
-        ]
+        rows = []
+        specs = [(causal_conv_triton.SPEC, None)]
+        if dtype != self.torch.float32:  # the plugin's state, in the activation type
+            specs.append((causal_conv_triton.ACT_STATE_SPEC, dtype))
+        for spec, state_dtype in specs:
+            out, new_state, problems = self.run_conv(mixed, state, dtype, state_dtype=state_dtype)
+            rows += [
+                compare(spec.name, f"{case}: output", out, ref_out, dtype, not problems),
+                compare(spec.name, f"{case}: conv state", new_state, ref_state, dtype, not problems),
+            ]
         return rows, ref_out, ref_state
 
     def check_rule(self, qkv, a, b, state, dtype, case: str, recurrent: bool) -> tuple[list[CheckRow], Any]:

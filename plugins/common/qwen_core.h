@@ -2,7 +2,7 @@
 //
 // Nothing here includes TensorRT or CUDA headers, so the shape/attribute/workspace logic of every plugin
 // is unit-testable on a machine without either (plugins/tests/test_cores.cpp). The TensorRT wrappers
-// (<op>_plugin.cpp) and the CUDA launchers (<op>_kernel.cu) both read these tables, so there is one
+// (<op>_plugin.cpp) and the launchers (<op>_launch.cpp) both read these tables, so there is one
 // source of truth for field names, defaults, dtypes and workspace layouts.
 //
 // tests/test_plugins_fields.py parses the `kFields`, `kInputs` and `kOutputs` tables of each

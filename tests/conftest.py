@@ -64,3 +64,15 @@ def gpu_check():
     from plugin_library import load_gpu_check
 
     return load_gpu_check("gpu_check_fixture")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while the interpreter replays launches (on 2 cores torch's pool and numpy contend).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

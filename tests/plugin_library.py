@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qwen_export.plugins.triton_support import SMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,23 @@ PLUGINS = ROOT / "plugins"
 GPU_CHECK = ROOT / "scripts" / "gpu_check.py"
 BUILD_DIR = ROOT / "build" / "test-plugins"
 TRT_INCLUDE = ROOT.parent / "shared" / "third_party" / "TensorRT-11.1" / "include"
+
+
+# What the launcher tests share: activation dtypes by variant, the QWEN_STATUS_* codes (common/qwen_launch.h).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+QWEN_STATUS_BAD_PARAM, QWEN_STATUS_UNSUPPORTED, QWEN_STATUS_LAUNCH = 10001, 10002, 10003
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def config(kernel: str, variant: str) -> dict:
+    """The constexprs of kernel/variant's cubin for the SM the recording driver reports."""
+    from qwen_export.plugins.launch_replay import kernel_specs
+    from qwen_export.plugins.triton_support import DEFAULT_SM
+
+    return kernel_specs()[kernel].config(DEFAULT_SM, variant)[1]
 
 
 @dataclass(frozen=True)

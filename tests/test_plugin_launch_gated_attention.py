@@ -14,32 +14,16 @@ import ctypes
 
 import pytest
 import torch
+from plugin_library import DTYPES, QWEN_STATUS_BAD_PARAM, QWEN_STATUS_UNSUPPORTED, cdiv, config
 
 from qwen_export.plugins.gated_attention.split_kv_decode_triton import decode_plan
-from qwen_export.plugins.launch_replay import kernel_specs
 from qwen_export.plugins.triton_support import DEFAULT_SM, Guarded, guard_problems
 from qwen_export.tolerances import tolerance_for
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-QWEN_STATUS_BAD_PARAM, QWEN_STATUS_UNSUPPORTED = 10001, 10002
 SHAPES = dict(hidden=64, heads=3, kv_heads=1, head_dim=64, rotary=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while the interpreter runs (on 2 cores torch's pool and numpy contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def config(kernel: str, variant: str) -> dict:
-    return kernel_specs()[kernel].config(DEFAULT_SM, variant)[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def params(gpu_check, ins, outs, attrs, dtype: str, kv_splits: int = 0):

@@ -11,14 +11,14 @@ import ctypes
 
 import pytest
 import torch
+from plugin_library import DTYPES, QWEN_STATUS_UNSUPPORTED
 
 from qwen_export.plugins.triton_support import Guarded, guard_problems
 from qwen_export.tolerances import tolerance_for
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPES = dict(hidden=64, k_heads=1, v_heads=2, kdim=128, vdim=128, conv=4)
 RULES = {1: "gated_deltanet.recurrent_delta_rule", 2: "gated_deltanet.chunk_delta_rule"}
-QWEN_STATUS_UNSUPPORTED = 10002
 
 
 def run_case(replay, gpu_check, dtype, batch, tokens, *, zero_state=False, pad=0, mode=0, in_place=False):

@@ -13,34 +13,18 @@ import ctypes
 
 import pytest
 import torch
+from plugin_library import DTYPES, QWEN_STATUS_BAD_PARAM, QWEN_STATUS_UNSUPPORTED, cdiv, config
 
-from qwen_export.plugins.launch_replay import kernel_specs
 from qwen_export.plugins.moe.align_triton import sorted_length
 from qwen_export.plugins.moe.grouped_gemm_triton import DECODE_MAX_PAIRS, SMALL_BLOCK_ROWS
-from qwen_export.plugins.triton_support import DEFAULT_SM, Guarded, guard_problems
+from qwen_export.plugins.triton_support import Guarded, guard_problems
 from qwen_export.tolerances import tolerance_for
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-QWEN_STATUS_BAD_PARAM, QWEN_STATUS_UNSUPPORTED = 10001, 10002
 SEGMENT_TOKENS = 4096  # moe_workspace.h kSegmentTokens
 SHAPES = dict(hidden=64, experts=512, inter=32, shared_inter=48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while the interpreter runs (on 2 cores torch's pool and numpy contend)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def config(kernel: str, variant: str) -> dict:
-    return kernel_specs()[kernel].config(DEFAULT_SM, variant)[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs(gpu_check, dtype: str, tokens: int, top_k: int, normalize: int, seed: int, **shapes):

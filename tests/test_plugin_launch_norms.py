@@ -10,12 +10,10 @@ import ctypes
 
 import pytest
 import torch
+from plugin_library import DTYPES, QWEN_STATUS_LAUNCH, QWEN_STATUS_UNSUPPORTED
 
 from qwen_export.plugins.triton_support import Guarded, guard_problems
 from qwen_export.tolerances import tolerance_for
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-QWEN_STATUS_UNSUPPORTED, QWEN_STATUS_LAUNCH = 10002, 10003
 
 
 def nan_guarded(shape, dtype) -> Guarded:

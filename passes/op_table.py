@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 DOMAIN = "qwen"
 VERSION = 1
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "2"  # 2: the Triton kernels (1: the CUDA C++ ones); bump on any behaviour change
 PLUGIN_NAMESPACE = "qwen"
 
 # Tensor type classes of the plugins (plugins/common/qwen_core.h, IoType): "act" is fp16 or bf16, the type

@@ -29,7 +29,7 @@ def test_creator_tables_are_the_op_table(op):
     assert table.fields == spec.plugin_fields
     assert table.inputs == tuple((p.name, p.kind) for p in spec.inputs)
     assert table.outputs == tuple((p.name, p.kind) for p in spec.outputs)
-    assert (table.version, table.namespace) == (PLUGIN_VERSION, PLUGIN_NAMESPACE) == ("1", "qwen")
+    assert (table.version, table.namespace) == (PLUGIN_VERSION, PLUGIN_NAMESPACE) == ("2", "qwen")
     assert len(table.aliases) == len(table.outputs)
 
 

@@ -20,7 +20,7 @@ namespace qwen
 // Every plugin of this library is registered under this namespace and version (the ONNX nodes carry them
 // as `plugin_namespace` / `plugin_version`).
 constexpr char kPluginNamespace[] = "qwen";
-constexpr char kPluginVersion[] = "1";
+constexpr char kPluginVersion[] = "2";
 
 // Plugin field types. TensorRT's ONNX parser turns INT attributes into kINT32 fields and FLOAT attributes
 // into kFLOAT32 fields; the creators also accept 64-bit fields (from hand-built networks).

@@ -26,6 +26,7 @@ PACKAGES = {
     "qwen_export.runtime": "runtime",
     "qwen_export.golden": "golden",
     "qwen_export.plugins": "plugins",
+    "qwen_export.plugins.common": "plugins/common",  # the kernels the ops share (the projections' GEMM)
     **{f"qwen_export.plugins.{op}": f"plugins/{op}" for op in OPS},
 }
 

@@ -11,7 +11,8 @@ creators supply defaults. So each lowered node has:
   over plugins and TensorRT has its own `MoE` and `RMSNormalization`);
 - domain `qwen.trt` (opset 1): the parser ignores it, and a custom domain keeps the model valid for
   onnx.checker and ONNX shape inference (pass `domain=""` for tools that insist on the default domain);
-- `plugin_version` (op_table.PLUGIN_VERSION), `plugin_namespace` "qwen", and the qwen op's attributes as fields.
+- `plugin_version` (op_table.PLUGIN_VERSION), `plugin_namespace` "qwen", and the qwen op's attributes
+  as fields.
 
 Tensor types follow the plugins (the op table's type classes, passes/op_table.py, which the creators'
 `kInputs`/`kOutputs` in plugins/<op>/<op>_core.h are proven equal to): activations and weights

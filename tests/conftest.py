@@ -76,3 +76,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def interpreted_kernels(one_torch_thread):
+    """What a module of interpreter kernel tests needs: bf16 dots upcast (the interpreter multiplies raw
+    bf16 bits; triton_support.upcast_bf16_dots) and one torch thread. A module opts in with
+    `pytestmark = [..., pytest.mark.usefixtures("interpreted_kernels")]`."""
+    from qwen_export.plugins.triton_support import upcast_bf16_dots
+
+    upcast_bf16_dots()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_export.plugins.triton_support import SMS, interpreter, upcast_bf16_dots
+from qwen_export.plugins.triton_support import SMS, interpreter
 
 INTERPRETED = interpreter()  # before any kernel module is imported: triton.jit decides at decoration
 
@@ -26,23 +26,16 @@ from qwen_export.plugins.gated_deltanet.kernels import DeltaNetLayer  # noqa: E4
 from qwen_export.plugins.gated_deltanet.recurrent_delta_rule_triton import recurrent_delta_rule  # noqa: E402
 from qwen_export.plugins.triton_support import CheckRow, Guarded, compare  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not INTERPRETED, reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not INTERPRETED,
+        reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here",
+    ),
+    pytest.mark.usefixtures("interpreted_kernels"),
+]
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_setup():
-    """bf16 dots upcast; one torch thread while the interpreter runs (on 2 cores torch's pool and the
-    interpreter's numpy contend)."""
-    upcast_bf16_dots()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_layer(nk: int, nv: int, dk: int, dv: int, seed: int = 0) -> DeltaNetLayer:

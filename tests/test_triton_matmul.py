@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
-from qwen_export.plugins.triton_support import SMS, interpreter, upcast_bf16_dots
+from qwen_export.plugins.triton_support import SMS, interpreter
 
 INTERPRETED = interpreter()  # before any kernel module is imported: triton.jit decides at decoration
 
@@ -25,22 +25,15 @@ from qwen_export.plugins.common import matmul_triton as mm  # noqa: E402
 from qwen_export.plugins.common.matmul_triton import matmul  # noqa: E402
 from qwen_export.plugins.triton_support import Guarded, compare, guard_problems  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not INTERPRETED, reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not INTERPRETED,
+        reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here",
+    ),
+    pytest.mark.usefixtures("interpreted_kernels"),
+]
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_setup():
-    """bf16 dots upcast; one torch thread while the interpreter runs (on 2 cores torch's OpenMP pool and the
-    interpreter's numpy contend)."""
-    upcast_bf16_dots()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randn(shape, dtype, seed: int, scale: float = 1.0) -> Guarded:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_export.plugins.triton_support import SMS, interpreter, upcast_bf16_dots
+from qwen_export.plugins.triton_support import SMS, interpreter
 
 INTERPRETED = interpreter()  # before any kernel module is imported: triton.jit decides at decoration
 
@@ -24,22 +24,15 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMo
 from qwen_export.plugins.moe import kernels as moe  # noqa: E402
 from qwen_export.plugins.moe.grouped_gemm_triton import DECODE_MAX_PAIRS  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not INTERPRETED, reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not INTERPRETED,
+        reason="runs under Triton's interpreter (CI's default); TRITON_INTERPRET is not 1 here",
+    ),
+    pytest.mark.usefixtures("interpreted_kernels"),
+]
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_setup():
-    """bf16 dots upcast; one torch thread while the interpreter runs (on 2 cores torch's OpenMP pool and the
-    interpreter's numpy contend, making the reference 10x slower)."""
-    upcast_bf16_dots()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_block(

@@ -43,6 +43,29 @@ SMALL_BLOCK_ROWS = 24  # mean rows per active expert below which the grouped pat
 
 
 @triton.jit
+def weight_tile(k, n, N, stride_wn, BLOCK_K: tl.constexpr, W_KN: tl.constexpr):
+    """Offsets of a [BLOCK_K, BLOCK_N] weight tile and the pointer step per K block: [E, K, N] weights
+    (W_KN; columns past N are masked by `weight_tile_mask`) or [E, N, K] ones (rows past N clamped)."""
+    if W_KN:
+        offs = k[:, None] * stride_wn + n[None, :]
+        step = BLOCK_K * stride_wn
+    else:
+        offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
+        step = BLOCK_K
+    return offs, step
+
+
+@triton.jit
+def weight_tile_mask(k_ok, n_ok, W_KN: tl.constexpr):
+    """The load mask of a weight tile from `weight_tile`: K in range, and N too for [E, K, N] weights."""
+    if W_KN:
+        mask = k_ok[:, None] & n_ok[None, :]
+    else:
+        mask = k_ok[:, None]
+    return mask
+
+
+@triton.jit
 def _expert_tile(
     N, top_k, sorted_ids_ptr, expert_ids_ptr, stride_we,
     ROUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,12 +121,7 @@ def gate_up_swiglu_kernel(
     k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xt + k[None, :]
     # [BLOCK_K, BLOCK_N] weight tiles: [E, K, N] columns past N masked, [E, N, K] rows past N clamped
-    if W_KN:
-        b_offs = k[:, None] * stride_wn + n[None, :]
-        w_step = BLOCK_K * stride_wn
-    else:
-        b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
-        w_step = BLOCK_K
+    b_offs, w_step = weight_tile(k, n, N, stride_wn, BLOCK_K, W_KN)
     wg = wg_ptr + w_off
     wu = wu_ptr + w_off
     acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
@@ -111,10 +129,7 @@ def gate_up_swiglu_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_KN:
-            b_mask = k_ok[:, None] & n_ok[None, :]
-        else:
-            b_mask = k_ok[:, None]
+        b_mask = weight_tile_mask(k_ok, n_ok, W_KN)
         bg = tl.load(wg + b_offs, mask=b_mask, other=0.0)
         bu = tl.load(wu + b_offs, mask=b_mask, other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
@@ -156,21 +171,13 @@ def down_kernel(
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows64[:, None] * K + k[None, :]
-    if W_KN:
-        b_offs = k[:, None] * stride_wn + n[None, :]
-        w_step = BLOCK_K * stride_wn
-    else:
-        b_offs = tl.minimum(n, N - 1)[None, :] * stride_wn + k[:, None]
-        w_step = BLOCK_K
+    b_offs, w_step = weight_tile(k, n, N, stride_wn, BLOCK_K, W_KN)
     w = w_ptr + w_off
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_KN:
-            b_mask = k_ok[:, None] & n_ok[None, :]
-        else:
-            b_mask = k_ok[:, None]
+        b_mask = weight_tile_mask(k_ok, n_ok, W_KN)
         b = tl.load(w + b_offs, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision="ieee")
         a_ptrs += BLOCK_K

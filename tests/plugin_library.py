@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def build_library(build_dir: Path = BUILD_DIR) -> BuiltLibrary:
             "cmake", "-S", str(PLUGINS), "-B", str(build_dir), f"-DQWEN_TRITON_SMS={';'.join(SMS)}",
             f"-DQWEN_PYTHON={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
         ]  # fmt: skip
-        if TRT_INCLUDE.is_dir():
+        if TRT_INCLUDE.is_dir() and not os.environ.get("TENSORRT_ROOT"):  # else CMake reads TENSORRT_ROOT
             configure.append(f"-DTENSORRT_ROOT={TRT_INCLUDE.parent}")
         for step in (configure, ["cmake", "--build", str(build_dir), "-j2"]):
             r = subprocess.run(step, capture_output=True, text=True, check=False)

@@ -53,7 +53,6 @@ def test_library_exports_the_launchers_and_links_no_cuda_library(plugin_library)
     symbols = _run(["nm", "-D", "--defined-only", str(lib)]).stdout
     exported = {line.split()[-1] for line in symbols.splitlines() if " T " in line}
     assert set(LAUNCHERS) <= exported, sorted(exported)
-    assert set(TRT_ENTRY_POINTS) <= exported, "the TensorRT wrappers were not built (TensorRT headers?)"
     assert not any("qwen::" in s or s.startswith("_ZN4qwen") for s in exported), "internals leak"
     needed = [line for line in _run(["readelf", "-d", str(lib)]).stdout.splitlines() if "NEEDED" in line]
     assert not any("libcuda" in line or "libnvinfer" in line for line in needed), needed
@@ -182,3 +181,13 @@ def test_kernels_json_lists_every_kernel_for_all_six_sms(plugin_library):
         assert r["shared"] + r["static_shared"] <= SHARED_MEMORY_LIMIT[r["sm"]], r
         assert r["sha256"] == hashlib.sha256((folder / r["cubin"]).read_bytes()).hexdigest()
         assert r["registers"] > 0 and r["spills"] >= 0
+
+
+@pytest.mark.skipif(
+    _tensorrt_include() is None,
+    reason="needs TensorRT headers (NvInferRuntime.h: TENSORRT_ROOT, or ../shared/third_party as in CI)",
+)
+def test_library_carries_the_tensorrt_wrappers(plugin_library):
+    symbols = _run(["nm", "-D", "--defined-only", str(plugin_library.library)]).stdout
+    exported = {line.split()[-1] for line in symbols.splitlines() if " T " in line}
+    assert set(TRT_ENTRY_POINTS) <= exported, sorted(exported)

@@ -1,0 +1,614 @@
+"""Write a Hugging Face checkpoint in Qwen's official FP8 layout (and read it back, for tests).
+
+The format itself (block size, scale names, which weights are quantized, quantization_config) is declared
+once in `qwen_export.exporter.fp8`; this module only applies it:
+
+- `quantize_checkpoint(src, dst)`: every weight for which `fp8.is_quantized_weight` holds becomes F8_E4M3
+  with a `<name>_scale_inv` block-scale grid; stacked experts (`mlp.experts.gate_up_proj [E, 2I, H]`,
+  `mlp.experts.down_proj [E, H, I]`) are split one per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`,
+  gate being gate_up_proj's first I rows, as transformers' experts `chunk(2)` it); every other floating
+  tensor is written in bf16, integer tensors unchanged.
+- `dequantize_checkpoint(fp8_dir, dst)`: the inverse view, an unquantized checkpoint transformers loads.
+- `quantize_fp8` / `dequantize_fp8`: the reference block math.
+
+Block math (per 128x128 block of a [out, in] weight, ragged blocks at the edges included):
+scale = amax(|block|) / 448 (1.0 for an all-zero block), q = e4m3(round-to-nearest-even(W / scale)),
+saturated to +-448, and W ~ q * scale. For every element, |W - q * scale| <= 2^-4 |W| + 2^-10 scale: half an
+e4m3 step (the step is 2^-3 of the binade's base; e4m3 has 3 mantissa bits) for normal values, half the
+subnormal step (2^-9) times the scale below 2^-6. So the error of a block is at most 2^-4 of its amax.
+
+Checkpoint files are written by a streaming safetensors writer: the header of each shard is computed from
+shapes and dtypes alone, then each tensor is produced and written in pieces (one expert at a time), so
+memory stays bounded by one source tensor (one expert of a stacked tensor), never a shard. Sources are
+read with plain positioned reads (not mmap), so nothing of a large checkpoint stays resident either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from qwen_export.errors import CheckpointError, ConfigError, QwenExportError
+from qwen_export.exporter import fp8
+from qwen_export.exporter.checkpoint import LEFT_OUT_PARTS
+from qwen_export.fsutil import atomic_output_dir
+
+FP8_NUMPY = ml_dtypes.float8_e4m3fn
+FP8_MAX = float(ml_dtypes.finfo(FP8_NUMPY).max)  # 448
+DEFAULT_SHARD_BYTES = 4 << 30
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype name <-> numpy dtype (bf16 and fp8 through ml_dtypes, as safetensors.numpy does).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+# Stacked experts as transformers holds them, and the per-expert names of the official release.
+_STACKED = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<e>\d+)\.(?P<kind>gate|up|down)_proj\.weight$")
+_LEFT_OUT = [re.compile(pattern) for pattern, _ in LEFT_OUT_PARTS]
+
+
+# --------------------------------------------------------------------------------------------------------
+# block math
+# --------------------------------------------------------------------------------------------------------
+
+
+def _round_up_bf16(values: np.ndarray) -> np.ndarray:
+    """bf16 values >= `values` (so a bf16-stored scale never makes |W / scale| exceed 448)."""
+    rounded = values.astype(ml_dtypes.bfloat16)
+    low = rounded.astype(np.float32) < values
+    if low.any():
+        bits = rounded.view(np.uint16).copy()
+        bits[low] += 1  # positive finite bf16: the next representable value up
+        rounded = bits.view(ml_dtypes.bfloat16)
+    return rounded
+
+
+def quantize_fp8(
+    weight: np.ndarray, block: Sequence[int] = fp8.BLOCK, scale_dtype: str = "F32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(e4m3 weight, scale_inv) of a 2-D weight: per block scale = amax/448 (1.0 for an all-zero block),
+    q = round(W / scale) saturated to +-448. The scale is stored as F32 or BF16 (rounded up, and the
+    division uses the stored value, so dequantization is exactly q * stored scale)."""
+    if scale_dtype not in fp8.SCALE_DTYPES:
+        raise QwenExportError(f"scale dtype {scale_dtype!r}: choose one of {', '.join(fp8.SCALE_DTYPES)}")
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 2:
+        raise QwenExportError(f"FP8 block quantization needs a 2-D weight, got shape {w.shape}")
+    rows, cols = w.shape
+    br, bc = block
+    gr, gc = fp8.scale_grid(w.shape, block)
+    if (rows, cols) != (gr * br, gc * bc):
+        padded = np.zeros((gr * br, gc * bc), np.float32)
+        padded[:rows, :cols] = w
+    else:
+        padded = w
+    blocks = padded.reshape(gr, br, gc, bc)
+    amax = np.abs(blocks).max(axis=(1, 3))
+    if not np.isfinite(amax).all():
+        raise QwenExportError("weight holds NaN or inf values; FP8 block scales would be undefined")
+    scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+    stored = _round_up_bf16(scale) if scale_dtype == "BF16" else scale
+    q = blocks / stored.astype(np.float32)[:, None, :, None]
+    np.clip(q, -FP8_MAX, FP8_MAX, out=q)
+    q8 = q.astype(FP8_NUMPY).reshape(padded.shape)
+    if padded is not w:
+        q8 = np.ascontiguousarray(q8[:rows, :cols])
+    return q8, stored
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = fp8.BLOCK) -> np.ndarray:
+    """float32 W = weight * scale_inv, block (i, j) of `block` rows x columns using scale_inv[i, j]."""
+    w = np.asarray(weight).astype(np.float32)
+    s = np.asarray(scale_inv).astype(np.float32)
+    if w.ndim != 2 or s.shape != fp8.scale_grid(w.shape, block):
+        raise QwenExportError(
+            f"scale_inv of shape {s.shape} does not match weight {w.shape} at block {tuple(block)} "
+            f"(expected {fp8.scale_grid(w.shape, block) if w.ndim == 2 else 'a 2-D weight'})"
+        )
+    expanded = np.repeat(np.repeat(s, block[0], axis=0), block[1], axis=1)
+    return w * expanded[: w.shape[0], : w.shape[1]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# safetensors: header reading, positioned reads, streaming writer
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a safetensors file: where its bytes are, read with positioned reads."""
+
+    file: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.np_dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        return self.read_rows(())
+
+    def read_rows(self, lead: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The sub-tensor at leading indices `lead`, optionally only rows [r0, r1) of its next axis
+        (a contiguous byte range: one expert of a stacked tensor, or half of one)."""
+        shape = self.shape
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        start = sum(i * s for i, s in zip(lead, strides, strict=False))
+        sub = list(shape[len(lead) :])
+        if rows is not None:
+            r0, r1 = rows
+            start += r0 * strides[len(lead)]
+            sub[0] = r1 - r0
+        count = math.prod(sub)
+        with open(self.file, "rb") as f:
+            data = np.fromfile(
+                f, dtype=self.np_dtype, count=count, offset=self.offset + start * self.np_dtype.itemsize
+            )
+        if data.size != count:
+            raise CheckpointError(f"{self.file}: tensor {self.name} is truncated")
+        return data.reshape(sub)
+
+
+def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
+    """The tensors of one .safetensors file, by name, in file order."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > 100 << 20:
+                raise ValueError(f"implausible header length {size}")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    base = 8 + size
+    tensors = {}
+    for name, entry in sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+    ):
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        tensors[name] = SourceTensor(
+            path, name, entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0]
+        )
+    return tensors
+
+
+def read_checkpoint_index(model_dir: Path) -> dict[str, SourceTensor]:
+    """Every tensor of a checkpoint folder (one file, or the shards its index lists)."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files")
+    tensors: dict[str, SourceTensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{index}: lists shard {path} which does not exist")
+        for name, info in read_safetensors_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name} also appears in {tensors[name].file}")
+            tensors[name] = info
+    return tensors
+
+
+@dataclass
+class OutTensor:
+    """A tensor to write: its header entry, and a producer yielding its bytes in order (arrays of `dtype`
+    whose concatenation is the tensor), called only when the writer reaches it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+
+
+def safetensors_header(tensors: Sequence[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """8-byte length + JSON header (padded with spaces to a multiple of 8, as safetensors writes it)."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def write_safetensors(
+    path: Path, tensors: Sequence[OutTensor], metadata: dict[str, str] | None = None, fsync: bool = True
+) -> int:
+    """Stream `tensors` into one safetensors file; returns the bytes written."""
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise QwenExportError(f"{path}: duplicate tensor names")
+    written = 0
+    with open(path, "wb") as f:
+        head = safetensors_header(tensors, metadata)
+        f.write(head)
+        written += len(head)
+        for t in tensors:
+            want = SAFETENSORS_DTYPES[t.dtype]
+            got = 0
+            for piece in t.produce():
+                if piece.dtype != want:
+                    raise QwenExportError(f"{t.name}: produced {piece.dtype}, declared {t.dtype}")
+                f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+                got += piece.nbytes
+            if got != t.nbytes:
+                raise QwenExportError(f"{t.name}: produced {got} bytes, declared {t.nbytes} ({t.shape})")
+            written += got
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return written
+
+
+def plan_shards(tensors: Sequence[OutTensor], shard_bytes: int) -> list[list[OutTensor]]:
+    """Consecutive tensors grouped into shards of at most shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def write_sharded(
+    out_dir: Path,
+    tensors: Sequence[OutTensor],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    fsync: bool = True,
+    on_shard: Callable[[Path, int], None] | None = None,
+) -> list[Path]:
+    """Write `tensors` as model.safetensors, or as model-0000i-of-0000n.safetensors shards plus
+    model.safetensors.index.json (transformers' names) when they do not fit one shard."""
+    shards = plan_shards(tensors, shard_bytes)
+    if not shards:
+        raise QwenExportError("no tensors to write")
+    n = len(shards)
+    files = [
+        Path(out_dir) / (SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+        for i in range(n)
+    ]
+    for path, shard in zip(files, shards, strict=True):
+        written = write_safetensors(path, shard, fsync=fsync)
+        if on_shard:
+            on_shard(path, written)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {
+                t.name: path.name for path, shard in zip(files, shards, strict=True) for t in shard
+            },
+        }
+        _write_json(Path(out_dir) / INDEX_FILE, index)
+    return files
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# quantize
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_left_out(name: str) -> bool:
+    return any(p.search(name) for p in _LEFT_OUT)
+
+
+def _quantized_pair(
+    name: str, shape: tuple[int, int], read: Callable[[], np.ndarray], scale_dtype: str
+) -> list[OutTensor]:
+    """The F8 weight and its scale: the weight's producer quantizes once and hands the scale over."""
+    memo: dict[str, np.ndarray] = {}
+
+    def weight() -> Iterator[np.ndarray]:
+        q, scale = quantize_fp8(read(), fp8.BLOCK, scale_dtype)
+        memo["scale"] = scale
+        yield q
+
+    def scale() -> Iterator[np.ndarray]:
+        if "scale" not in memo:  # the scale is always planned right after its weight; kept for safety
+            memo["scale"] = quantize_fp8(read(), fp8.BLOCK, scale_dtype)[1]
+        yield memo.pop("scale")
+
+    return [
+        OutTensor(name, fp8.FP8_DTYPE, shape, weight),
+        OutTensor(fp8.scale_name(name), scale_dtype, fp8.scale_grid(shape), scale),
+    ]
+
+
+def _plain(name: str, src: SourceTensor, read: Callable[[], np.ndarray]) -> OutTensor:
+    """bf16 for a floating tensor (bytes copied as they are when it already is), unchanged otherwise."""
+    if src.dtype not in FLOAT_DTYPES or src.dtype == "BF16":
+        return OutTensor(name, src.dtype, src.shape, lambda: [read()])
+    return OutTensor(name, "BF16", src.shape, lambda: [read().astype(np.float32).astype(ml_dtypes.bfloat16)])
+
+
+def _weight_outputs(
+    name: str, shape: tuple[int, ...], src: SourceTensor, read, scale_dtype: str
+) -> list[OutTensor]:
+    if src.dtype in FLOAT_DTYPES and not _is_left_out(name) and fp8.is_quantized_weight(name, shape):
+        return _quantized_pair(name, (shape[0], shape[1]), read, scale_dtype)
+    return [_plain(name, src, read)]
+
+
+def _plan_quantized(tensors: dict[str, SourceTensor], scale_dtype: str) -> list[OutTensor]:
+    out: list[OutTensor] = []
+    stacked: dict[str, dict[str, SourceTensor]] = {}
+    for name in sorted(tensors, key=_natural_key):
+        src = tensors[name]
+        if src.dtype.startswith("F8"):
+            raise CheckpointError(
+                f"{src.file}: tensor {name} is already {src.dtype}; the source must be unquantized"
+            )
+        m = _STACKED.match(name)
+        if m and len(src.shape) == 3 and not _is_left_out(name):
+            stacked.setdefault(m["prefix"], {})[m["kind"]] = src
+            group = stacked[m["prefix"]]
+            if len(group) == 2:
+                out.extend(_plan_experts(m["prefix"], group["gate_up_proj"], group["down_proj"], scale_dtype))
+            continue
+        out.extend(_weight_outputs(name, src.shape, src, src.read, scale_dtype))
+    lonely = [p for p, g in stacked.items() if len(g) != 2]
+    if lonely:
+        raise CheckpointError(f"{lonely[0]}gate_up_proj and {lonely[0]}down_proj must come together")
+    return out
+
+
+def _plan_experts(
+    prefix: str, gate_up: SourceTensor, down: SourceTensor, scale_dtype: str
+) -> list[OutTensor]:
+    """Stacked experts -> per-expert gate/up/down (gate = gate_up_proj's first I rows, up the next I)."""
+    experts, two_i, hidden = gate_up.shape
+    if two_i % 2 or down.shape != (experts, hidden, two_i // 2):
+        raise CheckpointError(
+            f"{gate_up.file}: {prefix}gate_up_proj {gate_up.shape} and {prefix}down_proj {down.shape} "
+            "are not [E, 2I, H] and [E, H, I]"
+        )
+    inter = two_i // 2
+    out: list[OutTensor] = []
+    for e in range(experts):
+        parts = [
+            ("gate", gate_up, (inter, hidden), (0, inter)),
+            ("up", gate_up, (inter, hidden), (inter, two_i)),
+            ("down", down, (hidden, inter), None),
+        ]
+        for kind, src, shape, rows in parts:
+            name = f"{prefix}{e}.{kind}_proj.weight"
+
+            def read(src=src, e=e, rows=rows) -> np.ndarray:
+                return src.read_rows((e,), rows)
+
+            out.extend(_weight_outputs(name, shape, src, read, scale_dtype))
+    return out
+
+
+def _copy_side_files(src_dir: Path, dst: Path) -> None:
+    for path in sorted(src_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix != ".safetensors":
+            if path.name not in ("config.json", INDEX_FILE):
+                shutil.copy2(path, dst / path.name)
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: missing (a checkpoint folder holds config.json + *.safetensors)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: must be a JSON object")
+    return config
+
+
+def _set_dtype(config: dict[str, Any], dtype: str) -> None:
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict):
+            cfg["dtype"] = dtype
+            if "torch_dtype" in cfg:
+                cfg["torch_dtype"] = dtype
+
+
+def _check_distinct(src_dir: Path, dst_dir: Path) -> tuple[Path, Path]:
+    src, dst = Path(src_dir).expanduser().resolve(), Path(dst_dir).expanduser().resolve()
+    if not src.is_dir():
+        raise QwenExportError(f"{src}: not a folder; pass a Hugging Face checkpoint folder")
+    if dst == src or src in dst.parents:
+        raise QwenExportError(f"output folder {dst} must not be (inside) the source checkpoint {src}")
+    return src, dst
+
+
+def quantize_checkpoint(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    *,
+    scale_dtype: str = "F32",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write `src_dir` (an unquantized HF checkpoint folder) to `dst_dir` in Qwen's official FP8 layout.
+
+    The output appears atomically (nothing at dst_dir on failure); config.json gains the official
+    quantization_config and dtype bfloat16; other side files (tokenizer, generation config) are copied.
+    """
+    if scale_dtype not in fp8.SCALE_DTYPES:
+        raise QwenExportError(f"scale dtype {scale_dtype!r}: choose one of {', '.join(fp8.SCALE_DTYPES)}")
+    src, dst = _check_distinct(Path(src_dir), Path(dst_dir))
+    config = _read_config(src)
+    if fp8.quantization_config(config) is not None:
+        raise ConfigError(f"{src / 'config.json'}: the checkpoint is already quantized (quantization_config)")
+    plan = _plan_quantized(read_checkpoint_index(src), scale_dtype)
+    config["quantization_config"] = dict(fp8.OFFICIAL_QUANTIZATION_CONFIG)
+    _set_dtype(config, "bfloat16")
+    with atomic_output_dir(dst) as tmp:
+        write_sharded(tmp, plan, shard_bytes)
+        _write_json(tmp / "config.json", config)
+        _copy_side_files(src, tmp)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------
+# dequantize (reference for tests and for users whose tools want an unquantized checkpoint)
+# --------------------------------------------------------------------------------------------------------
+
+
+def dequantize_checkpoint(
+    fp8_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    experts: str = "stacked",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write an FP8 checkpoint's dequantized weights as an unquantized HF checkpoint in `dtype`.
+
+    experts="stacked" writes transformers' in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`,
+    `mlp.experts.down_proj [E, H, I]`, one expert produced at a time); "per_expert" keeps the FP8
+    checkpoint's names. Every other name is unchanged; config.json loses quantization_config.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise QwenExportError(f"dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    if experts not in ("stacked", "per_expert"):
+        raise QwenExportError(f"experts {experts!r}: choose 'stacked' or 'per_expert'")
+    src, dst = _check_distinct(Path(fp8_dir), Path(dst_dir))
+    config = _read_config(src)
+    block = fp8.fp8_block(config, str(src / "config.json"))
+    if block is None:
+        raise ConfigError(f"{src / 'config.json'}: no quantization_config; not an FP8 checkpoint")
+    tensors = read_checkpoint_index(src)
+    out_dtype = OUTPUT_DTYPES[dtype]
+    np_out = SAFETENSORS_DTYPES[out_dtype]
+
+    def reader(name: str) -> Callable[[], np.ndarray]:
+        t = tensors[name]
+        if t.dtype == fp8.FP8_DTYPE:
+            scale = tensors.get(fp8.scale_name(name))
+            if scale is None:
+                raise CheckpointError(f"{t.file}: FP8 tensor {name} has no {fp8.scale_name(name)}")
+            return lambda: dequantize_fp8(t.read(), scale.read(), block).astype(np_out)
+        if t.dtype in FLOAT_DTYPES:
+            return lambda: t.read().astype(np.float32).astype(np_out)
+        return t.read
+
+    groups: dict[str, dict[tuple[int, str], str]] = {}
+    if experts == "stacked":
+        for name in tensors:
+            m = _PER_EXPERT.match(name)
+            if m and not _is_left_out(name):
+                groups.setdefault(m["prefix"], {})[(int(m["e"]), m["kind"])] = name
+    plan: list[OutTensor] = []
+    placed: set[str] = set()
+    for name in sorted(tensors, key=_natural_key):
+        t = tensors[name]
+        if name.endswith(fp8.SCALE_SUFFIX) and name.removesuffix(fp8.SCALE_SUFFIX) in tensors:
+            continue
+        m = _PER_EXPERT.match(name)
+        if m and m["prefix"] in groups:
+            if m["prefix"] not in placed:  # the block's stacked pair goes where its first expert was
+                placed.add(m["prefix"])
+                plan.extend(_stacked_outputs(m["prefix"], groups[m["prefix"]], tensors, reader, out_dtype))
+            continue
+        read = reader(name)
+        kept = out_dtype if t.dtype in FLOAT_DTYPES else t.dtype
+        plan.append(OutTensor(name, kept, t.shape, lambda read=read: [read()]))
+    config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].pop("quantization_config", None)
+    _set_dtype(config, dtype)
+    with atomic_output_dir(dst) as tmp:
+        write_sharded(tmp, plan, shard_bytes)
+        _write_json(tmp / "config.json", config)
+        _copy_side_files(src, tmp)
+    return dst
+
+
+def _stacked_outputs(
+    prefix: str,
+    group: dict[tuple[int, str], str],
+    tensors: dict[str, SourceTensor],
+    reader: Callable[[str], Callable[[], np.ndarray]],
+    out_dtype: str,
+) -> list[OutTensor]:
+    """One MoE block's per-expert weights as transformers' stacked gate_up_proj and down_proj."""
+    n = 1 + max(e for e, _ in group)
+    missing = [(e, k) for e in range(n) for k in ("gate", "up", "down") if (e, k) not in group]
+    if missing:
+        e, k = missing[0]
+        raise CheckpointError(f"missing tensor {prefix}{e}.{k}_proj.weight")
+    inter, hidden = tensors[group[(0, "gate")]].shape
+
+    def gate_up() -> Iterator[np.ndarray]:
+        for e in range(n):
+            yield np.concatenate([reader(group[(e, "gate")])(), reader(group[(e, "up")])()], axis=0)
+
+    def down() -> Iterator[np.ndarray]:
+        for e in range(n):
+            yield reader(group[(e, "down")])()
+
+    return [
+        OutTensor(prefix + "gate_up_proj", out_dtype, (n, 2 * inter, hidden), gate_up),
+        OutTensor(prefix + "down_proj", out_dtype, (n, hidden, inter), down),
+    ]

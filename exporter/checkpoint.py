@@ -1,9 +1,12 @@
 """Tensor-by-tensor access to a safetensors checkpoint, with strict accounting of every tensor.
 
-The exporter never materialises the whole checkpoint: each graph initializer is an `ir.LazyTensor` whose
-loader reads one checkpoint tensor (memory-mapped) and applies a small layout transform when the model is
-saved. Every tensor in the checkpoint must be used by the text tower or belong to a part the export leaves
-out on purpose (vision tower, MTP layers), which is reported with a count.
+The exporter never materialises the whole checkpoint: each graph initializer is a `CheckpointTensor` whose
+loader reads its checkpoint tensors (one expert at a time where it stacks experts) and applies a small
+layout transform when the model is saved. Every tensor in the checkpoint must be used by the text tower or
+belong to a part the export leaves out on purpose (vision tower, MTP layers), which is reported with a
+count. Weights keep their stored dtype unless the graph asks for another: a bf16 checkpoint exported in
+bf16 is copied, not widened and narrowed again. FP8 checkpoints (exporter/fp8.py) are read either raw
+(e4m3 plus block scales, for a graph that keeps them) or dequantized.
 """
 
 from __future__ import annotations
@@ -11,26 +14,50 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from safetensors import safe_open
 
 from qwen_export.errors import CheckpointError
+from qwen_export.exporter import fp8
 from qwen_export.exporter.spec import ModelSpec
 
 Transform = Callable[[list[np.ndarray]], np.ndarray]
+# One checkpoint tensor, or one expert (index along axis 0) of a stacked one.
+Source = str | tuple[str, int]
 
 # Tensors outside the text tower that the export leaves out on purpose: (regex, human name).
 LEFT_OUT_PARTS: tuple[tuple[str, str], ...] = (
     (r"^(model\.)?visual\.", "vision tower"),
     (r"^mtp\.", "MTP (multi-token prediction) layers"),
 )
+
+# safetensors dtype -> (ONNX dtype, numpy dtype) of the floating types a checkpoint may store.
+FLOAT_DTYPES: dict[str, tuple[ir.DataType, Any]] = {
+    "F32": (ir.DataType.FLOAT, np.float32),
+    "F16": (ir.DataType.FLOAT16, np.float16),
+    "BF16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16),
+    fp8.FP8_DTYPE: (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn),
+}
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def cast_array(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """`array` stored as `dtype` (a no-op when it already is): fp16 saturates at its finite range instead of
+    becoming inf, as a low-precision copy of an fp32 weight must."""
+    target = np.dtype(dtype.numpy())
+    if array.dtype == target:
+        return array
+    if dtype == ir.DataType.FLOAT16:
+        array = np.clip(array.astype(np.float32, copy=False), -FP16_MAX, FP16_MAX)
+    return array.astype(target)
 
 
 @dataclass
@@ -42,14 +69,21 @@ class TensorInfo:
 
 @dataclass
 class Checkpoint:
-    """Index of a Hugging Face safetensors checkpoint folder (one file or sharded with an index)."""
+    """Index of a Hugging Face safetensors checkpoint folder (one file or sharded with an index).
+
+    `fp8_block` is the block size of an FP8 checkpoint's scales (None: not quantized); its quantized
+    weights are read dequantized to fp32 by `read_many`, or raw by `read_many(..., native=True)`.
+    """
 
     model_dir: Path
     tensors: dict[str, TensorInfo]
     used: set[str] = field(default_factory=set)
+    fp8_block: tuple[int, int] | None = None
 
     @classmethod
-    def open(cls, model_dir: Path) -> Checkpoint:
+    def open(cls, model_dir: Path, config: dict[str, Any] | None = None) -> Checkpoint:
+        """Index the folder; `config` (its config.json) says whether it is an FP8 checkpoint, whose
+        weights and scales are then checked against each other before anything is exported."""
         model_dir = Path(model_dir)
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
@@ -70,7 +104,7 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         for path in files:
             try:
-                with safe_open(path, framework="numpy") as f:
+                with safe_open(path, framework="pt") as f:
                     for name in f.keys():
                         sl = f.get_slice(name)
                         if name in tensors:
@@ -82,7 +116,37 @@ class Checkpoint:
                 raise
             except Exception as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        return cls(model_dir, tensors)
+        block = fp8.fp8_block(config, str(model_dir / "config.json")) if config is not None else None
+        ckpt = cls(model_dir, tensors, fp8_block=block)
+        ckpt._check_fp8()
+        return ckpt
+
+    def _check_fp8(self) -> None:
+        """Every e4m3 weight has its scale on the right grid, and e4m3 appears only in an FP8 checkpoint."""
+        for name, info in self.tensors.items():
+            if info.dtype != fp8.FP8_DTYPE:
+                continue
+            if self.fp8_block is None:
+                raise CheckpointError(
+                    f"{info.file}: tensor {name} is {fp8.FP8_DTYPE} but config.json has no "
+                    "quantization_config (an FP8 checkpoint states quant_method 'fp8')"
+                )
+            scale = self.tensors.get(fp8.scale_name(name))
+            if scale is None:
+                raise CheckpointError(
+                    f"{info.file}: FP8 weight {name} has no scale {fp8.scale_name(name)} in the checkpoint"
+                )
+            grid = fp8.scale_grid(info.shape, self.fp8_block) if len(info.shape) == 2 else None
+            if grid is None or tuple(scale.shape) != grid:
+                raise CheckpointError(
+                    f"{scale.file}: scale {fp8.scale_name(name)} has shape {scale.shape}, expected {grid} "
+                    f"for weight {name} {info.shape} in blocks of {list(self.fp8_block)}"
+                )
+            if scale.dtype not in fp8.SCALE_DTYPES:
+                raise CheckpointError(
+                    f"{scale.file}: scale {fp8.scale_name(name)} is {scale.dtype}, expected "
+                    f"{' or '.join(fp8.SCALE_DTYPES)}"
+                )
 
     # --- validation ---------------------------------------------------------------------------------
     def require(self, name: str, shape: Sequence[int]) -> None:
@@ -96,6 +160,22 @@ class Checkpoint:
 
     def has(self, name: str) -> bool:
         return name in self.tensors
+
+    def is_fp8(self, name: str) -> bool:
+        return self.tensors[name].dtype == fp8.FP8_DTYPE
+
+    def stored_dtype(self, source: Source) -> ir.DataType | None:
+        """The ONNX dtype a source is stored in (None: not a floating tensor)."""
+        info = self.tensors[_name(source)]
+        return FLOAT_DTYPES[info.dtype][0] if info.dtype in FLOAT_DTYPES else None
+
+    def floating_dtypes(self) -> Counter[str]:
+        """Bytes per stored floating dtype over the text tower's candidates (scales excluded)."""
+        sizes: Counter[str] = Counter()
+        for name, info in self.tensors.items():
+            if info.dtype in FLOAT_DTYPES and not name.endswith(fp8.SCALE_SUFFIX):
+                sizes[info.dtype] += int(np.prod(info.shape, dtype=np.int64))
+        return sizes
 
     def account(self) -> dict[str, int]:
         """Check that every tensor was used or deliberately left out; return left-out counts by part."""
@@ -112,61 +192,176 @@ class Checkpoint:
             left_out[part] += 1
         return dict(left_out)
 
+    def mark_used(self, sources: Sequence[Source]) -> None:
+        for source in sources:
+            name = _name(source)
+            self.used.add(name)
+            if self.is_fp8(name):
+                self.used.add(fp8.scale_name(name))
+
     # --- loading --------------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
-        """One tensor as numpy, floats widened to float32 (bf16 arrives as ml_dtypes' bfloat16: no torch
-        import on the export path)."""
+        """One tensor as numpy, floats widened to float32 (FP8 dequantized)."""
         return self.read_many([name])[0]
 
-    def read_many(self, names: Sequence[str]) -> list[np.ndarray]:
-        """Tensors as numpy, each file opened once: opening parses the whole header, which costs more than
-        reading a small tensor (a per-expert checkpoint has thousands). Files are closed on return, so
-        their mapped pages do not stay resident."""
-        arrays = []
+    def read_many(self, sources: Sequence[Source], native: bool = False) -> list[np.ndarray]:
+        """Tensors (or single experts of stacked ones) as numpy, each file opened once: opening parses the
+        whole header, which costs more than reading a small tensor (a per-expert checkpoint has thousands).
+        Files are closed on return, so their mapped pages do not stay resident.
+
+        Floats are widened to float32 with FP8 weights dequantized by their block scales, or, with
+        `native`, returned as stored (bf16 and e4m3 as ml_dtypes arrays)."""
         with ExitStack() as stack:
             handles: dict[Path, Any] = {}
-            for name in names:
-                info = self.tensors[name]
+
+            def raw(source: Source) -> np.ndarray:
+                info = self.tensors[_name(source)]
                 if info.file not in handles:
-                    handles[info.file] = stack.enter_context(safe_open(info.file, framework="numpy"))
-                array = handles[info.file].get_tensor(name)
-                floating = info.dtype.startswith(("F", "BF"))
-                arrays.append(array.astype(np.float32, copy=False) if floating else array)
-        return arrays
+                    handles[info.file] = stack.enter_context(safe_open(info.file, framework="pt"))
+                handle = handles[info.file]
+                tensor = (
+                    handle.get_slice(source[0])[source[1]]
+                    if isinstance(source, tuple)
+                    else handle.get_tensor(source)
+                )
+                return _to_numpy(tensor, info.dtype)
+
+            arrays = []
+            for source in sources:
+                array = raw(source)
+                dtype = self.tensors[_name(source)].dtype
+                if not native and dtype == fp8.FP8_DTYPE:
+                    scale_source = _with_name(source, fp8.scale_name(_name(source)))
+                    array = dequantize_blocks(array, raw(scale_source), self.fp8_block or fp8.BLOCK)
+                elif not native and dtype in FLOAT_DTYPES:
+                    array = array.astype(np.float32, copy=False)
+                arrays.append(array)
+            return arrays
 
     def lazy(
         self,
-        sources: Sequence[str],
+        sources: Sequence[Source],
         shape: Sequence[int],
         transform: Transform | None = None,
         name: str | None = None,
-    ) -> ViewableLazyTensor:
-        """A graph initializer computed from checkpoint tensors only when the model is written."""
-        self.used.update(sources)
+        layout_only: bool = False,
+        pieces: Sequence[tuple[Sequence[Source], Transform | None]] | None = None,
+        dtype: ir.DataType = ir.DataType.FLOAT,
+    ) -> CheckpointTensor:
+        """A graph initializer (float32 unless `dtype` says otherwise; FLOAT8E4M3FN reads an FP8 weight
+        raw) computed from checkpoint tensors only when the model is written.
 
-        def view() -> np.ndarray:
-            arrays = self.read_many(sources)
-            out = transform(arrays) if transform else arrays[0]
-            assert out.shape == tuple(shape), (name, out.shape, shape)
-            return out
+        layout_only: the transform only moves elements (transpose, stack, split), so it may run on the
+            stored dtype when the graph stores that dtype too.
+        pieces: the same tensor as consecutive slices along axis 0, each from its own sources (one
+            expert each): written piece by piece, so a stack of experts is never whole in memory (the
+            whole `sources` + `transform` still serve `numpy()` and `array_view()`).
+        """
+        self.mark_used(sources)
+        return CheckpointTensor(
+            self, list(sources), tuple(shape), transform, dtype, name, layout_only, pieces
+        )
 
-        return ViewableLazyTensor(view, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(shape)), name=name)
+
+def _name(source: Source) -> str:
+    return source[0] if isinstance(source, tuple) else source
 
 
-class ViewableLazyTensor(ir.LazyTensor):
-    """A lazy float32 initializer whose layout transform can be read as a numpy view.
+def _with_name(source: Source, name: str) -> Source:
+    return (name, source[1]) if isinstance(source, tuple) else name
 
-    A later pass that re-lays the tensor again (the ORT lowering's MoE layouts) composes its transform with
-    this one through `array_view()`, so one copy is made instead of two: transposing 1 GB of experts into
-    MatMul layout and back costs seconds.
+
+def _to_numpy(tensor: Any, dtype: str) -> np.ndarray:
+    """A torch tensor from safetensors as numpy; bf16 and e4m3 become ml_dtypes arrays (same bits)."""
+    if dtype in ("BF16", fp8.FP8_DTYPE):
+        import torch
+
+        bits = torch.int16 if dtype == "BF16" else torch.uint8
+        return tensor.view(bits).numpy().view(FLOAT_DTYPES[dtype][1])
+    return tensor.numpy()
+
+
+def dequantize_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: Sequence[int]) -> np.ndarray:
+    """fp32 W [out, in] from e4m3 W and its [ceil(out/b0), ceil(in/b1)] multipliers (exporter/fp8.py)."""
+    rows, cols = weight.shape
+    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)[:rows, :cols]
+    return weight.astype(np.float32) * scale
+
+
+def expand_scale_grid(grid: np.ndarray, out_features: int, block_out: int) -> np.ndarray:
+    """A weight's [ceil(out/b0), ceil(in/b1)] scales in the graph's blocked-DequantizeLinear form for its
+    transposed [in, out] weight: [ceil(in/b1), out], each block's scale repeated along out (one fp32 per
+    b1 weights: 3% of an e4m3 weight's bytes at b1 = 128)."""
+    return np.repeat(grid.astype(np.float32), block_out, axis=0)[:out_features].T
+
+
+class CheckpointTensor(ir.LazyTensor):
+    """A lazy graph initializer read from a checkpoint, in `dtype`.
+
+    `with_dtype(d)` gives the same initializer stored as `d` (the precision pass narrows weights this way,
+    reading bf16 straight into bf16). `array_view()` gives the float32 result as a numpy view where the
+    transform makes one: a later pass that re-lays the tensor again (the ORT lowering's MoE layouts)
+    composes its transform with this one, so one copy is made instead of two. `tofile` writes a pieced
+    tensor (stacked experts) one piece at a time.
     """
 
-    def __init__(self, view: Callable[[], np.ndarray], **kwargs) -> None:
-        self.array_view = view
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        sources: list[Source],
+        shape: tuple[int, ...],
+        transform: Transform | None,
+        dtype: ir.DataType,
+        name: str | None,
+        layout_only: bool,
+        pieces: Sequence[tuple[Sequence[Source], Transform | None]] | None,
+    ) -> None:
+        self._ckpt, self._sources, self._transform = ckpt, sources, transform
+        self._layout_only, self._pieces = layout_only, pieces
         super().__init__(
-            lambda: ir.tensor(np.ascontiguousarray(view(), dtype=np.float32), name=kwargs.get("name")),
-            **kwargs,
+            lambda: ir.tensor(np.ascontiguousarray(self._compute(self.dtype)), dtype=self.dtype, name=name),
+            dtype=dtype,
+            shape=ir.Shape(list(shape)),
+            name=name,
         )
+
+    def with_dtype(self, dtype: ir.DataType) -> CheckpointTensor:
+        return CheckpointTensor(
+            self._ckpt, self._sources, tuple(self.shape.numpy()), self._transform, dtype, self.name,
+            self._layout_only, self._pieces,
+        )  # fmt: skip
+
+    def array_view(self) -> np.ndarray:
+        return self._compute(ir.DataType.FLOAT, contiguous=False)
+
+    def _native(self, sources: Sequence[Source], dtype: ir.DataType) -> bool:
+        """Whether the transform may run on the stored arrays: it only moves elements and every source is
+        stored as `dtype` already."""
+        return self._layout_only and all(self._ckpt.stored_dtype(s) == dtype for s in sources)
+
+    def _run(self, sources: Sequence[Source], transform: Transform | None, dtype: ir.DataType) -> np.ndarray:
+        arrays = self._ckpt.read_many(sources, native=self._native(sources, dtype))
+        return cast_array(transform(arrays) if transform else arrays[0], dtype)
+
+    def _compute(self, dtype: ir.DataType, contiguous: bool = True) -> np.ndarray:
+        out = self._run(self._sources, self._transform, dtype)
+        expected = tuple(self.shape.numpy())
+        assert out.shape == expected, (self.name, out.shape, expected)
+        return np.ascontiguousarray(out) if contiguous else out
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        if self._pieces is None:
+            yield self._compute(self.dtype)
+            return
+        for sources, transform in self._pieces:
+            yield np.ascontiguousarray(self._run(sources, transform, self.dtype))
+
+    def tofile(self, file: Any) -> None:
+        for chunk in self._chunks():
+            file.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+
+    def tobytes(self) -> bytes:
+        return b"".join(chunk.tobytes() for chunk in self._chunks())
 
 
 def find_text_prefix(ckpt: Checkpoint) -> str:

@@ -88,11 +88,13 @@ def _input_projections(w: Weights, ckpt: Checkpoint, p: str, spec: ModelSpec) ->
     ba = (p + "in_proj_ba.weight", (2 * nv, hidden))
     return {
         "qkv": w.derived(
-            p + "in_proj_qkv.weight.T", [qkvz], (hidden, conv_dim), _qwen3_next_qkvz(spec, "qkv")
+            p + "in_proj_qkv.weight.T", [qkvz], (hidden, conv_dim), _qwen3_next_qkvz(spec, "qkv"), True
         ),
-        "z": w.derived(p + "in_proj_z.weight.T", [qkvz], (hidden, value_dim), _qwen3_next_qkvz(spec, "z")),
-        "b": w.derived(p + "in_proj_b.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "b")),
-        "a": w.derived(p + "in_proj_a.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "a")),
+        "z": w.derived(
+            p + "in_proj_z.weight.T", [qkvz], (hidden, value_dim), _qwen3_next_qkvz(spec, "z"), True
+        ),
+        "b": w.derived(p + "in_proj_b.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "b"), True),
+        "a": w.derived(p + "in_proj_a.weight.T", [ba], (hidden, nv), _qwen3_next_qkvz(spec, "a"), True),
     }
 
 
@@ -124,7 +126,10 @@ def gated_deltanet(
         window = gb.op("Concat", past_conv, gb.transpose(mixed, [0, 2, 1]), axis=2)
         present_conv = gb.slice(window, -(kernel - 1), np.iinfo(np.int64).max, 2)
         conv_w = w.derived(
-            p + "conv1d.weight", [(p + "conv1d.weight", (conv_dim, 1, kernel))], (conv_dim, 1, kernel)
+            p + "conv1d.weight",
+            [(p + "conv1d.weight", (conv_dim, 1, kernel))],
+            (conv_dim, 1, kernel),
+            layout_only=True,
         )
         conv = gb.op("Conv", window, conv_w, group=conv_dim, kernel_shape=[kernel])
         mixed = gb.transpose(gb.silu(conv), [0, 2, 1])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qwen_export.exporter.builder import GraphBuilder
+from qwen_export.exporter.builder import FLOAT, GraphBuilder
 from qwen_export.exporter.checkpoint import expert_layout
 from qwen_export.exporter.spec import ModelSpec
-from qwen_export.exporter.weights import Weights, stack_experts, stack_gate_up
+from qwen_export.exporter.weights import FP8, Weights, stack_experts, stack_gate_up, transpose_2d
 
 
 def swiglu_mlp(gb: GraphBuilder, w: Weights, p: str, x: ir.Value, hidden: int, inter: int) -> ir.Value:
@@ -18,35 +18,70 @@ def swiglu_mlp(gb: GraphBuilder, w: Weights, p: str, x: ir.Value, hidden: int, i
 
 
 def _expert_weights(w: Weights, p: str, spec: ModelSpec) -> tuple[ir.Value, ir.Value]:
-    """Stacked expert weights in MatMul layout: gate_up [E, H, 2I] and down [E, I, H]."""
+    """Stacked expert weights in MatMul layout: gate_up [E, H, 2I] and down [E, I, H]. Each is written one
+    expert at a time (a 397B layer's gate_up is 8.6 GB in bf16); an FP8 checkpoint's experts stay e4m3
+    behind a blocked DequantizeLinear when the export keeps FP8."""
     e, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+    full = w.full_name
     if expert_layout(w.ckpt, w.prefix + p, spec) == "stacked":
+        gate_up_name, down_name = p + "experts.gate_up_proj", p + "experts.down_proj"
         gate_up = w.derived(
-            p + "experts.gate_up_proj.T",
-            [(p + "experts.gate_up_proj", (e, 2 * i, h))],
+            gate_up_name + ".T",
+            [(gate_up_name, (e, 2 * i, h))],
             (e, h, 2 * i),
             lambda a: a[0].transpose(0, 2, 1),
+            layout_only=True,
+            pieces=[([(full(gate_up_name), k)], _one_transposed) for k in range(e)],
         )
         down = w.derived(
-            p + "experts.down_proj.T",
-            [(p + "experts.down_proj", (e, h, i))],
+            down_name + ".T",
+            [(down_name, (e, h, i))],
             (e, i, h),
             lambda a: a[0].transpose(0, 2, 1),
+            layout_only=True,
+            pieces=[([(full(down_name), k)], _one_transposed) for k in range(e)],
         )
         return gate_up, down
-    gates = [(f"{p}experts.{k}.gate_proj.weight", (i, h)) for k in range(e)]
-    ups = [(f"{p}experts.{k}.up_proj.weight", (i, h)) for k in range(e)]
-    downs = [(f"{p}experts.{k}.down_proj.weight", (h, i)) for k in range(e)]
+    gate, up, down_proj = (p + "experts.{e}." + m + ".weight" for m in ("gate_proj", "up_proj", "down_proj"))
+    gates = [(gate.format(e=k), (i, h)) for k in range(e)]
+    ups = [(up.format(e=k), (i, h)) for k in range(e)]
+    downs = [(down_proj.format(e=k), (h, i)) for k in range(e)]
+    fp8 = w.is_fp8(gate.format(e=0))
+    dtype = FP8 if fp8 else FLOAT
     gate_up = w.derived(
         p + "experts.gate_up_proj.T",
         gates + ups,
         (e, h, 2 * i),
         lambda a: stack_gate_up(a[:e], a[e:]),
+        layout_only=True,
+        pieces=[([full(gates[k][0]), full(ups[k][0])], _gate_up_transposed) for k in range(e)],
+        dtype=dtype,
     )
     down = w.derived(
-        p + "experts.down_proj.T", downs, (e, i, h), lambda a: stack_experts(a).transpose(0, 2, 1)
+        p + "experts.down_proj.T",
+        downs,
+        (e, i, h),
+        lambda a: stack_experts(a).transpose(0, 2, 1),
+        layout_only=True,
+        pieces=[([full(downs[k][0])], _one_transposed) for k in range(e)],
+        dtype=dtype,
     )
-    return gate_up, down
+    if not fp8:
+        return gate_up, down
+    gate_or_up = p + "experts.{e}.{part}.weight"
+    gate_up_scale = w.fp8_scale_t(gate_or_up, i, h, experts=e, parts=("gate_proj", "up_proj"))
+    return (
+        w.dequantize(gate_up, gate_up_scale, axis=1),
+        w.dequantize(down, w.fp8_scale_t(down_proj, h, i, experts=e), axis=1),
+    )
+
+
+def _one_transposed(arrays: list[np.ndarray]) -> np.ndarray:
+    return transpose_2d(arrays[0])[None]
+
+
+def _gate_up_transposed(arrays: list[np.ndarray]) -> np.ndarray:
+    return transpose_2d(np.concatenate(arrays, axis=0))[None]
 
 
 def sparse_moe(gb: GraphBuilder, w: Weights, layer: int, x: ir.Value, spec: ModelSpec) -> ir.Value:

@@ -20,7 +20,7 @@ from qwen_export.exporter.deltanet import gated_deltanet
 from qwen_export.exporter.mlp import dense_mlp, sparse_moe
 from qwen_export.exporter.spec import ModelSpec
 from qwen_export.exporter.vision_spec import DEFAULT_MROPE_SECTION
-from qwen_export.exporter.weights import Weights
+from qwen_export.exporter.weights import Weights, transpose_2d
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,12 @@ def build_decoder(
     debug_hidden_states: bool = False,
     multimodal: bool = False,
     mrope_section: Sequence[int] = DEFAULT_MROPE_SECTION,
+    keep_fp8: bool = False,
 ) -> ir.Model:
     """The text tower as an ONNX model whose initializers load lazily from the checkpoint.
+
+    `keep_fp8` keeps an FP8 checkpoint's quantized weights e4m3 behind blocked DequantizeLinear nodes;
+    otherwise they are dequantized when the model is saved.
 
     `multimodal=True` (opt-in) builds the variant the vision runtime drives: input `inputs_embeds`
     [B, T, hidden] instead of `input_ids` (the runtime embeds tokens and places vision features) and
@@ -94,7 +98,7 @@ def build_decoder(
     past = {s.suffix: tensor_input(s.input_name, FLOAT, s.shape) for s in states}
     graph = new_graph("qwen_decoder", [tokens, attention_mask, position_ids, *past.values()])
     gb = GraphBuilder(graph)
-    w = Weights(gb, ckpt, find_text_prefix(ckpt))
+    w = Weights(gb, ckpt, find_text_prefix(ckpt), keep_fp8=keep_fp8)
     hidden = spec.hidden_size
     present: dict[str, ir.Value] = {}
     layer_outputs: list[ir.Value] = []
@@ -165,7 +169,8 @@ def build_decoder(
                 head_source + ".T",
                 [(head_source, (spec.vocab_size, hidden))],
                 (hidden, spec.vocab_size),
-                lambda a: a[0].T,
+                lambda a: transpose_2d(a[0]),
+                layout_only=True,
             ),
         )
 
@@ -186,6 +191,7 @@ def token_embedding(w: Weights, spec: ModelSpec) -> ir.Value:
         "embed_tokens.weight",
         [("embed_tokens.weight", (spec.vocab_size, spec.hidden_size))],
         (spec.vocab_size, spec.hidden_size),
+        layout_only=True,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,77 @@ from qwen_export.exporter.spec import read_config_json, spec_from_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 
 
-def load_reference(model_dir: str | Path):
-    """The transformers model for a checkpoint folder, in fp32 eval mode (eager attention)."""
+REFERENCE_DTYPES = ("fp32", "bf16", "fp16")  # the names exports and tolerances use
+
+
+def load_reference(model_dir: str | Path, dtype: str = "fp32"):
+    """The transformers model for a checkpoint folder, in `dtype` (fp32 | bf16 | fp16), eval mode, eager
+    attention. An FP8 checkpoint's reference is transformers on its dequantized weights: transformers'
+    own FP8 loading of MoE models is reported broken (huggingface/transformers#44230)."""
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from qwen_export.exporter import fp8
+
     hf_logging.set_verbosity_error()
     model_dir = Path(model_dir)
-    spec = spec_from_config(read_config_json(model_dir), model_dir / "config.json")
+    config = read_config_json(model_dir)
+    spec = spec_from_config(config, model_dir / "config.json")
     cls = getattr(transformers, spec.architecture)
-    model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if fp8.quantization_config(config) is not None:
+        return _dequantized_reference(model_dir, config, cls).to(torch_dtype).eval()
+    model = cls.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="eager")
     return model.eval()
+
+
+_PER_EXPERT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<part>gate|up|down)_proj\.weight$"
+)
+
+
+def _dequantized_reference(model_dir: Path, config: dict, cls):
+    """An fp32 transformers model holding an FP8 checkpoint's dequantized weights, its per-expert weights
+    stacked the way transformers keeps them (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    import torch
+    from transformers import AutoConfig
+
+    from qwen_export.exporter import fp8
+    from qwen_export.exporter.checkpoint import LEFT_OUT_PARTS, Checkpoint
+
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    if isinstance(plain.get("text_config"), dict):
+        plain["text_config"] = {k: v for k, v in plain["text_config"].items() if k != "quantization_config"}
+    model = cls._from_config(AutoConfig.for_model(**plain), attn_implementation="eager", dtype=torch.float32)
+    ckpt = Checkpoint.open(model_dir, config)
+    names = [
+        n for n in ckpt.tensors if not n.endswith(fp8.SCALE_SUFFIX) and not re.search(LEFT_OUT_PARTS[1][0], n)
+    ]
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    for name, array in zip(names, ckpt.read_many(names), strict=True):
+        match = _PER_EXPERT.match(name)
+        if match:
+            parts = experts.setdefault(match["prefix"], {})
+            parts.setdefault(match["part"], {})[int(match["expert"])] = array
+        else:
+            state[name] = torch.from_numpy(np.ascontiguousarray(array))
+    for prefix, parts in experts.items():
+        count = len(parts["gate"])
+        gate_up = [np.concatenate([parts["gate"][e], parts["up"][e]]) for e in range(count)]
+        state[prefix + ".gate_up_proj"] = torch.from_numpy(np.stack(gate_up))
+        state[prefix + ".down_proj"] = torch.from_numpy(np.stack([parts["down"][e] for e in range(count)]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{model_dir}: dequantized weights do not fit {cls.__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def reference_forward(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None):

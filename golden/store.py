@@ -16,7 +16,13 @@ from qwen_export.artifact import GOLDEN_FORMAT, MANIFEST_FILE, sha256_file
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.spec import config_hash, read_config_json, spec_from_config
 from qwen_export.fsutil import atomic_output_dir
-from qwen_export.golden.reference import cache_states, load_reference, reference_forward, reference_greedy
+from qwen_export.golden.reference import (
+    REFERENCE_DTYPES,
+    cache_states,
+    load_reference,
+    reference_forward,
+    reference_greedy,
+)
 
 PROMPT_LENGTHS = (1, 7, 63, 64, 65, 200)
 GREEDY_PROMPT_LENGTH = 16
@@ -24,6 +30,8 @@ GREEDY_NEW_TOKENS = 32
 PROMPT_SEED = 1234
 GOLDEN_FILE = "golden.safetensors"
 REPO_GOLDEN_DIR = Path(__file__).resolve().parent  # golden/<preset>/ in the repository
+# How a manifest names the reference's dtype (torch's names; "float32" in every golden written before).
+REFERENCE_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def make_prompt(vocab_size: int, length: int, seed: int = PROMPT_SEED) -> np.ndarray:
@@ -36,6 +44,12 @@ def make_prompt(vocab_size: int, length: int, seed: int = PROMPT_SEED) -> np.nda
 class Golden:
     manifest: dict[str, Any]
     tensors: dict[str, np.ndarray]
+
+    @property
+    def dtype(self) -> str:
+        """The precision the reference ran in (fp32 | bf16 | fp16)."""
+        torch_name = self.manifest.get("reference", {}).get("dtype", "float32")
+        return {v: k for k, v in REFERENCE_TORCH_NAMES.items()}.get(torch_name, "fp32")
 
     def prefill(self, length: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tensors[f"prefill.{length}.input_ids"], self.tensors[f"prefill.{length}.logits"]
@@ -57,15 +71,27 @@ class Golden:
         return {k.removeprefix(prefix): v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def generate_golden(model_dir: str | os.PathLike, out: str | os.PathLike, source: str, log=None) -> Golden:
-    """Run the reference on the standard prompts and write OUT/golden.safetensors + OUT/manifest.json."""
+def generate_golden(
+    model_dir: str | os.PathLike, out: str | os.PathLike, source: str, log=None, dtype: str | None = None
+) -> Golden:
+    """Run the reference on the standard prompts and write OUT/golden.safetensors + OUT/manifest.json.
+
+    The reference runs in `dtype`, by default the checkpoint's own precision (as an export does): a bf16
+    checkpoint's golden is transformers in bf16."""
     import torch
     import transformers
+
+    from qwen_export.exporter.checkpoint import Checkpoint
+    from qwen_export.exporter.export import checkpoint_dtype
 
     model_dir = Path(model_dir)
     config = read_config_json(model_dir)
     spec = spec_from_config(config, model_dir / "config.json")
-    model = load_reference(model_dir)
+    if dtype is None:
+        dtype = checkpoint_dtype(config, Checkpoint.open(model_dir, config))
+    if dtype not in REFERENCE_DTYPES:
+        raise QwenExportError(f"--dtype {dtype!r} is not one of {', '.join(REFERENCE_DTYPES)}")
+    model = load_reference(model_dir, dtype)
     tensors: dict[str, np.ndarray] = {}
     for length in PROMPT_LENGTHS:
         ids = make_prompt(spec.vocab_size, length)
@@ -94,7 +120,7 @@ def generate_golden(model_dir: str | os.PathLike, out: str | os.PathLike, source
             "prompt_seed": PROMPT_SEED,
             "prompt_lengths": list(PROMPT_LENGTHS),
             "greedy": {"prompt_length": GREEDY_PROMPT_LENGTH, "new_tokens": GREEDY_NEW_TOKENS},
-            "reference": {"attn_implementation": "eager", "dtype": "float32"},
+            "reference": {"attn_implementation": "eager", "dtype": REFERENCE_TORCH_NAMES[dtype]},
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

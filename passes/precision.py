@@ -24,11 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-import ml_dtypes
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qwen_export.exporter.checkpoint import cast_array
 from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.names import UniqueNames
 
@@ -47,7 +46,6 @@ UNARY_ELEMENTWISE = {"Sigmoid", "Softplus", "Exp", "Neg", "Log", "Tanh", "Relu",
 BINARY_ELEMENTWISE = {"Add", "Mul", "Sub", "Div", "Pow"}
 NORM_OPS = {"RMSNormalization", "LayerNormalization"}
 LOOPS = {"Scan", "Loop"}
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def _is_const(value: ir.Value | None) -> bool:
@@ -187,6 +185,14 @@ class Precision(QwenPass):
         if node.op_type == "If" and node.domain == "":
             self._rewrite_if(node)
             return
+        if node.op_type == "DequantizeLinear" and node.domain == "" and node not in self._fp32:
+            # Weights dequantized straight into the low dtype; the block scales stay fp32 (bf16 scales
+            # would move every dequantized weight by up to 2^-9 relative).
+            node.attributes["output_dtype"] = ir.AttrInt64("output_dtype", int(self.low))
+            self._dt[node.outputs[0]] = self.low
+            node.outputs[0].type = ir.TensorType(self.low)
+            self.stats.extras["low_nodes"] += 1
+            return
         if node in self._fp32 or node.op_type in LOOPS | {"ConstantOfShape"}:
             compute = FLOAT
         elif node.op_type in MOVEMENT:
@@ -276,7 +282,13 @@ class Precision(QwenPass):
         if value not in self._low_consts:
             tensor = value.const_value
             name = f"{value.name}.{self.precision}"
-            lazy = ir.LazyTensor(_converter(tensor, self.low), dtype=self.low, shape=tensor.shape, name=name)
+            if hasattr(tensor, "with_dtype"):  # a checkpoint tensor: read straight into the low dtype
+                lazy = tensor.with_dtype(self.low)
+                lazy.name = name
+            else:
+                lazy = ir.LazyTensor(
+                    _converter(tensor, self.low), dtype=self.low, shape=tensor.shape, name=name
+                )
             low = ir.Value(name=name, shape=value.shape, type=ir.TensorType(self.low))
             low.const_value = lazy
             value.graph.register_initializer(low)  # type: ignore[union-attr]
@@ -312,10 +324,7 @@ def _converter(tensor: ir.TensorProtocol, dtype: ir.DataType):
     """A loader for `tensor` in `dtype`: fp16 saturates at its finite range instead of becoming inf."""
 
     def load() -> ir.Tensor:
-        array = tensor.numpy().astype(np.float32)
-        if dtype == ir.DataType.FLOAT16:
-            return ir.tensor(np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16))
-        return ir.tensor(array.astype(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16)
+        return ir.tensor(cast_array(tensor.numpy(), dtype), dtype=dtype)
 
     return load
 

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from qwen_export.cli_kernels import kernels_app
 from qwen_export.cli_support import (
+    DtypeOpt,
     JsonOpt,
     ListJsonOpt,
     ModelOpt,
@@ -67,35 +68,47 @@ def export(
             "then takes inputs_embeds and mRoPE position_ids [3, batch, sequence]. Multimodal checkpoints."
         ),
     ] = False,
+    dtype: DtypeOpt = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="FP8 checkpoints: fp8 (default) keeps the e4m3 weights with their 128x128 block scales "
+            "(blocked DequantizeLinear feeding the MatMuls and experts); dequant dequantizes them into "
+            "--dtype."
+        ),
+    ] = None,
 ) -> None:
     """Export the text tower to OUT/model.onnx (+ model.onnx.data) and OUT/export.json.
 
     One graph serves prefill and decode: inputs input_ids, attention_mask, position_ids and every
     past_key_values.* state; outputs logits and the matching present.* states. Batch, sequence and past
-    length are dynamic.
+    length are dynamic. The export keeps the checkpoint's precision (a bf16 checkpoint: bf16 weights and
+    activations, fp32 for norm statistics, softmax and the router, DeltaNet gates and recurrent state, and
+    the logits); --dtype overrides it.
     """
     from qwen_export.exporter.export import export_model
 
     with err.status("exporting…"):
         result = export_model(
             out, preset=preset, model_dir=model, debug_hidden_states=debug_hidden_states,
-            multimodal=multimodal, log=log,
+            multimodal=multimodal, log=log, dtype=dtype, weights=weights,
         )  # fmt: skip
     result.render(err)
 
 
 @app.command()
 @user_errors
-def golden(out: OutOpt, preset: PresetOpt = None, model: ModelOpt = None) -> None:
+def golden(out: OutOpt, preset: PresetOpt = None, model: ModelOpt = None, dtype: DtypeOpt = None) -> None:
     """Run the PyTorch reference and store golden outputs: prefill logits (lengths 1..200), 32 greedy tokens,
-    final states, with a manifest of versions, seed, prompts, shapes and sha256."""
+    final states, with a manifest of versions, seed, prompts, shapes and sha256. The reference runs in the
+    checkpoint's precision unless --dtype says otherwise (an FP8 checkpoint: on its dequantized weights)."""
     from qwen_export.exporter.export import resolve_source
     from qwen_export.golden.store import generate_golden
 
     start = time.perf_counter()
     source_dir, source = resolve_source(preset, model)
     with err.status("running the reference…"):
-        generate_golden(source_dir, out, source, log=log)
+        generate_golden(source_dir, out, source, log=log, dtype=dtype)
     err.print(f"[green]wrote[/green] {out} in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
@@ -112,11 +125,18 @@ def validate(
         Path, typer.Option("--golden", "-g", help="Golden folder from `qwen-export golden`.")
     ],
     tolerance: Annotated[
-        float, typer.Option(help=f"Max |Δ| allowed on logits and states (fp32; default {FP32_MAX_ABS:g}).")
-    ] = FP32_MAX_ABS,
+        float | None,
+        typer.Option(
+            help="Max |Δ| allowed on logits and states (default: the artifact's precision's, "
+            f"{FP32_MAX_ABS:g} for fp32, {tolerance_for('bf16')['logits_max_abs']:g} for bf16)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the artifact on ONNX Runtime CPU against golden outputs; exit 1 if anything is out of tolerance."""
+    """Run the artifact on ONNX Runtime CPU against golden outputs; exit 1 if anything is out of tolerance.
+
+    A bf16/fp16 export runs emulated in fp32 (each low-precision result rounded through its dtype: ONNX
+    Runtime's CPU provider has no bf16 kernels) and is held to its precision's tolerance."""
     from qwen_export.validate import validate_artifact
 
     with err.status("validating…"):

@@ -25,6 +25,10 @@ ModelOpt = Annotated[
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced atomically when done).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(help="fp32, bf16 or fp16 (default: the checkpoint's own precision; FP8 checkpoints: bf16)."),
+]
 ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
 

@@ -25,13 +25,16 @@ FP32_MAX_ABS = TOLERANCES["fp32"]["logits_max_abs"]  # logits and states of an f
 
 def artifact_precision(info: dict) -> str:
     """The precision an artifact's numbers are held to: its manifest's `precision` (engines), the weight
-    width of a quantized ORT target (`ort-int4` -> int4), else fp32."""
+    width of a quantized ORT target (`ort-int4` -> int4), an export's `dtype` (bf16 | fp16 | fp32), else
+    fp32."""
     if info.get("precision"):
         return str(info["precision"])
     from qwen_export.targets import TARGETS
 
     target = TARGETS.get(str(info.get("target", "")))
-    return target.precision if target is not None else "fp32"
+    if target is not None and target.weight_bits:
+        return target.precision
+    return str(info.get("dtype") or "fp32")
 
 
 def tolerance_for(precision: str) -> dict[str, float]:

@@ -34,6 +34,9 @@ class ValidationReport:
     rows: list[CheckRow] = field(default_factory=list)
     greedy_match_length: int = 0
     greedy_tokens: int = 0
+    precision: str = "fp32"  # the artifact's, which set the tolerance
+    reference_dtype: str = "fp32"  # the golden reference's
+    emulated: bool = False  # a low-precision graph run in fp32 with rounding (runtime/emulation.py)
 
     @property
     def passed(self) -> bool:
@@ -45,9 +48,9 @@ class ValidationReport:
     def render(self, console: Console) -> None:
         from rich.table import Table
 
-        table = Table(
-            "check", "max |Δ|", "top-1", "result", title=f"{self.model} vs golden (tol {self.tolerance:g})"
-        )
+        run = f"{self.precision}{' emulated in fp32' if self.emulated else ''}"
+        title = f"{self.model} ({run}) vs golden ({self.reference_dtype} reference), tol {self.tolerance:g}"
+        table = Table("check", "max |Δ|", "top-1", "result", title=title)
         for r in self.rows:
             top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
             table.add_row(
@@ -63,30 +66,39 @@ class ValidationReport:
         console.print(table)
 
 
+# Precisions validate holds to max |Δ| and identical greedy tokens; quantized ones go to diff.
+VALIDATED_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def validate_artifact(
-    artifact: str | Path, golden_dir: str | Path, tolerance: float = FP32_TOLERANCE
+    artifact: str | Path, golden_dir: str | Path, tolerance: float | None = None
 ) -> ValidationReport:
-    """An export or build folder (or a .onnx file) against a golden folder; quantized artifacts are refused
-    (their tolerances are diff's)."""
+    """An export or build folder (or a .onnx file) against a golden folder, with the max |Δ| of the
+    artifact's precision (a bf16 export: bf16's) unless `tolerance` is given; quantized artifacts are
+    refused (their tolerances are diff's)."""
     import json
 
-    from qwen_export.artifact import MANIFEST_FILE, MODEL_FILE
+    from qwen_export.artifact import EXPORT_INFO_FILE, MANIFEST_FILE, MODEL_FILE
     from qwen_export.golden.store import load_golden
 
     artifact = Path(artifact)
     model_path = artifact / MODEL_FILE if artifact.is_dir() else artifact
     if not model_path.is_file():
         raise QwenExportError(f"{model_path}: no such model; pass a folder written by `qwen-export export`")
-    manifest = artifact / MANIFEST_FILE
-    if manifest.is_file():
-        precision = artifact_precision(json.loads(manifest.read_text()))
-        if precision != "fp32":
-            raise QwenExportError(
-                f"{artifact}: a {precision} artifact; validate holds fp32 artifacts to {FP32_TOLERANCE:g} "
-                f"and identical greedy tokens. Use `qwen-export diff {artifact}`, which applies the "
-                f"{precision} tolerances"
-            )
-    return validate_onnx(model_path, load_golden(golden_dir), tolerance)
+    precision = "fp32"
+    for record in (artifact / MANIFEST_FILE, artifact / EXPORT_INFO_FILE):
+        if record.is_file():
+            precision = artifact_precision(json.loads(record.read_text()))
+            break
+    if precision not in VALIDATED_PRECISIONS:
+        raise QwenExportError(
+            f"{artifact}: a {precision} artifact; validate holds fp32/bf16/fp16 artifacts to their max |Δ| "
+            f"and identical greedy tokens. Use `qwen-export diff {artifact}`, which applies the "
+            f"{precision} tolerances"
+        )
+    if tolerance is None:
+        tolerance = tolerance_for(precision)["logits_max_abs"]
+    return validate_onnx(model_path, load_golden(golden_dir), tolerance, precision)
 
 
 def _row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, logits: bool = True) -> CheckRow:
@@ -98,13 +110,20 @@ def _row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, logits: bool 
 
 
 def validate_onnx(
-    model_path: str | Path, golden: Golden, tolerance: float = FP32_TOLERANCE
+    model_path: str | Path, golden: Golden, tolerance: float = FP32_TOLERANCE, precision: str = "fp32"
 ) -> ValidationReport:
-    """Run the artifact on ONNX Runtime CPU (optimizations off) and compare with the golden outputs."""
+    """Run the artifact on ONNX Runtime CPU (optimizations off; a bf16/fp16 graph emulated in fp32) and
+    compare with the golden outputs."""
     from qwen_export.runtime.ort_decoder import OrtDecoder
 
     decoder = OrtDecoder(model_path)
-    report = ValidationReport(str(model_path), tolerance)
+    report = ValidationReport(
+        str(model_path),
+        tolerance,
+        precision=precision,
+        reference_dtype=golden.dtype,
+        emulated=decoder.emulated,
+    )
     out = None
     for length in PROMPT_LENGTHS:
         ids, ref = golden.prefill(length)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
+
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
@@ -34,6 +36,12 @@ def session_options(
     return so
 
 
+def _stores_low_precision(model_path: str | Path) -> bool:
+    import onnx_ir as ir
+
+    return needs_emulation(ir.load(model_path))
+
+
 @dataclass
 class StepOutput:
     logits: np.ndarray  # [B, T, V]
@@ -53,11 +61,21 @@ class OrtDecoder:
         providers: list[str] | None = None,
         threads: int | None = None,
     ):
-        self.session = ort.InferenceSession(
-            str(model_path),
-            session_options(optimize, threads, model_path),
-            providers=providers or ["CPUExecutionProvider"],
-        )
+        providers = providers or ["CPUExecutionProvider"]
+        # ONNX Runtime's CPU provider has no bf16 kernels (and fp16 ones for some ops only): a bf16/fp16
+        # graph runs emulated in fp32, each low-precision result rounded through its dtype
+        # (runtime/emulation.py). `emulated` says so to every report.
+        self.emulated = providers == ["CPUExecutionProvider"] and _stores_low_precision(model_path)
+        copy = EmulatedCopy(model_path) if self.emulated else None
+        try:
+            self.session = ort.InferenceSession(
+                str(copy.path if copy else model_path),
+                session_options(optimize, threads, model_path),
+                providers=providers,
+            )
+        finally:
+            if copy is not None:
+                copy.close()
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.state_suffixes = [n.removeprefix(PAST_PREFIX) for n in self.inputs if n.startswith(PAST_PREFIX)]

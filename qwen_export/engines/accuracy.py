@@ -24,9 +24,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qwen_export.golden.store import GREEDY_NEW_TOKENS, PROMPT_LENGTHS, Golden
+from qwen_export.runtime.emulation import LOW, emulate_in_fp32  # noqa: F401  (re-exported)
 from qwen_export.runtime.ort_decoder import positions_from_mask, session_options
 
-LOW = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 RUNTIMES = ("ort-cpu-native", "ort-cpu-emulated")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": ml_dtypes.bfloat16}
 
@@ -130,68 +130,6 @@ def evaluate(
     return AccuracyResult(
         runtime, precision, agree / total, total, per_length, max_diff, matching, int(same.size)
     )
-
-
-def emulate_in_fp32(model: ir.Model) -> ir.Model:
-    """Rewrite a low-precision graph to fp32 with a round trip through the low dtype after every op that
-    yields one (in place; returns the model). The result runs wherever fp32 runs."""
-    _emulate_graph(model.graph, top=True)
-    return model
-
-
-def _round_after(graph: ir.Graph, node: ir.Node, value: ir.Value, low: ir.DataType) -> None:
-    """Follow `value` (now fp32) with Cast(low) -> Cast(fp32) and move its readers to the rounded copy."""
-    down = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", int(low))], name=f"{value.name}/round")
-    up = ir.Node(
-        "",
-        "Cast",
-        [down.outputs[0]],
-        attributes=[ir.AttrInt64("to", int(ir.DataType.FLOAT))],
-        name=f"{value.name}/widen",
-    )
-    down.outputs[0].name, down.outputs[0].type = f"{value.name}/low", ir.TensorType(low)
-    rounded = up.outputs[0]
-    rounded.name, rounded.type, rounded.shape = (
-        f"{value.name}/rounded",
-        ir.TensorType(ir.DataType.FLOAT),
-        value.shape,
-    )
-    graph.insert_after(node, [down, up])
-    for use in list(value.uses()):
-        if use.node is not down:
-            use.node.replace_input_with(use.idx, rounded)
-    for i, out in enumerate(graph.outputs):
-        if out is value:  # a graph output keeps its name on the rounded value
-            name = value.name
-            value.name = f"{name}/unrounded"
-            rounded.name = name
-            graph.outputs[i] = rounded
-
-
-def _emulate_graph(graph: ir.Graph, top: bool) -> None:
-    fp32 = ir.DataType.FLOAT
-    for name, value in list(graph.initializers.items()):
-        tensor = value.const_value
-        if tensor is not None and tensor.dtype in LOW:
-            value.const_value = ir.tensor(tensor.numpy().astype(np.float32), name=name)
-            value.type = ir.TensorType(fp32)
-    if top:
-        for value in graph.inputs:
-            if value.type is not None and value.type.dtype in LOW:
-                value.type = ir.TensorType(fp32)
-    for node in list(graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                _emulate_graph(attr.as_graph(), top=False)
-        if node.op_type == "Cast" and node.attributes.get_int("to") in {int(t) for t in LOW}:
-            low = ir.DataType(node.attributes.get_int("to"))
-            node.attributes["to"] = ir.AttrInt64("to", int(fp32))
-            node.outputs[0].type = ir.TensorType(low)  # rounded below like any low-precision result
-        for out in node.outputs:
-            if out.type is not None and out.type.dtype in LOW:
-                low = out.type.dtype
-                out.type = ir.TensorType(fp32)
-                _round_after(graph, node, out, low)
 
 
 def model_bytes(model: ir.Model) -> bytes:

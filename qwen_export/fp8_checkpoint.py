@@ -355,92 +355,134 @@ def _is_left_out(name: str) -> bool:
     return any(p.search(name) for p in _LEFT_OUT)
 
 
-def _quantized_pair(
-    name: str, shape: tuple[int, int], read: Callable[[], np.ndarray], scale_dtype: str
-) -> list[OutTensor]:
-    """The F8 weight and its scale: the weight's producer quantizes once and hands the scale over."""
-    memo: dict[str, np.ndarray] = {}
+@dataclass(frozen=True)
+class LayoutEntry:
+    """One tensor of the official FP8 layout and where it comes from in the unquantized source.
 
-    def weight() -> Iterator[np.ndarray]:
-        q, scale = quantize_fp8(read(), fp8.BLOCK, scale_dtype)
-        memo["scale"] = scale
-        yield q
+    role: "fp8" (F8_E4M3 weight), "scale" (its `_scale_inv`, right after it), "bf16" (a floating tensor
+    kept in bf16) or "same" (copied unchanged: integers). `expert`/`rows`: the slice of a stacked source
+    tensor (expert index, and rows [r0, r1) of gate_up_proj) that this per-expert weight is."""
 
-    def scale() -> Iterator[np.ndarray]:
-        if "scale" not in memo:  # the scale is always planned right after its weight; kept for safety
-            memo["scale"] = quantize_fp8(read(), fp8.BLOCK, scale_dtype)[1]
-        yield memo.pop("scale")
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str
+    role: str
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
 
-    return [
-        OutTensor(name, fp8.FP8_DTYPE, shape, weight),
-        OutTensor(fp8.scale_name(name), scale_dtype, fp8.scale_grid(shape), scale),
-    ]
-
-
-def _plain(name: str, src: SourceTensor, read: Callable[[], np.ndarray]) -> OutTensor:
-    """bf16 for a floating tensor (bytes copied as they are when it already is), unchanged otherwise."""
-    if src.dtype not in FLOAT_DTYPES or src.dtype == "BF16":
-        return OutTensor(name, src.dtype, src.shape, lambda: [read()])
-    return OutTensor(name, "BF16", src.shape, lambda: [read().astype(np.float32).astype(ml_dtypes.bfloat16)])
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
-def _weight_outputs(
-    name: str, shape: tuple[int, ...], src: SourceTensor, read, scale_dtype: str
-) -> list[OutTensor]:
-    if src.dtype in FLOAT_DTYPES and not _is_left_out(name) and fp8.is_quantized_weight(name, shape):
-        return _quantized_pair(name, (shape[0], shape[1]), read, scale_dtype)
-    return [_plain(name, src, read)]
-
-
-def _plan_quantized(tensors: dict[str, SourceTensor], scale_dtype: str) -> list[OutTensor]:
-    out: list[OutTensor] = []
-    stacked: dict[str, dict[str, SourceTensor]] = {}
-    for name in sorted(tensors, key=_natural_key):
-        src = tensors[name]
-        if src.dtype.startswith("F8"):
-            raise CheckpointError(
-                f"{src.file}: tensor {name} is already {src.dtype}; the source must be unquantized"
-            )
+def official_fp8_layout(
+    sources: dict[str, tuple[str, tuple[int, ...]]], scale_dtype: str = "F32"
+) -> list[LayoutEntry]:
+    """The official FP8 layout of an unquantized checkpoint given only its tensors' (dtype, shape): names,
+    dtypes and shapes of what `quantize_checkpoint` writes, in writing order (natural name order, each
+    scale right after its weight, a stacked MoE block's experts where the block was)."""
+    out: list[LayoutEntry] = []
+    stacked: dict[str, dict[str, str]] = {}
+    for name in sorted(sources, key=_natural_key):
+        dtype, shape = sources[name]
+        if dtype.startswith("F8"):
+            raise CheckpointError(f"tensor {name} is already {dtype}; the source must be unquantized")
         m = _STACKED.match(name)
-        if m and len(src.shape) == 3 and not _is_left_out(name):
-            stacked.setdefault(m["prefix"], {})[m["kind"]] = src
-            group = stacked[m["prefix"]]
+        if m and len(shape) == 3 and not _is_left_out(name):
+            group = stacked.setdefault(m["prefix"], {})
+            group[m["kind"]] = name
             if len(group) == 2:
-                out.extend(_plan_experts(m["prefix"], group["gate_up_proj"], group["down_proj"], scale_dtype))
+                out.extend(_expert_layout(m["prefix"], group, sources, scale_dtype))
             continue
-        out.extend(_weight_outputs(name, src.shape, src, src.read, scale_dtype))
+        out.extend(_weight_layout(name, dtype, shape, name, scale_dtype))
     lonely = [p for p, g in stacked.items() if len(g) != 2]
     if lonely:
         raise CheckpointError(f"{lonely[0]}gate_up_proj and {lonely[0]}down_proj must come together")
     return out
 
 
-def _plan_experts(
-    prefix: str, gate_up: SourceTensor, down: SourceTensor, scale_dtype: str
-) -> list[OutTensor]:
+def _weight_layout(
+    name: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    source: str,
+    scale_dtype: str,
+    expert: int | None = None,
+    rows: tuple[int, int] | None = None,
+) -> list[LayoutEntry]:
+    if dtype not in FLOAT_DTYPES:
+        return [LayoutEntry(name, dtype, shape, source, "same", expert, rows)]
+    if not _is_left_out(name) and fp8.is_quantized_weight(name, shape):
+        return [
+            LayoutEntry(name, fp8.FP8_DTYPE, shape, source, "fp8", expert, rows),
+            LayoutEntry(
+                fp8.scale_name(name), scale_dtype, fp8.scale_grid(shape), source, "scale", expert, rows
+            ),
+        ]
+    return [LayoutEntry(name, "BF16", shape, source, "bf16", expert, rows)]
+
+
+def _expert_layout(
+    prefix: str, group: dict[str, str], sources: dict[str, tuple[str, tuple[int, ...]]], scale_dtype: str
+) -> list[LayoutEntry]:
     """Stacked experts -> per-expert gate/up/down (gate = gate_up_proj's first I rows, up the next I)."""
-    experts, two_i, hidden = gate_up.shape
-    if two_i % 2 or down.shape != (experts, hidden, two_i // 2):
+    gate_up, down = group["gate_up_proj"], group["down_proj"]
+    (gu_dtype, gu_shape), (down_dtype, down_shape) = sources[gate_up], sources[down]
+    experts, two_i, hidden = gu_shape
+    if two_i % 2 or down_shape != (experts, hidden, two_i // 2):
         raise CheckpointError(
-            f"{gate_up.file}: {prefix}gate_up_proj {gate_up.shape} and {prefix}down_proj {down.shape} "
-            "are not [E, 2I, H] and [E, H, I]"
+            f"{gate_up} {gu_shape} and {down} {down_shape} are not [E, 2I, H] and [E, H, I]"
         )
     inter = two_i // 2
-    out: list[OutTensor] = []
+    out: list[LayoutEntry] = []
     for e in range(experts):
-        parts = [
-            ("gate", gate_up, (inter, hidden), (0, inter)),
-            ("up", gate_up, (inter, hidden), (inter, two_i)),
-            ("down", down, (hidden, inter), None),
-        ]
-        for kind, src, shape, rows in parts:
-            name = f"{prefix}{e}.{kind}_proj.weight"
-
-            def read(src=src, e=e, rows=rows) -> np.ndarray:
-                return src.read_rows((e,), rows)
-
-            out.extend(_weight_outputs(name, shape, src, read, scale_dtype))
+        for kind, source, dtype, shape, rows in [
+            ("gate", gate_up, gu_dtype, (inter, hidden), (0, inter)),
+            ("up", gate_up, gu_dtype, (inter, hidden), (inter, two_i)),
+            ("down", down, down_dtype, (hidden, inter), None),
+        ]:
+            out.extend(
+                _weight_layout(f"{prefix}{e}.{kind}_proj.weight", dtype, shape, source, scale_dtype, e, rows)
+            )
     return out
+
+
+def _quantizing_producers(
+    layout: Sequence[LayoutEntry], tensors: dict[str, SourceTensor], scale_dtype: str
+) -> list[OutTensor]:
+    """The layout's tensors produced from the source: an F8 weight's producer quantizes once and hands its
+    scale to the scale's producer (planned right after it)."""
+    scales: dict[str, np.ndarray] = {}
+
+    def reader(entry: LayoutEntry) -> Callable[[], np.ndarray]:
+        src = tensors[entry.source]
+        if entry.expert is None:
+            return src.read
+        return lambda: src.read_rows((entry.expert,), entry.rows)
+
+    def produce(entry: LayoutEntry) -> Callable[[], Iterable[np.ndarray]]:
+        read = reader(entry)
+        if entry.role == "fp8":
+
+            def weight() -> Iterator[np.ndarray]:
+                q, scales[entry.name] = quantize_fp8(read(), fp8.BLOCK, scale_dtype)
+                yield q
+
+            return weight
+        if entry.role == "scale":
+            weight_name = entry.name.removesuffix(fp8.SCALE_SUFFIX)
+
+            def scale() -> Iterator[np.ndarray]:
+                found = scales.pop(weight_name, None)
+                yield found if found is not None else quantize_fp8(read(), fp8.BLOCK, scale_dtype)[1]
+
+            return scale
+        if entry.role == "bf16" and tensors[entry.source].dtype != "BF16":
+            return lambda: [read().astype(np.float32).astype(ml_dtypes.bfloat16)]
+        return lambda: [read()]  # bf16 already, or an integer tensor: bytes as they are
+
+    return [OutTensor(e.name, e.dtype, e.shape, produce(e)) for e in layout]
 
 
 def _copy_side_files(src_dir: Path, dst: Path) -> None:
@@ -500,7 +542,9 @@ def quantize_checkpoint(
     config = _read_config(src)
     if fp8.quantization_config(config) is not None:
         raise ConfigError(f"{src / 'config.json'}: the checkpoint is already quantized (quantization_config)")
-    plan = _plan_quantized(read_checkpoint_index(src), scale_dtype)
+    tensors = read_checkpoint_index(src)
+    layout = official_fp8_layout({n: (t.dtype, t.shape) for n, t in tensors.items()}, scale_dtype)
+    plan = _quantizing_producers(layout, tensors, scale_dtype)
     config["quantization_config"] = dict(fp8.OFFICIAL_QUANTIZATION_CONFIG)
     _set_dtype(config, "bfloat16")
     with atomic_output_dir(dst) as tmp:

@@ -349,3 +349,14 @@ def test_reader_matches_safetensors(quantized):
     src, out = quantized["tiny-qwen3.5-moe"]
     ours = read_checkpoint_index(out)
     assert {n: (t.dtype, t.shape) for n, t in ours.items()} == _entries(out)
+
+
+def test_layout_from_shapes_alone_is_what_is_written(quantized):
+    """official_fp8_layout (used by scripts/bench_scale.py to write FP8 checkpoints without source data)
+    states exactly the names, dtypes and shapes quantize_checkpoint writes."""
+    from qwen_export.fp8_checkpoint import official_fp8_layout
+
+    for src, out in quantized.values():
+        source = {n: (t.dtype, t.shape) for n, t in read_checkpoint_index(src).items()}
+        layout = official_fp8_layout(source)
+        assert {e.name: (e.dtype, e.shape) for e in layout} == _entries(out)

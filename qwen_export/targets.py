@@ -226,20 +226,23 @@ def _trt_plugins(options: PipelineOptions) -> list[QwenPass]:
 def _trt_rtx_engine(options: PipelineOptions) -> list[QwenPass]:
     from qwen_export.passes.lower_trt_rtx import LowerToTrtRtx
     from qwen_export.passes.precision import Precision
+    from qwen_export.passes.widen import WidenToFp32
 
+    # Engines start from the cached export, which keeps its checkpoint's precision: widened first.
     lower = LowerToTrtRtx(moe=options.moe, max_tokens=options.max_tokens)
-    return [lower, Precision(options.precision, logits_fp32=options.logits_fp32)]
+    return [WidenToFp32(), lower, Precision(options.precision, logits_fp32=options.logits_fp32)]
 
 
 def _trt_engine(options: PipelineOptions) -> list[QwenPass]:
     from qwen_export.passes.lower_trt_plugins import LowerTrtPlugins
     from qwen_export.passes.pipeline import finish
     from qwen_export.passes.precision import Precision
+    from qwen_export.passes.widen import WidenToFp32
 
     # Fused qwen ops become plugin nodes, which TensorRT's parser looks up in the plugin registry; the
     # precision pass runs first (it keeps qwen ops' I/O fp32) and the plugin lowering casts around them.
     precision = Precision(options.precision, logits_fp32=options.logits_fp32)
-    return [*_fused(options), precision, LowerTrtPlugins(dtype=options.precision), *finish()]
+    return [WidenToFp32(), *_fused(options), precision, LowerTrtPlugins(dtype=options.precision), *finish()]
 
 
 # --- the table ----------------------------------------------------------------------------------------

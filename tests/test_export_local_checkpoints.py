@@ -59,7 +59,8 @@ def test_local_checkpoint_matches_reference(tmp_path, architecture):
 
 
 def test_sharded_bf16_checkpoint(tmp_path):
-    """A bf16 checkpoint split in shards with an index is read tensor by tensor and widened to fp32."""
+    """A bf16 checkpoint split in shards with an index is read tensor by tensor (widened to fp32 on
+    request; tests/test_export_precision.py covers the default, bf16)."""
     import torch
 
     folder = make_local_checkpoint("Qwen3NextForCausalLM", tmp_path / "ckpt", max_shard_size="100KB")
@@ -70,7 +71,7 @@ def test_sharded_bf16_checkpoint(tmp_path):
     assert (bf16 / "model.safetensors.index.json").is_file()
     assert len(list(bf16.glob("*.safetensors"))) > 1
 
-    result = export_model(tmp_path / "out", model_dir=bf16)
+    result = export_model(tmp_path / "out", model_dir=bf16, dtype="fp32")
     reference = load_reference(bf16)  # fp32 model holding the bf16 values
     ids = make_prompt(512, 65, seed=2)
     ref, _ = reference_forward(reference, ids)

@@ -151,3 +151,75 @@ def test_mtp_tensors_are_left_out_and_counted(tmp_path, broken):
     )
     info = json.loads((out / "export.json").read_text())
     assert info["checkpoint"]["left_out"] == {"MTP (multi-token prediction) layers": 2}
+
+
+# --- FP8 checkpoints and precision options ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_fp8_checkpoint(tmp_path_factory, good_checkpoint):
+    from qwen_export.fp8_checkpoint import quantize_checkpoint
+
+    return quantize_checkpoint(good_checkpoint, tmp_path_factory.mktemp("fp8") / "ckpt")
+
+
+@pytest.fixture
+def broken_fp8(tmp_path, good_fp8_checkpoint):
+    folder = tmp_path / "broken-fp8"
+    shutil.copytree(good_fp8_checkpoint, folder)
+    return folder
+
+
+def edit_config(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_fp8_tensors(folder, edit) -> None:
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        edit(tensors)
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_unknown_quantization_method(tmp_path, broken_fp8):
+    edit_config(broken_fp8, lambda c: c["quantization_config"].update(quant_method="awq"))
+    out = tmp_path / "out"
+    assert_clean_failure(run_export(broken_fp8, out), out, "quantization_config.quant_method 'awq'")
+
+
+def test_fp8_weight_without_its_scale(tmp_path, broken_fp8):
+    name = "model.layers.0.linear_attn.in_proj_qkv.weight"
+    rewrite_fp8_tensors(broken_fp8, lambda t: t.pop(name + "_scale_inv", None))
+    out = tmp_path / "out"
+    assert_clean_failure(run_export(broken_fp8, out), out, f"FP8 weight {name} has no scale")
+
+
+def test_fp8_scale_grid_of_the_wrong_shape(tmp_path, broken_fp8):
+    name = "model.layers.3.self_attn.o_proj.weight_scale_inv"
+    rewrite_fp8_tensors(broken_fp8, lambda t: t.update({name: torch.ones(2, 1)}) if name in t else None)
+    out = tmp_path / "out"
+    assert_clean_failure(run_export(broken_fp8, out), out, f"scale {name} has shape (2, 1), expected (1, 1)")
+
+
+def test_fp8_weights_in_a_checkpoint_without_quantization_config(tmp_path, broken_fp8):
+    edit_config(broken_fp8, lambda c: c.pop("quantization_config"))
+    out = tmp_path / "out"
+    assert_clean_failure(
+        run_export(broken_fp8, out), out, "is F8_E4M3 but config.json has no quantization_config"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dtype", "fp64"], "--dtype 'fp64' is not one of fp32, bf16, fp16"),
+        (["--weights", "fp8"], "--weights fp8 needs an FP8 checkpoint"),
+        (["--weights", "int3"], "--weights 'int3' is not one of fp8, dequant"),
+    ],
+)
+def test_bad_precision_options(tmp_path, good_checkpoint, options, message):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["export", "--model", str(good_checkpoint), "-o", str(out), *options])
+    assert_clean_failure(result, out, message)

@@ -67,7 +67,7 @@ def test_engines_for_three_gpus_and_the_manifest(first_builds, precision):
         assert len(entry["fingerprint"]) == 64
     assert manifest["deploy"]["precision"] == precision
     assert [p["name"] for p in manifest["deploy"]["profiles"]] == ["prefill", "decode"]
-    assert [p["name"] for p in manifest["passes"]] == ["lower-trt-rtx", "precision"]
+    assert [p["name"] for p in manifest["passes"]] == ["widen-to-fp32", "lower-trt-rtx", "precision"]
     assert manifest["precision"]["islands"]["recurrence"] == 3
     assert manifest["fingerprint"]["model_sha256"] == manifest["model"]["sha256"]
     assert manifest["versions"]["tensorrt_rtx_bindings"]

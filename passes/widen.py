@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.exporter.checkpoint import cast_array
 from qwen_export.passes.base import PassStats, QwenPass
 
 FLOAT = ir.DataType.FLOAT
@@ -35,17 +36,21 @@ class Fp8Source:
 
 
 class Fp8Tensor(ir.LazyTensor):
-    """The fp32 weights a blocked DequantizeLinear of two constants computes, computed when read, with
-    the e4m3 source kept for a pass that wants it back."""
+    """The weights a blocked DequantizeLinear of two constants computes (fp32, or `dtype` after the
+    precision pass narrowed them), computed when read, with the e4m3 source kept for a pass that wants it
+    back (passes/fp8_weights.py)."""
 
-    def __init__(self, source: Fp8Source, name: str) -> None:
+    def __init__(self, source: Fp8Source, name: str | None, dtype: ir.DataType = FLOAT) -> None:
         self.fp8_source = source
         super().__init__(
-            lambda: ir.tensor(dequantize(source), name=name),
-            dtype=FLOAT,
+            lambda: ir.tensor(cast_array(dequantize(source), self.dtype), dtype=self.dtype, name=self.name),
+            dtype=dtype,
             shape=ir.Shape(list(source.weight.shape)),
             name=name,
         )
+
+    def with_dtype(self, dtype: ir.DataType) -> Fp8Tensor:
+        return Fp8Tensor(self.fp8_source, self.name, dtype)
 
 
 def dequantize(source: Fp8Source) -> np.ndarray:

@@ -75,6 +75,7 @@ class BuildRequest:
     )
     timing_cache: Path | None = dataclasses.field(default=None, metadata={"option": "timing_cache"})
     dry_run: bool = dataclasses.field(default=False, metadata={"option": "dry_run"})
+    weights: str | None = dataclasses.field(default=None, metadata={"option": "weights"})
 
     def given_options(self) -> list[str]:
         """The options set away from their defaults, by option name."""
@@ -128,7 +129,9 @@ def _build_engines(
     from qwen_export.exporter.export import cached_export
 
     # Everything that can be wrong with the request is reported before any work.
+    source_dir, _ = resolve_source(request.preset, request.model_dir)
     deploy = deploy_spec(
+        weights=_engine_weights(request.weights, read_config_json(source_dir), source_dir),
         gpu=request.gpu,
         precision=request.precision,
         max_batch=request.max_batch,
@@ -152,6 +155,19 @@ def _build_engines(
         hardware_compatibility=request.hardware_compatibility,
         timing_cache=request.timing_cache,
     )
+
+
+def _engine_weights(weights: str | None, config: dict[str, Any], source_dir: Path) -> str:
+    """An engine's weights: an FP8 checkpoint keeps its e4m3 weights unless told `dequant`; any other
+    checkpoint has nothing to keep."""
+    from qwen_export.exporter import fp8
+
+    quantized = fp8.fp8_block(config, str(source_dir / "config.json")) is not None
+    if weights == "fp8" and not quantized:
+        raise QwenExportError(
+            f"{source_dir}: --weights fp8 needs an FP8 checkpoint (config.json has no quantization_config)"
+        )
+    return weights or ("fp8" if quantized else "dequant")
 
 
 def _golden_for(preset: str | None, golden_dir: str | os.PathLike | None, config: dict[str, Any]):

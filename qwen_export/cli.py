@@ -290,6 +290,13 @@ def build(
         Path | None, typer.Option(help="Timing cache file shared between builds.")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the engine build plan and stop.")] = False,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Engine targets, FP8 checkpoints: fp8 (default) keeps the e4m3 weights (trt-rtx, sm89 and "
+            "newer); dequant builds them in the engine's precision."
+        ),
+    ] = None,
 ) -> None:
     """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json;
     for engine targets, OUT/engines/<gpu>/model.engine and a manifest fingerprinting everything that went in.
@@ -306,6 +313,7 @@ def build(
         precision=precision, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
         spec_file=spec, workspace_mib=workspace, opt_level=opt_level, version_compatible=version_compatible,
         hardware_compatibility=hardware_compatibility, timing_cache=timing_cache, dry_run=dry_run,
+        weights=weights,
     )  # fmt: skip
     request.check_options()
     with pass_progress(request, err) as hooks:

@@ -30,7 +30,7 @@ ONNX_OPTIONS = frozenset({"check", "golden"})
 ENGINE_OPTIONS = frozenset(
     {
         "gpu", "precision", "max_batch", "max_prompt", "max_context", "spec", "workspace", "opt_level",
-        "version_compatible", "hardware_compatibility", "timing_cache", "dry_run",
+        "version_compatible", "hardware_compatibility", "timing_cache", "dry_run", "weights",
     }
 )  # fmt: skip
 
@@ -43,6 +43,7 @@ class PipelineOptions:
     logits_fp32: bool = True
     max_tokens: int | None = None  # largest batch x prompt an engine serves (bounds gathered MoE weights)
     moe: str = "auto"  # trt-rtx MoE form (auto | gather | dense)
+    weights: str = "dequant"  # an FP8 checkpoint's weights: dequant (in `precision`) | fp8 (e4m3 kept)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,12 @@ def _trt_rtx_engine(options: PipelineOptions) -> list[QwenPass]:
 
     # Engines start from the cached export, which keeps its checkpoint's precision: widened first.
     lower = LowerToTrtRtx(moe=options.moe, max_tokens=options.max_tokens)
-    return [WidenToFp32(), lower, Precision(options.precision, logits_fp32=options.logits_fp32)]
+    passes = [WidenToFp32(), lower, Precision(options.precision, logits_fp32=options.logits_fp32)]
+    if options.weights == "fp8":
+        from qwen_export.passes.fp8_weights import Fp8Weights
+
+        passes.append(Fp8Weights())
+    return passes
 
 
 def _trt_engine(options: PipelineOptions) -> list[QwenPass]:

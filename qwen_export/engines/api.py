@@ -31,6 +31,7 @@ def deploy_spec(
     workspace_mib: int | None = None,
     logits_fp32: bool | None = None,
     spec_file: str | os.PathLike | None = None,
+    weights: str | None = None,
 ) -> DeploySpec:
     """A validated spec from a file (JSON/TOML) and/or flags; a flag given overrides the file's value."""
     data: dict[str, Any] = {}
@@ -40,6 +41,7 @@ def deploy_spec(
     flags = {
         "gpus": gpu, "precision": precision, "max_batch": max_batch, "max_prompt": max_prompt,
         "max_context": max_context, "workspace_mib": workspace_mib, "logits_fp32": logits_fp32,
+        "weights": weights,
     }  # fmt: skip
     data.update({k: v for k, v in flags.items() if v is not None})
     data["target"] = target

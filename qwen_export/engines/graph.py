@@ -28,6 +28,7 @@ def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[QwenPass]:
         logits_fp32=spec.logits_fp32,
         max_tokens=spec.max_batch * spec.max_prompt,
         moe=moe,
+        weights=spec.weights,
     )
     return get_target(spec.target).passes(options)
 

@@ -22,6 +22,9 @@ from qwen_export.targets import TARGETS, EngineTraits, names
 
 PRECISIONS = ("fp16", "bf16")
 INT32_MAX = 2**31 - 1
+# An engine's weights: in its precision (an FP8 checkpoint dequantized), or an FP8 checkpoint's e4m3 kept.
+WEIGHTS = ("dequant", "fp8")
+FP8_MIN_SM = 89  # FP8 tensor cores: Ada (sm89), Hopper (sm90), Blackwell
 
 # Product names a deployer types, mapped to the compute capability an engine is built for.
 GPU_NAMES: dict[str, str] = {
@@ -69,6 +72,7 @@ class DeploySpec:
     target: str = "trt-rtx"
     workspace_mib: int | None = None  # None: the builder's default (all device memory)
     logits_fp32: bool = True
+    weights: str = "dequant"
     requested: tuple[str, ...] = field(default=(), compare=False)  # the names as the user wrote them
 
     @classmethod
@@ -82,6 +86,7 @@ class DeploySpec:
         target: str = "trt-rtx",
         workspace_mib: int | None = None,
         logits_fp32: bool = True,
+        weights: str = "dequant",
     ) -> DeploySpec:
         """Build and validate a spec; every problem is reported in one DeploySpecError."""
         names = [g for g in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(g).strip()]
@@ -104,6 +109,7 @@ class DeploySpec:
             target=target,
             workspace_mib=workspace_mib,
             logits_fp32=logits_fp32,
+            weights=str(weights).lower(),
             requested=tuple(str(n).strip() for n in names),
         )
         problems += spec.problems(gpus_given=bool(names))
@@ -115,7 +121,7 @@ class DeploySpec:
     def from_mapping(cls, data: Mapping[str, Any]) -> DeploySpec:
         allowed = {
             "gpus", "gpu", "precision", "max_batch", "max_prompt", "max_context", "target", "workspace_mib",
-            "logits_fp32",
+            "logits_fp32", "weights",
         }  # fmt: skip
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -186,6 +192,13 @@ class DeploySpec:
             not isinstance(self.workspace_mib, int) or self.workspace_mib < 1
         ):
             out.append(f"workspace_mib must be a positive integer, got {self.workspace_mib!r}")
+        if self.weights not in WEIGHTS:
+            out.append(f"unknown weights {self.weights!r}: use one of {', '.join(WEIGHTS)}")
+        elif self.weights == "fp8" and self.target != "trt-rtx":
+            out.append(
+                f"--weights fp8 builds with the trt-rtx target (the {self.target} target's plugins take "
+                "bf16/fp16 weights); use --target trt-rtx or --weights dequant"
+            )
         for sm in self.gpus:
             out += self._gpu_problems(sm, traits)
         return out
@@ -206,6 +219,11 @@ class DeploySpec:
             )
         if self.precision == "bf16" and sm_number(sm) < BF16_MIN_SM:
             out.append(f"{label}: {sm} has no bf16 support; use --precision fp16 for it")
+        if self.weights == "fp8" and sm_number(sm) < FP8_MIN_SM:
+            out.append(
+                f"{label}: FP8 weights need sm89 or newer (FP8 tensor cores: Ada, Hopper, Blackwell); "
+                "build it with --weights dequant, or leave it out"
+            )
         return out
 
     def label(self, sm: str) -> str:

@@ -38,6 +38,7 @@ class DiffReport:
     first_bad_layer: int | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
     first_bad_pass: str | None = None
+    reference_dtype: str = "fp32"  # what transformers (or the golden's reference) ran in
 
     @property
     def passed(self) -> bool:
@@ -58,7 +59,9 @@ class DiffReport:
 
         headers = ("check", "max |Δ|", "mean |Δ|", "cos min", "top-1", "top-5", "KL mean")
         table = Table(
-            *headers, title=f"{self.artifact} vs {self.against} ({self.precision}: {self.tolerances})"
+            *headers,
+            title=f"{self.artifact} vs {self.against} ({self.reference_dtype} reference; {self.precision}: "
+            f"{self.tolerances})",
         )
         for name, m in self.prefill.items():
             table.add_row(
@@ -211,7 +214,12 @@ def diff_artifact(
     per_pass: rebuild the artifact's pipeline (or `passes`) with a check after every pass and name the first
     pass out of tolerance.
     """
-    from qwen_export.golden.reference import load_reference, reference_forward, reference_greedy
+    from qwen_export.golden.reference import (
+        REFERENCE_DTYPES,
+        load_reference,
+        reference_forward,
+        reference_greedy,
+    )
     from qwen_export.runtime.ort_decoder import OrtDecoder
 
     model_path, info = _artifact_model(Path(artifact))
@@ -223,6 +231,9 @@ def diff_artifact(
         golden = load_golden(against_path)
     reference_dir = against_path if against_path is not None and golden is None else source_dir
     report = DiffReport(str(artifact), str(against_path or reference_dir), precision, tol)
+    # A live reference runs in the export's own dtype: a bf16 export is compared with transformers in bf16.
+    reference_dtype = info.get("dtype") if info.get("dtype") in REFERENCE_DTYPES else "fp32"
+    report.reference_dtype = golden.dtype if golden is not None else reference_dtype
     decoder = OrtDecoder(model_path)
     model = None
 
@@ -234,7 +245,7 @@ def diff_artifact(
             raise QwenExportError(
                 "pass --against GOLDEN_DIR or a checkpoint folder (the artifact names no source)"
             )
-        model = load_reference(reference_dir)
+        model = load_reference(reference_dir, reference_dtype)
         vocab = decoder.vocab_size
         cases = [
             (n, ids, reference_forward(model, ids)[0])
@@ -253,7 +264,7 @@ def diff_artifact(
         if model is None:
             if reference_dir is None or not reference_dir.is_dir():
                 raise QwenExportError("--per-layer needs the checkpoint: pass --against MODEL_DIR")
-            model = load_reference(reference_dir)
+            model = load_reference(reference_dir, reference_dtype)
         ids = make_prompt(decoder.vocab_size, PER_LAYER_PROMPT)
         refs = reference_layer_outputs(model, ids)
         with model_with_layer_outputs(model_path, len(refs)) as layered_path:

@@ -203,3 +203,22 @@ def test_export_json_records_precision(tmp_path):
     assert result.info["io"]["outputs"][0] == {
         "name": "logits", "dtype": "float32", "shape": ["batch", "sequence", VOCAB]
     }  # fmt: skip
+
+
+def test_validate_and_diff_hold_a_bf16_export_to_bf16(tmp_path):
+    """validate against a golden made in bf16 (the checkpoint dtype it would default to) and diff against
+    the live reference, which runs in the export's dtype."""
+    from qwen_export.diff import diff_artifact
+    from qwen_export.golden.store import generate_golden
+    from qwen_export.validate import validate_artifact
+
+    export_model(tmp_path / "bf16", preset="tiny-qwen3.5-moe", dtype="bf16")
+    generate_golden(materialize("tiny-qwen3.5-moe"), tmp_path / "golden", "test", dtype="bf16")
+    report = validate_artifact(tmp_path / "bf16", tmp_path / "golden")
+    assert report.passed, report.to_json()
+    assert (report.precision, report.reference_dtype, report.emulated) == ("bf16", "bf16", True)
+    assert report.tolerance == BF16["logits_max_abs"]
+    assert report.greedy_match_length == report.greedy_tokens == 32
+    diff = diff_artifact(tmp_path / "bf16")
+    assert diff.reference_dtype == "bf16" and diff.passed, diff.to_json()
+    assert diff.greedy_agreement == diff.greedy_tokens

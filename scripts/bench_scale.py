@@ -379,11 +379,16 @@ def export_cli() -> list[str]:
 class Poller(threading.Thread):
     """Every 50 ms: RSS of the child and its descendants (peak), free disk; stops the child past a limit."""
 
-    def __init__(self, pid: int, work: Path, min_free: float, rss_limit: float, timeout_s: float) -> None:
+    def __init__(
+        self, pid: int, work: Path, out: Path, min_free: float, rss_limit: float, timeout_s: float
+    ) -> None:
         super().__init__(daemon=True)
-        self.pid, self.work, self.min_free, self.rss_limit = pid, work, min_free, rss_limit
-        self.deadline = time.monotonic() + timeout_s
+        self.pid, self.work, self.out, self.min_free, self.rss_limit = pid, work, out, min_free, rss_limit
+        self.start_t = time.monotonic()
+        self.deadline = self.start_t + timeout_s
         self.peak_rss = 0
+        self.peak_at: tuple[float, int] | None = None  # (seconds since start, output bytes written by then)
+        self.timeline: list[list[float]] = []  # [s, max RSS GB in that second, output GB written], per second
         self.min_free_seen = float("inf")
         self.abort: str | None = None
         self.stop = threading.Event()
@@ -404,7 +409,14 @@ class Poller(threading.Thread):
                     rss += proc.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak_rss = max(self.peak_rss, rss)
+            now = time.monotonic() - self.start_t
+            second = int(now)
+            if not self.timeline or self.timeline[-1][0] != second:
+                self.timeline.append([second, 0.0, round(self._out_bytes() / GB, 3)])
+            self.timeline[-1][1] = max(self.timeline[-1][1], round(rss / GB, 3))
+            if rss > self.peak_rss:
+                self.peak_rss = rss
+                self.peak_at = (round(now, 2), self._out_bytes())
             free = free_bytes(self.work)
             self.min_free_seen = min(self.min_free_seen, free)
             reason = None
@@ -424,10 +436,22 @@ class Poller(threading.Thread):
                 return
             self.stop.wait(POLL_S)
 
+    def _out_bytes(self) -> int:
+        """Bytes the export has written so far: blocks allocated under its atomic temp folder, or the
+        output once renamed (onnx_ir preallocates its data file, so sizes would say nothing)."""
+        total = 0
+        for folder in [self.out, *self.out.parent.glob(f".{self.out.name}.tmp-*")]:
+            try:
+                total += sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
+            except OSError:
+                pass
+        return total
+
 
 def run_export(
-    ckpt: Path, out: Path, label: str, flags: list[str], work: Path, args: argparse.Namespace, floor: dict
-) -> dict[str, Any]:
+    ckpt: Path, out: Path, label: str, flags: list[str], work: Path, args: argparse.Namespace
+) -> dict:
+    """Run one export and measure it; throughput is compared with the disk afterwards (rate_export)."""
     argv = [*export_cli(), "export", "--model", str(ckpt), "-o", str(out), *flags]
     shown = ["qwen-export", *argv[len(export_cli()) :]]
     result: dict[str, Any] = {"variant": label, "command": shlex.join(shown)}
@@ -442,7 +466,9 @@ def run_export(
             [sys.executable, "-c", LAUNCHER, str(report), *argv], stdout=logf, stderr=subprocess.STDOUT,
             cwd=REPO, env=env,
         )  # fmt: skip
-        poller = Poller(proc.pid, work, args.min_free_gb * GB, args.rss_limit_gb * GB, args.export_timeout)
+        poller = Poller(
+            proc.pid, work, out, args.min_free_gb * GB, args.rss_limit_gb * GB, args.export_timeout
+        )
         poller.start()
         proc.wait()
         poller.stop.set()
@@ -470,6 +496,12 @@ def run_export(
         else None,
     )
     result["peak_rss_bytes"] = max(result["peak_rss_bytes_polled"], result["peak_rss_bytes_rusage"])
+    if poller.peak_at is not None:
+        result["polled_peak_at"] = {
+            "s": poller.peak_at[0],
+            "output_gb_written": round(poller.peak_at[1] / GB, 2),
+        }
+    result["rss_timeline"] = {"columns": ["s", "max RSS GB", "output GB written"], "rows": poller.timeline}
     if not ok:
         lines = [line for line in text.splitlines() if line.strip()]
         result["error"] = "\n".join(lines[-6:])[-1500:]
@@ -481,20 +513,7 @@ def run_export(
         info = json.loads(info_path.read_text())
         result["export_json"] = {k: info.get(k) for k in ("timings_s", "peak_rss_mib", "graph", "checkpoint")}
     written = tree_bytes(out)
-    read = result["io_read_bytes"]
-    gbps = written / result["wall_s"] / GB
-    io_floor_s = read / (floor["read_gbps"] * GB) + written / (floor["write_gbps"] * GB)
-    result.update(
-        bytes_written=written,
-        gbps=round(gbps, 3),
-        pct_of_copy_floor=round(100 * gbps / floor["copy_floor_gbps"], 1),
-        io_floor_s=round(io_floor_s, 3),
-        pct_of_io_floor=round(100 * io_floor_s / result["wall_s"], 1),
-    )
-    result["acceptance"] = {
-        "throughput_ok": result["pct_of_copy_floor"] >= ACCEPT_FLOOR_PCT,
-        "peak_rss_ok": result["peak_rss_bytes"] < ACCEPT_RSS_BYTES,
-    }
+    result.update(bytes_written=written, gbps=round(written / result["wall_s"] / GB, 3))
     return result
 
 
@@ -535,7 +554,7 @@ def write_checkpoint(
 
 
 def run_case(
-    kind: str, work: Path, config: dict, shapes: dict, args: argparse.Namespace, disk: dict
+    kind: str, work: Path, config: dict, shapes: dict, args: argparse.Namespace, samples: list[dict]
 ) -> dict[str, Any]:
     blocks = RandomBlocks(seed=3)
     shard_bytes = int(args.shard_gb * GIB)
@@ -558,7 +577,10 @@ def run_case(
             finally:
                 shutil.rmtree(copy, ignore_errors=True)
             log(f"[{kind}] peer copy: {case['peer_copy']['wall_s']:.1f} s ({case['peer_copy']['gbps']} GB/s)")
+        around: list[tuple[dict, dict]] = []  # (export result, disk sample right before it)
         for label, flags in EXPORT_VARIANTS[kind]:
+            if args.variants and label not in args.variants:
+                continue
             out = work / f"export-{label.split()[0]}-{len(case['exports'])}"
             shutil.rmtree(out, ignore_errors=True)
             expect = planned if "dequant" not in label else bf16_bytes(shapes)
@@ -567,9 +589,11 @@ def run_case(
             except DiskSpaceError as e:
                 case["exports"].append({"variant": label, "status": f"skipped: {e}"})
                 continue
+            samples.append(sample_disk(work, args, f"before {kind} / {label}"))
             log(f"[{kind}] export {label}: {' '.join(flags) or '(default flags)'}")
             try:
-                result = run_export(ckpt, out, label, flags, work, args, disk)
+                result = run_export(ckpt, out, label, flags, work, args)
+                around.append((result, samples[-1]))
                 if "peer_copy" in case and "gbps" in result:
                     result["pct_of_peer_copy"] = round(100 * result["gbps"] / case["peer_copy"]["gbps"], 1)
             finally:
@@ -580,6 +604,12 @@ def run_case(
                 f"[{kind}] export {label}: {result['status']}, {result['wall_s']:.1f} s, "
                 f"{result.get('gbps', '-')} GB/s, peak RSS {result['peak_rss_bytes'] / GB:.2f} GB"
             )
+        if around:
+            samples.append(sample_disk(work, args, f"after {kind}"))
+            nexts = [b for _, b in around[1:]] + [samples[-1]]
+            median = disk_summary(samples)
+            for (result, before), after in zip(around, nexts, strict=True):
+                rate_export(result, before, after, median)
     except DiskSpaceError as e:
         case["status"] = str(e)
         log(f"[{kind}] {e}")
@@ -587,6 +617,57 @@ def run_case(
         if not args.keep:
             shutil.rmtree(ckpt, ignore_errors=True)
     return case
+
+
+def rate_export(result: dict[str, Any], before: dict[str, Any], after: dict[str, Any], median: dict) -> None:
+    """Compare an export with the disk measured right before and right after it (this disk's speed drifts
+    between runs, so the floor is the mean of those two samples); also with the run's median sample."""
+    if result.get("status") != "ok":
+        return
+    write = (before["write_gbps"] + after["write_gbps"]) / 2
+    read = (before["read_gbps"] + after["read_gbps"]) / 2
+    floor = 1 / (1 / read + 1 / write)
+    io_floor_s = result["io_read_bytes"] / (read * GB) + result["bytes_written"] / (write * GB)
+    result.update(
+        disk_around={
+            "write_gbps": round(write, 3),
+            "read_gbps": round(read, 3),
+            "copy_floor_gbps": round(floor, 3),
+        },
+        pct_of_copy_floor=round(100 * result["gbps"] / floor, 1),
+        pct_of_median_copy_floor=round(100 * result["gbps"] / median["copy_floor_gbps"], 1),
+        io_floor_s=round(io_floor_s, 3),
+        pct_of_io_floor=round(100 * io_floor_s / result["wall_s"], 1),
+    )
+    result["acceptance"] = {
+        "throughput_ok": result["pct_of_copy_floor"] >= ACCEPT_FLOOR_PCT,
+        "peak_rss_ok": result["peak_rss_bytes"] < ACCEPT_RSS_BYTES,
+    }
+
+
+def disk_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return round(float(np.median([x[key] for x in samples])), 3)
+
+    return {
+        **{f"{k}_median": med(k) for k in ("write_gbps", "read_gbps", "copy_floor_gbps")},
+        **{
+            f"{k}_range": [min(x[k] for x in samples), max(x[k] for x in samples)]
+            for k in ("write_gbps", "read_gbps")
+        },
+        "copy_floor_gbps": med("copy_floor_gbps"),
+        "write_gbps": med("write_gbps"),
+        "read_gbps": med("read_gbps"),
+        "test_bytes": samples[0]["test_bytes"],
+        "method": samples[0]["method"],
+        "samples": samples,
+    }
+
+
+def sample_disk(work: Path, args: argparse.Namespace, when: str) -> dict[str, Any]:
+    sample = {"when": when, **measure_disk(work, int(args.disk_test_gb * GB), args.min_free_gb * GB)}
+    log(f"disk {when}: write {sample['write_gbps']} GB/s, read {sample['read_gbps']} GB/s")
+    return sample
 
 
 def bf16_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -718,24 +799,35 @@ def render_md(res: dict[str, Any]) -> str:
         "",
         "## Disk",
         "",
-        f"Sequential write {d['write_gbps']} GB/s (fsync included), cold read {d['read_gbps']} GB/s "
-        f"({fmt_gb(d['test_bytes'])} GB file; {d['method']}). "
-        "Copy floor = bytes / (bytes/read + bytes/write) "
-        f"= **{d['copy_floor_gbps']} GB/s**. GB = 1e9 bytes.",
+        f"Each sample: {d['method']}, {fmt_gb(d['test_bytes'])} GB, taken at the start and right before and "
+        "after each export. This disk's speed drifts a lot from one sample to the next (a virtual disk), so "
+        "each export is compared with the mean of the samples around it. Copy floor = bytes / (bytes/read + "
+        "bytes/write). GB = 1e9 bytes.",
+        "",
+        "| sample | write GB/s | read GB/s | copy floor GB/s |",
+        "|---|---|---|---|",
+        *[
+            f"| {x['when']} | {x['write_gbps']} | {x['read_gbps']} | {x['copy_floor_gbps']} |"
+            for x in d["samples"]
+        ],
+        f"| **median** | {d['write_gbps_median']} | {d['read_gbps_median']} | "
+        f"**{d['copy_floor_gbps_median']}** |",
         "",
         "## Cases",
         "",
         "GB/s = bytes written / wall (wall includes the exporter's start-up and an fsync of the output); "
-        "% floor = that over the copy floor (acceptance: >= 70%, and peak RSS < 3 GB). The I/O floor is "
-        "bytes read / read speed + bytes written / write speed of this export's own bytes; "
-        "% I/O floor = that time over the wall time (fairer where reads and writes differ, e.g. "
-        "fp8 -> bf16). Peak RSS: the export process's own ru_maxrss (forked from a small launcher) and "
-        "psutil polling every 50 ms of it and its children, whichever is higher. Read GB: the export's "
-        "block-device reads.",
+        "% floor = that over the copy floor of the disk samples around the export (acceptance: >= 70%, and "
+        "peak RSS < 3 GB); % median floor: over the run's median copy floor. The I/O floor is bytes read / "
+        "read speed + bytes written / write speed of this export's own bytes; % I/O floor = that time over "
+        "the wall time (fairer where reads and writes differ, e.g. fp8 -> bf16). Peak RSS: the export "
+        "process's own ru_maxrss (forked from a small launcher) and psutil polling every 50 ms of it and its "
+        "children, whichever is higher; 'at' = when the polled peak came, and how much output was written by "
+        "then. Read GB: the export's block-device reads.",
         "",
         "| case | checkpoint GB (shards) | peer copy s (GB/s) | export | status | export GB | wall s | "
-        "GB/s | % copy floor | % I/O floor | % peer copy | peak RSS GB | read GB | export.json timings s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "GB/s | floor around (W / R GB/s) | % copy floor | % median floor | % I/O floor | % peer copy | "
+        "peak RSS GB (at) | read GB | export.json timings s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in res["cases"]:
         ck = case.get("checkpoint")
@@ -745,14 +837,31 @@ def render_md(res: dict[str, Any]) -> str:
         for e in case["exports"] or [{"variant": "–", "status": case.get("status", "–")}]:
             status = e["status"] if len(e["status"]) < 90 else e["status"][:87] + "..."
             timings = (e.get("export_json") or {}).get("timings_s") or {}
+            da = e.get("disk_around")
+            around = f"{da['copy_floor_gbps']} ({da['write_gbps']} / {da['read_gbps']})" if da else "–"
+            at = e.get("polled_peak_at")
+            at_txt = f" (at {at['s']} s, {at['output_gb_written']} GB out)" if at else ""
             lines.append(
                 f"| {case['case']} | {ck_txt} | {peer_txt} | {e['variant']} | {status} | "
                 f"{fmt_gb(e.get('bytes_written'))} | {e.get('wall_s', '–')} | {e.get('gbps', '–')} | "
-                f"{e.get('pct_of_copy_floor', '–')} | {e.get('pct_of_io_floor', '–')} | "
-                f"{e.get('pct_of_peer_copy', '–')} | {fmt_gb(e.get('peak_rss_bytes'))} | "
-                f"{fmt_gb(e.get('io_read_bytes'))} | "
+                f"{around} | "
+                f"{e.get('pct_of_copy_floor', '–')} | {e.get('pct_of_median_copy_floor', '–')} | "
+                f"{e.get('pct_of_io_floor', '–')} | {e.get('pct_of_peer_copy', '–')} | "
+                f"{fmt_gb(e.get('peak_rss_bytes'))}{at_txt} | {fmt_gb(e.get('io_read_bytes'))} | "
                 f"{', '.join(f'{k} {v}' for k, v in timings.items()) or '–'} |"
             )
+    verdicts = [
+        f"{c['case']} / {e['variant']}: throughput {'ok' if e['acceptance']['throughput_ok'] else 'FAIL'}, "
+        f"peak RSS {'ok' if e['acceptance']['peak_rss_ok'] else 'FAIL'}"
+        for c in res["cases"]
+        for e in c["exports"]
+        if "acceptance" in e
+    ]
+    if verdicts:
+        lines += [
+            "",
+            "Acceptance (>= 70% of the copy floor around it, peak RSS < 3 GB): " + "; ".join(verdicts) + ".",
+        ]
     lines += ["", "Checkpoint writing (this script's streaming writer, fsync per shard):", ""]
     for case in res["cases"]:
         if ck := case.get("checkpoint"):
@@ -792,17 +901,53 @@ def render_md(res: dict[str, Any]) -> str:
             )
     if not any_rows:
         lines.append("No export succeeded, so there is nothing to extrapolate.")
-    lines += ["", res["rss_note"], ""]
+    lines += ["", rss_note(res), ""]
     return "\n".join(lines)
 
 
-RSS_NOTE = (
-    "Peak RSS should stay flat from 2 to 60 layers: the exporter streams initializers tensor by tensor "
-    "(lazy tensors, a bounded in-flight budget), so its peak is set by the largest single tensor plus that "
-    "budget and the graph's metadata. The slice already holds the model's largest tensors (the 248,320 x "
-    "4096 embedding and lm_head, one full 512-expert MoE block, each layer kind); more layers add only more "
-    "tensors of the same sizes, and a few hundred bytes of graph metadata per tensor."
-)
+def rss_phases(export: dict[str, Any], share: float = 0.75) -> tuple[float, float, float] | None:
+    """(max RSS GB while the first `share` of the output was written, peak RSS GB, share of the output
+    written when the polled peak came) from the export's RSS timeline."""
+    rows = (export.get("rss_timeline") or {}).get("rows") or []
+    final = max((r[2] for r in rows), default=0.0)
+    early = [r[1] for r in rows if 0 < r[2] <= share * final]
+    at = export.get("polled_peak_at")
+    if not early or not at or not final:
+        return None
+    return max(early), export["peak_rss_bytes"] / GB, at["output_gb_written"] / final
+
+
+def rss_note(res: dict[str, Any]) -> str:
+    phases = [
+        (f"{c['case']} / {e['variant']}", ph)
+        for c in res["cases"]
+        for e in c["exports"]
+        if e.get("status") == "ok" and (ph := rss_phases(e))
+    ]
+    if not phases:
+        return ""
+    detail = "; ".join(
+        f"{name}: {early:.2f} GB, then {peak:.2f} GB with {100 * at:.0f}% written"
+        for name, (early, peak, at) in phases
+    )
+    return (
+        "Peak RSS and the layer count: the exporter streams initializers tensor by tensor, so more layers "
+        "add more tensors of the sizes already in the slice, not larger ones. The RSS timelines in "
+        "scale.json show where the peak comes from (max RSS while the first 75% of the output was written, "
+        f"then the peak, and how much of the output was written by then): {detail}. A peak reached on the "
+        "last tensors written, beyond the RSS of the layers, belongs to a tensor whose size does not depend "
+        f"on the layer count (the vocabulary-sized embed_tokens and lm_head, {res['slice']['vocab_size']:,} "
+        f"x {res['slice']['hidden_size']}, are the same in the slice and in the full model), so the full "
+        "model's peak is expected to be the slice's."
+    )
+
+
+def render_only(results: Path) -> int:
+    """Re-render scale.md from an existing scale.json (no measurement)."""
+    res = json.loads((results / "scale.json").read_text())
+    atomic_write(results / "scale.md", render_md(res))
+    log(f"re-rendered {results / 'scale.md'} from {results / 'scale.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -817,7 +962,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, help="reduced width for a smoke run")
     p.add_argument("--experts", type=int, help="reduced expert count for a smoke run")
     p.add_argument("--vocab", type=int, help="reduced vocabulary for a smoke run")
-    p.add_argument("--disk-test-gb", type=float, default=4.0)
+    p.add_argument("--disk-test-gb", type=float, default=8.0, help="size of each disk throughput sample")
+    p.add_argument("--variants", nargs="+", help="only these export variants (e.g. bf16, fp8)")
     p.add_argument("--shard-gb", type=float, default=4.0, help="shard size in GiB")
     p.add_argument("--min-free-gb", type=float, default=5.0)
     p.add_argument("--export-timeout", type=float, default=3600.0)
@@ -826,7 +972,10 @@ def main(argv: list[str] | None = None) -> int:
         help="stop an export whose RSS passes this (protects the machine)",
     )  # fmt: skip
     p.add_argument("--skip-copy", action="store_true", help="skip the peer copy")
+    p.add_argument("--render-only", action="store_true", help="re-render scale.md from --results' scale.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        return render_only(args.results)
     command = shlex.join(["python", "scripts/bench_scale.py", *(argv if argv is not None else sys.argv[1:])])
 
     work = args.work.expanduser().resolve()
@@ -854,25 +1003,23 @@ def main(argv: list[str] | None = None) -> int:
             **{k: config.get(k) for k in keys},
         },
         "free_disk_gb_at_start": round(free_bytes(work) / GB, 1),
-        "rss_note": RSS_NOTE,
         "cases": [],
     }
     log(f"slice: {res['slice']['parameters'] / 1e9:.2f} B parameters; {source}")
+    samples: list[dict[str, Any]] = []
     try:
-        res["disk"] = measure_disk(work, int(args.disk_test_gb * GB), args.min_free_gb * GB)
+        samples.append(sample_disk(work, args, "at start"))
     except DiskSpaceError as e:
         log(str(e))
         return 2
-    log(f"disk: write {res['disk']['write_gbps']} GB/s, read {res['disk']['read_gbps']} GB/s, "
-        f"copy floor {res['disk']['copy_floor_gbps']} GB/s")  # fmt: skip
     for kind in args.cases:
-        case = run_case(kind, work, config, shapes, args, res["disk"])
+        case = run_case(kind, work, config, shapes, args, samples)
+        res["disk"] = disk_summary(samples)
         case["extrapolation_397b"] = extrapolate(case, config, shapes)
         res["cases"].append(case)
-    res["peak_rss_bytes_of_this_script"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.results / "scale.json", json.dumps(res, indent=2) + "\n")
-    atomic_write(args.results / "scale.md", render_md(res))
+        res["peak_rss_bytes_of_this_script"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        atomic_write(args.results / "scale.json", json.dumps(res, indent=2) + "\n")  # after every case
+        atomic_write(args.results / "scale.md", render_md(res))
     log(f"wrote {args.results / 'scale.json'} and {args.results / 'scale.md'}")
     return 0
 

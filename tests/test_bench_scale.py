@@ -58,10 +58,19 @@ def test_result_fields(smoke):
     ]
     assert res["slice"]["num_experts"] == 4 and res["slice"]["head_dim"] == 256
     disk = res["disk"]
-    assert disk["write_gbps"] > 0 and disk["read_gbps"] > 0
-    assert disk["copy_floor_gbps"] == pytest.approx(
-        1 / (1 / disk["read_gbps"] + 1 / disk["write_gbps"]), rel=0.01
-    )
+    # a sample at the start, then before each export and after each case's last one
+    assert [x["when"] for x in disk["samples"]] == [
+        "at start",
+        "before fp8 / fp8",
+        "before fp8 / fp8 -> dequant bf16",
+        "after fp8",
+        "before bf16 / bf16",
+        "after bf16",
+    ]
+    for x in disk["samples"]:
+        assert x["write_gbps"] > 0 and x["read_gbps"] > 0
+        assert x["copy_floor_gbps"] == pytest.approx(1 / (1 / x["read_gbps"] + 1 / x["write_gbps"]), rel=0.01)
+    assert disk["copy_floor_gbps_median"] > 0
     cases = {c["case"]: c for c in res["cases"]}
     assert set(cases) == {"fp8", "bf16"}
     for case in cases.values():
@@ -78,6 +87,9 @@ def test_result_fields(smoke):
         assert e["wall_s"] > 0 and e["bytes_written"] > 0 and e["peak_rss_bytes"] > 100e6
         assert e["gbps"] == pytest.approx(e["bytes_written"] / e["wall_s"] / 1e9, abs=2e-3)
         assert "pct_of_copy_floor" in e and "pct_of_peer_copy" in e and "timings_s" in e["export_json"]
+        floor = e["disk_around"]["copy_floor_gbps"]
+        assert e["pct_of_copy_floor"] == pytest.approx(100 * e["gbps"] / floor, abs=0.2)
+        assert e["rss_timeline"]["rows"] and e["polled_peak_at"]["s"] <= e["wall_s"]
         assert set(e["acceptance"]) == {"throughput_ok", "peak_rss_ok"}
     ex = cases["bf16"]["extrapolation_397b"]
     assert ex["layers"] == 60 and ex["checkpoint_published_gb"] == 807.0

@@ -210,13 +210,17 @@ def tool_versions() -> dict[str, str]:
 
 
 def save_model(model: ir.Model, path: Path, data_file: str | None = None) -> None:
-    """Write a model with its weights as external data, materialising and writing tensors on a few threads
-    (peak memory stays bounded by the in-flight budget plus the largest tensor)."""
+    """Write a model with its weights as external data, materialising and writing tensors on four threads
+    (peak memory stays bounded by the in-flight budget plus the largest piece of a pieced tensor).
+
+    Four, not one per core: the writers spend most of their time in write(2) and numpy/torch copies, which
+    release the GIL. On this 2-core machine a 5 GB FP8 export went from 0.25 to 0.39 GB/s with four (the
+    disk wrote 0.5 GB/s)."""
     ir.save(
         model,
         path,
         external_data=data_file or f"{Path(path).name}.data",
-        max_workers=min(4, os.cpu_count() or 1),
+        max_workers=4,
         max_in_flight_bytes=256 << 20,
     )
 

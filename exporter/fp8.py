@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from qwen_export.errors import ConfigError
 
 QUANT_METHOD = "fp8"
@@ -101,12 +103,26 @@ def fp8_block(config: dict[str, Any], source: str = "config.json") -> tuple[int,
             f"{source}: quantization_config.activation_scheme {scheme!r} is not supported (only 'dynamic')"
         )
     block = qc.get("weight_block_size")
-    if (
-        not isinstance(block, list)
-        or len(block) != 2
-        or not all(isinstance(b, int) and b > 0 for b in block)
-    ):
+    if not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise ConfigError(
             f"{source}: quantization_config.weight_block_size must be two positive integers, got {block!r}"
         )
     return block[0], block[1]
+
+
+def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = BLOCK) -> np.ndarray:
+    """fp32 W [out, in] from e4m3 W and its [ceil(out/b0), ceil(in/b1)] multipliers: block (i, j) is
+    W[b0*i : b0*(i+1), b1*j : b1*(j+1)] * scale_inv[i, j]. Whole blocks broadcast their scale without
+    building a full-size scale array (the exporter dequantizes 400 GB this way)."""
+    rows, cols = weight.shape
+    grid_rows, grid_cols = scale_grid(weight.shape, block)
+    scale = np.asarray(scale_inv, dtype=np.float32)
+    if scale.shape != (grid_rows, grid_cols):
+        raise ValueError(f"scale grid {scale.shape} does not fit weight {weight.shape} in blocks of {block}")
+    values = weight.astype(np.float32)
+    if rows == grid_rows * block[0] and cols == grid_cols * block[1]:
+        blocks = values.reshape(grid_rows, block[0], grid_cols, block[1])
+        blocks *= scale[:, None, :, None]
+        return values
+    expanded = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)[:rows, :cols]
+    return values * expanded

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from qwen_export.exporter.attention import (
@@ -20,7 +21,7 @@ from qwen_export.exporter.deltanet import gated_deltanet
 from qwen_export.exporter.mlp import dense_mlp, sparse_moe
 from qwen_export.exporter.spec import ModelSpec
 from qwen_export.exporter.vision_spec import DEFAULT_MROPE_SECTION
-from qwen_export.exporter.weights import Weights, transpose_2d
+from qwen_export.exporter.weights import Weights, row_blocks, transpose_2d
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def build_decoder(
                 (hidden, spec.vocab_size),
                 lambda a: transpose_2d(a[0]),
                 layout_only=True,
+                pieces=row_blocks(w.full_name(head_source), spec.vocab_size, hidden, _transposed),
+                piece_axis=1,  # [hidden, vocab] written in blocks of vocab columns
             ),
         )
 
@@ -192,7 +195,12 @@ def token_embedding(w: Weights, spec: ModelSpec) -> ir.Value:
         [("embed_tokens.weight", (spec.vocab_size, spec.hidden_size))],
         (spec.vocab_size, spec.hidden_size),
         layout_only=True,
+        pieces=row_blocks(w.full_name("embed_tokens.weight"), spec.vocab_size, spec.hidden_size),
     )
+
+
+def _transposed(arrays: list[np.ndarray]) -> np.ndarray:
+    return transpose_2d(arrays[0])
 
 
 def _name_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:

@@ -39,15 +39,14 @@ class Weights:
         layout_only: bool = False,
         pieces: Pieces | None = None,
         dtype: ir.DataType = ir.DataType.FLOAT,
+        piece_axis: int = 0,
     ) -> ir.Value:
         """An initializer `transform(source arrays)`; `layout_only` when the transform only moves elements
         (it then runs on the stored dtype), `pieces` to write it slice by slice (see Checkpoint.lazy)."""
         full = [self.full_name(s) for s, _ in sources]
         for f, (_, s_shape) in zip(full, sources, strict=True):
             self.ckpt.require(f, s_shape)
-        tensor = self.ckpt.lazy(
-            full, shape, transform, name=graph_name, layout_only=layout_only, pieces=pieces, dtype=dtype
-        )
+        tensor = self.ckpt.lazy(full, shape, transform, graph_name, layout_only, pieces, dtype, piece_axis)
         return self.gb.initializer(graph_name, tensor)
 
     def is_fp8(self, name: str) -> bool:
@@ -119,6 +118,15 @@ class Weights:
     def zero_centred_scale(self, name: str, size: int) -> ir.Value:
         """Qwen3.5 RMSNorm weights are stored centred at zero; the graph multiplies by (1 + w)."""
         return self.derived(name + ".plus_one", [(name, (size,))], (size,), lambda a: 1.0 + a[0])
+
+
+def row_blocks(
+    name: str, rows: int, cols: int, transform: Transform | None = None, block_bytes: int = 64 << 20
+) -> list[tuple[list[Source], Transform | None]]:
+    """`name` [rows, cols] as pieces of whole rows, each at most `block_bytes` in fp32 (a multiple of 128
+    rows, FP8's block): a vocabulary-sized embedding or head is written a block at a time."""
+    step = max(128, (block_bytes // (4 * cols)) // 128 * 128)
+    return [([(name, (r, min(r + step, rows)))], transform) for r in range(0, rows, step)]
 
 
 def transpose_2d(array: np.ndarray) -> np.ndarray:

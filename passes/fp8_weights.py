@@ -4,9 +4,16 @@
 its e4m3 weight and fp32 block scales; the lowering and the precision pass then treated it like any
 weight. This pass, last in the trt-rtx pipeline under `--weights fp8`, replaces each such initializer that
 a MatMul reads as its weights with DequantizeLinear(e4m3 weight, fp32 scale, axis, block_size) writing the
-engine's precision (`output_dtype`), the form TensorRT fuses into an FP8-weight GEMM. Weights read
-otherwise (gathered per token by the MoE lowering, for instance) stay in the engine's precision; the pass
-counts them by reason.
+engine's precision (`output_dtype`). Weights read otherwise stay in the engine's precision, counted by
+reason: the MoE lowering gathers each token's experts, and ONNX's Gather takes no float8; and a weight
+whose input dimension is not a multiple of the block (TensorRT ignores `block_size` and divides the
+dimension by the number of scales).
+
+What TensorRT-RTX 1.7 makes of it (measured ahead of time for sm89 and sm120; no GPU ran it): the weights
+stay one byte each in the engine (1.05 bytes per weight with the fp32 scales, against 2.00 in bf16), and
+each run dequantizes them into a bf16 buffer for a bf16 GEMM: the gain is memory, not FP8 arithmetic.
+sm80 and sm86 cannot build FP8 at all ("model contains HW-specific datatypes: fp8_e4m3"), which the
+deployment spec refuses up front.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ class Fp8Weights(QwenPass):
             if source is None:
                 continue
             uses = list(value.uses())
+            blocked = source.weight.shape[source.axis]
+            if blocked > source.block_size and blocked % source.block_size:
+                # TensorRT takes (blocked dim / number of scales) as the block and ignores block_size: a
+                # ragged last block would dequantize with the wrong scales.
+                self.stats.keep(f"input dimension not a multiple of {source.block_size}")
+                continue
             if not uses or not all(u.node.op_type == "MatMul" and u.idx == 1 for u in uses):
                 reasons = sorted({f"read by {u.node.op_type}" for u in uses if u.node.op_type != "MatMul"})
                 self.stats.keep(", ".join(reasons) or "read as a MatMul's activations")

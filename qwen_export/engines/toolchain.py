@@ -158,10 +158,16 @@ class Toolchain(ABC):
             )
 
         attention_layers = _allow_decomposed_attention(trt, network)
+        dequantize_layers = _count_layers(trt, network, "DEQUANTIZE")
 
         start = time.perf_counter()
         config = builder.create_builder_config()
         config.builder_optimization_level = options.opt_level
+        if dequantize_layers:
+            # FP8 weights: TensorRT-RTX 1.7 dequantizes each into a bf16 scratch buffer per run; auxiliary
+            # streams keep those buffers apart, so the engine would need more memory than a bf16 one
+            # (measured: 23.9 MiB of activations for 8 layers of 1024x1024, 10.1 MiB with none, bf16 8.1).
+            config.max_aux_streams = 0
         if options.workspace_mib:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
         if options.version_compatible:
@@ -186,7 +192,7 @@ class Toolchain(ABC):
         with open(engine_path, "wb") as f:
             f.write(memoryview(engine))
         timings["serialize"] = time.perf_counter() - start
-        info = {"attention_layers_decomposable": attention_layers}
+        info = {"attention_layers_decomposable": attention_layers, "dequantize_layers": dequantize_layers}
         return EngineBuild(engine_path, timings, logger.warnings[-50:], info)
 
     def _prepare_builder(self, trt: Any, builder: Any, logger: Any) -> None:  # noqa: B027 (optional hook)
@@ -218,6 +224,13 @@ def _allow_decomposed_attention(trt: Any, network: Any) -> int:
             layer.attention.decomposable = True
             count += 1
     return count
+
+
+def _count_layers(trt: Any, network: Any, kind: str) -> int:
+    layer_type = getattr(trt.LayerType, kind, None)
+    if layer_type is None:
+        return 0
+    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type == layer_type)
 
 
 def _strongly_typed_flags(trt: Any) -> int:

@@ -112,17 +112,27 @@ def fp8_block(config: dict[str, Any], source: str = "config.json") -> tuple[int,
 
 def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: Sequence[int] = BLOCK) -> np.ndarray:
     """fp32 W [out, in] from e4m3 W and its [ceil(out/b0), ceil(in/b1)] multipliers: block (i, j) is
-    W[b0*i : b0*(i+1), b1*j : b1*(j+1)] * scale_inv[i, j]. Whole blocks broadcast their scale without
-    building a full-size scale array (the exporter dequantizes 400 GB this way)."""
+    W[b0*i : b0*(i+1), b1*j : b1*(j+1)] * scale_inv[i, j], one fp32 multiply per weight.
+
+    Whole blocks broadcast their scale instead of building a full-size scale array, and the e4m3 -> fp32
+    conversion runs in torch (0.29 GB/s of e4m3 on one core here, numpy's ml_dtypes cast 0.21): the
+    exporter dequantizes hundreds of GB this way."""
+    import torch
+
     rows, cols = weight.shape
     grid_rows, grid_cols = scale_grid(weight.shape, block)
-    scale = np.asarray(scale_inv, dtype=np.float32)
-    if scale.shape != (grid_rows, grid_cols):
-        raise ValueError(f"scale grid {scale.shape} does not fit weight {weight.shape} in blocks of {block}")
-    values = weight.astype(np.float32)
+    scale = torch.from_numpy(np.ascontiguousarray(scale_inv, dtype=np.float32))
+    if tuple(scale.shape) != (grid_rows, grid_cols):
+        grid = tuple(scale.shape)
+        raise ValueError(f"scale grid {grid} does not fit weight {weight.shape} in blocks of {block}")
+    if weight.dtype.itemsize == 1:  # e4m3 bits
+        bits = torch.from_numpy(np.ascontiguousarray(weight).view(np.uint8))
+        values = bits.view(torch.float8_e4m3fn).to(torch.float32)
+    else:  # already widened
+        values = torch.from_numpy(np.array(weight, dtype=np.float32))
     if rows == grid_rows * block[0] and cols == grid_cols * block[1]:
-        blocks = values.reshape(grid_rows, block[0], grid_cols, block[1])
-        blocks *= scale[:, None, :, None]
-        return values
-    expanded = np.repeat(np.repeat(scale, block[0], axis=0), block[1], axis=1)[:rows, :cols]
-    return values * expanded
+        values.view(grid_rows, block[0], grid_cols, block[1]).mul_(scale[:, None, :, None])
+    else:
+        expanded = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+        values.mul_(expanded)
+    return values.numpy()

@@ -1,15 +1,22 @@
-"""Built-in presets: small Qwen3.5-family models with random weights from a fixed seed.
+"""Built-in presets: small Qwen3.5-family models with random weights from a fixed seed, and config-only
+presets of the real Qwen3.5 family.
 
-A preset is materialised once as a real Hugging Face checkpoint folder (config.json + model.safetensors)
-in the cache, so presets travel the same loading path as user checkpoints, and the reference model is
-transformers' own class loaded from that folder.
+A random-weight preset is materialised once as a real Hugging Face checkpoint folder (config.json +
+model.safetensors) in the cache, so presets travel the same loading path as user checkpoints, and the
+reference model is transformers' own class loaded from that folder.
+
+A config-only preset carries the exact published config.json of a real model (the bytes under
+qwen_export/family_configs/, provenance in family_configs/SOURCES.md) and no weights: it serves planning
+and spec reading, never materialisation.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,12 +60,24 @@ class Preset:
     description: str
     vision_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    has_weights: bool = True  # False: config-only, the exact published config.json and no weights
 
     def config_dict(self) -> dict[str, Any]:
-        """The config as transformers would write it (built by transformers' own config class)."""
+        """The config as transformers would write it (built by transformers' own config class); for a
+        config-only preset, the published config.json exactly as released."""
+        if not self.has_weights:
+            return json.loads(self.config_bytes())
         return _hf_config(self).to_dict()
 
+    def config_bytes(self) -> bytes:
+        """A config-only preset's config.json, byte for byte as published."""
+        if self.has_weights:
+            raise QwenExportError(f"preset {self.name!r} has random weights; its config is config_dict()")
+        return _family_config_bytes(self.name)
+
     def fingerprint(self) -> str:
+        if not self.has_weights:  # the published file is the whole preset
+            return hashlib.sha256(self.config_bytes()).hexdigest()[:12]
         blob = json.dumps(
             [PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config],
             sort_keys=True,
@@ -113,6 +132,40 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 
+# Config-only presets: (name, Hugging Face repository the config.json was published in, description).
+_FAMILY: tuple[tuple[str, str, str], ...] = (
+    ("qwen3.5-397b-a17b", "Qwen/Qwen3.5-397B-A17B", "60 layers, hidden 4096, 512 experts top-10"),
+    ("qwen3.5-122b-a10b", "Qwen/Qwen3.5-122B-A10B", "48 layers, hidden 3072, 256 experts top-8"),
+    ("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", "40 layers, hidden 2048, 256 experts top-8"),
+    ("qwen3.5-27b", "Qwen/Qwen3.5-27B", "dense, 64 layers, hidden 5120"),
+    ("qwen3.5-9b", "Qwen/Qwen3.5-9B", "dense, 32 layers, hidden 4096"),
+    ("qwen3.5-4b", "Qwen/Qwen3.5-4B", "dense, 32 layers, hidden 2560, tied embeddings"),
+    ("qwen3.5-2b", "Qwen/Qwen3.5-2B", "dense, 24 layers, hidden 2048, tied embeddings"),
+    ("qwen3.5-0.8b", "Qwen/Qwen3.5-0.8B", "dense, 24 layers, hidden 1024, tied embeddings"),
+    ("qwen3-next-80b-a3b", "Qwen/Qwen3-Next-80B-A3B-Instruct", "text only, 48 layers, 512 experts top-10"),
+)
+
+
+@functools.cache
+def _family_config_bytes(name: str) -> bytes:
+    return (resources.files("qwen_export") / "family_configs" / f"{name}.json").read_bytes()
+
+
+def _config_only_preset(name: str, repo: str, shape: str) -> Preset:
+    config = json.loads(_family_config_bytes(name))
+    multimodal = "text_config" in config
+    return Preset(
+        name,
+        config["architectures"][0],
+        config["text_config"] if multimodal else config,
+        f"{repo} config.json ({shape})",
+        vision_config=config.get("vision_config"),
+        has_weights=False,
+    )
+
+
+PRESETS.update((name, _config_only_preset(name, repo, shape)) for name, repo, shape in _FAMILY)
+
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
@@ -137,8 +190,17 @@ def _hf_config(preset: Preset):
     return cfg
 
 
+def _require_weights(preset: Preset) -> None:
+    if not preset.has_weights:
+        raise QwenExportError(
+            f"preset {preset.name!r} is config-only (no weights): use `qwen-export plan --preset "
+            f"{preset.name}`, or export a downloaded checkpoint with --model DIR"
+        )
+
+
 def build_random_model(preset: Preset):
     """The preset's transformers model: seeded random weights, non-trivial where HF inits are flat."""
+    _require_weights(preset)
     import torch
     import transformers
 
@@ -174,6 +236,7 @@ def randomize_flat_parameters(model, seed: int) -> None:
 def materialize(name: str, quiet: bool = False) -> Path:
     """Path of the preset's checkpoint folder, creating it on first use."""
     preset = get_preset(name)
+    _require_weights(preset)  # before anything is written
     folder = cache_root() / "presets" / f"{name}-{preset.fingerprint()}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         touch(folder)  # its last use, for `qwen-export cache`
@@ -195,7 +258,12 @@ def preset_table() -> Listing:
     from qwen_export.listing import Listing
 
     rows = [
-        {"name": name, "architecture": p.architecture, "description": p.description}
+        {
+            "name": name,
+            "architecture": p.architecture,
+            "weights": f"random (seed {PRESET_SEED})" if p.has_weights else "none (config only)",
+            "description": p.description,
+        }
         for name, p in PRESETS.items()
     ]
-    return Listing("presets", ("preset", "architecture", "description"), rows, json_key="name")
+    return Listing("presets", ("preset", "architecture", "weights", "description"), rows, json_key="name")

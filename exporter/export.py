@@ -356,14 +356,15 @@ def export_fingerprint(source_dir: Path) -> str:
 def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None) -> Path:
     """An export folder for the source, reused from the cache while the checkpoint and exporter are unchanged
     (engine builds start from it, so an unchanged rebuild re-exports nothing)."""
-    from qwen_export.cache import cache_root, touch
+    from qwen_export.cache import cache_root, entry_lock, touch
 
     source_dir, _ = resolve_source(preset, model_dir)
     folder = cache_root() / "exports" / export_fingerprint(source_dir)
-    if not (folder / EXPORT_INFO_FILE).is_file():
-        export_model(folder, preset=preset, model_dir=model_dir, log=log)
-    else:
-        touch(folder)
-        if log:
-            log(f"reusing the export of {source_dir} from {folder}")
+    with entry_lock(folder):
+        if not (folder / EXPORT_INFO_FILE).is_file():
+            export_model(folder, preset=preset, model_dir=model_dir, log=log)
+            return folder
+    touch(folder)
+    if log:
+        log(f"reusing the export of {source_dir} from {folder}")
     return folder

@@ -15,11 +15,13 @@ An entry's last use is its folder's modification time: owners touch the folder w
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +53,23 @@ class CacheItem:
 
     def to_json(self) -> dict:
         return {"area": self.area, "path": str(self.path), "bytes": self.bytes, "last_used": self.last_used}
+
+
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextlib.contextmanager
+def entry_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on one cache entry while it is checked and filled, so two builds of the same
+    source (threads or processes) export it once and neither replaces the folder the other is reading."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_file(folder), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def touch(folder: Path) -> None:
@@ -119,6 +138,7 @@ def remove(chosen: Iterable[CacheItem]) -> int:
         except OSError:
             continue  # already gone (another prune) or not ours to move
         shutil.rmtree(aside, ignore_errors=True)
+        _lock_file(entry.path).unlink(missing_ok=True)
         freed += entry.bytes
     return freed
 

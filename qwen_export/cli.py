@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from qwen_export.cli_kernels import kernels_app
+from qwen_export.cli_plan import plan
 from qwen_export.cli_support import (
     DtypeOpt,
     JsonOpt,
@@ -390,6 +391,7 @@ def main() -> None:
         sys.exit(130)
 
 
+app.command()(plan)
 app.add_typer(kernels_app, name="kernels")
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,10 +50,28 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, replacing what is there. Another writer of the same folder (two builds filling
+    one cache entry) may publish between our moving the old folder aside and our rename: then try again,
+    last writer wins, and neither sees a half-written folder."""
+    for _ in range(16):
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:12]}")
+        try:
+            out.rename(old)
+        except FileNotFoundError:
+            old = None
+        try:
+            tmp.rename(out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise QwenExportError(f"could not publish {out}: other writers kept replacing it")

@@ -26,8 +26,8 @@ def needs_emulation(model: ir.Model) -> bool:
 
 
 class EmulatedCopy:
-    """An fp32-emulated copy of a low-precision model file, in a temporary folder that lives as long as this object
-    (ONNX Runtime reads it once, at session creation)."""
+    """An fp32-emulated copy of a low-precision model file, in a temporary folder that lives as long as
+    this object (ONNX Runtime reads it once, at session creation)."""
 
     def __init__(self, model_path: str | Path) -> None:
         model = ir.external_data.load_to_model(ir.load(model_path))

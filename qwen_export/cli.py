@@ -17,6 +17,7 @@ from qwen_export.cli_kernels import kernels_app
 from qwen_export.cli_plan import plan
 from qwen_export.cli_support import (
     DtypeOpt,
+    EngineWeightsOpt,
     JsonOpt,
     ListJsonOpt,
     ModelOpt,
@@ -291,13 +292,7 @@ def build(
         Path | None, typer.Option(help="Timing cache file shared between builds.")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the engine build plan and stop.")] = False,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Engine targets, FP8 checkpoints: fp8 (default) keeps the e4m3 weights (trt-rtx, sm89 and "
-            "newer); dequant builds them in the engine's precision."
-        ),
-    ] = None,
+    weights: EngineWeightsOpt = None,
 ) -> None:
     """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json;
     for engine targets, OUT/engines/<gpu>/model.engine and a manifest fingerprinting everything that went in.

@@ -29,6 +29,18 @@ DtypeOpt = Annotated[
     str | None,
     typer.Option(help="fp32, bf16 or fp16 (default: the checkpoint's own precision; FP8 checkpoints: bf16)."),
 ]
+
+def _engine_weights_help() -> str:
+    from qwen_export.engines.spec import FP8_MIN_SM, fp8_weight_targets
+
+    targets = ", ".join(fp8_weight_targets())
+    return (
+        f"Engine targets, FP8 checkpoints: fp8 (default) keeps the e4m3 weights ({targets}, "
+        f"sm{FP8_MIN_SM} and newer); dequant builds them in the engine's precision."
+    )
+
+
+EngineWeightsOpt = Annotated[str | None, typer.Option(help=_engine_weights_help())]
 ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
 

@@ -56,6 +56,7 @@ class EngineTraits:
     builds_fp32: bool = True
     hardware_compatibility: bool = True  # accepts a hardware-compatibility level
     timing_cache: bool = True  # reads and extends a timing cache
+    fp8_weights: bool = False  # builds an FP8 checkpoint's e4m3 weights behind blocked DequantizeLinear
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ register(Target(
     "engine", _trt_rtx_engine, "tensorrt-rtx", options=ENGINE_OPTIONS,
     engine=EngineTraits(
         "TensorRT-RTX", "TensorRTRtx", TRT_RTX_AOT_SMS, builds_fp32=False, hardware_compatibility=False,
-        timing_cache=False,
+        timing_cache=False, fp8_weights=True,
     ),
 ))  # fmt: skip
 register(Target(

@@ -17,10 +17,17 @@ import onnx_ir as ir
 LOW = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
+def _standard_reads(value: ir.Value) -> bool:
+    """Whether a standard ONNX op reads `value`. Custom ops (our CPU kernels' Int4Linear with its fp16
+    scales) define their own input types and keep them."""
+    return any(use.node.domain in ("", "ai.onnx") for use in value.uses())
+
+
 def needs_emulation(model: ir.Model) -> bool:
-    """Whether the graph stores or computes anything in bf16 or fp16."""
+    """Whether the graph computes anything in bf16 or fp16 with standard ops."""
     graph = model.graph
-    values = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+    values = [*graph.inputs, *graph.outputs]
+    values += [v for v in graph.initializers.values() if _standard_reads(v)]
     values += [out for node in graph for out in node.outputs]
     return any(v.type is not None and v.type.dtype in LOW for v in values)
 
@@ -80,7 +87,7 @@ def _emulate_graph(graph: ir.Graph, top: bool) -> None:
     fp32 = ir.DataType.FLOAT
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
-        if tensor is not None and tensor.dtype in LOW:
+        if tensor is not None and tensor.dtype in LOW and _standard_reads(value):
             value.const_value = ir.tensor(tensor.numpy().astype(np.float32), name=name)
             value.type = ir.TensorType(fp32)
     if top:

@@ -200,7 +200,9 @@ def test_walked_packages_are_the_installed_ones():
         if folders[package] is None:
             parent, _, leaf = package.rpartition(".")
             folders[package] = f"{folders[parent]}/{leaf}"
-    assert folders == PACKAGES
+    # Data-only packages (family_configs: published config.json files) hold no module to walk.
+    code = {p: f for p, f in folders.items() if any((ROOT / f).glob("*.py"))}
+    assert code == PACKAGES
 
 
 def test_walker_finds_cycles_in_a_synthetic_package(tmp_path):

@@ -26,6 +26,11 @@ INT32_MAX = 2**31 - 1
 WEIGHTS = ("dequant", "fp8")
 FP8_MIN_SM = 89  # FP8 tensor cores: Ada (sm89), Hopper (sm90), Blackwell
 
+
+def fp8_weight_targets() -> list[str]:
+    """The engine targets that keep an FP8 checkpoint's e4m3 weights."""
+    return [t.name for t in TARGETS.values() if t.engine and t.engine.fp8_weights]
+
 # Product names a deployer types, mapped to the compute capability an engine is built for.
 GPU_NAMES: dict[str, str] = {
     "t4": "sm75", "rtx2080ti": "sm75",
@@ -194,10 +199,11 @@ class DeploySpec:
             out.append(f"workspace_mib must be a positive integer, got {self.workspace_mib!r}")
         if self.weights not in WEIGHTS:
             out.append(f"unknown weights {self.weights!r}: use one of {', '.join(WEIGHTS)}")
-        elif self.weights == "fp8" and self.target != "trt-rtx":
+        elif self.weights == "fp8" and not traits.fp8_weights:
+            fp8 = " or ".join(fp8_weight_targets())
             out.append(
-                f"--weights fp8 builds with the trt-rtx target (the {self.target} target's plugins take "
-                "bf16/fp16 weights); use --target trt-rtx or --weights dequant"
+                f"--weights fp8 builds with the {fp8} target (the {self.target} target takes bf16/fp16 "
+                f"weights); use --target {fp8} or --weights dequant"
             )
         for sm in self.gpus:
             out += self._gpu_problems(sm, traits)

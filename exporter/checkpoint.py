@@ -11,9 +11,12 @@ bf16 is copied, not widened and narrowed again. FP8 checkpoints (exporter/fp8.py
 
 from __future__ import annotations
 
+import collections
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,9 @@ from qwen_export.errors import CheckpointError
 from qwen_export.exporter import fp8
 from qwen_export.exporter.safetensors_io import SourceTensor, read_checkpoint_index
 from qwen_export.exporter.spec import ModelSpec
+from qwen_export.fsutil import PacedWriter, finish_writeback
+
+PIECES_AHEAD = 2  # pieces of one tensor read and re-laid ahead of the write (64 MiB at most each)
 
 Transform = Callable[[list[np.ndarray]], np.ndarray]
 # One checkpoint tensor, one expert (index along axis 0) of a stacked one, or a block of rows [r0, r1).
@@ -307,16 +313,34 @@ class CheckpointTensor(ir.LazyTensor):
         return np.ascontiguousarray(out) if contiguous else out
 
     def _chunks(self) -> Iterator[np.ndarray]:
+        """The tensor's pieces in order. Pieces are read and re-laid `PIECES_AHEAD` ahead of the one being
+        written, on their own threads (reads, torch copies and writes release the GIL): done one after
+        the other, a stack of experts wrote at half the disk's speed, the one tensor in flight waiting on
+        each step in turn."""
         if self._pieces is None:
             yield self._compute(self.dtype)
             return
-        for sources, transform in self._pieces:
-            yield np.ascontiguousarray(self._run(sources, transform, self.dtype))
+
+        def piece(job: tuple[Sequence[Source], Transform | None]) -> np.ndarray:
+            return np.ascontiguousarray(self._run(job[0], job[1], self.dtype))
+
+        jobs = iter(self._pieces)
+        with ThreadPoolExecutor(max_workers=PIECES_AHEAD, thread_name_prefix="qwen-piece") as pool:
+            ahead = collections.deque(pool.submit(piece, job) for job in itertools.islice(jobs, PIECES_AHEAD))
+            while ahead:
+                chunk = ahead.popleft().result()
+                for job in itertools.islice(jobs, 1):
+                    ahead.append(pool.submit(piece, job))
+                yield chunk
 
     def tofile(self, file: Any) -> None:
+        """Write the tensor at the file's position, with paced writeback (qwen_export.fsutil): a
+        checkpoint-sized export otherwise runs into the kernel's dirty-page throttling."""
         if self._piece_axis == 0 or self._pieces is None:
+            writer = PacedWriter(file)
             for chunk in self._chunks():
-                file.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+                writer.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+            writer.close()
             return
         # Blocks of columns: each row of a block lands at its place in the row-major tensor.
         base, (rows, cols) = file.tell(), tuple(self.shape.numpy())
@@ -328,6 +352,8 @@ class CheckpointTensor(ir.LazyTensor):
                 file.write(memoryview(chunk[row].view(np.uint8)))
             column += width
         file.seek(base + rows * cols * itemsize)
+        file.flush()
+        finish_writeback(file.fileno(), base, rows * cols * itemsize)
 
     def tobytes(self) -> bytes:
         chunks = list(self._chunks())

@@ -37,6 +37,10 @@ class GraphBuilder:
         finally:
             self._scopes.pop()
 
+    def node_name(self, op_type: str) -> str:
+        """A fresh scoped name for a node built elsewhere (the collectives)."""
+        return self._node_name(op_type)
+
     def _node_name(self, op_type: str) -> str:
         prefix = "/" + "/".join(self._scopes) if self._scopes else ""
         key = f"{prefix}/{op_type}"

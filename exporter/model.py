@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,9 @@ from qwen_export.exporter.mlp import dense_mlp, sparse_moe
 from qwen_export.exporter.spec import ModelSpec
 from qwen_export.exporter.vision_spec import DEFAULT_MROPE_SECTION
 from qwen_export.exporter.weights import Weights, row_blocks, transpose_2d
+
+if TYPE_CHECKING:
+    from qwen_export.exporter.shard import RankContext
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,12 @@ def build_decoder(
     multimodal: bool = False,
     mrope_section: Sequence[int] = DEFAULT_MROPE_SECTION,
     keep_fp8: bool = False,
+    rank: RankContext | None = None,
 ) -> ir.Model:
     """The text tower as an ONNX model whose initializers load lazily from the checkpoint.
+
+    `rank` builds one rank of a tensor/expert-parallel split instead (exporter/shard.py): `spec` and `ckpt`
+    are then the rank's (`rank_spec`, `RankCheckpoint`), and the graph gains the collectives.
 
     `keep_fp8` keeps an FP8 checkpoint's quantized weights e4m3 behind blocked DequantizeLinear nodes;
     otherwise they are dequantized when the model is saved.
@@ -108,7 +116,10 @@ def build_decoder(
         x = tokens
     else:
         with gb.scope("embed_tokens"):
-            x = gb.op("Gather", token_embedding(w, spec), tokens, axis=0)
+            if rank is None:
+                x = gb.op("Gather", token_embedding(w, spec), tokens, axis=0)
+            else:
+                x = rank.embed(gb, token_embedding(w, spec), tokens)
     with gb.scope("rotary_emb"):
         if multimodal:
             cos, sin = mrope_rotary_tables(gb, position_ids, spec, mrope_section)
@@ -138,6 +149,8 @@ def build_decoder(
                         gb, w, i, h, token_mask, past[f"{i}.conv_state"], past[f"{i}.recurrent_state"], spec
                     )
                 present[f"{i}.conv_state"], present[f"{i}.recurrent_state"] = conv, rec
+            if rank is not None:  # o_proj / out_proj are row-parallel: each rank holds a partial sum
+                h = rank.all_reduce(gb, h)
             x = gb.op("Add", residual, h)
             residual = x
             with gb.scope("post_attention_layernorm"):
@@ -148,10 +161,12 @@ def build_decoder(
                 )
             with gb.scope("mlp"):
                 h = (
-                    sparse_moe(gb, w, i, h, spec)
+                    sparse_moe(gb, w, i, h, spec, rank)
                     if spec.mlp_types[i] == "moe"
                     else dense_mlp(gb, w, i, h, spec)
                 )
+                if rank is not None:
+                    h = rank.all_reduce(gb, h)
             x = gb.op("Add", residual, h)
             x.name = layer_output_name(i)  # a stable name so diff can find layer boundaries after passes
             layer_outputs.append(x)
@@ -177,7 +192,10 @@ def build_decoder(
             ),
         )
 
-    _name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", spec.vocab_size])
+        if rank is not None:
+            logits = rank.gather_logits(gb, logits)
+    vocab = spec.vocab_size * (rank.nb_rank if rank is not None else 1)
+    _name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", vocab])
     for s in states:
         _name_output(graph, present[s.suffix], s.output_name, FLOAT, present_shape(s))
     if debug_hidden_states:

@@ -33,7 +33,8 @@ EXPORT_FORMAT = "qwen-export/export@1"
 BUILD_FORMAT = "qwen-export/build@1"
 PASSES_FORMAT = "qwen-export/passes@1"
 GOLDEN_FORMAT = "qwen-export/golden@1"
-READABLE_FORMATS = (EXPORT_FORMAT, BUILD_FORMAT)  # what the runtime opens
+RANKS_FORMAT = "qwen-export/ranks@1"  # a sharded build: one graph per rank (qwen_export/ranks.py)
+READABLE_FORMATS = (EXPORT_FORMAT, BUILD_FORMAT, RANKS_FORMAT)  # what the runtime opens
 
 
 def engine_file(sm: str) -> str:

@@ -76,6 +76,8 @@ class BuildRequest:
     timing_cache: Path | None = dataclasses.field(default=None, metadata={"option": "timing_cache"})
     dry_run: bool = dataclasses.field(default=False, metadata={"option": "dry_run"})
     weights: str | None = dataclasses.field(default=None, metadata={"option": "weights"})
+    tp: int = dataclasses.field(default=1, metadata={"option": "tp"})
+    ep: int = dataclasses.field(default=1, metadata={"option": "ep"})
 
     def given_options(self) -> list[str]:
         """The options set away from their defaults, by option name."""
@@ -107,6 +109,18 @@ def build_artifact(
     """Build `request.target` from the request's source into `request.out`; an engine target's dry run
     returns its plan instead. Bad input raises QwenExportError before any work."""
     request.check_options()
+    if request.tp != 1 or request.ep != 1:
+        from qwen_export.ranks import build_ranks
+
+        if request.check:
+            raise QwenExportError(
+                "--check runs one graph per stage; a sharded build has one per rank: build it, then "
+                "`qwen-export validate OUT` (the ranks run together)"
+            )
+        return build_ranks(
+            request.out, request.tp, request.ep, request.preset, request.model_dir, request.target, log,
+            precision=request.precision or "bf16",
+        )  # fmt: skip
     if get_target(request.target).kind == "engine":
         return _build_engines(request, log, console)
     return build(

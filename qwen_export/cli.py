@@ -18,12 +18,14 @@ from qwen_export.cli_plan import plan
 from qwen_export.cli_support import (
     DtypeOpt,
     EngineWeightsOpt,
+    EpOpt,
     JsonOpt,
     ListJsonOpt,
     ModelOpt,
     OutOpt,
     PresetOpt,
     ReportOpt,
+    TpOpt,
     emit,
     err,
     log,
@@ -293,6 +295,8 @@ def build(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the engine build plan and stop.")] = False,
     weights: EngineWeightsOpt = None,
+    tp: TpOpt = 1,
+    ep: EpOpt = 1,
 ) -> None:
     """Export, run the pass pipeline for TARGET and write OUT/model.onnx (+ data), manifest.json, passes.json;
     for engine targets, OUT/engines/<gpu>/model.engine and a manifest fingerprinting everything that went in.
@@ -309,7 +313,7 @@ def build(
         precision=precision, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
         spec_file=spec, workspace_mib=workspace, opt_level=opt_level, version_compatible=version_compatible,
         hardware_compatibility=hardware_compatibility, timing_cache=timing_cache, dry_run=dry_run,
-        weights=weights,
+        weights=weights, tp=tp, ep=ep,
     )  # fmt: skip
     request.check_options()
     with pass_progress(request, err) as hooks:

@@ -41,6 +41,13 @@ def _engine_weights_help() -> str:
 
 
 EngineWeightsOpt = Annotated[str | None, typer.Option(help=_engine_weights_help())]
+TpOpt = Annotated[
+    int, typer.Option(min=1, help="Tensor-parallel ranks: one graph per rank in OUT/ranks/<r>/ (see `plan`).")
+]
+EpOpt = Annotated[
+    int,
+    typer.Option(min=1, help="Expert-parallel groups (divides --tp): each group holds 1/ep of the experts."),
+]
 ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
 

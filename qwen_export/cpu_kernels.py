@@ -36,6 +36,8 @@ SOURCES = {
     "int4_moe/int4_moe_op.cpp": [],
     "gated_delta_rule/gated_delta_rule.cpp": [],
     "gated_delta_rule/gated_delta_rule_op.cpp": [],
+    "dist_collective/loopback.cpp": [],
+    "dist_collective/dist_collective_op.cpp": [],
     "register.cpp": [],
 }
 # No -Werror: a newer compiler's new warning must not stop a user's first run.
@@ -164,5 +166,11 @@ def uses_cpu_kernels(model_path: str | os.PathLike) -> bool:
 
 def library_for(model_path: str | os.PathLike) -> Path:
     """The library a model runs with: the copy beside it (an artifact carries one), else the built one."""
-    beside = Path(model_path).parent / LIBRARY_NAME
-    return beside if beside.is_file() else library_path()
+    folder = Path(model_path).parent
+    beside = folder / LIBRARY_NAME
+    if beside.is_file():
+        return beside
+    # A ranks artifact (OUT/ranks/<r>/model.onnx) carries one copy for all ranks: they must load the same
+    # file, whose memory holds the loopback collective's meeting points.
+    shared = folder.parent.parent / LIBRARY_NAME
+    return shared if folder.parent.name == "ranks" and shared.is_file() else library_path()

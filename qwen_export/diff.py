@@ -221,6 +221,7 @@ def diff_artifact(
         reference_greedy,
     )
     from qwen_export.runtime.ort_decoder import OrtDecoder
+    from qwen_export.runtime.ranks import open_decoder, ranks_root
 
     model_path, info = _artifact_model(Path(artifact))
     precision = artifact_precision(info)
@@ -234,7 +235,7 @@ def diff_artifact(
     # A live reference runs in the export's own dtype: a bf16 export is compared with transformers in bf16.
     reference_dtype = info.get("dtype") if info.get("dtype") in REFERENCE_DTYPES else "fp32"
     report.reference_dtype = golden.dtype if golden is not None else reference_dtype
-    decoder = OrtDecoder(model_path)
+    decoder = open_decoder(model_path)
     model = None
 
     if golden is not None:
@@ -261,6 +262,11 @@ def diff_artifact(
     report.greedy_tokens = int(ref_tokens.shape[1])
 
     if per_layer:
+        if ranks_root(model_path) is not None:
+            raise QwenExportError(
+                f"{artifact}: --per-layer reads one graph's layer outputs; a ranks artifact has one graph "
+                "per rank: diff the unsharded build per layer instead"
+            )
         if model is None:
             if reference_dir is None or not reference_dir.is_dir():
                 raise QwenExportError("--per-layer needs the checkpoint: pass --against MODEL_DIR")
@@ -292,10 +298,10 @@ def save_polygraphy_outputs(artifact: str | os.PathLike, path: str | os.PathLike
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
-    from qwen_export.runtime.ort_decoder import OrtDecoder
+    from qwen_export.runtime.ranks import open_decoder
 
     model_path, _ = _artifact_model(Path(artifact))
-    decoder = OrtDecoder(model_path)
+    decoder = open_decoder(model_path)
     iterations = []
     for length in lengths:
         out = decoder.prefill(make_prompt(decoder.vocab_size, length))

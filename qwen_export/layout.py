@@ -228,6 +228,7 @@ class Layout:
                     "shape": list(s.shape),
                     "shard_shape": list(s.shard_shape(0)),
                     "kind": s.kind,
+                    "splits": [dataclasses.asdict(x) for x in s.splits],
                 }
                 for s in self.states
             ],

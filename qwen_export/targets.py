@@ -26,7 +26,8 @@ Kind = Literal["onnx", "ort", "engine", "plugins", "ranks"]
 Backend = Literal["onnxruntime", "tensorrt-rtx", "tensorrt"]
 
 # The build options a target may accept beyond the model source and output folder (CLI flag names).
-ONNX_OPTIONS = frozenset({"check", "golden"})
+RANK_OPTIONS = frozenset({"tp", "ep"})  # one graph per rank (qwen_export/ranks.py)
+ONNX_OPTIONS = frozenset({"check", "golden"}) | RANK_OPTIONS
 ENGINE_OPTIONS = frozenset(
     {
         "gpu", "precision", "max_batch", "max_prompt", "max_context", "spec", "workspace", "opt_level",
@@ -305,7 +306,7 @@ register(Target(
 register(Target(
     "trt",
     "engines built on the target GPU with full TensorRT and libqwen_trt_plugins.so (qwen ops as plugins)",
-    "engine", _trt_engine, "tensorrt", options=ENGINE_OPTIONS,
+    "engine", _trt_engine, "tensorrt", options=ENGINE_OPTIONS | RANK_OPTIONS,
     engine=EngineTraits("TensorRT", "TensorRT", None),
 ))  # fmt: skip
 

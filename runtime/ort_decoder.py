@@ -113,6 +113,10 @@ class OrtDecoder:
         extra = {n: v for n, v in outs.items() if n != "logits" and not n.startswith(PRESENT_PREFIX)}
         return StepOutput(outs["logits"], present, extra)
 
+    def whole_states(self, states: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """States as the unsharded model holds them, keyed by suffix (here: as they are)."""
+        return dict(states)
+
     # --- bound execution: states stay ONNX Runtime values between steps (no numpy round trips) ---------
     def empty_bound_states(self, batch: int) -> dict[str, ort.OrtValue]:
         return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.empty_states(batch).items()}

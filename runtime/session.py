@@ -11,7 +11,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from qwen_export.artifact import EXPORT_INFO_FILE, MANIFEST_FILE, MODEL_FILE, READABLE_FORMATS
+from qwen_export.artifact import (
+    EXPORT_INFO_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    RANKS_FORMAT,
+    READABLE_FORMATS,
+)
 from qwen_export.errors import QwenExportError
 from qwen_export.runtime.ort_decoder import positions_from_mask
 from qwen_export.runtime.sampling import Sampler, SamplingConfig
@@ -76,11 +82,15 @@ class Artifact:
         target = info.get("target", "onnx")
         model_entry = info.get("model", MODEL_FILE)  # engine manifests describe their source model instead
         model_path = folder / (model_entry if isinstance(model_entry, str) else MODEL_FILE)
+        if fmt == RANKS_FORMAT:  # one graph per rank; rank 0's stands for the artifact's interface
+            from qwen_export.runtime.ranks import check_ranks
+
+            model_path = check_ranks(folder, info)[0] / MODEL_FILE
         known = TARGETS.get(target)
         onnx_target = known is not None and known.runs_on_onnxruntime
         if onnx_target and not model_path.is_file():
             raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
-        if onnx_target and not (folder / (model_path.name + ".data")).is_file():
+        if onnx_target and not (model_path.parent / (model_path.name + ".data")).is_file():
             raise QwenExportError(f"{folder}: {model_path.name}.data is missing (the artifact is incomplete)")
         for name in info.get("files", {}):  # everything the build wrote, the CPU kernel library included
             if not (folder / name).is_file():
@@ -119,9 +129,9 @@ class Session:
 
             backend: Backend = TensorRTBackend.from_artifact(artifact)
         else:
-            from qwen_export.runtime.ort_decoder import OrtDecoder
+            from qwen_export.runtime.ranks import open_decoder
 
-            backend = OrtDecoder(artifact.model_path, optimize=True, providers=providers, threads=threads)
+            backend = open_decoder(artifact.model_path, optimize=True, providers=providers, threads=threads)
         source_dir = artifact.info.get("source_dir")
         max_context = (artifact.info.get("deploy") or {}).get("max_context")
         return cls(backend, artifact, Tokenizer.find(source_dir), max_context)

@@ -1,6 +1,6 @@
 // The library's entry points: RegisterCustomOps, which ONNX Runtime looks up when
 // SessionOptions.register_custom_ops_library loads this library, and QwenCpuKernelsBackend for tools.
-// Each op's wrapper is in its folder (int4_linear/, int4_moe/, gated_delta_rule/).
+// Each op's wrapper is in its folder (int4_linear/, int4_moe/, gated_delta_rule/, dist_collective/).
 #include "common/ort_op.h"
 #include "int4_linear/int4_gemm.h"
 
@@ -11,6 +11,7 @@ Api g_api;
 const CustomOp& int4_linear_op();
 const CustomOp& int4_moe_op();
 const CustomOp& gated_delta_rule_op();
+const CustomOp& dist_collective_op();
 
 }  // namespace qwen_cpu::ort
 
@@ -30,6 +31,7 @@ extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* Registe
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_linear_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_moe_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::gated_delta_rule_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::dist_collective_op())) return s;
   // the domain lives as long as the process: sessions keep using it after registration returns
   return qwen_cpu::ort::g_api.AddCustomOpDomain(options, domain);
 }

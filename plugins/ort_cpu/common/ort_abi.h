@@ -23,7 +23,7 @@ struct ShapeInferContext;
 
 constexpr uint32_t kApiVersion = 17;
 
-enum ElementType : int { kFloat = 1, kUint8 = 2, kFloat16 = 10 };  // ONNXTensorElementDataType
+enum ElementType : int { kFloat = 1, kUint8 = 2, kInt64 = 7, kFloat16 = 10 };  // ONNXTensorElementDataType
 enum ErrorCode : int { kFail = 1, kInvalidArgument = 2 };    // OrtErrorCode
 enum Characteristic : int { kRequired = 0, kOptional = 1 };  // OrtCustomOpInputOutputCharacteristic
 enum MemType : int { kMemTypeDefault = 0 };                  // OrtMemType
@@ -42,6 +42,7 @@ enum Slot : size_t {
   kGetTensorTypeAndShape = 65,
   kKernelInfoGetAttributeFloat = 85,
   kKernelInfoGetAttributeInt64 = 86,
+  kKernelInfoGetAttributeString = 87,
   kKernelContextGetInputCount = 88,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
@@ -123,6 +124,10 @@ struct Api {
   }
   Status* KernelInfoGetAttributeInt64(const KernelInfo* info, const char* name, int64_t* out) const {
     return fn<Status* (*)(const KernelInfo*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(info, name, out);
+  }
+  Status* KernelInfoGetAttributeString(const KernelInfo* info, const char* name, char* out, size_t* size) const {
+    return fn<Status* (*)(const KernelInfo*, const char*, char*, size_t*)>(kKernelInfoGetAttributeString)(info, name, out,
+                                                                                                      size);
   }
   Status* KernelInfoGetAttributeFloat(const KernelInfo* info, const char* name, float* out) const {
     return fn<Status* (*)(const KernelInfo*, const char*, float*)>(kKernelInfoGetAttributeFloat)(info, name, out);

@@ -81,6 +81,16 @@ inline int64_t attribute(const KernelInfo* info, const char* op, const char* nam
   throw Error(std::string(op) + ": attribute " + name + " is required");
 }
 
+inline std::string string_attribute(const KernelInfo* info, const char* op, const char* name) {
+  size_t size = 0;
+  check(g_api.KernelInfoGetAttributeString(info, name, nullptr, &size));  // the size, with its NUL
+  std::string value(size, '\0');
+  check(g_api.KernelInfoGetAttributeString(info, name, value.data(), &size));
+  value.resize(size > 0 ? size - 1 : 0);
+  if (value.empty()) throw Error(std::string(op) + ": attribute " + name + " is required");
+  return value;
+}
+
 inline float float_attribute(const KernelInfo* info, const char* name, float fallback) {
   float value = 0.f;
   Status* status = g_api.KernelInfoGetAttributeFloat(info, name, &value);

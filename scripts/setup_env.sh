@@ -13,7 +13,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing qwen-export and its pinned dependencies into $venv" >&2
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root[dev,trt-rtx]"
+  "$venv/bin/python" -m pip install --quiet -e "$root[dev,trt-rtx,nccl]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

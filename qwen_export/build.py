@@ -298,11 +298,7 @@ def _build(
         (tmp / PASSES_FILE).write_text(json.dumps(report.to_json(), indent=2))
         manifest = {
             "format": BUILD_FORMAT,
-            "source": source,
-            "source_dir": str(source_dir),
-            "architecture": spec.architecture,
-            "family": spec.family,
-            "config_sha256": config_hash(config),
+            **source_fields(source, source_dir, spec, config),
             "target": target,
             "passes": [
                 {"name": r.name, "summary": r.summary, "modified": r.modified} for r in report.records
@@ -338,6 +334,17 @@ def _build(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return BuildResult(out_path, target, manifest, report=report)
+
+
+def source_fields(source: str, source_dir: Path, spec: ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """What a build manifest says of its source model."""
+    return {
+        "source": source,
+        "source_dir": str(source_dir),
+        "architecture": spec.architecture,
+        "family": spec.family,
+        "config_sha256": config_hash(config),
+    }
 
 
 def _copy_cpu_kernels(target: str, folder: Path) -> list[str]:

@@ -85,25 +85,11 @@ class Matrix:
     count: int = 1
 
 
-@dataclass(frozen=True)
-class WeightTensor:
-    """One weight of the text tower, named and shaped as in the Hugging Face checkpoint (transformers'
-    in-memory layout: experts stacked)."""
+class _Cut:
+    """What a weight and a state share: a `shape` cut by `splits` (fields of the dataclasses below)."""
 
-    name: str
     shape: tuple[int, ...]
-    # attention | deltanet | router | experts | shared_expert | mlp | norm | embedding | lm_head
-    component: str
-    rule: str  # column | row | heads | kv | vocab | expert | replicated
-    splits: tuple[Split, ...] = ()
-    layer: int | None = None
-    # a linear layer's weight (stacked experts included): what weight quantization covers
-    linear: bool = False
-
-    @property
-    def short(self) -> str:
-        """The name inside its layer (`self_attn.q_proj.weight`) or the global name."""
-        return self.name.split(f"layers.{self.layer}.", 1)[1] if self.layer is not None else self.name
+    splits: tuple[Split, ...]
 
     def shard_shape(self, rank: int = 0) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -122,6 +108,27 @@ class WeightTensor:
     def copies(self, tp: int) -> int:
         """On how many of the tp ranks each element is held."""
         return tp // math.prod(s.pieces for s in self.splits)
+
+
+@dataclass(frozen=True)
+class WeightTensor(_Cut):
+    """One weight of the text tower, named and shaped as in the Hugging Face checkpoint (transformers'
+    in-memory layout: experts stacked)."""
+
+    name: str
+    shape: tuple[int, ...]
+    # attention | deltanet | router | experts | shared_expert | mlp | norm | embedding | lm_head
+    component: str
+    rule: str  # column | row | heads | kv | vocab | expert | replicated
+    splits: tuple[Split, ...] = ()
+    layer: int | None = None
+    # a linear layer's weight (stacked experts included): what weight quantization covers
+    linear: bool = False
+
+    @property
+    def short(self) -> str:
+        """The name inside its layer (`self_attn.q_proj.weight`) or the global name."""
+        return self.name.split(f"layers.{self.layer}.", 1)[1] if self.layer is not None else self.name
 
     def matrices(self, shape: tuple[int, ...] | None = None) -> list[Matrix]:
         """The 2-D linear weights this tensor (or a shard of it, `shape`) is made of, one entry per kind.
@@ -145,7 +152,7 @@ class WeightTensor:
 
 
 @dataclass(frozen=True)
-class StateTensor:
+class StateTensor(_Cut):
     """One carried state, named as the exported graph's input (`past_key_values.<layer>.<kind>`). `shape`
     is per sequence; for the KV cache (`kind` key/value) it is per token: [kv_heads, head_dim]."""
 
@@ -158,21 +165,6 @@ class StateTensor:
     @property
     def per_token(self) -> bool:
         return self.kind in ("key", "value")
-
-    def shard_shape(self, rank: int = 0) -> tuple[int, ...]:
-        shape = list(self.shape)
-        for split in self.splits:
-            shape[split.dim] = split.size()
-        return tuple(shape)
-
-    def shard_ranges(self, rank: int) -> tuple[tuple[tuple[int, int], ...], ...]:
-        ranges: list[tuple[tuple[int, int], ...]] = [((0, n),) for n in self.shape]
-        for split in self.splits:
-            ranges[split.dim] = split.ranges(rank)
-        return tuple(ranges)
-
-    def copies(self, tp: int) -> int:
-        return tp // math.prod(s.pieces for s in self.splits)
 
 
 @dataclass(frozen=True)

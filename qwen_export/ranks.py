@@ -31,6 +31,7 @@ from qwen_export.artifact import (
     BuildResult,
     file_entries,
 )
+from qwen_export.build import source_fields
 from qwen_export.collectives import LOOPBACK_DOMAIN, LOOPBACK_GROUP_INPUT, LOOPBACK_VERSION
 from qwen_export.collectives_trt import TRT_DOMAIN, TRT_OP, to_loopback
 from qwen_export.errors import QwenExportError
@@ -38,7 +39,6 @@ from qwen_export.exporter.checkpoint import find_text_prefix
 from qwen_export.exporter.export import load_model_source, resolve_source, save_model
 from qwen_export.exporter.model import build_decoder
 from qwen_export.exporter.shard import RankCheckpoint, RankContext, check_shardable, rank_spec
-from qwen_export.exporter.spec import config_hash
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.layout import make_layout
 from qwen_export.targets import PipelineOptions, get_target
@@ -115,11 +115,7 @@ def build_ranks(
         manifest = {
             "format": RANKS_FORMAT,
             "build_id": build_id,
-            "source": source,
-            "source_dir": str(source_dir),
-            "architecture": spec.architecture,
-            "family": spec.family,
-            "config_sha256": config_hash(config),
+            **source_fields(source, source_dir, spec, config),
             "target": target,
             "tp": tp,
             "ep": ep,

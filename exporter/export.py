@@ -368,3 +368,14 @@ def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None
     if log:
         log(f"reusing the export of {source_dir} from {folder}")
     return folder
+
+
+def source_fields(source: str, source_dir: Path, spec: ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """What a build manifest says of its source model."""
+    return {
+        "source": source,
+        "source_dir": str(source_dir),
+        "architecture": spec.architecture,
+        "family": spec.family,
+        "config_sha256": config_hash(config),
+    }

@@ -36,6 +36,7 @@ from qwen_export.exporter.export import (
     io_signature,
     resolve_source,
     save_model,
+    source_fields,
     tool_versions,
 )
 from qwen_export.exporter.model import build_decoder
@@ -334,17 +335,6 @@ def _build(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return BuildResult(out_path, target, manifest, report=report)
-
-
-def source_fields(source: str, source_dir: Path, spec: ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """What a build manifest says of its source model."""
-    return {
-        "source": source,
-        "source_dir": str(source_dir),
-        "architecture": spec.architecture,
-        "family": spec.family,
-        "config_sha256": config_hash(config),
-    }
 
 
 def _copy_cpu_kernels(target: str, folder: Path) -> list[str]:

@@ -31,12 +31,11 @@ from qwen_export.artifact import (
     BuildResult,
     file_entries,
 )
-from qwen_export.build import source_fields
 from qwen_export.collectives import LOOPBACK_DOMAIN, LOOPBACK_GROUP_INPUT, LOOPBACK_VERSION
 from qwen_export.collectives_trt import TRT_DOMAIN, TRT_OP, to_loopback
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import find_text_prefix
-from qwen_export.exporter.export import load_model_source, resolve_source, save_model
+from qwen_export.exporter.export import load_model_source, resolve_source, save_model, source_fields
 from qwen_export.exporter.model import build_decoder
 from qwen_export.exporter.shard import RankCheckpoint, RankContext, check_shardable, rank_spec
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent

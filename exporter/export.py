@@ -16,10 +16,18 @@ from typing import Any
 import onnx_ir as ir
 
 from qwen_export import __version__
-from qwen_export.artifact import DATA_FILE, EXPORT_FORMAT, EXPORT_INFO_FILE, MODEL_FILE
+from qwen_export.artifact import (
+    DATA_FILE,
+    DRAFT_DATA_FILE,
+    DRAFT_FILE,
+    EXPORT_FORMAT,
+    EXPORT_INFO_FILE,
+    MODEL_FILE,
+)
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
-from qwen_export.exporter.model import build_decoder, present_shape, state_specs
+from qwen_export.exporter.model import HIDDEN_STATES, build_decoder, present_shape, state_specs
+from qwen_export.exporter.mtp import build_draft, draft_io_signature, has_mtp
 from qwen_export.exporter.spec import (
     ModelSpec,
     config_hash,
@@ -158,10 +166,11 @@ class SpeculativeSpec:
 
 
 def io_signature(
-    spec: ModelSpec, multimodal: bool = False, model: ir.Model | None = None
+    spec: ModelSpec, multimodal: bool = False, model: ir.Model | None = None, final_hidden: bool = False
 ) -> dict[str, list[dict[str, Any]]]:
     """The graph's inputs and outputs with their dtypes (read from `model` when given: a low-precision
-    export carries its KV cache and conv state in bf16/fp16)."""
+    export carries its KV cache and conv state in bf16/fp16); `final_hidden` (or `model` having it) adds
+    the `hidden_states` output the MTP draft graph takes."""
     states = state_specs(spec)
     dtypes: dict[str, str] = {}
     if model is not None:
@@ -186,6 +195,10 @@ def io_signature(
         {"name": s.output_name, "dtype": dtypes.get(s.output_name, "float32"), "shape": present_shape(s)}
         for s in states
     ]
+    if final_hidden or (model is not None and any(v.name == HIDDEN_STATES for v in model.graph.outputs)):
+        outputs.append(
+            {"name": HIDDEN_STATES, "dtype": "float32", "shape": ["batch", "sequence", spec.hidden_size]}
+        )
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -234,6 +247,7 @@ def export_model(
     multimodal: bool = False,
     dtype: str | None = None,
     weights: str | None = None,
+    draft: bool = True,
 ) -> ExportResult:
     """Export the text tower to OUT/model.onnx with external weights; nothing is left at OUT on failure.
 
@@ -246,6 +260,9 @@ def export_model(
     `multimodal=True` (opt-in, *ForConditionalGeneration checkpoints) writes instead the text tower's
     `inputs_embeds` + mRoPE variant as model.onnx, the vision tower as vision.onnx and the token embedding
     as embed.onnx (each with its own .data file); export.json gains a "multimodal" section.
+
+    A checkpoint with an MTP layer (`mtp.*`) also gets its draft graph, mtp.onnx (exporter/mtp.py), and
+    model.onnx outputs its final hidden states for it; `draft=False` leaves the layer out.
     """
     out_path = check_writable_parent(Path(out))
     start = time.perf_counter()
@@ -269,9 +286,15 @@ def export_model(
             EMBED_FILE: build_token_embedder(spec, ckpt),
         }
     else:
-        model = build_decoder(spec, ckpt, debug_hidden_states=debug_hidden_states, keep_fp8=keep_fp8)
+        with_draft = draft and has_mtp(ckpt)
+        model = build_decoder(
+            spec, ckpt, debug_hidden_states=debug_hidden_states, keep_fp8=keep_fp8, final_hidden=with_draft
+        )
+    draft_model = build_draft(spec, ckpt, keep_fp8) if draft and has_mtp(ckpt) and not multimodal else None
     left_out = ckpt.account()
     precision_stats = narrow(model, dtype)
+    if draft_model is not None:
+        narrow(draft_model, dtype)
     if log:
         log(
             f"{source}: {spec.architecture}, {spec.num_layers} layers, "
@@ -288,6 +311,8 @@ def export_model(
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
         for file, graph in extra_graphs.items():
             save_model(graph, tmp / file)
+        if draft_model is not None:
+            save_model(draft_model, tmp / DRAFT_FILE, DRAFT_DATA_FILE)
         save_s = time.perf_counter() - save_start
         info = {
             "format": EXPORT_FORMAT,
@@ -316,6 +341,13 @@ def export_model(
             },
             "peak_rss_mib": round(peak_rss_mib(), 1),
         }
+        if draft_model is not None:
+            info["draft"] = {
+                "graph": DRAFT_FILE,
+                "kind": "mtp",
+                "io": draft_io_signature(spec, draft_model),
+                "nodes": len(draft_model.graph),
+            }
         if multimodal:
             info["multimodal"] = {
                 "graphs": {"text": MODEL_FILE, "vision": VISION_FILE, "embed": EMBED_FILE},
@@ -361,8 +393,8 @@ def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None
     source_dir, _ = resolve_source(preset, model_dir)
     folder = cache_root() / "exports" / export_fingerprint(source_dir)
     with entry_lock(folder):
-        if not (folder / EXPORT_INFO_FILE).is_file():
-            export_model(folder, preset=preset, model_dir=model_dir, log=log)
+        if not (folder / EXPORT_INFO_FILE).is_file():  # engines take the main graph only
+            export_model(folder, preset=preset, model_dir=model_dir, log=log, draft=False)
             return folder
     touch(folder)
     if log:

@@ -66,6 +66,9 @@ def state_specs(spec: ModelSpec) -> list[StateSpec]:
     return states
 
 
+HIDDEN_STATES = "hidden_states"  # the final norm's output [B, T, hidden], which the MTP draft graph takes
+
+
 def layer_output_name(layer: int) -> str:
     """Name of the value holding decoder layer `layer`'s output (the residual stream after its MLP)."""
     return f"/layers.{layer}/output"
@@ -83,11 +86,15 @@ def build_decoder(
     mrope_section: Sequence[int] = DEFAULT_MROPE_SECTION,
     keep_fp8: bool = False,
     rank: RankContext | None = None,
+    final_hidden: bool = False,
 ) -> ir.Model:
     """The text tower as an ONNX model whose initializers load lazily from the checkpoint.
 
     `rank` builds one rank of a tensor/expert-parallel split instead (exporter/shard.py): `spec` and `ckpt`
     are then the rank's (`rank_spec`, `RankCheckpoint`), and the graph gains the collectives.
+
+    `final_hidden` adds output `hidden_states` [B, T, hidden], the final norm's output, which the MTP draft
+    graph takes.
 
     `keep_fp8` keeps an FP8 checkpoint's quantized weights e4m3 behind blocked DequantizeLinear nodes;
     otherwise they are dequantized when the model is saved.
@@ -174,36 +181,43 @@ def build_decoder(
     with gb.scope("norm"):
         x = gb.rms_norm(x, w.zero_centred_scale("norm.weight", hidden), spec.rms_norm_eps)
     with gb.scope("lm_head"):
-        head_source = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        if spec.tie_word_embeddings and ckpt.has("lm_head.weight"):
-            ckpt.require("lm_head.weight", (spec.vocab_size, hidden))
-            ckpt.used.add("lm_head.weight")  # a saved copy of the tied embedding: accounted for, not exported
-        logits = gb.op(
-            "MatMul",
-            x,
-            w.derived(
-                head_source + ".T",
-                [(head_source, (spec.vocab_size, hidden))],
-                (hidden, spec.vocab_size),
-                lambda a: transpose_2d(a[0]),
-                layout_only=True,
-                pieces=row_blocks(w.full_name(head_source), spec.vocab_size, hidden, _transposed),
-                piece_axis=1,  # [hidden, vocab] written in blocks of vocab columns
-            ),
-        )
-
+        logits = lm_head(gb, w, spec, x)
         if rank is not None:
             logits = rank.gather_logits(gb, logits)
     vocab = spec.vocab_size * (rank.nb_rank if rank is not None else 1)
-    _name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", vocab])
+    name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", vocab])
     for s in states:
-        _name_output(graph, present[s.suffix], s.output_name, FLOAT, present_shape(s))
+        name_output(graph, present[s.suffix], s.output_name, FLOAT, present_shape(s))
+    if final_hidden:  # what the MTP draft graph (exporter/mtp.py) starts from
+        name_output(graph, gb.op("Identity", x), HIDDEN_STATES, FLOAT, ["batch", "sequence", hidden])
     if debug_hidden_states:
         for i, value in enumerate(layer_outputs):
-            _name_output(
+            name_output(
                 graph, gb.op("Identity", value), f"hidden_states.{i}", FLOAT, ["batch", "sequence", hidden]
             )
     return ir.Model(graph, ir_version=10, producer_name="qwen-export")
+
+
+def lm_head(gb: GraphBuilder, w: Weights, spec: ModelSpec, x: ir.Value) -> ir.Value:
+    """logits [B, T, vocab] of the normed hidden state `x` (the embedding's transpose when tied)."""
+    hidden, ckpt = spec.hidden_size, w.ckpt
+    head_source = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    if spec.tie_word_embeddings and ckpt.has("lm_head.weight"):
+        ckpt.require("lm_head.weight", (spec.vocab_size, hidden))
+        ckpt.used.add("lm_head.weight")  # a saved copy of the tied embedding: accounted for, not exported
+    return gb.op(
+        "MatMul",
+        x,
+        w.derived(
+            head_source + ".T",
+            [(head_source, (spec.vocab_size, hidden))],
+            (hidden, spec.vocab_size),
+            lambda a: transpose_2d(a[0]),
+            layout_only=True,
+            pieces=row_blocks(w.full_name(head_source), spec.vocab_size, hidden, _transposed),
+            piece_axis=1,  # [hidden, vocab] written in blocks of vocab columns
+        ),
+    )
 
 
 def token_embedding(w: Weights, spec: ModelSpec) -> ir.Value:
@@ -221,7 +235,7 @@ def _transposed(arrays: list[np.ndarray]) -> np.ndarray:
     return transpose_2d(arrays[0])
 
 
-def _name_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:
+def name_output(graph: ir.Graph, value: ir.Value, name: str, dtype: ir.DataType, shape: list) -> None:
     if value.is_graph_output() or value.is_graph_input():
         value = _identity(graph, value)
     value.name = name

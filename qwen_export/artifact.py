@@ -3,6 +3,7 @@ result of building one. Every writer and reader of an artifact takes these from 
 one with `qwen_export.runtime.session.Artifact.open`).
 
     OUT/model.onnx (+ model.onnx.data)   the graph (export, ONNX build targets)
+    OUT/mtp.onnx (+ mtp.onnx.data)       the MTP draft graph, when the checkpoint has an MTP layer
     OUT/export.json                      an export's record (format EXPORT_FORMAT)
     OUT/manifest.json                    a build's record (format BUILD_FORMAT), ONNX or engine targets
     OUT/passes.json                      a build's per-pass report (format PASSES_FORMAT)
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+DRAFT_FILE = "mtp.onnx"  # the MTP draft graph (speculative decoding), beside model.onnx
+DRAFT_DATA_FILE = "mtp.onnx.data"
 EXPORT_INFO_FILE = "export.json"
 MANIFEST_FILE = "manifest.json"
 PASSES_FILE = "passes.json"

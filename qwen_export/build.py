@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from qwen_export.artifact import (
     BUILD_FORMAT,
     DATA_FILE,
+    DRAFT_DATA_FILE,
+    DRAFT_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     PASSES_FILE,
@@ -40,6 +42,7 @@ from qwen_export.exporter.export import (
     tool_versions,
 )
 from qwen_export.exporter.model import build_decoder
+from qwen_export.exporter.mtp import build_draft, draft_io_signature, has_mtp
 from qwen_export.exporter.spec import ModelSpec, config_hash, read_config_json
 from qwen_export.fsutil import atomic_output_dir, check_writable_parent
 from qwen_export.memory import peak_rss_mib
@@ -270,7 +273,11 @@ def _build(
 
     passes = get_target(target).passes()
     ckpt = Checkpoint.open(source_dir, config)
-    model = build_decoder(spec, ckpt)  # fp32, an FP8 checkpoint dequantized: what ONNX Runtime targets run
+    # The MTP draft graph goes through the same passes, for speculative decoding on ONNX Runtime.
+    with_draft = has_mtp(ckpt) and get_target(target).runs_on_onnxruntime
+    # fp32, an FP8 checkpoint dequantized: what ONNX Runtime targets run
+    model = build_decoder(spec, ckpt, final_hidden=with_draft)
+    draft = build_draft(spec, ckpt) if with_draft else None
     left_out = ckpt.account()
     export_s = time.perf_counter() - start
 
@@ -286,16 +293,22 @@ def _build(
     manager = PassManager(passes, check=numeric, verify=verify, on_start=on_pass_start, on_end=on_pass_end)
     passes_start = time.perf_counter()
     model, report = manager.run(model)
+    draft_report = None
+    if draft is not None:
+        draft, draft_report = PassManager(get_target(target).passes(), verify=verify).run(draft)
     passes_s = time.perf_counter() - passes_start
 
     with atomic_output_dir(out_path) as tmp:
         save_start = time.perf_counter()
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
+        if draft is not None:
+            save_model(draft, tmp / DRAFT_FILE, DRAFT_DATA_FILE)
         save_s = time.perf_counter() - save_start
         kernels = _copy_cpu_kernels(target, tmp)
         if confirm is not None and confirm() != spec:
             raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
-        files = file_entries(tmp, [MODEL_FILE, DATA_FILE, *kernels])
+        drafts = [DRAFT_FILE, DRAFT_DATA_FILE] if draft is not None else []
+        files = file_entries(tmp, [MODEL_FILE, DATA_FILE, *drafts, *kernels])
         (tmp / PASSES_FILE).write_text(json.dumps(report.to_json(), indent=2))
         manifest = {
             "format": BUILD_FORMAT,
@@ -306,7 +319,7 @@ def _build(
             ],
             "fused_ops": _fused_ops(report),
             "versions": _versions(),
-            "io": io_signature(spec),
+            "io": io_signature(spec, final_hidden=with_draft),
             "checkpoint": {"tensors": len(ckpt.tensors), "used": len(ckpt.used), "left_out": left_out},
             "graph": {
                 "nodes": node_counts(model).to_json(),
@@ -333,6 +346,15 @@ def _build(
                 else numeric.golden.manifest.get("source"),
             },
         }
+        if draft is not None and draft_report is not None:
+            manifest["draft"] = {
+                "graph": DRAFT_FILE,
+                "kind": "mtp",
+                "io": draft_io_signature(spec, draft),
+                "passes": [{"name": r.name, "modified": r.modified} for r in draft_report.records],
+                "fused_ops": _fused_ops(draft_report),
+                "qwen_ops": {k: dict(v) for k, v in qwen_op_counts(draft).items()},
+            }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return BuildResult(out_path, target, manifest, report=report)
 

@@ -171,6 +171,15 @@ def run(
     video: Annotated[
         list[str] | None, typer.Option(help="A short video as comma-separated frame files (repeatable).")
     ] = None,
+    speculative: Annotated[
+        int | None,
+        typer.Option(
+            metavar="K",
+            help="Draft K tokens (1..8) a step with the checkpoint's MTP layer and verify them in one step "
+            "of the model: the greedy tokens, faster. Needs an artifact with mtp.onnx; --json reports "
+            "acceptance per draft position.",
+        ),
+    ] = None,
 ) -> None:
     """Generate from an artifact, streaming tokens as they come (text, or images/video with a prompt)."""
     from qwen_export.runtime.run import RunRequest, run_multimodal_request, stream_text
@@ -180,7 +189,7 @@ def run(
     request = RunRequest.parse(
         artifact, prompt=prompt, ids=ids, max_new_tokens=max_new_tokens, greedy=greedy,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-        images=image or [], videos=video or [],
+        images=image or [], videos=video or [], speculative=speculative,
     )  # fmt: skip
     if request.images or request.videos:
         with err.status("running…"):
@@ -218,12 +227,31 @@ def diff(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score this text file instead: held-out perplexity, next-token agreement and KL against "
+            "the reference, in windows of 256 tokens (needs the checkpoint's tokenizer.json)."
+        ),
+    ] = None,
+    windows: Annotated[
+        int | None, typer.Option(min=1, help="With --text: how many windows to score (default: 16).")
+    ] = None,
 ) -> None:
     """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
 
     Exit code 1 when the artifact is out of its precision's tolerance (the report states which were used).
+    With --text, the quality on real text instead (a report; exit code 0).
     """
     from qwen_export.diff import diff_artifact, save_polygraphy_outputs
+
+    if text is not None:
+        from qwen_export.quality import text_quality
+
+        with err.status("scoring the text…"):
+            quality = text_quality(artifact, text, windows, against)  # None: quality.DEFAULT_WINDOWS
+        emit(quality, as_json, report)
+        return
 
     with err.status("comparing with the reference…"):
         result = diff_artifact(artifact, against, per_layer=per_layer, per_pass=per_pass)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from qwen_export.listing import Listing
 
 PRESET_SEED = 20260216
-PRESET_FORMAT = 1  # bump when the way presets are generated changes
+PRESET_FORMAT = 2  # bump when the way presets are generated changes (2: the tiny presets' MTP layer)
 
 _TINY_TEXT: dict[str, Any] = dict(
     vocab_size=512,
@@ -61,12 +61,16 @@ class Preset:
     vision_config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     has_weights: bool = True  # False: config-only, the exact published config.json and no weights
+    mtp: bool = False  # random-weight presets: the checkpoint also carries an MTP layer (mtp.*)
+    trained: bool = False  # the trained reference model committed under golden/ (its folder is the preset)
 
     def config_dict(self) -> dict[str, Any]:
         """The config as transformers would write it (built by transformers' own config class); for a
-        config-only preset, the published config.json exactly as released."""
+        config-only preset, the published config.json exactly as released; for the trained model, its own."""
         if not self.has_weights:
             return json.loads(self.config_bytes())
+        if self.trained:
+            return json.loads((trained_folder() / "config.json").read_text())
         return _hf_config(self).to_dict()
 
     def config_bytes(self) -> bytes:
@@ -78,8 +82,12 @@ class Preset:
     def fingerprint(self) -> str:
         if not self.has_weights:  # the published file is the whole preset
             return hashlib.sha256(self.config_bytes()).hexdigest()[:12]
+        if self.trained:  # committed files: the config and the weights' size stand for them
+            folder = trained_folder()
+            blob = (folder / "config.json").read_bytes() + str((folder / WEIGHTS).stat().st_size).encode()
+            return hashlib.sha256(blob).hexdigest()[:12]
         blob = json.dumps(
-            [PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config],
+            [PRESET_FORMAT, PRESET_SEED, self.architecture, self.text_config, self.vision_config, self.mtp],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -92,7 +100,8 @@ PRESETS: dict[str, Preset] = {
             "tiny-qwen3.5-moe",
             "Qwen3_5MoeForCausalLM",
             {**_TINY_TEXT, **_TINY_MOE},
-            "4 layers (3 DeltaNet + 1 attention), 8 experts top-2 + shared expert",
+            "4 layers (3 DeltaNet + 1 attention), 8 experts top-2 + shared expert, and an MTP layer",
+            mtp=True,
         ),
         Preset(
             "tiny-qwen3-next",
@@ -104,13 +113,15 @@ PRESETS: dict[str, Preset] = {
                 "norm_topk_prob": True,
                 "mlp_only_layers": [1],
             },
-            "Qwen3-Next layout (fused qkvz projections), layer 1 dense MLP, the rest MoE",
+            "Qwen3-Next layout (fused qkvz projections), layer 1 dense MLP, the rest MoE, and an MTP layer",
+            mtp=True,
         ),
         Preset(
             "tiny-qwen3.5",
             "Qwen3_5ForCausalLM",
             {**_TINY_TEXT, "intermediate_size": 128},
-            "dense Qwen3.5: 4 layers with SwiGLU MLPs",
+            "dense Qwen3.5: 4 layers with SwiGLU MLPs, and an MTP layer",
+            mtp=True,
         ),
         Preset(
             "small-qwen3.5-moe",
@@ -131,6 +142,26 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }
+
+TRAINED = "trained-qwen3.5-moe"
+WEIGHTS = "model.safetensors"
+
+
+def trained_folder() -> Path:
+    """The trained reference model's checkpoint folder (golden/trained-qwen3.5-moe, installed with the
+    package; scripts/train_reference.py writes it)."""
+    return Path(str(resources.files("qwen_export.golden"))) / TRAINED
+
+
+PRESETS[TRAINED] = Preset(
+    TRAINED,
+    "Qwen3_5MoeForCausalLM",
+    {},
+    "trained on the Python standard library: 8 layers, 8 experts top-2, an MTP layer and a BPE tokenizer "
+    "(golden/trained-qwen3.5-moe)",
+    mtp=True,
+    trained=True,
+)
 
 # Config-only presets: (name, Hugging Face repository the config.json was published in, description).
 _FAMILY: tuple[tuple[str, str, str], ...] = (
@@ -201,6 +232,8 @@ def _require_weights(preset: Preset) -> None:
 def build_random_model(preset: Preset):
     """The preset's transformers model: seeded random weights, non-trivial where HF inits are flat."""
     _require_weights(preset)
+    if preset.trained:
+        raise QwenExportError(f"preset {preset.name!r} is trained, not random: load materialize()'s folder")
     import torch
     import transformers
 
@@ -233,10 +266,37 @@ def randomize_flat_parameters(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * (1.0 / hidden**0.5))
 
 
+def _add_mtp_layer(weights: Path, model) -> None:
+    """Append a seeded random MTP layer (golden/mtp.py) to a saved checkpoint, experts one per expert as
+    Qwen's checkpoints store it; transformers neither builds nor saves this layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qwen_export.golden.mtp import MtpReference
+
+    gen = torch.Generator().manual_seed(PRESET_SEED + 2)
+    mtp = MtpReference(model)
+    mtp.init_weights(model.config.initializer_range, gen)
+    with torch.no_grad():  # the same non-flat norms and decisive router as the main layers
+        for name, param in mtp.named_parameters():
+            if name.endswith("norm.weight") or "norm_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / param.shape[-1] ** 0.5))
+    tensors = load_file(weights)
+    tensors.update({k: v.contiguous() for k, v in mtp.to_checkpoint().items()})
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def materialize(name: str, quiet: bool = False) -> Path:
     """Path of the preset's checkpoint folder, creating it on first use."""
     preset = get_preset(name)
     _require_weights(preset)  # before anything is written
+    if preset.trained:
+        folder = trained_folder()
+        if not (folder / WEIGHTS).is_file():
+            raise QwenExportError(f"{folder}: the trained model is missing; run scripts/train_reference.py")
+        return folder
     folder = cache_root() / "presets" / f"{name}-{preset.fingerprint()}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         touch(folder)  # its last use, for `qwen-export cache`
@@ -248,6 +308,8 @@ def materialize(name: str, quiet: bool = False) -> Path:
     model = build_random_model(preset)
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
+        if preset.mtp:
+            _add_mtp_layer(tmp / "model.safetensors", model)
         (tmp / "preset.json").write_text(
             json.dumps({"preset": name, "seed": PRESET_SEED, "fingerprint": preset.fingerprint()}, indent=2)
         )
@@ -261,7 +323,11 @@ def preset_table() -> Listing:
         {
             "name": name,
             "architecture": p.architecture,
-            "weights": f"random (seed {PRESET_SEED})" if p.has_weights else "none (config only)",
+            "weights": "trained"
+            if p.trained
+            else f"random (seed {PRESET_SEED})"
+            if p.has_weights
+            else "none (config only)",
             "description": p.description,
         }
         for name, p in PRESETS.items()

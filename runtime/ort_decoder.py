@@ -62,6 +62,7 @@ class OrtDecoder:
         threads: int | None = None,
     ):
         providers = providers or ["CPUExecutionProvider"]
+        self.model_path = Path(model_path)
         # ONNX Runtime's CPU provider has no bf16 kernels (and fp16 ones for some ops only): a bf16/fp16
         # graph runs emulated in fp32, each low-precision result rounded through its dtype
         # (runtime/emulation.py). `emulated` says so to every report.
@@ -144,6 +145,26 @@ class OrtDecoder:
             n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
         }
         return logits, present
+
+    def step_all_bound(
+        self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue]
+    ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+        """One step with IOBinding that returns every position's outputs (logits [B, T, V], hidden states)
+        as numpy, and the present states as ONNX Runtime values (what speculative decoding verifies with)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for suffix, value in states.items():
+            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        present = {
+            n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
+        }
+        rest = {n: v.numpy() for n, v in outputs.items() if not n.startswith(PRESENT_PREFIX)}
+        return rest, present
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> StepOutput:
         """Run a prompt from empty states. Positions follow HF: cumulative count of unmasked tokens."""

@@ -25,6 +25,7 @@ class RunRequest:
     stop_ids: list[int] | None  # None: the tokenizer's end-of-sequence token (multimodal), else never stop
     images: list[Path] = field(default_factory=list)
     videos: list[list[Path]] = field(default_factory=list)
+    speculative: int = 0  # MTP draft tokens per step (0: plain decoding)
 
     @classmethod
     def parse(
@@ -42,6 +43,7 @@ class RunRequest:
         stop: str | None,
         images: Sequence[Path] = (),
         videos: Sequence[str] = (),
+        speculative: int | None = None,
     ) -> RunRequest:
         """The command line's strings as a request; a malformed number is a one-line error."""
         try:
@@ -55,7 +57,16 @@ class RunRequest:
         if (images or videos) and prompt is None:
             raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
         frames = [[Path(f) for f in v.split(",")] for v in videos]
-        return cls(artifact, prompt, token_ids, max_new_tokens, sampling, stop_ids, list(images), frames)
+        if speculative is not None:
+            from qwen_export.runtime.speculative import check_speculative
+
+            check_speculative(speculative)
+            if images or videos:
+                raise QwenExportError("--speculative decodes text artifacts; drop --image/--video")
+        return cls(
+            artifact, prompt, token_ids, max_new_tokens, sampling, stop_ids, list(images), frames,
+            speculative or 0,
+        )  # fmt: skip
 
 
 @dataclass
@@ -68,6 +79,7 @@ class RunResult:
     prompt_ids: list[int] | None = None
     prompt_tokens: int | None = None
     echo_text: bool = False  # the text was not streamed, so the summary prints it
+    speculative: dict[str, Any] | None = None  # acceptance per draft position (SpeculativeStats.to_json)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -78,6 +90,8 @@ class RunResult:
             data["backend"] = self.backend
         if self.prompt_tokens is not None:
             data["prompt_tokens"] = self.prompt_tokens
+        if self.speculative is not None:
+            data["speculative"] = self.speculative
         return data | {
             "time_to_first_token_s": round(self.time_to_first_token_s, 6),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
@@ -89,6 +103,9 @@ class RunResult:
         else:
             print()
         backend = f" · {self.backend}" if self.backend else ""
+        if self.speculative is not None:
+            rates = ", ".join(f"{a:.2f}" for a in self.speculative["acceptance_per_position"])
+            backend += f" · speculative {self.speculative['k']}, acceptance per position {rates}"
         console.print(
             f"[dim]{len(self.ids)} tokens · first token {self.time_to_first_token_s * 1e3:.1f} ms · "
             f"decode {self.decode_tokens_per_s:.1f} tokens/s{backend}[/dim]"
@@ -104,7 +121,15 @@ def stream_text(request: RunRequest, on_piece: Callable[[str], None] | None = No
     timings: dict[str, float] = {}
     generated: list[int] = []
     stops = request.stop_ids or []
-    for step in session.stream([token_ids], request.max_new_tokens, request.sampling, stops, timings):
+    stats = None
+    if request.speculative:
+        from qwen_export.runtime.speculative import SpeculativeStats
+
+        stats = SpeculativeStats(request.speculative)
+    steps = session.stream(
+        [token_ids], request.max_new_tokens, request.sampling, stops, timings, request.speculative, stats
+    )
+    for step in steps:
         generated.append(int(step[0]))
         if on_piece is not None:
             tokenizer = session.tokenizer
@@ -112,7 +137,13 @@ def stream_text(request: RunRequest, on_piece: Callable[[str], None] | None = No
     text = session.tokenizer.decode(generated) if session.tokenizer else None
     rate = decode_tokens_per_s(timings, len(generated))
     return RunResult(
-        generated, text, session.backend.name, timings["time_to_first_token_s"], rate, prompt_ids=token_ids
+        generated,
+        text,
+        session.backend.name,
+        timings["time_to_first_token_s"],
+        rate,
+        prompt_ids=token_ids,
+        speculative=stats.to_json() if stats is not None else None,
     )
 
 

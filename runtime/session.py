@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qwen_export.artifact import (
+    DRAFT_FILE,
     EXPORT_INFO_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -19,7 +20,7 @@ from qwen_export.artifact import (
     READABLE_FORMATS,
 )
 from qwen_export.errors import QwenExportError
-from qwen_export.runtime.ort_decoder import positions_from_mask
+from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
 from qwen_export.runtime.sampling import Sampler, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
 from qwen_export.targets import TARGETS
@@ -49,6 +50,7 @@ class GenerationResult:
     decode_tokens_per_s: float
     texts: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    speculative: dict[str, Any] | None = None  # acceptance per draft position (SpeculativeStats.to_json)
 
 
 @dataclass
@@ -97,6 +99,17 @@ class Artifact:
                 raise QwenExportError(f"{folder}: {name} is missing (the artifact is incomplete)")
         return cls(folder, info, model_path, target)
 
+    @property
+    def draft_path(self) -> Path | None:
+        """The MTP draft graph beside an ONNX Runtime artifact's model, if it has one."""
+        draft = self.info.get("draft")
+        if not draft:
+            return None
+        path = self.model_path.parent / draft.get("graph", DRAFT_FILE)
+        if not path.is_file():
+            raise QwenExportError(f"{self.folder}: {path.name} is missing (the artifact is incomplete)")
+        return path
+
 
 class Session:
     """Generation over one artifact; pick a backend from the artifact's target."""
@@ -107,11 +120,13 @@ class Session:
         artifact: Artifact | None = None,
         tokenizer: Tokenizer | None = None,
         max_context: int | None = None,
+        draft: OrtDecoder | None = None,
     ):
         self.backend = backend
         self.artifact = artifact
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.draft = draft  # the MTP draft graph, for speculative decoding
 
     @classmethod
     def load(
@@ -134,7 +149,10 @@ class Session:
             backend = open_decoder(artifact.model_path, optimize=True, providers=providers, threads=threads)
         source_dir = artifact.info.get("source_dir")
         max_context = (artifact.info.get("deploy") or {}).get("max_context")
-        return cls(backend, artifact, Tokenizer.find(source_dir), max_context)
+        draft = None
+        if artifact.draft_path is not None and isinstance(backend, OrtDecoder):
+            draft = OrtDecoder(artifact.draft_path, optimize=True, providers=providers, threads=threads)
+        return cls(backend, artifact, Tokenizer.find(source_dir), max_context, draft)
 
     # --- input handling -------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -160,6 +178,21 @@ class Session:
             )
 
     # --- generation -----------------------------------------------------------------------------------
+    def speculative_decoder(self, k: int, sampling: SamplingConfig = GREEDY, rollback: str = "refeed"):
+        """The MTP speculative decoder over this session's graphs; a one-line error where it cannot run."""
+        from qwen_export.runtime.speculative import SpeculativeDecoder, check_speculative
+
+        check_speculative(k)
+        if self.draft is None:
+            where = self.artifact.folder if self.artifact else "this session"
+            raise QwenExportError(
+                f"{where}: no MTP draft graph (mtp.onnx); export or build from a checkpoint whose mtp.* "
+                "tensors are present, for an ONNX Runtime target, to decode speculatively"
+            )
+        if not sampling.greedy:
+            raise QwenExportError("--speculative decodes greedily (lossless); drop the sampling options")
+        return SpeculativeDecoder(self.backend, self.draft, k, rollback)  # type: ignore[arg-type]
+
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
@@ -167,8 +200,13 @@ class Session:
         sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
         timings: dict[str, float] | None = None,
+        speculative: int = 0,
+        stats: Any = None,
     ) -> Iterator[np.ndarray]:
-        """Yield every prompt's next token ([B] int64) per step; finished rows repeat their stop token."""
+        """Yield every prompt's next token ([B] int64) per step; finished rows repeat their stop token.
+
+        `speculative=k` drafts k tokens a round with the MTP layer and verifies them in one step (greedy
+        only, the same tokens as plain decoding); `stats` (a SpeculativeStats) then collects acceptance."""
         self._check(prompts, max_new_tokens)
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((batch, width), np.int64)
@@ -176,6 +214,10 @@ class Session:
         for row, p in enumerate(prompts):  # left padding keeps every row's last token in the last column
             ids[row, width - len(p) :] = p
             mask[row, width - len(p) :] = 1
+        if speculative:
+            decoder = self.speculative_decoder(speculative, sampling)
+            yield from decoder.stream(ids, mask, max_new_tokens, stop_tokens, timings, stats)
+            return
         sampler = Sampler(sampling)
         stops = np.array(list(stop_tokens), np.int64)
         done = np.zeros(batch, bool)
@@ -205,9 +247,17 @@ class Session:
         max_new_tokens: int,
         sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
+        speculative: int = 0,
     ) -> GenerationResult:
+        """New tokens for every prompt; `speculative=k` decodes with k MTP drafts a round (greedy), and the
+        result's `speculative` then reports acceptance per draft position."""
         timings: dict[str, float] = {}
-        steps = list(self.stream(prompts, max_new_tokens, sampling, stop_tokens, timings))
+        stats = None
+        if speculative:
+            from qwen_export.runtime.speculative import SpeculativeStats
+
+            stats = SpeculativeStats(speculative)
+        steps = list(self.stream(prompts, max_new_tokens, sampling, stop_tokens, timings, speculative, stats))
         table = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), np.int64)
         tokens = []
         for row in table.tolist():
@@ -222,6 +272,7 @@ class Session:
             rate,
             texts,
             {"decode_s": decode_s, "steps": float(len(steps))},
+            stats.to_json() if stats is not None else None,
         )
 
 

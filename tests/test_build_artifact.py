@@ -36,6 +36,8 @@ def test_artifact_files_and_manifest(onnx_build):
         "manifest.json",
         "model.onnx",
         "model.onnx.data",
+        "mtp.onnx",  # the preset has an MTP layer: its draft graph
+        "mtp.onnx.data",
         "passes.json",
     ]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -139,18 +139,16 @@ def test_left_out_parts_are_logged(tmp_path):
     assert "left out on purpose: vision tower" in " ".join(result.output.split())
 
 
-def test_mtp_tensors_are_left_out_and_counted(tmp_path, broken):
+def test_an_incomplete_mtp_layer_is_refused_naming_the_tensor(tmp_path, broken):
+    """A checkpoint with some mtp.* tensors exports the MTP draft graph, so a missing one is an error."""
     rewrite_tensors(
         broken, lambda t: t.update({"mtp.fc.weight": torch.zeros(4, 4), "mtp.norm.weight": torch.zeros(4)})
     )
     out = tmp_path / "out"
     result = run_export(broken, out)
-    assert result.exit_code == 0, result.output
-    assert "left out on purpose: MTP (multi-token prediction) layers (2 tensors)" in " ".join(
-        result.output.split()
-    )
-    info = json.loads((out / "export.json").read_text())
-    assert info["checkpoint"]["left_out"] == {"MTP (multi-token prediction) layers": 2}
+    assert result.exit_code == 2
+    assert "missing tensor mtp.pre_fc_norm_embedding.weight" in " ".join(result.output.split())
+    assert not out.exists()
 
 
 # --- FP8 checkpoints and precision options ------------------------------------------------------------

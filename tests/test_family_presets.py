@@ -15,6 +15,7 @@ from qwen_export.exporter.spec import spec_from_config, spec_from_stated_fields
 from qwen_export.presets import PRESET_SEED, PRESETS, build_random_model, materialize, preset_table
 
 RANDOM = ["tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5", "small-qwen3.5-moe"]
+TRAINED = ["trained-qwen3.5-moe"]  # golden/trained-qwen3.5-moe, tests/test_trained_reference.py
 
 MOE, DENSE = "Qwen3_5MoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration"
 
@@ -51,8 +52,8 @@ QWEN35 = [name for name in SHAPES if name.startswith("qwen3.5-")]
 
 def test_the_family_is_exactly_the_config_only_presets():
     assert {n for n, p in PRESETS.items() if not p.has_weights} == set(SHAPES)
-    assert all(PRESETS[n].has_weights for n in RANDOM)
-    assert set(PRESETS) == set(SHAPES) | set(RANDOM)
+    assert all(PRESETS[n].has_weights for n in RANDOM + TRAINED)
+    assert set(PRESETS) == set(SHAPES) | set(RANDOM) | set(TRAINED)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -127,6 +128,7 @@ def test_presets_cli_json_lists_weights():
     assert set(rows) == set(PRESETS)
     assert rows["tiny-qwen3.5-moe"]["weights"] == f"random (seed {PRESET_SEED})"
     assert rows["qwen3.5-397b-a17b"]["weights"] == "none (config only)"
+    assert rows["trained-qwen3.5-moe"]["weights"] == "trained"
 
 
 @pytest.mark.parametrize("name", ["qwen3.5-397b-a17b", "qwen3.5-0.8b", "qwen3-next-80b-a3b"])

@@ -1,0 +1,257 @@
+"""Lossless greedy speculative decoding with the checkpoint's own MTP layer (the draft graph, mtp.onnx).
+
+Each round drafts k tokens with the MTP layer, verifies them in one multi-token step of the main graph and
+keeps the longest accepted prefix plus the main model's own next token, so the tokens are exactly those of
+plain greedy decoding. A batch advances by the shortest accepted prefix over its live rows (a row whose
+draft ran further gets the same tokens: its next token equals the draft it accepted).
+
+Rolling back a rejected draft: the KV cache could be cut, but the DeltaNet conv and recurrent states cannot
+be rewound. Two ways are kept, measured by scripts/bench_speculative.py (benchmarks/speculative.md):
+- "refeed" (the default, the faster): a round that rejects part of its draft keeps the states from before
+  its verify step, and the accepted tokens ride along at the front of the next verify step. Nothing runs
+  twice as a separate step; a verify step just grows by the re-fed tokens. After a round that accepts
+  everything, the verify step's states are kept.
+- "recompute": a round that rejects part of its draft runs the main graph again on the accepted tokens.
+
+The MTP layer's own KV cache always holds the pairs (main hidden state at position t, token t+1) of the
+accepted tokens only: each round first feeds the previous round's accepted pairs (true main hidden states
+from the verify step) and keeps that cache; the draft steps beyond the first run on a copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qwen_export.errors import QwenExportError
+from qwen_export.exporter.model import HIDDEN_STATES
+from qwen_export.exporter.mtp import DRAFT_HIDDEN_STATES
+from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
+
+MAX_SPECULATIVE = 8
+REFEED_ROUNDS = 3  # re-fed tokens past this many rounds' worth are committed by a recompute step
+ROLLBACKS = ("refeed", "recompute")
+
+
+def check_speculative(k: int) -> None:
+    if not 1 <= k <= MAX_SPECULATIVE:
+        raise QwenExportError(f"--speculative {k}: draft between 1 and {MAX_SPECULATIVE} tokens per step")
+
+
+@dataclass
+class SpeculativeStats:
+    """Per-row acceptance: `accepted[j]` counts the rounds (summed over live rows) whose draft token j+1
+    was accepted; acceptance per position is that over `row_rounds` (vLLM's definition)."""
+
+    k: int
+    rounds: int = 0
+    row_rounds: int = 0
+    accepted: list[int] = field(default_factory=list)
+    draft_steps: int = 0
+    verify_steps: int = 0
+    recompute_steps: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    recompute_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.accepted = self.accepted or [0] * self.k
+
+    def acceptance(self) -> list[float]:
+        return [a / self.row_rounds if self.row_rounds else 0.0 for a in self.accepted]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "rounds": self.rounds,
+            "acceptance_per_position": [round(a, 4) for a in self.acceptance()],
+            "mean_accepted_per_round": round(sum(self.accepted) / self.row_rounds, 4)
+            if self.row_rounds
+            else 0,
+            "draft_step_ms": round(1e3 * self.draft_s / self.draft_steps, 3) if self.draft_steps else None,
+            "verify_step_ms": round(1e3 * self.verify_s / self.verify_steps, 3)
+            if self.verify_steps
+            else None,
+            "recompute_steps": self.recompute_steps,
+        }
+
+
+class SpeculativeDecoder:
+    """Greedy decoding of a main graph (with a `hidden_states` output) checked against k MTP drafts."""
+
+    def __init__(self, main: OrtDecoder, draft: OrtDecoder, k: int, rollback: str = "refeed"):
+        check_speculative(k)
+        if rollback not in ROLLBACKS:
+            raise QwenExportError(f"rollback {rollback!r} is not one of {', '.join(ROLLBACKS)}")
+        if HIDDEN_STATES not in main.output_names:
+            raise QwenExportError("the main graph has no hidden_states output; re-export the checkpoint")
+        self.main, self.draft, self.k, self.rollback = main, draft, k, rollback
+        # ONNX Runtime's GroupQueryAttention takes several new tokens over a cache at batch 1 only.
+        self.row_by_row = _runs_op(main.model_path, "GroupQueryAttention")
+
+    def stream(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        max_new_tokens: int,
+        stop_tokens: Sequence[int] = (),
+        timings: dict[str, float] | None = None,
+        stats: SpeculativeStats | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield every row's next token ([B] int64) as plain greedy decoding would, a round at a time (a
+        graph that verifies at batch 1 only decodes its rows one after another, then yields them)."""
+        stats = stats if stats is not None else SpeculativeStats(self.k)
+        if not self.row_by_row or ids.shape[0] == 1:
+            yield from self._stream(ids, mask, max_new_tokens, stop_tokens, timings, stats)
+            return
+        rows = []
+        for row in range(ids.shape[0]):
+            real = mask[row].astype(bool)
+            steps = self._stream(ids[row : row + 1, real], mask[row : row + 1, real], max_new_tokens,
+                                 stop_tokens, timings if row == 0 else None, stats)  # fmt: skip
+            rows.append([int(t[0]) for t in steps])
+        if timings is not None:
+            timings["decode_end"] = time.perf_counter()
+        stop = stop_tokens[0] if stop_tokens else None
+        for step in range(max(map(len, rows))):
+            yield np.array([r[step] if step < len(r) else stop for r in rows], np.int64)
+
+    def _stream(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        max_new_tokens: int,
+        stop_tokens: Sequence[int],
+        timings: dict[str, float] | None,
+        stats: SpeculativeStats,
+    ) -> Iterator[np.ndarray]:
+        batch = ids.shape[0]
+        stops = np.array(list(stop_tokens), np.int64)
+        done = np.zeros(batch, bool)
+        start = time.perf_counter()
+        positions = positions_from_mask(mask)
+        outs, states = self.main.step_all_bound(
+            _feeds(ids, mask, positions), self.main.empty_bound_states(batch)
+        )
+        last = outs["logits"][:, -1].argmax(-1)
+        emitted = 1
+        if timings is not None:
+            timings["time_to_first_token_s"] = time.perf_counter() - start
+            timings["decode_start"] = time.perf_counter()
+        done |= np.isin(last, stops)
+        yield last
+        # The MTP layer's pairs still to feed: (hidden at position t, token t+1) at position t.
+        pair_ids = np.concatenate([ids[:, 1:], last[:, None]], axis=1)
+        pair_hidden, pair_positions, pair_mask = outs[HIDDEN_STATES], positions, mask
+        draft_states, draft_mask = self.draft.empty_states(batch), np.zeros((batch, 0), np.int64)
+        committed_mask = mask  # the attention mask of the tokens inside `states`
+        pending = np.zeros((batch, 0), np.int64)  # tokens accepted but not inside `states` (refeed)
+        next_position = positions[:, -1:] + 1  # position of `last`
+        while emitted < max_new_tokens and not done.all():
+            t0 = time.perf_counter()
+            draft_mask = np.concatenate([draft_mask, pair_mask], axis=1)
+            out = self.draft.run_feeds(
+                {
+                    "input_ids": pair_ids,
+                    HIDDEN_STATES: pair_hidden,
+                    "attention_mask": draft_mask,
+                    "position_ids": pair_positions,
+                },
+                draft_states,
+            )
+            draft_states = out.states
+            drafts = [out.logits[:, -1].argmax(-1)]
+            spec_states, spec_mask = draft_states, draft_mask
+            spec_hidden, spec_position = out.extra[DRAFT_HIDDEN_STATES][:, -1:], pair_positions[:, -1:]
+            for _ in range(self.k - 1):
+                spec_mask = np.concatenate([spec_mask, np.ones((batch, 1), np.int64)], axis=1)
+                spec_position = spec_position + 1
+                spec = self.draft.run_feeds(
+                    {
+                        "input_ids": drafts[-1][:, None],
+                        HIDDEN_STATES: spec_hidden,
+                        "attention_mask": spec_mask,
+                        "position_ids": spec_position,
+                    },
+                    spec_states,
+                )
+                spec_states, spec_hidden = spec.states, spec.extra[DRAFT_HIDDEN_STATES]
+                drafts.append(spec.logits[:, -1].argmax(-1))
+            stats.draft_steps += self.k
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            drafted = np.stack(drafts, axis=1)  # [B, k]
+            feed = np.concatenate([pending, last[:, None], drafted], axis=1)
+            width = feed.shape[1]
+            verify_mask = np.concatenate([committed_mask, np.ones((batch, width), np.int64)], axis=1)
+            first = next_position - pending.shape[1]
+            verify_positions = first + np.arange(width)[None]
+            outs, verify_states = self.main.step_all_bound(
+                _feeds(feed, verify_mask, verify_positions), states
+            )
+            stats.verify_steps += 1
+            stats.verify_s += time.perf_counter() - t1
+            offset = pending.shape[1]
+            predicted = outs["logits"][:, offset:].argmax(-1)  # [B, k + 1]: after last, d_1, ..., d_k
+            matches = np.cumprod(drafted == predicted[:, :-1], axis=1)  # leading run of accepted drafts
+            live = ~done
+            per_row = matches.sum(1)
+            accepted = int(per_row[live].min())
+            stats.rounds += 1
+            stats.row_rounds += int(live.sum())
+            for j in range(self.k):
+                stats.accepted[j] += int(matches[live, j].sum())
+
+            new_tokens = np.concatenate([drafted[:, :accepted], predicted[:, accepted : accepted + 1]], 1)
+            for j in range(new_tokens.shape[1]):
+                if emitted >= max_new_tokens or done.all():
+                    break
+                token = np.where(done, stops[0] if stops.size else new_tokens[:, j], new_tokens[:, j])
+                done |= np.isin(token, stops)
+                emitted += 1
+                yield token
+
+            kept = offset + accepted + 1  # verify columns whose tokens are now decided: pending, last, drafts
+            if accepted == self.k:
+                states, committed_mask, pending = verify_states, verify_mask, np.zeros((batch, 0), np.int64)
+            elif self.rollback == "recompute" or kept > REFEED_ROUNDS * (self.k + 1):
+                t2 = time.perf_counter()
+                committed = verify_mask[:, : committed_mask.shape[1] + kept]
+                _, states = self.main.step_all_bound(
+                    _feeds(feed[:, :kept], committed, verify_positions[:, :kept]), states
+                )
+                committed_mask = committed
+                pending = np.zeros((batch, 0), np.int64)
+                stats.recompute_steps += 1
+                stats.recompute_s += time.perf_counter() - t2
+            else:
+                pending = feed[:, :kept]
+            # Next round's MTP pairs: hidden at last, d_1..d_a with tokens d_1..d_a, then the new token.
+            pair_ids = new_tokens
+            pair_hidden = outs[HIDDEN_STATES][:, offset:kept]
+            pair_positions = verify_positions[:, offset:kept]
+            pair_mask = np.ones((batch, accepted + 1), np.int64)
+            last = new_tokens[:, -1]
+            next_position = verify_positions[:, kept - 1 : kept] + 1
+        if timings is not None:
+            timings["decode_end"] = time.perf_counter()
+
+
+def _feeds(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.asarray(ids, np.int64),
+        "attention_mask": np.asarray(mask, np.int64),
+        "position_ids": np.asarray(positions, np.int64),
+    }
+
+
+def _runs_op(model_path, op_type: str) -> bool:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(node.op_type == op_type for node in model.graph.node)

@@ -1,0 +1,207 @@
+"""Speculative-decoding benchmark: decode tokens/s at batch 1 with k = 0 (plain), 1, 2 and 3 MTP drafts a
+round, acceptance per draft position, and the cost of a draft step and of a verify step relative to a plain
+decode step, for the `ort` and `ort-cpu-int4` builds of a checkpoint with an MTP layer (by default the
+trained reference model in golden/, on its held-out text).
+
+Every configuration decodes the same prompts in the same process, configurations alternating within each
+round (this machine is shared and noisy); the tokens of every speculative run are checked equal to the
+plain run's. Both rollbacks (runtime/speculative.py) are measured at every k. Writes
+benchmarks/speculative.json and benchmarks/speculative.md.
+
+    .venv/bin/python scripts/bench_speculative.py [--model golden/trained-qwen3.5-moe] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from bench_ranks import cpu_model, vector_isa
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [(0, None)] + [(k, rollback) for k in (1, 2, 3) for rollback in ("refeed", "recompute")]
+
+
+def prompts_from_text(session, text_file: Path, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens spread over the text (random ids for a model without a
+    tokenizer, such as the tiny presets)."""
+    if session.tokenizer is None:
+        return np.random.default_rng(0).integers(0, session.backend.vocab_size, (count, length)).tolist()
+    ids = session.encode(text_file.read_text())
+    stride = max((len(ids) - length) // count, 1)
+    return [ids[i * stride : i * stride + length] for i in range(count)]
+
+
+def run_config(session, prompts, new_tokens: int, k: int, rollback: str | None) -> dict:
+    from qwen_export.runtime.speculative import SpeculativeStats
+
+    stats = SpeculativeStats(k) if k else None
+    tokens, decode_s, steps = [], 0.0, 0
+    for prompt in prompts:
+        timings: dict[str, float] = {}
+        ids = np.array([prompt])
+        if k:
+            decoder = session.speculative_decoder(k, rollback=rollback)
+            out = list(decoder.stream(ids, np.ones_like(ids), new_tokens, timings=timings, stats=stats))
+        else:
+            out = list(session.stream([prompt], new_tokens, timings=timings))
+        tokens.append([int(t[0]) for t in out])
+        decode_s += timings["decode_end"] - timings["decode_start"]
+        steps += len(out) - 1
+    # The runtime's definition: the tokens after the first (which the prefill gives) over the decode time.
+    result = {"tokens": tokens, "decode_tokens_per_s": steps / decode_s, "decode_s": decode_s}
+    if stats is not None:
+        result["speculative"] = stats.to_json()
+        steps_run = stats.recompute_steps
+        result["recompute_step_ms"] = 1e3 * stats.recompute_s / steps_run if steps_run else None
+    return result
+
+
+def bench_target(source: dict, target: str, work: Path, args) -> dict:
+    from qwen_export.build import BuildRequest, build_artifact
+    from qwen_export.runtime.session import Session
+
+    folder = work / target
+    build_artifact(BuildRequest(out=folder, target=target, **source))
+    session = Session.load(folder, threads=os.cpu_count())
+    prompts = prompts_from_text(session, args.text, args.prompts, args.prompt_tokens)
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for k, rollback in CONFIGS:
+            runs.setdefault(f"{k}:{rollback}", []).append(
+                run_config(session, prompts, args.new_tokens, k, rollback)
+            )
+    plain = runs["0:None"]
+    table = []
+    for key, results in runs.items():
+        k, rollback = key.split(":")
+        for r in results:
+            assert r["tokens"] == plain[0]["tokens"], f"{target} k={k} {rollback}: tokens differ from plain"
+        rates = [r["decode_tokens_per_s"] for r in results]
+        plain_rates = [p["decode_tokens_per_s"] for p in plain]
+        row = {
+            "k": int(k),
+            "rollback": None if rollback == "None" else rollback,
+            "decode_tokens_per_s": float(np.median(rates)),
+            "speedup_vs_plain": float(np.median([a / b for a, b in zip(rates, plain_rates, strict=True)])),
+        }
+        if int(k):
+            plain_step_ms = 1e3 / float(np.median(plain_rates))
+            spec = results[-1]["speculative"]
+            row |= {
+                "acceptance_per_position": spec["acceptance_per_position"],
+                "mean_accepted_per_round": spec["mean_accepted_per_round"],
+                "draft_step_vs_plain": float(np.median([r["speculative"]["draft_step_ms"] for r in results]))
+                / plain_step_ms,
+                "verify_step_vs_plain": float(
+                    np.median([r["speculative"]["verify_step_ms"] for r in results])
+                )
+                / plain_step_ms,
+                "recompute_steps": spec["recompute_steps"],
+            }
+        table.append(row)
+    best = max((r for r in table if r["k"]), key=lambda r: r["speedup_vs_plain"])
+    return {
+        "target": target,
+        "plain_step_ms": 1e3 / table[0]["decode_tokens_per_s"],
+        "rows": table,
+        "best": best,
+    }
+
+
+def render(result: dict) -> str:
+    m, r = result["machine"], result
+    lines = [
+        "# Speculative decoding with the MTP layer: decode at batch 1",
+        "",
+        f"Produced by `{r['command']}` on {r['date']} (commit {r['commit']}). Machine: {m['cpu']}, "
+        f"{m['cores']} cores, vector ISA {m['vector_isa']}. Model: {r['source']}; {r['prompts']} prompts "
+        f"of {r['prompt_tokens']} tokens from {r['text']}, {r['new_tokens']} new tokens each, greedy; "
+        f"median of {r['rounds']} alternating rounds. ONNX Runtime CPU, graph optimizations on, one "
+        "session per artifact. Every speculative run produced exactly the plain run's tokens.",
+        "",
+        "Acceptance per position is vLLM's: the fraction of rounds whose j-th draft token was accepted. "
+        "Draft and verify step costs are one MTP step and one verify step of the main graph (k+1 tokens, "
+        "plus any re-fed ones), each over one plain decode step.",
+        "",
+    ]
+    for t in result["targets"]:
+        best = t["best"]
+        lines += [
+            f"## `{t['target']}`: plain decode step {t['plain_step_ms']:.2f} ms; best k = {best['k']} "
+            f"({best['rollback']}): {best['speedup_vs_plain']:.2f}x plain",
+            "",
+            "| k | rollback | tokens/s | vs plain | acceptance per position | accepted per round "
+            "| draft step / plain | verify step / plain | recompute steps |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in t["rows"]:
+            if not row["k"]:
+                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | | | | | |")
+                continue
+            acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"])
+            lines.append(
+                f"| {row['k']} | {row['rollback']} | {row['decode_tokens_per_s']:.1f} | "
+                f"{row['speedup_vs_plain']:.2f} | {acc} | {row['mean_accepted_per_round']:.2f} | "
+                f"{row['draft_step_vs_plain']:.2f} | {row['verify_step_vs_plain']:.2f} | "
+                f"{row['recompute_steps']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=REPO / "golden" / "trained-qwen3.5-moe")
+    parser.add_argument("--preset", default=None, help="A preset with an MTP layer instead of --model.")
+    parser.add_argument(
+        "--text", type=Path, default=None, help="Prompt text (default: the model's heldout.txt)."
+    )
+    parser.add_argument("--targets", nargs="+", default=["ort", "ort-cpu-int4"])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+    args.text = args.text or args.model / "heldout.txt"
+    source = {"preset": args.preset} if args.preset else {"model_dir": args.model}
+    with tempfile.TemporaryDirectory(prefix="bench-speculative-") as work:
+        targets = [bench_target(source, t, Path(work), args) for t in args.targets]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    command = "python " + " ".join(sys.argv).replace(str(REPO) + "/", "")
+    result = {
+        "command": command,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "vector_isa": vector_isa()},
+        "source": f"preset {args.preset}" if args.preset else _shown(args.model),
+        "text": _shown(args.text),
+        "prompts": args.prompts,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "targets": targets,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "speculative.md").write_text(render(result) + "\n")
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()

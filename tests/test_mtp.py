@@ -1,0 +1,305 @@
+"""The MTP draft graph (mtp.onnx) against the PyTorch reference of the MTP layer (golden/mtp.py, after
+vLLM's and SGLang's qwen3_5_mtp.py), on ONNX Runtime with graph optimizations off.
+
+The reference runs whole sequences from an empty cache; the draft graph runs the same pairs in two pieces
+(a prefix, then the rest through its KV cache), so the cache handling is checked as well as the math."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwen_export.artifact import DRAFT_FILE, MODEL_FILE
+from qwen_export.errors import CheckpointError
+from qwen_export.exporter.export import export_model
+from qwen_export.golden.mtp import load_mtp_reference, reference_draft
+from qwen_export.golden.reference import load_reference
+from qwen_export.presets import materialize
+from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
+from qwen_export.tolerances import FP32_MAX_ABS
+
+MTP_PRESETS = ("tiny-qwen3.5-moe", "tiny-qwen3.5", "tiny-qwen3-next")
+
+
+@pytest.fixture(scope="module", params=MTP_PRESETS)
+def preset_export(request, tmp_path_factory):
+    out = export_model(tmp_path_factory.mktemp("mtp") / request.param, preset=request.param)
+    return request.param, out.out_dir
+
+
+def _prompts(vocab: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two rows, the second left-padded by 5."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, vocab, (2, length))
+    mask = np.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    return ids, mask
+
+
+def test_export_writes_the_draft_graph_and_the_main_hidden_states(preset_export):
+    _, folder = preset_export
+    info = json.loads((folder / "export.json").read_text())
+    assert info["draft"]["graph"] == DRAFT_FILE and (folder / DRAFT_FILE).is_file()
+    assert "hidden_states" in [o["name"] for o in info["io"]["outputs"]]
+    assert "MTP (multi-token prediction) layers" not in info["checkpoint"]["left_out"]
+    names = [i["name"] for i in info["draft"]["io"]["inputs"]]
+    assert names[:4] == ["input_ids", "hidden_states", "attention_mask", "position_ids"]
+
+
+@pytest.mark.parametrize("split", [1, 20])
+def test_draft_graph_matches_the_reference(preset_export, split):
+    preset, folder = preset_export
+    model = load_reference(materialize(preset))
+    mtp = load_mtp_reference(materialize(preset), model)
+    ids, mask = _prompts(model.config.vocab_size, 40)
+    hidden_ref, draft_hidden_ref, draft_logits_ref = reference_draft(model, mtp, ids, mask)
+
+    main = OrtDecoder(folder / MODEL_FILE).prefill(ids, mask)
+    np.testing.assert_allclose(main.extra["hidden_states"], hidden_ref, atol=FP32_MAX_ABS, rtol=0)
+
+    draft = OrtDecoder(folder / DRAFT_FILE)
+    positions = positions_from_mask(mask)[:, :-1]
+    pair_mask, hidden = mask[:, :-1], main.extra["hidden_states"][:, :-1]
+    states, logits, draft_hidden = draft.empty_states(2), [], []
+    for lo, hi in ((0, split), (split, ids.shape[1] - 1)):
+        out = draft.run_feeds(
+            {
+                "input_ids": ids[:, 1:][:, lo:hi],
+                "hidden_states": hidden[:, lo:hi],
+                "attention_mask": pair_mask[:, :hi],
+                "position_ids": positions[:, lo:hi],
+            },
+            states,
+        )
+        states = out.states
+        logits.append(out.logits)
+        draft_hidden.append(out.extra["draft_hidden_states"])
+    real = pair_mask.astype(bool)  # padded pairs are not compared (their rows attend to nothing)
+    np.testing.assert_allclose(
+        np.concatenate(logits, 1)[real], draft_logits_ref[real], atol=FP32_MAX_ABS, rtol=0
+    )
+    np.testing.assert_allclose(
+        np.concatenate(draft_hidden, 1)[real], draft_hidden_ref[real], atol=FP32_MAX_ABS, rtol=0
+    )
+
+
+def test_an_incomplete_mtp_layer_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    source = materialize("tiny-qwen3.5-moe")
+    broken = tmp_path / "ckpt"
+    broken.mkdir()
+    for f in ("config.json",):
+        (broken / f).write_bytes((source / f).read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    del tensors["mtp.layers.0.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"mtp\.layers\.0\.mlp\.experts\.3\.up_proj\.weight"):
+        export_model(tmp_path / "out", model_dir=broken)
+    assert not (tmp_path / "out").exists()
+
+
+def _batch_prompts(vocab: int, batch: int) -> list[list[int]]:
+    rng = np.random.default_rng(11 + batch)
+    return [rng.integers(0, vocab, 9 + 4 * row).tolist() for row in range(batch)]
+
+
+@pytest.fixture(scope="module")
+def preset_session(preset_export):
+    from qwen_export.runtime.session import Session
+
+    return Session.load(preset_export[1])
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy(preset_export):
+    """transformers' `generate`, greedy, 64 new tokens, for batch 1 and batch 4 (left-padded)."""
+    from qwen_export.golden.reference import reference_greedy
+
+    model = load_reference(materialize(preset_export[0]))
+    tokens = {}
+    for batch in (1, 4):
+        prompts = _batch_prompts(model.config.vocab_size, batch)
+        width = max(map(len, prompts))
+        ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        tokens[batch] = (prompts, reference_greedy(model, ids, 64, mask)[0])
+    return tokens
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_decoding_gives_the_greedy_tokens(preset_session, transformers_greedy, k, batch):
+    prompts, expected = transformers_greedy[batch]
+    plain = preset_session.generate(prompts, 64)
+    assert plain.tokens == expected.tolist()
+    speculative = preset_session.generate(prompts, 64, speculative=k)
+    assert speculative.tokens == expected.tolist()
+    report = speculative.speculative
+    assert report["k"] == k and len(report["acceptance_per_position"]) == k
+
+
+def test_both_rollbacks_give_the_greedy_tokens(preset_session, transformers_greedy):
+    """ "recompute" reruns every partly rejected round; "refeed" folds that into the next verify step and
+    recomputes only when the re-fed tokens pile up."""
+    from qwen_export.runtime.speculative import SpeculativeStats
+
+    prompts, expected = transformers_greedy[4]
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    recomputes = {}
+    for rollback in ("refeed", "recompute"):
+        decoder = preset_session.speculative_decoder(2, rollback=rollback)
+        stats = SpeculativeStats(2)
+        tokens = np.stack(list(decoder.stream(ids, mask, 64, stats=stats)), axis=1)
+        assert tokens.tolist() == expected.tolist(), rollback
+        recomputes[rollback] = stats.recompute_steps
+    assert recomputes["refeed"] < recomputes["recompute"]
+
+
+def _without_mtp(tmp_path):
+    """The tiny MoE checkpoint with its MTP layer removed."""
+    from safetensors.numpy import load_file, save_file
+
+    source = materialize("tiny-qwen3.5-moe")
+    folder = tmp_path / "no-mtp"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+    tensors = load_file(source / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("mtp.")}, folder / "model.safetensors")
+    return folder
+
+
+def test_run_speculative_reports_acceptance_per_position(preset_export):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    args = ["run", str(preset_export[1]), "--ids", "1,2,3,4", "--max-new-tokens", "16", "--json"]
+    result = CliRunner().invoke(app, [*args, "--speculative", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["ids"]) == 16
+    assert len(report["speculative"]["acceptance_per_position"]) == 3
+
+
+@pytest.mark.parametrize("k", ["0", "9", "-1"])
+def test_run_refuses_a_draft_length_outside_1_to_8(tiny_moe_export, k):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(tiny_moe_export), "--ids", "1,2", "--speculative", k])
+    assert result.exit_code == 2
+    assert f"--speculative {k}: draft between 1 and 8" in result.output
+
+
+def test_run_speculative_without_a_draft_graph_says_how_to_get_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    folder = export_model(tmp_path / "out", model_dir=_without_mtp(tmp_path)).out_dir
+    assert not (folder / DRAFT_FILE).exists()
+    result = CliRunner().invoke(app, ["run", str(folder), "--ids", "1,2", "--speculative", "2"])
+    assert result.exit_code == 2
+    assert "no MTP draft graph (mtp.onnx)" in result.output and "mtp.* tensors" in result.output
+
+
+@pytest.mark.parametrize("target", ["ort", "ort-cpu-int4"])
+def test_build_carries_the_draft_graph_through_the_targets_passes(tmp_path, target):
+    from qwen_export.build import build
+    from qwen_export.runtime.session import Session
+
+    result = build(tmp_path / target, preset="tiny-qwen3.5-moe", target=target)
+    draft = result.manifest["draft"]
+    assert draft["fused_ops"]["top"] == {"GatedAttention": 1, "MoE": 1, "RMSNorm": 5}
+    assert DRAFT_FILE in result.manifest["files"]
+    session = Session.load(result.out_dir)
+    prompts = _batch_prompts(512, 4)
+    plain = session.generate(prompts, 32)
+    for k in (1, 3):
+        assert session.generate(prompts, 32, speculative=k).tokens == plain.tokens
+
+
+# --- the trained reference model (golden/trained-qwen3.5-moe) -------------------------------------------
+
+TRAINED = "trained-qwen3.5-moe"
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    return export_model(tmp_path_factory.mktemp("trained") / "fp32", preset=TRAINED).out_dir
+
+
+@pytest.fixture(scope="module")
+def heldout_prompts():
+    """Four held-out prompts of different lengths, tokenized with the model's own tokenizer."""
+    from qwen_export.runtime.tokenizer import Tokenizer
+
+    folder = materialize(TRAINED)
+    ids = Tokenizer.find(folder).encode((folder / "heldout.txt").read_text())
+    return [ids[i * 700 : i * 700 + 40 + 9 * i] for i in range(4)]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_trained_model_speculative_decoding_gives_transformers_greedy_tokens(
+    trained_export, heldout_prompts, batch
+):
+    from qwen_export.golden.reference import reference_greedy
+    from qwen_export.runtime.session import Session
+
+    prompts = heldout_prompts[:batch]
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    expected = reference_greedy(load_reference(materialize(TRAINED)), ids, 64, mask)[0].tolist()
+    session = Session.load(trained_export)
+    assert session.generate(prompts, 64).tokens == expected
+    for k in (1, 2, 3):
+        assert session.generate(prompts, 64, speculative=k).tokens == expected, k
+
+
+def test_trained_mtp_first_draft_is_accepted_at_least_half_the_time_on_held_out_text(
+    trained_export, heldout_prompts
+):
+    from qwen_export.runtime.session import Session
+
+    session = Session.load(trained_export)
+    acceptance = [
+        session.generate([prompt], 64, speculative=2).speculative["acceptance_per_position"][0]
+        for prompt in heldout_prompts
+    ]
+    assert np.mean(acceptance) >= 0.5, acceptance
+
+
+def test_diff_text_scores_the_trained_model_on_held_out_text(trained_export):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    text = materialize(TRAINED) / "heldout.txt"
+    result = CliRunner().invoke(
+        app, ["diff", str(trained_export), "--text", str(text), "--windows", "4", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    # An fp32 export is the reference up to float rounding: same perplexity, same predictions.
+    assert report["precision"] == "fp32" and report["windows"] == 4 and report["predicted_tokens"] == 4 * 255
+    assert abs(report["perplexity_delta"]) < 1e-5
+    assert report["top1_agreement"] == 1.0 and report["kl_mean"] < 1e-9
+    assert 1.0 < report["reference_perplexity"] < 100
+
+
+def test_diff_text_refuses_a_model_without_a_tokenizer(tiny_moe_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    text = tmp_path / "t.txt"
+    text.write_text("def f():\n    return 1\n")
+    result = CliRunner().invoke(app, ["diff", str(tiny_moe_export), "--text", str(text)])
+    assert result.exit_code == 2 and "no tokenizer.json" in result.output

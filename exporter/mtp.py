@@ -2,9 +2,12 @@
 
 Inputs: `input_ids` [B, T] (token t+1), `hidden_states` [B, T, hidden] (the main graph's final-normed h_t),
 `attention_mask` [B, total], `position_ids` [B, T] (t: the pair sits at the main token's position, as vLLM
-feeds it) and the layer's own KV cache `past_key_values.0.{key,value}`. Outputs: `logits` (for token t+2),
-`draft_hidden_states` (the draft's normed output, which the next draft step takes as `hidden_states`)
-and `present.0.{key,value}`.
+feeds it) and the layer's own KV cache `past_key_values.0.{key,value}`.
+
+Outputs: `logits` [B, 1, vocab] of the last pair only (a draft token is taken there, for its token t+2),
+`draft_hidden_states` [B, T, hidden] (the draft's normed output, which the next draft step takes as
+`hidden_states`) and `present.0.{key,value}`.
+
 The math and its sources are in golden/mtp.py; the layer reuses the exporter's decoder-layer blocks with
 the checkpoint's `mtp.` prefix, and shares the main model's embedding and lm_head (copied into mtp.onnx).
 """
@@ -104,10 +107,11 @@ def build_draft(spec: ModelSpec, ckpt: Checkpoint, keep_fp8: bool = False) -> ir
             x = gb.op("Add", residual, h)
         with gb.scope("norm"):
             x = gb.rms_norm(x, w.zero_centred_scale("norm.weight", hidden), eps)
-        with gb.scope("lm_head"):
-            logits = lm_head(gb, main, spec, x)
+        with gb.scope("lm_head"):  # a draft is sampled from the last position only, as vLLM's are
+            last = gb.op("Gather", x, gb.const([-1]), axis=1)  # [B, 1, H]
+            logits = lm_head(gb, main, spec, last)
 
-    name_output(graph, logits, "logits", FLOAT, ["batch", "sequence", spec.vocab_size])
+    name_output(graph, logits, "logits", FLOAT, ["batch", 1, spec.vocab_size])
     for s, value in zip(states, (present_key, present_value), strict=True):
         name_output(graph, value, s.output_name, FLOAT, present_shape(s))
     name_output(graph, gb.op("Identity", x), DRAFT_HIDDEN_STATES, FLOAT, ["batch", "sequence", hidden])
@@ -145,7 +149,7 @@ def draft_io_signature(spec: ModelSpec, model: ir.Model | None = None) -> dict[s
             *(entry(s.input_name, "float32", list(s.shape)) for s in states),
         ],
         "outputs": [
-            entry("logits", "float32", ["batch", "sequence", spec.vocab_size]),
+            entry("logits", "float32", ["batch", 1, spec.vocab_size]),
             *(entry(s.output_name, "float32", present_shape(s)) for s in states),
             entry(DRAFT_HIDDEN_STATES, "float32", hidden),
         ],

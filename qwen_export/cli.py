@@ -241,7 +241,8 @@ def diff(
     """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
 
     Exit code 1 when the artifact is out of its precision's tolerance (the report states which were used).
-    With --text, the quality on real text instead (a report; exit code 0).
+    With --text, the quality on real text instead: top-1 agreement and mean KL against the precision's
+    bounds (exit code 1 when outside them), with the held-out perplexity of both.
     """
     from qwen_export.diff import diff_artifact, save_polygraphy_outputs
 
@@ -251,7 +252,7 @@ def diff(
         with err.status("scoring the text…"):
             quality = text_quality(artifact, text, windows, against)  # None: quality.DEFAULT_WINDOWS
         emit(quality, as_json, report)
-        return
+        raise typer.Exit(0 if quality.passed else 1)
 
     with err.status("comparing with the reference…"):
         result = diff_artifact(artifact, against, per_layer=per_layer, per_pass=per_pass)

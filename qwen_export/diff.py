@@ -17,7 +17,7 @@ from qwen_export.errors import QwenExportError
 from qwen_export.exporter.model import layer_output_name
 from qwen_export.golden.store import PROMPT_LENGTHS, Golden, load_golden, make_prompt
 from qwen_export.metrics import agreement_length, compare_logits
-from qwen_export.tolerances import artifact_precision, tolerance_for
+from qwen_export.tolerances import artifact_precision, has_random_weights, tolerance_for
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -225,7 +225,7 @@ def diff_artifact(
 
     model_path, info = _artifact_model(Path(artifact))
     precision = artifact_precision(info)
-    tol = tolerance_for(precision)
+    tol = tolerance_for(precision, random_weights=has_random_weights(info))
     source_dir = Path(info["source_dir"]) if info.get("source_dir") else None
     against_path = Path(against) if against is not None else None
     if golden is None and against_path is not None and (against_path / "manifest.json").is_file():

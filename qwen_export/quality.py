@@ -4,8 +4,9 @@ The text is tokenized with the checkpoint's tokenizer and scored in the non-over
 reference model logs its perplexity on (golden/perplexity.py), each from an empty cache. Reported: the
 artifact's held-out perplexity and the reference's (transformers in fp32 on the same checkpoint; an FP8
 checkpoint's on its dequantized weights), their relative difference, next-token (top-1) agreement with the
-reference and the mean KL(reference || artifact) per predicted token. ONNX Runtime runs the artifact with
-graph optimizations off, as every check does.
+reference and the mean KL(reference || artifact) per predicted token, held to the precision's top-1 and KL
+bounds (for int4/int8 derived on this kind of text, qwen_export/tolerances.py). ONNX Runtime runs the
+artifact with graph optimizations off, as every check does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,14 +41,23 @@ class TextQuality:
     reference_perplexity: float
     top1_agreement: float  # argmax of the artifact's next-token logits == the reference's
     kl_mean: float  # KL(reference || artifact) per predicted token, nats
+    tolerances: dict[str, float] = field(default_factory=dict)  # the precision's (qwen_export/tolerances.py)
 
     @property
     def perplexity_delta(self) -> float:
         """Relative change of perplexity against the reference (0.01 = 1% worse)."""
         return self.perplexity / self.reference_perplexity - 1.0
 
+    @property
+    def passed(self) -> bool:
+        """Top-1 agreement and mean KL within the precision's bounds (derived on text for int4/int8)."""
+        t = self.tolerances
+        return self.top1_agreement >= t.get("top1_min", 0.0) and self.kl_mean <= t.get(
+            "kl_mean_max", float("inf")
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"perplexity_delta": self.perplexity_delta}
+        return asdict(self) | {"perplexity_delta": self.perplexity_delta, "passed": self.passed}
 
     def render(self, console: Console) -> None:
         from rich.table import Table
@@ -69,6 +79,8 @@ class TextQuality:
             f"{self.kl_mean:.2e}",
         )
         console.print(table)
+        verdict = "[green]within[/green]" if self.passed else "[red]OUT OF[/red]"
+        console.print(f"{verdict} the {self.precision} tolerances {self.tolerances}")
 
 
 def text_windows(source_dir: Path, text_file: Path, windows: int) -> np.ndarray:
@@ -148,7 +160,7 @@ def text_quality(
     reference: transformers on `against` (a checkpoint folder) or on the artifact's source checkpoint."""
     from qwen_export.diff import _artifact_model
     from qwen_export.runtime.ranks import open_decoder
-    from qwen_export.tolerances import artifact_precision
+    from qwen_export.tolerances import artifact_precision, tolerance_for
 
     model_path, info = _artifact_model(Path(artifact))
     if not info.get("source_dir"):
@@ -161,12 +173,14 @@ def text_quality(
         batch,
         reference_logits(Path(against) if against is not None else source_dir, batch),
     )
+    precision = artifact_precision(info)
     return TextQuality(
         artifact=str(artifact),
         text=str(text_file),
-        precision=artifact_precision(info),
+        precision=precision,
         windows=int(batch.shape[0]),
         window=int(batch.shape[1]),
         predicted_tokens=int(batch.shape[0] * (batch.shape[1] - 1)),
         **metrics,
+        tolerances={k: v for k, v in tolerance_for(precision).items() if k in ("top1_min", "kl_mean_max")},
     )

@@ -122,6 +122,21 @@ class OrtDecoder:
     def empty_bound_states(self, batch: int) -> dict[str, ort.OrtValue]:
         return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.empty_states(batch).items()}
 
+    def _run_bound(
+        self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue]
+    ) -> dict[str, ort.OrtValue]:
+        """Every output as an ONNX Runtime value, through IOBinding (states never round-trip through numpy;
+        on a GPU they stay on the device)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for suffix, value in states.items():
+            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.get_outputs(), strict=True))
+
     def step_bound(
         self,
         input_ids: np.ndarray,
@@ -129,17 +144,13 @@ class OrtDecoder:
         position_ids: np.ndarray,
         states: Mapping[str, ort.OrtValue],
     ) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
-        """One step with IOBinding: returns (logits of the last position [B, V], present states)."""
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        for suffix, value in states.items():
-            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        """One step: returns (logits of the last position [B, V], present states)."""
+        feeds = {
+            "input_ids": np.asarray(input_ids, np.int64),
+            "attention_mask": np.asarray(attention_mask, np.int64),
+            "position_ids": np.asarray(position_ids, np.int64),
+        }
+        outputs = self._run_bound(feeds, states)
         logits = outputs["logits"].numpy()[:, -1]
         present = {
             n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
@@ -149,17 +160,9 @@ class OrtDecoder:
     def step_all_bound(
         self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue]
     ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
-        """One step with IOBinding that returns every position's outputs (logits [B, T, V], hidden states)
-        as numpy, and the present states as ONNX Runtime values (what speculative decoding verifies with)."""
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for suffix, value in states.items():
-            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        """One step that returns every position's outputs (logits [B, T, V], hidden states) as numpy, and
+        the present states as ONNX Runtime values (what speculative decoding verifies with)."""
+        outputs = self._run_bound(feeds, states)
         present = {
             n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
         }

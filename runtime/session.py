@@ -151,7 +151,9 @@ class Session:
         max_context = (artifact.info.get("deploy") or {}).get("max_context")
         draft = None
         if artifact.draft_path is not None and isinstance(backend, OrtDecoder):
-            draft = OrtDecoder(artifact.draft_path, optimize=True, providers=providers, threads=threads)
+            # One thread: the draft is one layer, and a second intra-op pool would spin against the main
+            # graph's between their alternating runs (3x slower verify steps on 2 cores).
+            draft = OrtDecoder(artifact.draft_path, optimize=True, providers=providers, threads=1)
         return cls(backend, artifact, Tokenizer.find(source_dir), max_context, draft)
 
     # --- input handling -------------------------------------------------------------------------------

@@ -147,14 +147,14 @@ class SpeculativeDecoder:
         # The MTP layer's pairs still to feed: (hidden at position t, token t+1) at position t.
         pair_ids = np.concatenate([ids[:, 1:], last[:, None]], axis=1)
         pair_hidden, pair_positions, pair_mask = outs[HIDDEN_STATES], positions, mask
-        draft_states, draft_mask = self.draft.empty_states(batch), np.zeros((batch, 0), np.int64)
+        draft_states, draft_mask = self.draft.empty_bound_states(batch), np.zeros((batch, 0), np.int64)
         committed_mask = mask  # the attention mask of the tokens inside `states`
         pending = np.zeros((batch, 0), np.int64)  # tokens accepted but not inside `states` (refeed)
         next_position = positions[:, -1:] + 1  # position of `last`
         while emitted < max_new_tokens and not done.all():
             t0 = time.perf_counter()
             draft_mask = np.concatenate([draft_mask, pair_mask], axis=1)
-            out = self.draft.run_feeds(
+            out, draft_states = self.draft.step_all_bound(
                 {
                     "input_ids": pair_ids,
                     HIDDEN_STATES: pair_hidden,
@@ -163,14 +163,13 @@ class SpeculativeDecoder:
                 },
                 draft_states,
             )
-            draft_states = out.states
-            drafts = [out.logits[:, -1].argmax(-1)]
+            drafts = [out["logits"][:, -1].argmax(-1)]
             spec_states, spec_mask = draft_states, draft_mask
-            spec_hidden, spec_position = out.extra[DRAFT_HIDDEN_STATES][:, -1:], pair_positions[:, -1:]
+            spec_hidden, spec_position = out[DRAFT_HIDDEN_STATES][:, -1:], pair_positions[:, -1:]
             for _ in range(self.k - 1):
                 spec_mask = np.concatenate([spec_mask, np.ones((batch, 1), np.int64)], axis=1)
                 spec_position = spec_position + 1
-                spec = self.draft.run_feeds(
+                spec, spec_states = self.draft.step_all_bound(
                     {
                         "input_ids": drafts[-1][:, None],
                         HIDDEN_STATES: spec_hidden,
@@ -179,8 +178,8 @@ class SpeculativeDecoder:
                     },
                     spec_states,
                 )
-                spec_states, spec_hidden = spec.states, spec.extra[DRAFT_HIDDEN_STATES]
-                drafts.append(spec.logits[:, -1].argmax(-1))
+                spec_hidden = spec[DRAFT_HIDDEN_STATES]
+                drafts.append(spec["logits"][:, -1].argmax(-1))
             stats.draft_steps += self.k
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0

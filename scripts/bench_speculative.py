@@ -66,6 +66,7 @@ def run_config(session, prompts, new_tokens: int, k: int, rollback: str | None) 
 
 def bench_target(source: dict, target: str, work: Path, args) -> dict:
     from qwen_export.build import BuildRequest, build_artifact
+    from qwen_export.metrics import agreement_length
     from qwen_export.runtime.session import Session
 
     folder = work / target
@@ -82,8 +83,14 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
     table = []
     for key, results in runs.items():
         k, rollback = key.split(":")
-        for r in results:
-            assert r["tokens"] == plain[0]["tokens"], f"{target} k={k} {rollback}: tokens differ from plain"
+        # Leading tokens equal to the plain run's, over every prompt and round: exact on fp32 graphs; on a
+        # quantized one, a k-token verify step can round an int8 activation differently from k one-token
+        # steps, which may flip a near-tie.
+        same = [
+            agreement_length(ours, theirs) / len(theirs)
+            for r in results
+            for ours, theirs in zip(r["tokens"], plain[0]["tokens"], strict=True)
+        ]
         rates = [r["decode_tokens_per_s"] for r in results]
         plain_rates = [p["decode_tokens_per_s"] for p in plain]
         row = {
@@ -91,6 +98,7 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             "rollback": None if rollback == "None" else rollback,
             "decode_tokens_per_s": float(np.median(rates)),
             "speedup_vs_plain": float(np.median([a / b for a, b in zip(rates, plain_rates, strict=True)])),
+            "tokens_equal_to_plain": float(np.mean(same)),
         }
         if int(k):
             plain_step_ms = 1e3 / float(np.median(plain_rates))
@@ -125,7 +133,8 @@ def render(result: dict) -> str:
         f"{m['cores']} cores, vector ISA {m['vector_isa']}. Model: {r['source']}; {r['prompts']} prompts "
         f"of {r['prompt_tokens']} tokens from {r['text']}, {r['new_tokens']} new tokens each, greedy; "
         f"median of {r['rounds']} alternating rounds. ONNX Runtime CPU, graph optimizations on, one "
-        "session per artifact. Every speculative run produced exactly the plain run's tokens.",
+        "session per artifact. 'same tokens' is the share of each prompt's tokens, up to the first "
+        "difference, equal to the plain run's.",
         "",
         "Acceptance per position is vLLM's: the fraction of rounds whose j-th draft token was accepted. "
         "Draft and verify step costs are one MTP step and one verify step of the main graph (k+1 tokens, "
@@ -138,18 +147,19 @@ def render(result: dict) -> str:
             f"## `{t['target']}`: plain decode step {t['plain_step_ms']:.2f} ms; best k = {best['k']} "
             f"({best['rollback']}): {best['speedup_vs_plain']:.2f}x plain",
             "",
-            "| k | rollback | tokens/s | vs plain | acceptance per position | accepted per round "
-            "| draft step / plain | verify step / plain | recompute steps |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| k | rollback | tokens/s | vs plain | same tokens | acceptance per position "
+            "| accepted per round | draft step / plain | verify step / plain | recompute steps |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in t["rows"]:
             if not row["k"]:
-                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | | | | | |")
+                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | 100% | | | | | |")
                 continue
             acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"])
             lines.append(
                 f"| {row['k']} | {row['rollback']} | {row['decode_tokens_per_s']:.1f} | "
-                f"{row['speedup_vs_plain']:.2f} | {acc} | {row['mean_accepted_per_round']:.2f} | "
+                f"{row['speedup_vs_plain']:.2f} | {row['tokens_equal_to_plain']:.0%} | {acc} | "
+                f"{row['mean_accepted_per_round']:.2f} | "
                 f"{row['draft_step_vs_plain']:.2f} | {row['verify_step_vs_plain']:.2f} | "
                 f"{row['recompute_steps']} |"
             )

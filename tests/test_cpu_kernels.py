@@ -291,7 +291,7 @@ def test_ort_cpu_int4_artifact_checks_runs_elsewhere_and_diffs(tmp_path):
     tokens = session.generate([[1, 2, 3], [4, 5]], 4).tokens
     assert [len(t) for t in tokens] == [4, 4]
     report = diff_artifact(moved, against=repo_golden_dir("tiny-qwen3.5-moe"))
-    assert report.precision == "int4" and report.tolerances == tolerance_for("int4")
+    assert report.precision == "int4" and report.tolerances == tolerance_for("int4", random_weights=True)
     assert report.passed, report.to_json()
     (moved / cpu_kernels.LIBRARY_NAME).unlink()
     with pytest.raises(QwenExportError, match=f"{cpu_kernels.LIBRARY_NAME} is missing"):

@@ -251,7 +251,7 @@ def _margins(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_against_golden(ours: np.ndarray, ref: np.ndarray, bits: int, what: str) -> dict:
-    tol = tolerance_for(f"int{bits}")
+    tol = tolerance_for(f"int{bits}", random_weights=True)  # the tiny presets' random weights
     m = compare_logits(ours, ref)
     assert m["top1_agreement"] >= tol["top1_min"], (what, m)
     assert m["kl_mean"] <= tol["kl_mean_max"], (what, m)
@@ -317,7 +317,7 @@ def test_int4_artifact_runs_in_the_runtime_and_diff_uses_int4_tolerances(tmp_pat
     result = session.generate([[1, 2, 3], [4, 5]], 4)
     assert [len(t) for t in result.tokens] == [4, 4]
     report = diff_artifact(out, against=repo_golden_dir("tiny-qwen3.5-moe"))
-    assert report.precision == "int4" and report.tolerances == tolerance_for("int4")
+    assert report.precision == "int4" and report.tolerances == tolerance_for("int4", random_weights=True)
     assert report.passed, report.to_json()
 
 

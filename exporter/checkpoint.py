@@ -38,11 +38,11 @@ Transform = Callable[[list[np.ndarray]], np.ndarray]
 Source = str | tuple[str, int] | tuple[str, tuple[int, int]]
 TensorInfo = SourceTensor  # what the index knows of one tensor: file, dtype, shape, byte offset
 
-# Tensors outside the text tower that the export leaves out on purpose: (regex, human name).
-LEFT_OUT_PARTS: tuple[tuple[str, str], ...] = (
-    (r"^(model\.)?visual\.", "vision tower"),
-    (r"^mtp\.", "MTP (multi-token prediction) layers"),
-)
+# Tensors outside the text tower that an export may leave out on purpose: (regex, human name). The MTP
+# layer is left out only by a graph that does not take it (a multimodal export, sharded ranks, engines).
+VISION_PART = (r"^(model\.)?visual\.", "vision tower")
+MTP_PART = (r"^mtp\.", "MTP (multi-token prediction) layers")
+LEFT_OUT_PARTS: tuple[tuple[str, str], ...] = (VISION_PART, MTP_PART)
 
 # safetensors dtype -> (ONNX dtype, numpy dtype) of the floating types a checkpoint may store.
 FLOAT_DTYPES: dict[str, tuple[ir.DataType, Any]] = {

@@ -179,13 +179,15 @@ def _additive_causal_mask(shape: torch.Size, attention_mask: torch.Tensor | None
 
 
 def load_mtp_reference(model_dir: str | Path, main_model) -> MtpReference:
-    """The MTP layer of a checkpoint folder, next to its main model (load_reference's)."""
+    """The MTP layer of a checkpoint folder, next to its main model (load_reference's); an FP8 checkpoint's
+    weights are read dequantized by their block scales."""
+    from qwen_export.exporter import fp8
     from qwen_export.exporter.checkpoint import Checkpoint
     from qwen_export.exporter.spec import read_config_json
 
     model_dir = Path(model_dir)
     ckpt = Checkpoint.open(model_dir, read_config_json(model_dir))
-    names = [n for n in ckpt.tensors if n.startswith(PREFIX)]
+    names = [n for n in ckpt.tensors if n.startswith(PREFIX) and not n.endswith(fp8.SCALE_SUFFIX)]
     if not names:
         raise CheckpointError(f"{model_dir}: the checkpoint has no mtp.* tensors (no MTP layer)")
     arrays = ckpt.read_many(names)

@@ -50,7 +50,7 @@ def _dequantized_reference(model_dir: Path, config: dict, cls):
     from transformers import AutoConfig
 
     from qwen_export.exporter import fp8
-    from qwen_export.exporter.checkpoint import LEFT_OUT_PARTS, Checkpoint
+    from qwen_export.exporter.checkpoint import MTP_PART, Checkpoint
 
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
     if isinstance(plain.get("text_config"), dict):
@@ -58,7 +58,7 @@ def _dequantized_reference(model_dir: Path, config: dict, cls):
     model = cls._from_config(AutoConfig.for_model(**plain), attn_implementation="eager", dtype=torch.float32)
     ckpt = Checkpoint.open(model_dir, config)
     names = [
-        n for n in ckpt.tensors if not n.endswith(fp8.SCALE_SUFFIX) and not re.search(LEFT_OUT_PARTS[1][0], n)
+        n for n in ckpt.tensors if not n.endswith(fp8.SCALE_SUFFIX) and not re.search(MTP_PART[0], n)
     ]
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, np.ndarray]]] = {}

@@ -16,16 +16,26 @@ from rich.console import Console
 from qwen_export.cli_kernels import kernels_app
 from qwen_export.cli_plan import plan
 from qwen_export.cli_support import (
+    AgainstOpt,
     DtypeOpt,
     EngineWeightsOpt,
     EpOpt,
+    ImageOpt,
     JsonOpt,
     ListJsonOpt,
     ModelOpt,
     OutOpt,
+    PerLayerOpt,
+    PerPassOpt,
     PresetOpt,
+    PromptOpt,
     ReportOpt,
+    SaveOutputsOpt,
+    SpeculativeOpt,
+    TextOpt,
     TpOpt,
+    VideoOpt,
+    WindowsOpt,
     emit,
     err,
     log,
@@ -153,9 +163,7 @@ def validate(
 @user_errors
 def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder from `export` or `build`.")],
-    prompt: Annotated[
-        str | None, typer.Option(help="Text prompt (needs the checkpoint's tokenizer.json).")
-    ] = None,
+    prompt: PromptOpt = None,
     ids: Annotated[str | None, typer.Option(help="Comma-separated token ids, e.g. 1,2,3.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 32,
     greedy: Annotated[bool, typer.Option("--greedy/--sample", help="Greedy decoding or sampling.")] = True,
@@ -165,21 +173,9 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[str | None, typer.Option(help="Comma-separated stop token ids.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print ids, text and timings as JSON.")] = False,
-    image: Annotated[
-        list[Path] | None, typer.Option(help="Image file (repeatable); needs a multimodal export.")
-    ] = None,
-    video: Annotated[
-        list[str] | None, typer.Option(help="A short video as comma-separated frame files (repeatable).")
-    ] = None,
-    speculative: Annotated[
-        int | None,
-        typer.Option(
-            metavar="K",
-            help="Draft K tokens (1..8) a step with the checkpoint's MTP layer and verify them in one step "
-            "of the model: the greedy tokens, faster. Needs an artifact with mtp.onnx; --json reports "
-            "acceptance per draft position.",
-        ),
-    ] = None,
+    image: ImageOpt = None,
+    video: VideoOpt = None,
+    speculative: SpeculativeOpt = None,
 ) -> None:
     """Generate from an artifact, streaming tokens as they come (text, or images/video with a prompt)."""
     from qwen_export.runtime.run import RunRequest, run_multimodal_request, stream_text
@@ -206,37 +202,14 @@ def run(
 @user_errors
 def diff(
     artifact: Annotated[Path, typer.Argument(help="An ONNX artifact folder from `export` or `build`.")],
-    against: Annotated[
-        Path | None,
-        typer.Option(
-            help="A golden folder, or a checkpoint folder to run the reference on (default: the source)."
-        ),
-    ] = None,
-    per_layer: Annotated[
-        bool, typer.Option(help="Compare every decoder layer's output; name the first bad one.")
-    ] = False,
-    per_pass: Annotated[
-        bool,
-        typer.Option(help="Rebuild with a check after every pass; name the first pass out of tolerance."),
-    ] = False,
+    against: AgainstOpt = None,
+    per_layer: PerLayerOpt = False,
+    per_pass: PerPassOpt = False,
     report: ReportOpt = None,
-    save_outputs: Annotated[
-        Path | None,
-        typer.Option(
-            help="Write our outputs as Polygraphy RunResults (for `polygraphy run --load-outputs`)."
-        ),
-    ] = None,
+    save_outputs: SaveOutputsOpt = None,
     as_json: JsonOpt = False,
-    text: Annotated[
-        Path | None,
-        typer.Option(
-            help="Score this text file instead: held-out perplexity, next-token agreement and KL against "
-            "the reference, in windows of 256 tokens (needs the checkpoint's tokenizer.json)."
-        ),
-    ] = None,
-    windows: Annotated[
-        int | None, typer.Option(min=1, help="With --text: how many windows to score (default: 16).")
-    ] = None,
+    text: TextOpt = None,
+    windows: WindowsOpt = None,
 ) -> None:
     """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
 
@@ -246,11 +219,11 @@ def diff(
     """
     from qwen_export.diff import diff_artifact, save_polygraphy_outputs
 
-    if text is not None:
+    if text is not None:  # quality on real text instead (qwen_export/quality.py)
         from qwen_export.quality import text_quality
 
         with err.status("scoring the text…"):
-            quality = text_quality(artifact, text, windows, against)  # None: quality.DEFAULT_WINDOWS
+            quality = text_quality(artifact, text, windows, against)
         emit(quality, as_json, report)
         raise typer.Exit(0 if quality.passed else 1)
 

@@ -50,6 +50,48 @@ EpOpt = Annotated[
 ]
 ListJsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ReportOpt = Annotated[Path | None, typer.Option(help="Write the JSON report here.")]
+AgainstOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A golden folder, or a checkpoint folder to run the reference on (default: the source)."
+    ),
+]
+PerLayerOpt = Annotated[
+    bool, typer.Option(help="Compare every decoder layer's output; name the first bad one.")
+]
+PerPassOpt = Annotated[
+    bool, typer.Option(help="Rebuild with a check after every pass; name the first pass out of tolerance.")
+]
+SaveOutputsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Write our outputs as Polygraphy RunResults (for `polygraphy run --load-outputs`)."),
+]
+PromptOpt = Annotated[str | None, typer.Option(help="Text prompt (needs the checkpoint's tokenizer.json).")]
+ImageOpt = Annotated[
+    list[Path] | None, typer.Option(help="Image file (repeatable); needs a multimodal export.")
+]
+VideoOpt = Annotated[
+    list[str] | None, typer.Option(help="A short video as comma-separated frame files (repeatable).")
+]
+SpeculativeOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="K",
+        help="Draft K tokens (1..8) a step with the checkpoint's MTP layer and verify them in one step of "
+        "the model: the greedy tokens, faster. Needs an artifact with mtp.onnx; --json reports acceptance "
+        "per draft position.",
+    ),
+]
+TextOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Score this text file instead: held-out perplexity, next-token agreement and KL against the "
+        "reference, in windows of 256 tokens (needs the checkpoint's tokenizer.json)."
+    ),
+]
+WindowsOpt = Annotated[
+    int | None, typer.Option(min=1, help="With --text: how many windows to score (default: 16).")
+]
 
 
 def user_errors(fn):

@@ -40,7 +40,7 @@ import numpy as np
 
 from qwen_export.errors import CheckpointError, ConfigError, QwenExportError
 from qwen_export.exporter import fp8
-from qwen_export.exporter.checkpoint import LEFT_OUT_PARTS
+from qwen_export.exporter.checkpoint import VISION_PART
 from qwen_export.exporter.safetensors_io import (  # noqa: F401  (re-exported for tests)
     INDEX_FILE,
     SAFETENSORS_DTYPES,
@@ -61,7 +61,8 @@ OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # Stacked experts as transformers holds them, and the per-expert names of the official release.
 _STACKED = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<kind>gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*mlp\.experts\.)(?P<e>\d+)\.(?P<kind>gate|up|down)_proj\.weight$")
-_LEFT_OUT = [re.compile(pattern) for pattern, _ in LEFT_OUT_PARTS]
+# The vision tower is copied unquantized; the MTP layer follows the text tower's rule (its experts e4m3).
+_LEFT_OUT = [re.compile(VISION_PART[0])]
 
 
 # --------------------------------------------------------------------------------------------------------

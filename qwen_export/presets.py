@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from qwen_export.listing import Listing
 
 PRESET_SEED = 20260216
-PRESET_FORMAT = 2  # bump when the way presets are generated changes (2: the tiny presets' MTP layer)
+PRESET_FORMAT = 3  # bump when the way presets are generated changes (2, 3: the tiny presets' MTP layer)
 
 _TINY_TEXT: dict[str, Any] = dict(
     vocab_size=512,
@@ -145,6 +145,7 @@ PRESETS: dict[str, Preset] = {
 
 TRAINED = "trained-qwen3.5-moe"
 WEIGHTS = "model.safetensors"
+MTP_WEIGHTS = "mtp.safetensors"  # a random-weight preset's MTP layer, a shard of its own
 
 
 def trained_folder() -> Path:
@@ -266,11 +267,13 @@ def randomize_flat_parameters(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * (1.0 / hidden**0.5))
 
 
-def _add_mtp_layer(weights: Path, model) -> None:
-    """Append a seeded random MTP layer (golden/mtp.py) to a saved checkpoint, experts one per expert as
-    Qwen's checkpoints store it; transformers neither builds nor saves this layer."""
+def _add_mtp_layer(folder: Path, model) -> None:
+    """Add a seeded random MTP layer (golden/mtp.py) to a saved checkpoint, experts one per expert as Qwen's
+    checkpoints store them; transformers neither builds nor saves this layer. It goes in its own shard
+    (with an index), so model.safetensors stays byte for byte what transformers wrote."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from qwen_export.golden.mtp import MtpReference
 
@@ -283,9 +286,13 @@ def _add_mtp_layer(weights: Path, model) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
             elif name.endswith("mlp.gate.weight"):
                 param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / param.shape[-1] ** 0.5))
-    tensors = load_file(weights)
-    tensors.update({k: v.contiguous() for k, v in mtp.to_checkpoint().items()})
-    save_file(tensors, weights, metadata={"format": "pt"})
+    tensors = {k: v.contiguous() for k, v in mtp.to_checkpoint().items()}
+    save_file(tensors, folder / MTP_WEIGHTS, metadata={"format": "pt"})
+    with safe_open(folder / WEIGHTS, "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), WEIGHTS)
+    weight_map |= dict.fromkeys(tensors, MTP_WEIGHTS)
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def materialize(name: str, quiet: bool = False) -> Path:
@@ -309,7 +316,7 @@ def materialize(name: str, quiet: bool = False) -> Path:
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
         if preset.mtp:
-            _add_mtp_layer(tmp / "model.safetensors", model)
+            _add_mtp_layer(tmp, model)
         (tmp / "preset.json").write_text(
             json.dumps({"preset": name, "seed": PRESET_SEED, "fingerprint": preset.fingerprint()}, indent=2)
         )

@@ -51,8 +51,22 @@ def test_export_writes_the_draft_graph_and_the_main_hidden_states(preset_export)
 @pytest.mark.parametrize("split", [1, 20])
 def test_draft_graph_matches_the_reference(preset_export, split):
     preset, folder = preset_export
-    model = load_reference(materialize(preset))
-    mtp = load_mtp_reference(materialize(preset), model)
+    _check_draft(folder, materialize(preset), split)
+
+
+def test_an_fp8_checkpoints_draft_graph_matches_the_reference_on_its_dequantized_weights(tmp_path):
+    """Qwen's FP8 release quantizes the MTP layer's projections and experts like the text tower's; the
+    draft graph keeps them e4m3 behind blocked DequantizeLinear (--weights fp8)."""
+    from qwen_export.fp8_checkpoint import quantize_checkpoint
+
+    fp8_dir = quantize_checkpoint(materialize("tiny-qwen3.5-moe"), tmp_path / "fp8")
+    out = export_model(tmp_path / "out", model_dir=fp8_dir, dtype="fp32", weights="fp8").out_dir
+    _check_draft(out, fp8_dir, 20)
+
+
+def _check_draft(folder, model_dir, split: int) -> None:
+    model = load_reference(model_dir)
+    mtp = load_mtp_reference(model_dir, model)
     ids, mask = _prompts(model.config.vocab_size, 40)
     hidden_ref, draft_hidden_ref, draft_logits_ref = reference_draft(model, mtp, ids, mask)
 

@@ -20,19 +20,12 @@ Writes benchmarks/quality.json and benchmarks/quality.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from bench_ranks import cpu_model, vector_isa
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, produced_by, provenance, shown, write_results
 
 
 def _exported(model_dir: Path, work: Path, dtype: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -100,18 +93,12 @@ ROWS: list[tuple[str, str, Callable]] = [
 ]
 
 
-def _shown(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
-
-
 def render(result: dict) -> str:
-    m, r = result["machine"], result
+    r = result
     lines = [
         "# Quality on the trained reference model, per precision",
         "",
-        f"Produced by `{r['command']}` on {r['date']} (commit {r['commit']}). Machine: {m['cpu']}, "
-        f"{m['cores']} cores, vector ISA {m['vector_isa']}. Model: {r['model']}. Text: {r['text']}, "
+        f"{produced_by(r)} Model: {r['model']}. Text: {r['text']}, "
         f"{r['windows']} windows of {r['window']} tokens ({r['predicted_tokens']} predicted), each from an "
         "empty cache. Reference: transformers in fp32 on the unquantized checkpoint, held-out perplexity "
         f"{r['reference_perplexity']:.4f}. ONNX Runtime CPU, graph optimizations off (the trt-rtx rows run "
@@ -150,24 +137,17 @@ def main() -> None:
             metrics = compare_on_windows(make(args.model, Path(work)), batch, references)
             rows.append({"precision": precision, "how": how, **metrics})
             print(f"{precision:5} {how}: {metrics}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     result = {
-        "command": "python " + " ".join(sys.argv).replace(str(REPO) + "/", ""),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "vector_isa": vector_isa()},
-        "model": _shown(args.model),
-        "text": _shown(text),
+        **provenance(),
+        "model": shown(args.model),
+        "text": shown(text),
         "windows": int(batch.shape[0]),
         "window": int(batch.shape[1]),
         "predicted_tokens": int(batch.shape[0] * (batch.shape[1] - 1)),
         "reference_perplexity": rows[0]["reference_perplexity"],
         "rows": rows,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "quality.md").write_text(render(result) + "\n")
-    print(render(result))
+    write_results(args.results, "quality", result, render)
 
 
 if __name__ == "__main__":

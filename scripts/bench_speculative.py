@@ -14,18 +14,13 @@ benchmarks/speculative.json and benchmarks/speculative.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_ranks import cpu_model, vector_isa
+from bench_common import REPO, produced_by, provenance, shown, write_results
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [(0, None)] + [(k, rollback) for k in (1, 2, 3) for rollback in ("refeed", "recompute")]
 
 
@@ -125,12 +120,11 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
 
 
 def render(result: dict) -> str:
-    m, r = result["machine"], result
+    r = result
     lines = [
         "# Speculative decoding with the MTP layer: decode at batch 1",
         "",
-        f"Produced by `{r['command']}` on {r['date']} (commit {r['commit']}). Machine: {m['cpu']}, "
-        f"{m['cores']} cores, vector ISA {m['vector_isa']}. Model: {r['source']}; {r['prompts']} prompts "
+        f"{produced_by(r)} Model: {r['source']}; {r['prompts']} prompts "
         f"of {r['prompt_tokens']} tokens from {r['text']}, {r['new_tokens']} new tokens each, greedy; "
         f"median of {r['rounds']} alternating rounds. ONNX Runtime CPU, graph optimizations on, one "
         "session per artifact. 'same tokens' is the share of each prompt's tokens, up to the first "
@@ -178,11 +172,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _shown(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,25 +192,17 @@ def main() -> None:
     source = {"preset": args.preset} if args.preset else {"model_dir": args.model}
     with tempfile.TemporaryDirectory(prefix="bench-speculative-") as work:
         targets = [bench_target(source, t, Path(work), args) for t in args.targets]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    command = "python " + " ".join(sys.argv).replace(str(REPO) + "/", "")
     result = {
-        "command": command,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "vector_isa": vector_isa()},
-        "source": f"preset {args.preset}" if args.preset else _shown(args.model),
-        "text": _shown(args.text),
+        **provenance(),
+        "source": f"preset {args.preset}" if args.preset else shown(args.model),
+        "text": shown(args.text),
         "prompts": args.prompts,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "targets": targets,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "speculative.md").write_text(render(result) + "\n")
-    print(render(result))
+    write_results(args.results, "speculative", result, render)
 
 
 if __name__ == "__main__":

@@ -108,9 +108,10 @@ def test_an_incomplete_mtp_layer_is_named(tmp_path):
     source = materialize("tiny-qwen3.5-moe")
     broken = tmp_path / "ckpt"
     broken.mkdir()
-    for f in ("config.json",):
-        (broken / f).write_bytes((source / f).read_bytes())
-    tensors = load_file(source / "model.safetensors")
+    (broken / "config.json").write_bytes((source / "config.json").read_bytes())
+    tensors = {}  # the preset's shards (its MTP layer is a shard of its own) in one file
+    for shard in sorted(source.glob("*.safetensors")):
+        tensors |= load_file(shard)
     del tensors["mtp.layers.0.mlp.experts.3.up_proj.weight"]
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"mtp\.layers\.0\.mlp\.experts\.3\.up_proj\.weight"):
@@ -185,7 +186,7 @@ def _without_mtp(tmp_path):
     folder = tmp_path / "no-mtp"
     folder.mkdir()
     (folder / "config.json").write_bytes((source / "config.json").read_bytes())
-    tensors = load_file(source / "model.safetensors")
+    tensors = load_file(source / "model.safetensors")  # the main shard: no mtp.* tensors in it
     save_file({k: v for k, v in tensors.items() if not k.startswith("mtp.")}, folder / "model.safetensors")
     return folder
 

@@ -20,9 +20,11 @@ from the verify step) and keeps that cache; the draft steps beyond the first run
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -249,7 +251,8 @@ def _feeds(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str
     }
 
 
-def _runs_op(model_path, op_type: str) -> bool:
+@functools.cache  # a decoder is made per generate call; the graph is read once per path
+def _runs_op(model_path: Path, op_type: str) -> bool:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)

@@ -40,10 +40,11 @@ def test_the_trained_models_quantized_builds_are_within_the_derived_bounds_on_te
     from qwen_export.build import build
     from qwen_export.presets import materialize
     from qwen_export.quality import text_quality
+    from qwen_export.targets import get_target
 
     out = build(tmp_path / target, preset="trained-qwen3.5-moe", target=target).out_dir
     report = text_quality(out, materialize("trained-qwen3.5-moe") / "heldout.txt", windows=24)
-    precision = "int8" if target == "ort-int8" else "int4"
+    precision = get_target(target).precision  # the registry's word for a target's precision
     assert report.precision == precision
     assert report.tolerances == {k: TOLERANCES[precision][k] for k in ("top1_min", "kl_mean_max")}
     assert report.passed, report.to_json()

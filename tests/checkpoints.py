@@ -26,6 +26,7 @@ LOCAL_CLASSES = {
     "Qwen3_5ForConditionalGeneration": "tiny-qwen3.5",
     "Qwen3NextForCausalLM": "tiny-qwen3-next",
 }
+MULTIMODAL_CLASSES = [c for c in LOCAL_CLASSES if c.endswith("ForConditionalGeneration")]
 
 
 def make_local_checkpoint(architecture: str, folder: Path, seed: int = 7, **save_kwargs) -> Path:

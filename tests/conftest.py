@@ -13,6 +13,8 @@ import pytest
 # compile tests run their compiler in child processes without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from checkpoints import MULTIMODAL_CLASSES  # noqa: E402  (after the interpreter switch)
+
 
 @pytest.fixture(scope="module")
 def verify_every_pass():
@@ -86,3 +88,25 @@ def interpreted_kernels(one_torch_thread):
     from qwen_export.plugins.triton_support import upcast_bf16_dots
 
     upcast_bf16_dots()
+
+
+@pytest.fixture(scope="session")
+def multimodal_images(tmp_path_factory):
+    """Seeded random PNGs: two 48x32 images (a, b) and two 40x40 video frames (f0, f1); name -> path."""
+    from multimodal_support import write_images
+
+    sizes = {"a": (32, 48), "b": (32, 48), "f0": (40, 40), "f1": (40, 40)}
+    return write_images(tmp_path_factory.mktemp("images"), sizes)
+
+
+@pytest.fixture(scope="session", params=MULTIMODAL_CLASSES)
+def multimodal_export(request, tmp_path_factory):
+    """A local multimodal checkpoint of each class (with processor files) and its multimodal export:
+    (checkpoint folder, ExportResult)."""
+    from multimodal_support import make_multimodal_checkpoint
+
+    from qwen_export.exporter.export import export_model
+
+    root = tmp_path_factory.mktemp(request.param)
+    folder = make_multimodal_checkpoint(request.param, root / "ckpt")
+    return folder, export_model(root / "out", model_dir=folder, multimodal=True)

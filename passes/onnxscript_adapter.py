@@ -6,7 +6,7 @@ private onnxscript module. When the pin moves, run `check_onnxscript_shape()` (t
 returns names one private piece below that changed shape, and this module is what to update.
 
 Public names (re-exported from `onnxscript.rewriter.pattern`): `MatchResult`, `OrValue`, `Pattern`,
-`RewriteRule`, `RewriteRuleClassBase`, `SimplePatternMatcher`, `Var`.
+`RewriteRule`, `RewriteRuleClassBase`, `RewriteRuleSet`, `SimplePatternMatcher`, `Var`.
 
 Private names, and why each is needed:
 
@@ -62,6 +62,7 @@ try:
         Pattern,
         RewriteRule,
         RewriteRuleClassBase,
+        RewriteRuleSet,
         SimplePatternMatcher,
         Var,
     )
@@ -82,6 +83,7 @@ __all__ = [
     "ReplacementSubgraph",
     "RewriteRule",
     "RewriteRuleClassBase",
+    "RewriteRuleSet",
     "SimplePatternMatcher",
     "Var",
     "check_onnxscript_shape",

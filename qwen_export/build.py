@@ -82,6 +82,11 @@ class BuildRequest:
     weights: str | None = dataclasses.field(default=None, metadata={"option": "weights"})
     tp: int = dataclasses.field(default=1, metadata={"option": "tp"})
     ep: int = dataclasses.field(default=1, metadata={"option": "ep"})
+    # The vision tower and token embedding too (a *ForConditionalGeneration checkpoint); every target with
+    # a vision pipeline takes it (qwen_export/targets.py).
+    multimodal: bool = False
+    max_image_pixels: int | None = dataclasses.field(default=None, metadata={"option": "max_image_pixels"})
+    max_video_frames: int | None = dataclasses.field(default=None, metadata={"option": "max_video_frames"})
 
     def given_options(self) -> list[str]:
         """The options set away from their defaults, by option name."""
@@ -113,6 +118,14 @@ def build_artifact(
     """Build `request.target` from the request's source into `request.out`; an engine target's dry run
     returns its plan instead. Bad input raises QwenExportError before any work."""
     request.check_options()
+    if request.multimodal:
+        get_target(request.target).vision_passes()  # a target without a vision pipeline says so now
+        if request.tp != 1 or request.ep != 1:
+            raise QwenExportError("--multimodal builds one graph per tower; it does not shard (--tp/--ep)")
+    elif request.max_image_pixels is not None or request.max_video_frames is not None:
+        raise QwenExportError(
+            "--max-image-pixels and --max-video-frames bound a vision engine: add --multimodal"
+        )
     if request.tp != 1 or request.ep != 1:
         from qwen_export.ranks import build_ranks
 
@@ -137,6 +150,7 @@ def build_artifact(
         on_pass_start=on_pass_start,
         on_pass_end=on_pass_end,
         log=log,
+        multimodal=request.multimodal,
     )
 
 
@@ -222,8 +236,12 @@ def build(
     on_pass_start: Callable | None = None,
     on_pass_end: Callable | None = None,
     log: Callable[[str], None] | None = None,
+    multimodal: bool = False,
 ) -> BuildResult:
     """Export, run the target's pipeline and write the artifact to OUT; nothing is left at OUT on error.
+
+    multimodal: a *ForConditionalGeneration checkpoint's three graphs (text tower on inputs_embeds + mRoPE,
+    vision tower, token embedding), each through the target's passes for it (qwen_export/multimodal_build.py).
 
     check: run every stage in ONNX Runtime against the golden reference (the preset's stored golden, or
     `golden_dir`) and the previous stage. A check that fails is not an error: the artifact is written (for
@@ -235,9 +253,11 @@ def build(
     source_dir, source = resolve_source(preset, model_dir)
     config = read_config_json(source_dir)
     reading = SpeculativeSpec(config, source_dir / "config.json")
+    if multimodal:  # the vision spec reads config.json through transformers too: one import at a time
+        reading.join()
     job = dict(out_path=out_path, source_dir=source_dir, source=source, config=config, start=start)
     job |= dict(preset=preset, target=target, check=check, golden_dir=golden_dir, verify=verify, log=log)
-    job |= dict(on_pass_start=on_pass_start, on_pass_end=on_pass_end)
+    job |= dict(on_pass_start=on_pass_start, on_pass_end=on_pass_end, multimodal=multimodal)
     try:
         return _build(spec=reading.spec, confirm=reading.confirm, **job)
     except _SpecMismatch as e:
@@ -264,6 +284,7 @@ def _build(
     on_pass_start: Callable | None,
     on_pass_end: Callable | None,
     log: Callable[[str], None] | None,
+    multimodal: bool = False,
 ) -> BuildResult:
     """One build from `spec`; with `confirm`, the artifact is published only if `confirm()` equals `spec`."""
     from qwen_export.passes.functions import qwen_op_counts
@@ -273,10 +294,16 @@ def _build(
 
     passes = get_target(target).passes()
     ckpt = Checkpoint.open(source_dir, config)
+    towers = None
+    if multimodal:
+        from qwen_export.multimodal_build import MultimodalBuild
+
+        towers = MultimodalBuild.export(spec, ckpt, config, source_dir, get_target(target))
+        model = towers.graphs.text
     # The MTP draft graph goes through the same passes, for speculative decoding on ONNX Runtime.
-    with_draft = has_mtp(ckpt) and get_target(target).runs_on_onnxruntime
-    # fp32, an FP8 checkpoint dequantized: what ONNX Runtime targets run
-    model = build_decoder(spec, ckpt, final_hidden=with_draft)
+    with_draft = has_mtp(ckpt) and get_target(target).runs_on_onnxruntime and not multimodal
+    if not multimodal:  # fp32, an FP8 checkpoint dequantized: what ONNX Runtime targets run
+        model = build_decoder(spec, ckpt, final_hidden=with_draft)
     draft = build_draft(spec, ckpt) if with_draft else None
     left_out = ckpt.account()
     export_s = time.perf_counter() - start
@@ -284,11 +311,15 @@ def _build(
     numeric = None
     if check:
         golden = _golden_for(preset, golden_dir, config)
-        if golden is None and log:
-            log(
-                "no golden reference for this model: the check compares each stage with the previous one only"
-            )
-        numeric = NumericCheck(golden, vocab_size=spec.vocab_size)
+        if towers is not None:
+            numeric = towers.checks(golden, log)
+        else:
+            if golden is None and log:
+                log(
+                    "no golden reference for this model: the check compares each stage with the previous "
+                    "one only"
+                )
+            numeric = NumericCheck(golden, vocab_size=spec.vocab_size)
 
     manager = PassManager(passes, check=numeric, verify=verify, on_start=on_pass_start, on_end=on_pass_end)
     passes_start = time.perf_counter()
@@ -296,6 +327,10 @@ def _build(
     draft_report = None
     if draft is not None:
         draft, draft_report = PassManager(get_target(target).passes(), verify=verify).run(draft)
+    if towers is not None:
+        towers.run_passes(verify, on_pass_start, on_pass_end)
+        if check:
+            towers.merge_into(report)
     passes_s = time.perf_counter() - passes_start
 
     with atomic_output_dir(out_path) as tmp:
@@ -303,13 +338,17 @@ def _build(
         save_model(model, tmp / MODEL_FILE, DATA_FILE)
         if draft is not None:
             save_model(draft, tmp / DRAFT_FILE, DRAFT_DATA_FILE)
+        extra_files = towers.save(tmp) if towers is not None else []
         save_s = time.perf_counter() - save_start
         kernels = _copy_cpu_kernels(target, tmp)
         if confirm is not None and confirm() != spec:
             raise _SpecMismatch(f"{source}: config.json's fields read differently through transformers")
         drafts = [DRAFT_FILE, DRAFT_DATA_FILE] if draft is not None else []
-        files = file_entries(tmp, [MODEL_FILE, DATA_FILE, *drafts, *kernels])
-        (tmp / PASSES_FILE).write_text(json.dumps(report.to_json(), indent=2))
+        files = file_entries(tmp, [MODEL_FILE, DATA_FILE, *drafts, *extra_files, *kernels])
+        passes_json = report.to_json()
+        if towers is not None:
+            passes_json["multimodal"] = {tower: r.to_json() for tower, r in towers.reports.items()}
+        (tmp / PASSES_FILE).write_text(json.dumps(passes_json, indent=2))
         manifest = {
             "format": BUILD_FORMAT,
             **source_fields(source, source_dir, spec, config),
@@ -319,7 +358,7 @@ def _build(
             ],
             "fused_ops": _fused_ops(report),
             "versions": _versions(),
-            "io": io_signature(spec, final_hidden=with_draft),
+            "io": io_signature(spec, multimodal=multimodal, final_hidden=with_draft),
             "checkpoint": {"tensors": len(ckpt.tensors), "used": len(ckpt.used), "left_out": left_out},
             "graph": {
                 "nodes": node_counts(model).to_json(),
@@ -346,6 +385,8 @@ def _build(
                 else numeric.golden.manifest.get("source"),
             },
         }
+        if towers is not None:
+            manifest["multimodal"] = towers.manifest()
         if draft is not None and draft_report is not None:
             manifest["draft"] = {
                 "graph": DRAFT_FILE,

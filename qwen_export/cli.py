@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from qwen_export import cli_build_options as build_opts
 from qwen_export.cli_kernels import kernels_app
 from qwen_export.cli_plan import plan
 from qwen_export.cli_support import (
@@ -262,40 +263,23 @@ def build(
     preset: PresetOpt = None,
     model: ModelOpt = None,
     target: Annotated[str, typer.Option("--target", "-t", help=help_text())] = "onnx",
-    check: Annotated[
-        bool,
-        typer.Option(help="Run each stage in ONNX Runtime against the golden reference and the one before."),
-    ] = False,
-    golden: Annotated[
-        Path | None, typer.Option("--golden", help="Golden folder for --check (default: the preset's).")
-    ] = None,
-    gpu: Annotated[
-        str | None,
-        typer.Option(
-            help="Engine targets: sm80, sm86, sm89, sm90, sm100, sm120 or names (a100, h100, h200, ...)."
-        ),
-    ] = None,
-    precision: Annotated[str | None, typer.Option(help="Engine precision: bf16 (default) or fp16.")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Engine profiles: largest batch.")] = None,
-    max_prompt: Annotated[int | None, typer.Option(help="Engine profiles: longest prompt (prefill).")] = None,
-    max_context: Annotated[
-        int | None, typer.Option(help="Engine profiles: longest context (decode).")
-    ] = None,
-    spec: Annotated[
-        Path | None, typer.Option(help="Deployment spec file (JSON or TOML); flags override.")
-    ] = None,
-    workspace: Annotated[int | None, typer.Option(help="Builder workspace limit in MiB.")] = None,
-    opt_level: Annotated[int, typer.Option(min=0, max=5, help="Builder optimization level.")] = 3,
-    version_compatible: Annotated[
-        bool, typer.Option(help="Version-compatible engines (lean runtime).")
-    ] = False,
-    hardware_compatibility: Annotated[
-        str, typer.Option(help="trt only: none, ampere_plus or same_compute_capability.")
-    ] = "none",
-    timing_cache: Annotated[
-        Path | None, typer.Option(help="Timing cache file shared between builds.")
-    ] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the engine build plan and stop.")] = False,
+    check: build_opts.CheckOpt = False,
+    golden: build_opts.GoldenOpt = None,
+    multimodal: build_opts.MultimodalOpt = False,
+    gpu: build_opts.GpuOpt = None,
+    precision: build_opts.PrecisionOpt = None,
+    max_batch: build_opts.MaxBatchOpt = None,
+    max_prompt: build_opts.MaxPromptOpt = None,
+    max_context: build_opts.MaxContextOpt = None,
+    max_image_pixels: build_opts.MaxImagePixelsOpt = None,
+    max_video_frames: build_opts.MaxVideoFramesOpt = None,
+    spec: build_opts.SpecOpt = None,
+    workspace: build_opts.WorkspaceOpt = None,
+    opt_level: build_opts.OptLevelOpt = 3,
+    version_compatible: build_opts.VersionCompatibleOpt = False,
+    hardware_compatibility: build_opts.HardwareCompatibilityOpt = "none",
+    timing_cache: build_opts.TimingCacheOpt = None,
+    dry_run: build_opts.DryRunOpt = False,
     weights: EngineWeightsOpt = None,
     tp: TpOpt = 1,
     ep: EpOpt = 1,
@@ -315,7 +299,8 @@ def build(
         precision=precision, max_batch=max_batch, max_prompt=max_prompt, max_context=max_context,
         spec_file=spec, workspace_mib=workspace, opt_level=opt_level, version_compatible=version_compatible,
         hardware_compatibility=hardware_compatibility, timing_cache=timing_cache, dry_run=dry_run,
-        weights=weights, tp=tp, ep=ep,
+        weights=weights, tp=tp, ep=ep, multimodal=multimodal, max_image_pixels=max_image_pixels,
+        max_video_frames=max_video_frames,
     )  # fmt: skip
     request.check_options()
     with pass_progress(request, err) as hooks:

@@ -32,6 +32,7 @@ ENGINE_OPTIONS = frozenset(
     {
         "gpu", "precision", "max_batch", "max_prompt", "max_context", "spec", "workspace", "opt_level",
         "version_compatible", "hardware_compatibility", "timing_cache", "dry_run", "weights",
+        "max_image_pixels", "max_video_frames",
     }
 )  # fmt: skip
 
@@ -74,6 +75,8 @@ class Target:
     weight_bits: weight-only quantization width (its tolerances are int4/int8), or None (fp32).
     cpu_kernels: the artifact carries qwen-export's ONNX Runtime CPU kernel library.
     engine:      an engine target's builder traits.
+    vision:      the passes for a multimodal build's vision tower and token embedding (`build --multimodal`),
+                 or None where the target does not take the vision tower.
     """
 
     name: str
@@ -85,6 +88,7 @@ class Target:
     weight_bits: int | None = None
     cpu_kernels: bool = False
     engine: EngineTraits | None = field(default=None)
+    vision: Callable[[PipelineOptions], VisionPipelines] | None = None
 
     @property
     def precision(self) -> str:
@@ -97,6 +101,24 @@ class Target:
 
     def passes(self, options: PipelineOptions | None = None) -> list[QwenPass]:
         return self.pipeline(options or PipelineOptions())
+
+    def vision_passes(self, options: PipelineOptions | None = None) -> VisionPipelines:
+        """The multimodal build's passes for vision.onnx and embed.onnx; a one-line error where the target
+        has none."""
+        if self.vision is None:
+            takers = ", ".join(t.name for t in TARGETS.values() if t.vision is not None)
+            raise QwenExportError(
+                f"target {self.name} does not build the vision tower; --multimodal builds for {takers}"
+            )
+        return self.vision(options or PipelineOptions())
+
+
+@dataclass(frozen=True)
+class VisionPipelines:
+    """A multimodal build's passes beside the text tower's: the vision tower's and the token embedding's."""
+
+    vision: list[QwenPass]
+    embed: list[QwenPass]
 
 
 TARGETS: dict[str, Target] = {}
@@ -157,10 +179,17 @@ def pass_catalog() -> list[type[QwenPass]]:
 
     classes: list[type[QwenPass]] = []
     for target in TARGETS.values():
-        for p in [*target.passes(), *optional()]:
+        for p in [*target.passes(), *_multimodal_passes(target), *optional()]:
             if type(p) not in classes:
                 classes.append(type(p))
     return classes
+
+
+def _multimodal_passes(target: Target) -> list[QwenPass]:
+    if target.vision is None:
+        return []
+    extra = target.vision_passes()
+    return [*extra.vision, *extra.embed]
 
 
 def pass_users() -> dict[str, list[str]]:
@@ -169,7 +198,7 @@ def pass_users() -> dict[str, list[str]]:
 
     used: dict[str, list[str]] = {}
     for target in TARGETS.values():
-        for name in dict.fromkeys(pass_name(p) for p in target.passes()):
+        for name in dict.fromkeys(pass_name(p) for p in [*target.passes(), *_multimodal_passes(target)]):
             used.setdefault(name, []).append(target.name)
     return used
 
@@ -253,6 +282,36 @@ def _trt_engine(options: PipelineOptions) -> list[QwenPass]:
     return [WidenToFp32(), *_fused(options), precision, LowerTrtPlugins(dtype=options.precision), *finish()]
 
 
+def _vision_portable(options: PipelineOptions) -> VisionPipelines:
+    from qwen_export.passes.fuse_vision_attention import FuseVisionAttention
+    from qwen_export.passes.pipeline import cleanup, finish
+
+    return VisionPipelines([*cleanup(), FuseVisionAttention(), *finish()], cleanup())
+
+
+def _vision_ort(options: PipelineOptions) -> VisionPipelines:
+    from qwen_export.passes.fuse_vision_attention import FuseVisionAttention
+    from qwen_export.passes.lower_ort_vision import LowerVisionToOrt
+    from qwen_export.passes.pipeline import cleanup, finish
+
+    # The vision tower stays fp32 on the weight-quantized targets too: it is a small share of the weights
+    # and its features feed every image token.
+    return VisionPipelines([*cleanup(), FuseVisionAttention(), LowerVisionToOrt(), *finish()], cleanup())
+
+
+def _vision_trt_rtx(options: PipelineOptions) -> VisionPipelines:
+    from qwen_export.passes.fuse_vision_attention import FuseVisionAttention
+    from qwen_export.passes.pipeline import cleanup, finish
+    from qwen_export.passes.precision import Precision
+    from qwen_export.passes.widen import WidenToFp32
+
+    def precision() -> QwenPass:
+        return Precision(options.precision, logits_fp32=True)
+
+    vision = [WidenToFp32(), *cleanup(), FuseVisionAttention(), precision(), *finish()]
+    return VisionPipelines(vision, [WidenToFp32(), *cleanup(), precision()])
+
+
 # --- the table ----------------------------------------------------------------------------------------
 # TensorRT-RTX 1.7 compiles ahead of time, on a CPU, for these (its ComputeCapability enum). It also lists
 # SM75, but has no fp32 GEMM for Turing, and the delta rule keeps its recurrent state in fp32.
@@ -260,28 +319,28 @@ TRT_RTX_AOT_SMS = ("sm80", "sm86", "sm89", "sm120", "sm121")
 
 register(Target(
     "onnx", "standard ONNX: fuse into qwen ops, then lower them portably (runs on any ONNX runtime)",
-    "onnx", _portable, "onnxruntime",
+    "onnx", _portable, "onnxruntime", vision=_vision_portable,
 ))  # fmt: skip
 register(Target(
     "ort", "ONNX Runtime: fuse into qwen ops, lower them to com.microsoft contrib ops where they fit",
-    "ort", _ort, "onnxruntime",
+    "ort", _ort, "onnxruntime", vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
     "ort-int4",
     "the ort graph with weight-only int4 block quantization (block 32, int8 compute): MatMulNBits for "
     "constant-weight MatMuls, QMoE for the routed experts",
-    "ort", _ort_quantized(4), "onnxruntime", weight_bits=4,
+    "ort", _ort_quantized(4), "onnxruntime", weight_bits=4, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
     "ort-int8", "the ort graph with weight-only int8 block quantization (block 32, int8 compute)",
-    "ort", _ort_quantized(8), "onnxruntime", weight_bits=8,
+    "ort", _ort_quantized(8), "onnxruntime", weight_bits=8, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
     "ort-cpu-int4",
     "ort-int4 on qwen-export's CPU kernels (AVX-512 VNNI or AVX2; plugins/ort_cpu): qwen.cpu Int4Linear, "
     "Int4MoE and GatedDeltaRule instead of MatMulNBits, QMoE and the DeltaNet contrib chain; the artifact "
     "carries the custom-op library (the fastest CPU decode)",
-    "ort", _ort_cpu_int4, "onnxruntime", weight_bits=4, cpu_kernels=True,
+    "ort", _ort_cpu_int4, "onnxruntime", weight_bits=4, cpu_kernels=True, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
     "fused", "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",
@@ -302,6 +361,7 @@ register(Target(
         "TensorRT-RTX", "TensorRTRtx", TRT_RTX_AOT_SMS, builds_fp32=False, hardware_compatibility=False,
         timing_cache=False, fp8_weights=True,
     ),
+    vision=_vision_trt_rtx,
 ))  # fmt: skip
 register(Target(
     "trt",

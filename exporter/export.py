@@ -385,16 +385,22 @@ def export_fingerprint(source_dir: Path) -> str:
     return digest.hexdigest()[:20]
 
 
-def cached_export(preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None) -> Path:
+def cached_export(
+    preset: str | None = None, model_dir: str | os.PathLike | None = None, log=None, multimodal: bool = False
+) -> Path:
     """An export folder for the source, reused from the cache while the checkpoint and exporter are unchanged
-    (engine builds start from it, so an unchanged rebuild re-exports nothing)."""
+    (engine builds start from it, so an unchanged rebuild re-exports nothing); `multimodal`: the three
+    graphs of export_model(..., multimodal=True)."""
     from qwen_export.cache import cache_root, entry_lock, touch
 
     source_dir, _ = resolve_source(preset, model_dir)
-    folder = cache_root() / "exports" / export_fingerprint(source_dir)
+    key = export_fingerprint(source_dir) + ("-multimodal" if multimodal else "")
+    folder = cache_root() / "exports" / key
     with entry_lock(folder):
         if not (folder / EXPORT_INFO_FILE).is_file():  # engines take the main graph only
-            export_model(folder, preset=preset, model_dir=model_dir, log=log, draft=False)
+            export_model(
+                folder, preset=preset, model_dir=model_dir, log=log, draft=False, multimodal=multimodal
+            )
             return folder
     touch(folder)
     if log:

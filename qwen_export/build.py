@@ -172,14 +172,15 @@ def _build_engines(
         target=request.target,
         workspace_mib=request.workspace_mib,
         spec_file=request.spec_file,
+        max_image_pixels=request.max_image_pixels,
+        max_video_frames=request.max_video_frames,
     )
     check_writable_parent(Path(request.out))
     with console.status("exporting…") if console is not None else contextlib.nullcontext():
-        exported = cached_export(preset=request.preset, model_dir=request.model_dir, log=log)
-    return build_engine_artifact(
-        exported,
-        deploy,
-        request.out,
+        exported = cached_export(
+            preset=request.preset, model_dir=request.model_dir, log=log, multimodal=request.multimodal
+        )
+    options = dict(
         dry_run=request.dry_run,
         console=console,
         opt_level=request.opt_level,
@@ -187,6 +188,11 @@ def _build_engines(
         hardware_compatibility=request.hardware_compatibility,
         timing_cache=request.timing_cache,
     )
+    if request.multimodal:
+        from qwen_export.engines.multimodal import build_multimodal_engines
+
+        return build_multimodal_engines(exported, deploy, Path(request.out), **options)
+    return build_engine_artifact(exported, deploy, request.out, **options)
 
 
 def _engine_weights(weights: str | None, config: dict[str, Any], source_dir: Path) -> str:

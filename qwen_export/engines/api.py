@@ -32,6 +32,8 @@ def deploy_spec(
     logits_fp32: bool | None = None,
     spec_file: str | os.PathLike | None = None,
     weights: str | None = None,
+    max_image_pixels: int | None = None,
+    max_video_frames: int | None = None,
 ) -> DeploySpec:
     """A validated spec from a file (JSON/TOML) and/or flags; a flag given overrides the file's value."""
     data: dict[str, Any] = {}
@@ -41,7 +43,7 @@ def deploy_spec(
     flags = {
         "gpus": gpu, "precision": precision, "max_batch": max_batch, "max_prompt": max_prompt,
         "max_context": max_context, "workspace_mib": workspace_mib, "logits_fp32": logits_fp32,
-        "weights": weights,
+        "weights": weights, "max_image_pixels": max_image_pixels, "max_video_frames": max_video_frames,
     }  # fmt: skip
     data.update({k: v for k, v in flags.items() if v is not None})
     data["target"] = target

@@ -98,8 +98,8 @@ class BuildPlan:
             table.add_row(t.label, action, t.path, t.fingerprint[:16])
         console.print(table)
         for profile in self.profiles:
-            ids = profile["shapes"].get("input_ids")
-            console.print(f"profile {profile['name']}: input_ids min/opt/max {ids}")
+            name, shape = next(iter(profile["shapes"].items()))  # input_ids, inputs_embeds, pixel_values
+            console.print(f"profile {profile['name']}: {name} min/opt/max {shape}")
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,10 @@ def plan_engines(
     require_toolchain: bool = True,
     dry_run: bool = False,
     timing_cache_file: Path | None = None,
+    tower: str = "text",
 ) -> tuple[BuildPlan, EngineJob]:
-    """Validate everything and fingerprint every target; returns the plan and what the build needs."""
+    """Validate everything and fingerprint every target; returns the plan and what the build needs.
+    `tower`: which graph of a multimodal export `onnx_path` is (text, vision or embed)."""
     onnx_path = Path(onnx_path).expanduser().resolve()
     options = options or BuildOptions(workspace_mib=spec.workspace_mib)
     cache = cache if cache is not None else EngineCache()
@@ -210,8 +212,13 @@ def plan_engines(
         inputs = graph_inputs(onnx_path)
     except Exception as e:  # a truncated or foreign file
         raise QwenExportError(f"{onnx_path}: not a readable ONNX model ({e})") from None
-    profiles = spec.profiles(inputs)
-    passes = engine_passes(spec, moe)
+    if tower == "vision":
+        from qwen_export.engines.vision import VisionLimits
+
+        profiles = VisionLimits.from_spec(spec, info["multimodal"]["vision_spec"]).profiles(inputs)
+    else:
+        profiles = spec.profiles(inputs)
+    passes = engine_passes(spec, moe, tower)
 
     with stages.stage("fingerprint", "model bytes, passes, spec, tools") as stage:
         digests = cache.digests()
@@ -293,6 +300,7 @@ def build_engines(
     dry_run: bool = False,
     console: Console | None = None,
     isolate: bool = True,
+    tower: str = "text",
 ) -> BuildResult | BuildPlan:
     """Build (or reuse from the cache) one engine per GPU target of `spec`; with `dry_run`, the plan only.
 
@@ -321,6 +329,7 @@ def build_engines(
         require_toolchain=not dry_run,
         dry_run=dry_run,
         timing_cache_file=Path(timing_cache) if timing_cache else None,
+        tower=tower,
     )
     if dry_run:
         if console is not None:

@@ -20,9 +20,12 @@ from qwen_export.passes.base import PassStats, QwenPass, pass_name
 from qwen_export.passes.manager import PassManager, PassRecord
 from qwen_export.targets import PipelineOptions, get_target
 
+TOWERS = ("text", "vision", "embed")  # the graphs of a multimodal export an engine is built from
 
-def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[QwenPass]:
-    """The passes between the exporter's standard graph and the graph handed to the engine builder."""
+
+def engine_passes(spec: DeploySpec, moe: str = "auto", tower: str = "text") -> list[QwenPass]:
+    """The passes between the exporter's standard graph and the graph handed to the engine builder; for a
+    multimodal build's vision tower or token embedding, the target's passes for that graph."""
     options = PipelineOptions(
         precision=spec.precision,
         logits_fp32=spec.logits_fp32,
@@ -30,7 +33,9 @@ def engine_passes(spec: DeploySpec, moe: str = "auto") -> list[QwenPass]:
         moe=moe,
         weights=spec.weights,
     )
-    return get_target(spec.target).passes(options)
+    if tower == "text":
+        return get_target(spec.target).passes(options)
+    return getattr(get_target(spec.target).vision_passes(options), tower)
 
 
 def pass_modules(passes: Sequence[ir.passes.PassBase]) -> list[ModuleType]:

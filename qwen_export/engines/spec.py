@@ -31,6 +31,7 @@ def fp8_weight_targets() -> list[str]:
     """The engine targets that keep an FP8 checkpoint's e4m3 weights."""
     return [t.name for t in TARGETS.values() if t.engine and t.engine.fp8_weights]
 
+
 # Product names a deployer types, mapped to the compute capability an engine is built for.
 GPU_NAMES: dict[str, str] = {
     "t4": "sm75", "rtx2080ti": "sm75",
@@ -44,6 +45,7 @@ GPU_NAMES: dict[str, str] = {
 }  # fmt: skip
 KNOWN_SMS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")
 BF16_MIN_SM = 80
+VISION_LIMITS = ("max_image_pixels", "max_video_frames")
 
 
 class DeploySpecError(QwenExportError):
@@ -78,6 +80,9 @@ class DeploySpec:
     workspace_mib: int | None = None  # None: the builder's default (all device memory)
     logits_fp32: bool = True
     weights: str = "dequant"
+    # A multimodal build's vision engine (qwen_export/engines/vision.py); None: the default, or no vision.
+    max_image_pixels: int | None = None
+    max_video_frames: int | None = None
     requested: tuple[str, ...] = field(default=(), compare=False)  # the names as the user wrote them
 
     @classmethod
@@ -92,6 +97,8 @@ class DeploySpec:
         workspace_mib: int | None = None,
         logits_fp32: bool = True,
         weights: str = "dequant",
+        max_image_pixels: int | None = None,
+        max_video_frames: int | None = None,
     ) -> DeploySpec:
         """Build and validate a spec; every problem is reported in one DeploySpecError."""
         names = [g for g in (gpus.split(",") if isinstance(gpus, str) else gpus) if str(g).strip()]
@@ -115,6 +122,8 @@ class DeploySpec:
             workspace_mib=workspace_mib,
             logits_fp32=logits_fp32,
             weights=str(weights).lower(),
+            max_image_pixels=max_image_pixels,
+            max_video_frames=max_video_frames,
             requested=tuple(str(n).strip() for n in names),
         )
         problems += spec.problems(gpus_given=bool(names))
@@ -126,7 +135,7 @@ class DeploySpec:
     def from_mapping(cls, data: Mapping[str, Any]) -> DeploySpec:
         allowed = {
             "gpus", "gpu", "precision", "max_batch", "max_prompt", "max_context", "target", "workspace_mib",
-            "logits_fp32", "weights",
+            "logits_fp32", "weights", "max_image_pixels", "max_video_frames",
         }  # fmt: skip
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -136,7 +145,7 @@ class DeploySpec:
             kwargs["gpus"] = kwargs.pop("gpu")
         if "gpus" not in kwargs:
             raise DeploySpecError('the deployment spec needs `gpus` (for example ["sm89", "sm120"])')
-        for key in ("max_batch", "max_prompt", "max_context", "workspace_mib"):
+        for key in ("max_batch", "max_prompt", "max_context", "workspace_mib", *VISION_LIMITS):
             if key in kwargs and kwargs[key] is not None and not isinstance(kwargs[key], int):
                 raise DeploySpecError(f"{key} must be an integer, got {kwargs[key]!r}")
         return cls.create(**kwargs)
@@ -193,6 +202,10 @@ class DeploySpec:
                 f"max_prompt {self.max_prompt} is above max_context {self.max_context}: a prompt must fit in "
                 "the context; raise --max-context or lower --max-prompt"
             )
+        for key in VISION_LIMITS:
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                out.append(f"{key} must be a positive integer, got {value!r}")
         if self.workspace_mib is not None and (
             not isinstance(self.workspace_mib, int) or self.workspace_mib < 1
         ):
@@ -246,6 +259,9 @@ class DeploySpec:
         data = asdict(self)
         data["gpus"] = list(self.gpus)
         data["requested"] = list(self.requested)
+        for key in VISION_LIMITS:  # a text-only spec reads (and fingerprints) as it did before they existed
+            if data[key] is None:
+                del data[key]
         return data
 
     def fingerprint_json(self) -> dict[str, Any]:
@@ -255,6 +271,7 @@ class DeploySpec:
         return data
 
     def profiles(self, inputs: Sequence[tuple[str, Sequence[int | str | None]]]) -> list[Profile]:
+        """The text tower's (and the token embedding's) prefill and decode profiles."""
         return build_profiles(self, inputs)
 
 

@@ -6,24 +6,36 @@ the tokenizer) decides resizing (min/max pixels), normalisation, patch layout, p
 message. Grid-dependent vision-graph inputs come from `transformers.vision_utils`, the helpers the
 reference model itself calls.
 
-transformers' video processor is written against torchvision. Where torchvision cannot be imported (the
-CPU torch build this project pins has no matching torchvision), `TorchVideoProcessor` keeps the Qwen3-VL
-class and its code (frame handling, smart_resize, patchify, timestamps) and replaces only the three
-torchvision calls underneath it: RGB conversion, resize (the same antialiased bicubic interpolation
-torchvision runs through torch) and normalisation.
+transformers' image and video processors for Qwen are written against torchvision, and with torchvision
+installed AutoImageProcessor picks the torchvision image class (Qwen2VLImageProcessor), not the PIL one.
+Where torchvision cannot be imported (the CPU torch build this project pins has no matching torchvision),
+`TorchImageProcessor` / `TorchVideoProcessor` keep transformers' Qwen2-VL / Qwen3-VL classes and all their
+code (smart_resize, patchify, frame handling, timestamps) and replace only the torchvision calls under them
+with plain torch that gives the same bits: RGB conversion, resize (`tv_resize`: uint8 straight into torch's
+antialiased bicubic kernel, as torchvision does on the CPU) and normalisation. With torchvision installed
+the stock classes are used. tests/test_multimodal_preprocess.py checks the arrays against ones made by
+transformers with torchvision (tests/data/processor_reference/).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
-from collections.abc import Sequence
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.vision_spec import VisionSpec
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_ASPECT_RATIO = 200  # the Qwen2-VL / Qwen3-VL smart_resize rule
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -92,37 +104,119 @@ def torchvision_available() -> bool:
     return True
 
 
-def _torch_video_processor_class():
+# PIL resample ids -> torch.nn.functional.interpolate modes, as transformers' pil_torch_interpolation_mapping
+# maps them to torchvision's InterpolationMode (0 NEAREST -> NEAREST_EXACT, 2 BILINEAR, 3 BICUBIC).
+_INTERPOLATE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+
+def tv_resize(
+    image: torch.Tensor, height: int, width: int, resample: int | None = None, antialias: bool = True
+) -> torch.Tensor:
+    """torchvision.transforms.v2.functional.resize_image (0.29) on a CPU tensor [..., C, H, W], in torch.
+
+    Bit for bit what torchvision does: uint8 goes straight into the interpolation for bicubic (and nearest,
+    and bilinear where torch has the AVX2 / AVX-512 uint8 kernel), so the rounding happens inside torch's
+    uint8 kernel; other dtypes go through float32, then clamp (bicubic), round and cast back.
+    """
+    import platform
+
     import torch
+
+    mode = _INTERPOLATE_MODES.get(2 if resample is None else int(resample))
+    if mode is None:
+        raise ValueError(
+            f"resample={resample!r} is not supported without torchvision (nearest, bilinear, bicubic)"
+        )
+    if mode == "nearest-exact":
+        antialias, align_corners = False, None
+    else:
+        align_corners = False
+    shape = image.shape
+    channels, old_height, old_width = shape[-3:]
+    if (height, width) == (old_height, old_width):
+        return image
+    if image.numel() == 0:
+        return image.reshape(*shape[:-3], channels, height, width)
+    dtype = image.dtype
+    native = [torch.float32, torch.float64]
+    if mode == "nearest-exact":
+        native.append(torch.uint8)
+    elif image.device.type == "cpu":
+        avx = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        uint8_bilinear = avx or platform.machine() in ("aarch64", "arm64")
+        if mode == "bicubic" or uint8_bilinear:
+            native.append(torch.uint8)
+    x = image.reshape(-1, channels, old_height, old_width)
+    strides = x.stride()
+    if x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] == 1 and x.numel() != strides[0]:
+        # torchvision restrides single channels-last images so interpolate keeps the memory format.
+        x = x.as_strided((1, channels, old_height, old_width), [x.numel(), *strides[1:]])
+    cast = dtype not in native
+    if cast:
+        x = x.to(torch.float32)
+    x = torch.nn.functional.interpolate(
+        x, size=[height, width], mode=mode, align_corners=align_corners, antialias=antialias
+    )
+    if cast:
+        if mode == "bicubic" and dtype == torch.uint8:
+            x = x.clamp_(0, 255)
+        if not dtype.is_floating_point:
+            x = x.round_()
+        x = x.to(dtype)
+    return x.reshape(*shape[:-3], channels, height, width)
+
+
+def tv_normalize(image: torch.Tensor, mean: Any, std: Any, inplace: bool = False) -> torch.Tensor:
+    """torchvision.transforms.v2.functional.normalize_image: (x - mean) / std in the image's float dtype."""
+    import torch
+
+    mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
+    std = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+    if mean.ndim == 1:
+        mean = mean.view(-1, 1, 1)
+    if std.ndim == 1:
+        std = std.view(-1, 1, 1)
+    image = image.sub_(mean) if inplace else image.sub(mean)
+    return image.div_(std)
+
+
+def _grayscale_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    if image.shape[-3] == 1:
+        image = image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+    return image
+
+
+def _resize_to(
+    self: Any, image: torch.Tensor, size: Any, resample: Any = None, antialias: bool = True, **kwargs: Any
+) -> torch.Tensor:
+    """TorchvisionBackend.resize for the {height, width} sizes the Qwen processors pass down."""
+    if not (size.height and size.width):
+        raise ValueError(f"resize without torchvision takes an explicit height and width, got {size}")
+    return tv_resize(image, size.height, size.width, resample, antialias)
+
+
+def _normalize(
+    self: Any, image: torch.Tensor, mean: Any, std: Any, inplace: bool = False, **kwargs: Any
+) -> torch.Tensor:
+    return tv_normalize(image, mean, std, inplace)
+
+
+@functools.cache
+def _torch_video_processor_class() -> type:
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
     from transformers.video_processing_utils import BaseVideoProcessor
 
     class _TorchOps(BaseVideoProcessor):
-        """torchvision.transforms.v2.functional's resize / normalize / grayscale_to_rgb in plain torch."""
+        """The torchvision calls under BaseVideoProcessor (RGB, resize, normalize) in plain torch."""
+
+        resize = _resize_to
+        normalize = _normalize
 
         def convert_to_rgb(self, video, input_data_format=None):
-            if video.shape[-3] == 1:
-                video = video.expand(*video.shape[:-3], 3, *video.shape[-2:])
+            video = _grayscale_to_rgb(video)
             if video.shape[-3] != 3:
                 raise ValueError(f"video frames have {video.shape[-3]} channels; expected RGB")
             return video
-
-        def resize(self, image, size, resample=None, antialias=True, **kwargs):
-            # tvF.resize on a uint8 tensor: float bicubic with antialias, then round and clamp back.
-            lead = image.shape[:-2]
-            x = image.reshape(-1, *image.shape[-3:]).float()
-            x = torch.nn.functional.interpolate(
-                x, size=(size.height, size.width), mode="bicubic", align_corners=False, antialias=antialias
-            )
-            x = x.reshape(*lead, size.height, size.width)
-            if image.dtype == torch.uint8:
-                x = x.round_().clamp_(0, 255).to(torch.uint8)
-            return x
-
-        def normalize(self, image, mean, std, inplace=False, **kwargs):
-            mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-            std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
-            return (image - mean) / std
 
     class TorchVideoProcessor(Qwen3VLVideoProcessor, _TorchOps):
         """Qwen3VLVideoProcessor whose torchvision calls run in plain torch (see the module docstring)."""
@@ -130,13 +224,97 @@ def _torch_video_processor_class():
     return TorchVideoProcessor
 
 
-def video_processor_class():
+@contextmanager
+def _torchvision_placeholder() -> Iterator[None]:
+    """An empty `torchvision.transforms.v2.functional` for the length of one import.
+
+    transformers' Qwen2-VL image processor module imports tvF at the top but only names it in (string)
+    annotations; every call into torchvision is in TorchvisionBackend's methods, which the subclass
+    below overrides. Real torchvision modules, if some were imported, are put back afterwards.
+    """
+    names = (
+        "torchvision",
+        "torchvision.transforms",
+        "torchvision.transforms.v2",
+        "torchvision.transforms.v2.functional",
+    )
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    for parent, child in zip(names[:-1], names[1:], strict=True):
+        setattr(sys.modules[parent], child.rsplit(".", 1)[1], sys.modules[child])
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+@functools.cache
+def _torch_image_processor_class() -> type:
+    import transformers.models.qwen2_vl as package
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    # Load the module under a private name so transformers' own (torchvision) module entry stays untouched.
+    name = f"{package.__name__}._torch_only_image_processing_qwen2_vl"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(package.__file__).with_name("image_processing_qwen2_vl.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            with _torchvision_placeholder():
+                spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[name]  # no half-imported module left behind
+            raise
+    qwen2vl = sys.modules[name].Qwen2VLImageProcessor
+
+    class _TorchOps(TorchvisionBackend):
+        """The torchvision calls under TorchvisionBackend (RGB, resize, normalize) in plain torch."""
+
+        resize = _resize_to
+        normalize = _normalize
+
+        def convert_to_rgb(self, image, input_data_format=None):
+            # PIL images never come here (process_image converts them with PIL); arrays and tensors do.
+            if image.ndim == 2:
+                image = image[None]
+            image = _grayscale_to_rgb(image)
+            if image.shape[-3] != 3:
+                raise ValueError(f"image has {image.shape[-3]} channels; pass RGB (or a PIL image)")
+            return image
+
+    class TorchImageProcessor(qwen2vl, _TorchOps):
+        """transformers' Qwen2VLImageProcessor (torchvision backend), its torchvision calls in plain torch."""
+
+    return TorchImageProcessor
+
+
+def video_processor_class() -> type:
     """transformers' Qwen3VLVideoProcessor where torchvision works, else its torch-only subclass."""
     if torchvision_available():
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         return Qwen3VLVideoProcessor
     return _torch_video_processor_class()
+
+
+def image_processor_class(folder: str | Path) -> type | None:
+    """The image processor class transformers' AutoImageProcessor picks with torchvision installed.
+
+    With torchvision: None (AutoImageProcessor decides). Without it, AutoImageProcessor would fall back to the
+    PIL class, whose resize rounds differently; a Qwen2-VL config gets the torch-only torchvision class.
+    """
+    if torchvision_available():
+        return None
+    config = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    kind = str(config.get("image_processor_type", ""))
+    if kind.removesuffix("Fast").removesuffix("Pil") == "Qwen2VLImageProcessor":
+        return _torch_image_processor_class()
+    return None
 
 
 def _processor_class():
@@ -168,7 +346,8 @@ def load_processor(folder: str | Path):
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        image_processor = AutoImageProcessor.from_pretrained(folder)
+        image_class = image_processor_class(folder) or AutoImageProcessor
+        image_processor = image_class.from_pretrained(folder)
         video_processor = video_processor_class().from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise QwenExportError(f"{folder}: cannot load the processor ({type(e).__name__}: {e})") from None

@@ -5,6 +5,7 @@ small chat template)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +57,37 @@ def make_multimodal_checkpoint(architecture: str, folder: Path, seed: int = 7) -
     return folder
 
 
+PATCH, MERGE, TEMPORAL_PATCH = 4, 2, 2
+# preprocessor_config.json as a real Qwen3.5 checkpoint ships it (same keys; sizes for the tiny vision tower).
+# It names the Qwen2-VL image processor, so AutoImageProcessor picks its torchvision class where torchvision
+# imports (the class transformers' reference arrays in tests/data/processor_reference/ were made with).
+IMAGE_PROCESSOR_CONFIG = {
+    "size": {"longest_edge": MAX_PIXELS, "shortest_edge": MIN_PIXELS},
+    "patch_size": PATCH,
+    "temporal_patch_size": TEMPORAL_PATCH,
+    "merge_size": MERGE,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+
+
 def save_processor_files(folder: Path) -> None:
+    """The processor files, the same bytes every run (tests/test_multimodal_preprocess.py hashes them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    common = dict(
-        patch_size=4, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **common).save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR_CONFIG, indent=2) + "\n")
     Qwen3VLVideoProcessor(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": 2 * MAX_PIXELS},
         cap_pixels_per_frame=False,
-        **common,
+        patch_size=PATCH,
+        merge_size=MERGE,
+        temporal_patch_size=TEMPORAL_PATCH,
+        image_mean=IMAGE_PROCESSOR_CONFIG["image_mean"],
+        image_std=IMAGE_PROCESSOR_CONFIG["image_std"],
     ).save_pretrained(folder)
     # Byte-level BPE without merges: 256 byte tokens, then the specials at 256.. (ids as in TOKEN_IDS).
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

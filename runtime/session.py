@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,7 +25,12 @@ from qwen_export.runtime.sampling import Sampler, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
 from qwen_export.targets import TARGETS
 
+if TYPE_CHECKING:
+    from qwen_export.runtime.multimodal import MultimodalPrompt, MultimodalRunner
+
 GREEDY = SamplingConfig()
+# One decode step: (new tokens [B, 1], attention mask [B, T] with them, states) -> (logits [B, V], states)
+StepFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
 
 
 class Backend(Protocol):
@@ -121,24 +126,33 @@ class Session:
         tokenizer: Tokenizer | None = None,
         max_context: int | None = None,
         draft: OrtDecoder | None = None,
+        multimodal: MultimodalRunner | None = None,
     ):
         self.backend = backend
         self.artifact = artifact
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.draft = draft  # the MTP draft graph, for speculative decoding
+        self.multimodal = multimodal  # a multimodal artifact's three graphs and processor
 
     @classmethod
     def load(
         cls, folder: str | Path, providers: list[str] | None = None, threads: int | None = None
     ) -> Session:
         artifact = Artifact.open(folder)
-        if artifact.info.get("multimodal"):
-            raise QwenExportError(
-                f"{artifact.folder}: a multimodal artifact (text graph takes inputs_embeds); run it with "
-                "`qwen-export run ARTIFACT --prompt TEXT --image FILE`"
-            )
         known = TARGETS.get(artifact.target)
+        source_dir = artifact.info.get("source_dir")
+        max_context = (artifact.info.get("deploy") or {}).get("max_context")
+        if artifact.info.get("multimodal"):
+            if known is not None and known.kind == "engine":
+                raise QwenExportError(
+                    f"{artifact.folder}: multimodal TensorRT engines do not run in the Python runtime yet; "
+                    "run the multimodal ONNX export or an ONNX Runtime build"
+                )
+            from qwen_export.runtime.multimodal import MultimodalRunner
+
+            runner = MultimodalRunner(artifact.folder, providers=providers, threads=threads)
+            return cls(runner.decoder, artifact, Tokenizer.find(source_dir), max_context, multimodal=runner)
         if known is not None and known.kind == "engine":
             from qwen_export.runtime.tensorrt_backend import TensorRTBackend
 
@@ -147,8 +161,6 @@ class Session:
             from qwen_export.runtime.ranks import open_decoder
 
             backend = open_decoder(artifact.model_path, optimize=True, providers=providers, threads=threads)
-        source_dir = artifact.info.get("source_dir")
-        max_context = (artifact.info.get("deploy") or {}).get("max_context")
         draft = None
         if artifact.draft_path is not None and isinstance(backend, OrtDecoder):
             # One thread: the draft is one layer, and a second intra-op pool would spin against the main
@@ -197,7 +209,7 @@ class Session:
 
     def stream(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]] | Sequence[MultimodalPrompt | str],
         max_new_tokens: int,
         sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
@@ -208,8 +220,15 @@ class Session:
         """Yield every prompt's next token ([B] int64) per step; finished rows repeat their stop token.
 
         `speculative=k` drafts k tokens a round with the MTP layer and verifies them in one step (greedy
-        only, the same tokens as plain decoding); `stats` (a SpeculativeStats) then collects acceptance."""
-        self._check(prompts, max_new_tokens)
+        only, the same tokens as plain decoding); `stats` (a SpeculativeStats) then collects acceptance.
+        A multimodal artifact's session takes MultimodalPrompts (or plain text, or token ids) and runs
+        them as one left-padded batch (runtime/multimodal.py)."""
+        if self.multimodal is not None:
+            yield from self._stream_multimodal(
+                prompts, max_new_tokens, sampling, stop_tokens, timings, speculative
+            )
+            return
+        self._check(prompts, max_new_tokens)  # type: ignore[arg-type]
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.zeros((batch, width), np.int64)
         mask = np.zeros((batch, width), np.int64)
@@ -220,32 +239,43 @@ class Session:
             decoder = self.speculative_decoder(speculative, sampling)
             yield from decoder.stream(ids, mask, max_new_tokens, stop_tokens, timings, stats)
             return
-        sampler = Sampler(sampling)
-        stops = np.array(list(stop_tokens), np.int64)
-        done = np.zeros(batch, bool)
-        start = time.perf_counter()
-        positions = positions_from_mask(mask)
-        logits, states = self.backend.step_bound(ids, mask, positions, self.backend.empty_bound_states(batch))
-        position = positions[:, -1:]
-        for step in range(max_new_tokens):
-            token = sampler(logits)
-            token = np.where(done, stops[0] if stops.size else token, token)
-            done |= np.isin(token, stops)
-            if timings is not None and step == 0:
-                timings["time_to_first_token_s"] = time.perf_counter() - start
-                timings["decode_start"] = time.perf_counter()
-            yield token
-            if done.all() or step == max_new_tokens - 1:
-                break
-            position = position + 1
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            logits, states = self.backend.step_bound(token[:, None], mask, position, states)
+        backend = self.backend
+
+        def prefill() -> tuple[np.ndarray, Any]:
+            return backend.step_bound(ids, mask, positions_from_mask(mask), backend.empty_bound_states(batch))
+
+        def step(tokens: np.ndarray, step_mask: np.ndarray, states: Any) -> tuple[np.ndarray, Any]:
+            return backend.step_bound(tokens, step_mask, positions_from_mask(step_mask)[:, -1:], states)
+
+        yield from sample_stream(prefill, step, mask, max_new_tokens, sampling, stop_tokens, timings)
+
+    def _stream_multimodal(
+        self,
+        prompts: Sequence[Any],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stop_tokens: Sequence[int],
+        timings: dict[str, float] | None,
+        speculative: int,
+    ) -> Iterator[np.ndarray]:
+        runner = self.multimodal
+        assert runner is not None
+        if speculative:
+            raise QwenExportError("speculative decoding runs on text artifacts; this one is multimodal")
+        if not prompts:
+            raise QwenExportError("every prompt needs at least one token")
+        t0 = time.perf_counter()
+        rows = runner.batch_arrays(prompts)
+        self._check([r["input_ids"][0].tolist() for r in rows], max_new_tokens)
+        t1 = time.perf_counter()
+        inputs = runner.build_batch(rows)
         if timings is not None:
-            timings["decode_end"] = time.perf_counter()
+            timings.update(preprocess_s=t1 - t0, vision_and_embed_s=time.perf_counter() - t1)
+        yield from runner.stream(inputs, max_new_tokens, sampling, stop_tokens, timings)
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]] | Sequence[MultimodalPrompt | str],
         max_new_tokens: int,
         sampling: SamplingConfig = GREEDY,
         stop_tokens: Sequence[int] = (),
@@ -260,22 +290,63 @@ class Session:
 
             stats = SpeculativeStats(speculative)
         steps = list(self.stream(prompts, max_new_tokens, sampling, stop_tokens, timings, speculative, stats))
-        table = np.stack(steps, axis=1) if steps else np.zeros((len(prompts), 0), np.int64)
-        tokens = []
-        for row in table.tolist():
-            hit = next((i for i, t in enumerate(row) if t in stop_tokens), None)
-            tokens.append(row if hit is None else row[: hit + 1])
+        tokens = tokens_per_row(steps, len(prompts), stop_tokens)
         decode_s = timings["decode_end"] - timings["decode_start"]
         rate = decode_tokens_per_s(timings, len(steps), len(prompts))
         texts = [self.tokenizer.decode(t) for t in tokens] if self.tokenizer else None
+        extra = {k: timings[k] for k in ("preprocess_s", "vision_and_embed_s") if k in timings}
         return GenerationResult(
             tokens,
             timings["time_to_first_token_s"],
             rate,
             texts,
-            {"decode_s": decode_s, "steps": float(len(steps))},
+            {"decode_s": decode_s, "steps": float(len(steps)), **extra},
             stats.to_json() if stats is not None else None,
         )
+
+
+def sample_stream(
+    prefill: Callable[[], tuple[np.ndarray, Any]],
+    step: StepFn,
+    mask: np.ndarray,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    stop_tokens: Sequence[int] = (),
+    timings: dict[str, float] | None = None,
+) -> Iterator[np.ndarray]:
+    """The decode loop every backend shares: `prefill()` gives the last-position logits [B, V] and states,
+    then each step samples a token per row ([B], yielded) and feeds it back with the mask grown by one.
+    Rows that hit a stop token repeat it until all rows are done."""
+    batch = mask.shape[0]
+    sampler = Sampler(sampling)
+    stops = np.array(list(stop_tokens), np.int64)
+    done = np.zeros(batch, bool)
+    start = time.perf_counter()
+    logits, states = prefill()
+    for index in range(max_new_tokens):
+        token = sampler(logits)
+        token = np.where(done, stops[0] if stops.size else token, token)
+        done |= np.isin(token, stops)
+        if timings is not None and index == 0:
+            timings["time_to_first_token_s"] = time.perf_counter() - start
+            timings["decode_start"] = time.perf_counter()
+        yield token
+        if done.all() or index == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        logits, states = step(token[:, None], mask, states)
+    if timings is not None:
+        timings["decode_end"] = time.perf_counter()
+
+
+def tokens_per_row(steps: Sequence[np.ndarray], batch: int, stop_tokens: Sequence[int]) -> list[list[int]]:
+    """The streamed [B] tokens as one list per row, each cut after its first stop token."""
+    table = np.stack(steps, axis=1) if steps else np.zeros((batch, 0), np.int64)
+    tokens = []
+    for row in table.tolist():
+        hit = next((i for i, t in enumerate(row) if t in stop_tokens), None)
+        tokens.append(row if hit is None else row[: hit + 1])
+    return tokens
 
 
 def decode_tokens_per_s(timings: dict[str, float], steps: int, batch: int = 1) -> float:

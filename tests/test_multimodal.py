@@ -265,6 +265,7 @@ def test_cli_run_with_an_image(case, images):
     from typer.testing import CliRunner
 
     from qwen_export.cli import app
+    from qwen_export.runtime.multimodal import MultimodalPrompt
     from qwen_export.runtime.session import Session
 
     _, result, _, _ = case
@@ -285,5 +286,6 @@ def test_cli_run_with_an_image(case, images):
     assert payload["ids"] == expected.tokens
     bad = CliRunner().invoke(app, [*args[:4], "--image", str(images["a"]) + ".missing"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
-    with pytest.raises(QwenExportError, match="multimodal artifact"):
-        Session.load(result.out_dir)
+    session = Session.load(result.out_dir)  # a multimodal artifact's session takes prompts with media
+    prompt = MultimodalPrompt("hi", images=[images["a"]])
+    assert session.generate([prompt], 4, stop_tokens=()).tokens == [expected.tokens]

@@ -57,9 +57,7 @@ def _dequantized_reference(model_dir: Path, config: dict, cls):
         plain["text_config"] = {k: v for k, v in plain["text_config"].items() if k != "quantization_config"}
     model = cls._from_config(AutoConfig.for_model(**plain), attn_implementation="eager", dtype=torch.float32)
     ckpt = Checkpoint.open(model_dir, config)
-    names = [
-        n for n in ckpt.tensors if not n.endswith(fp8.SCALE_SUFFIX) and not re.search(MTP_PART[0], n)
-    ]
+    names = [n for n in ckpt.tensors if not n.endswith(fp8.SCALE_SUFFIX) and not re.search(MTP_PART[0], n)]
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for name, array in zip(names, ckpt.read_many(names), strict=True):

@@ -7,7 +7,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -23,6 +23,9 @@ from qwen_export.golden.reference import (
     reference_forward,
     reference_greedy,
 )
+
+if TYPE_CHECKING:
+    from qwen_export.golden.multimodal import MultimodalCase
 
 PROMPT_LENGTHS = (1, 7, 63, 64, 65, 200)
 GREEDY_PROMPT_LENGTH = 16
@@ -44,6 +47,14 @@ def make_prompt(vocab_size: int, length: int, seed: int = PROMPT_SEED) -> np.nda
 class Golden:
     manifest: dict[str, Any]
     tensors: dict[str, np.ndarray]
+    folder: Path | None = None  # where the media files of multimodal cases live
+
+    @property
+    def multimodal_cases(self) -> list[MultimodalCase]:
+        """The image / video cases of a multimodal checkpoint's golden (none for a text model's)."""
+        from qwen_export.golden.multimodal import stored_cases
+
+        return stored_cases(self.manifest, self.tensors, self.folder or Path("."))
 
     @property
     def dtype(self) -> str:
@@ -77,7 +88,9 @@ def generate_golden(
     """Run the reference on the standard prompts and write OUT/golden.safetensors + OUT/manifest.json.
 
     The reference runs in `dtype`, by default the checkpoint's own precision (as an export does): a bf16
-    checkpoint's golden is transformers in bf16."""
+    checkpoint's golden is transformers in bf16. A multimodal checkpoint's golden also holds an image and a
+    video prompt (OUT/media/*.png, the processor's arrays, vision features, prefill logits, greedy tokens:
+    golden/multimodal.py); the text tensors are the same either way."""
     import torch
     import transformers
 
@@ -108,10 +121,14 @@ def generate_golden(
     if log:
         log(f"greedy {GREEDY_NEW_TOKENS} tokens: done")
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     with atomic_output_dir(Path(out)) as tmp:
+        section = _multimodal_cases(model, model_dir, config, tmp, tensors, log) if spec.multimodal else None
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         save_file(tensors, str(tmp / GOLDEN_FILE))
-        digest = sha256_file(tmp / GOLDEN_FILE)
+        digests = {GOLDEN_FILE: sha256_file(tmp / GOLDEN_FILE)}
+        if section is not None:
+            media = sorted(p for p in (tmp / section["media_dir"]).iterdir())
+            digests |= {str(p.relative_to(tmp)): sha256_file(p) for p in media}
         manifest = {
             "format": GOLDEN_FORMAT,
             "source": source,
@@ -129,10 +146,36 @@ def generate_golden(
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(tensors.items())
             },
-            "sha256": {GOLDEN_FILE: digest},
+            "sha256": digests,
         }
+        if section is not None:
+            manifest["multimodal"] = section
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return Golden(manifest, tensors)
+    return load_golden(out)  # media paths point into the final folder
+
+
+def _multimodal_cases(
+    model: Any, model_dir: Path, config: dict, folder: Path, tensors: dict[str, np.ndarray], log
+) -> dict[str, Any] | None:
+    """Add the image / video cases to `tensors` (media written under `folder`); the manifest section, or
+    None where the checkpoint ships no processor files (the golden is then text only, as said in the log)."""
+    from qwen_export.errors import QwenExportError
+    from qwen_export.exporter.vision_spec import vision_spec_from_config
+    from qwen_export.golden.multimodal import MEDIA_DIR, case_manifest, case_tensors, live_cases
+    from qwen_export.runtime.multimodal_inputs import load_processor
+
+    try:
+        processor = load_processor(model_dir)
+    except QwenExportError as e:
+        if log:
+            log(f"no image / video cases: {e}")
+        return None
+    vspec = vision_spec_from_config(config, model_dir / "config.json")
+    cases = live_cases(model, processor, vspec.temporal_patch_size, folder)
+    tensors.update(case_tensors(cases))
+    if log:
+        log(f"image and video prompts ({', '.join(c.name for c in cases)}): done")
+    return {**case_manifest(cases, folder), "media_dir": MEDIA_DIR}
 
 
 def load_golden(folder: str | os.PathLike) -> Golden:
@@ -141,10 +184,13 @@ def load_golden(folder: str | os.PathLike) -> Golden:
     if not manifest_path.is_file() or not data_path.is_file():
         raise QwenExportError(f"{folder}: not a golden folder (needs {MANIFEST_FILE} and {GOLDEN_FILE})")
     manifest = json.loads(manifest_path.read_text())
-    digest = sha256_file(data_path)
-    if digest != manifest["sha256"][GOLDEN_FILE]:
-        raise QwenExportError(f"{data_path}: sha256 does not match {manifest_path}; regenerate the golden")
-    return Golden(manifest, load_file(str(data_path)))
+    for name, expected in manifest["sha256"].items():  # the tensors, and a multimodal golden's media
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise QwenExportError(
+                f"{path}: missing or sha256 does not match {manifest_path}; regenerate the golden"
+            )
+    return Golden(manifest, load_file(str(data_path)), folder)
 
 
 def repo_golden_dir(preset: str) -> Path:

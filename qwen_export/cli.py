@@ -29,6 +29,7 @@ from qwen_export.cli_support import (
     PerLayerOpt,
     PerPassOpt,
     PresetOpt,
+    ProfileImageOpt,
     PromptOpt,
     ReportOpt,
     SaveOutputsOpt,
@@ -116,7 +117,9 @@ def export(
 def golden(out: OutOpt, preset: PresetOpt = None, model: ModelOpt = None, dtype: DtypeOpt = None) -> None:
     """Run the PyTorch reference and store golden outputs: prefill logits (lengths 1..200), 32 greedy tokens,
     final states, with a manifest of versions, seed, prompts, shapes and sha256. The reference runs in the
-    checkpoint's precision unless --dtype says otherwise (an FP8 checkpoint: on its dequantized weights)."""
+    checkpoint's precision unless --dtype says otherwise (an FP8 checkpoint: on its dequantized weights).
+    A multimodal checkpoint's golden adds an image and a video prompt: seeded PNGs in OUT/media, the
+    processor's arrays, vision features, prefill logits and 16 greedy tokens."""
     from qwen_export.exporter.export import resolve_source
     from qwen_export.golden.store import generate_golden
 
@@ -151,7 +154,9 @@ def validate(
     """Run the artifact on ONNX Runtime CPU against golden outputs; exit 1 if anything is out of tolerance.
 
     A bf16/fp16 export runs emulated in fp32 (each low-precision result rounded through its dtype: ONNX
-    Runtime's CPU provider has no bf16 kernels) and is held to its precision's tolerance."""
+    Runtime's CPU provider has no bf16 kernels) and is held to its precision's tolerance. A multimodal
+    artifact runs the golden's image and video prompts: preprocessing, vision features, prefill logits and
+    greedy tokens per prompt."""
     from qwen_export.validate import validate_artifact
 
     with err.status("validating…"):
@@ -215,6 +220,8 @@ def diff(
     """Accuracy against the reference: max/mean |Δ|, cosine, top-1/top-5 agreement, KL, greedy agreement.
 
     Exit code 1 when the artifact is out of its precision's tolerance (the report states which were used).
+    A multimodal artifact adds an image and a video prompt (vision features, logits, greedy tokens) and,
+    with --per-layer, every vision block's output; it names the first vision block out of tolerance.
     With --text, the quality on real text instead: top-1 agreement and mean KL against the precision's
     bounds (exit code 1 when outside them), with the held-out perplexity of both.
     """
@@ -245,12 +252,14 @@ def profile(
     report: ReportOpt = None,
     chart: Annotated[Path | None, typer.Option(help="Write a PNG chart of time per layer here.")] = None,
     as_json: JsonOpt = False,
+    image: ProfileImageOpt = None,
 ) -> None:
-    """Latency per decoder layer and per op type for prefill and decode (p50/p90 step), and per build pass."""
+    """Latency per decoder layer and per op type for prefill and decode (p50/p90 step), and per build pass;
+    a multimodal artifact adds the vision graph on one image, per vision block."""
     from qwen_export.profile import profile_artifact, render_chart
 
     with err.status("profiling…"):
-        result = profile_artifact(artifact, prompt_tokens, decode_steps)
+        result = profile_artifact(artifact, prompt_tokens, decode_steps, image=image)
     if chart is not None:
         render_chart(result, chart)
     emit(result, as_json, report)

@@ -30,6 +30,7 @@ DtypeOpt = Annotated[
     typer.Option(help="fp32, bf16 or fp16 (default: the checkpoint's own precision; FP8 checkpoints: bf16)."),
 ]
 
+
 def _engine_weights_help() -> str:
     from qwen_export.engines.spec import FP8_MIN_SM, fp8_weight_targets
 
@@ -69,6 +70,12 @@ SaveOutputsOpt = Annotated[
 PromptOpt = Annotated[str | None, typer.Option(help="Text prompt (needs the checkpoint's tokenizer.json).")]
 ImageOpt = Annotated[
     list[Path] | None, typer.Option(help="Image file (repeatable); needs a multimodal export.")
+]
+ProfileImageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--image", help="Multimodal artifacts: profile the vision graph on this image (default: seeded)."
+    ),
 ]
 VideoOpt = Annotated[
     list[str] | None, typer.Option(help="A short video as comma-separated frame files (repeatable).")

@@ -22,6 +22,9 @@ from qwen_export.tolerances import artifact_precision, has_random_weights, toler
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from qwen_export.golden.multimodal import MultimodalCase
+    from qwen_export.runtime.multimodal import MultimodalRunner
+
 PER_LAYER_PROMPT = 65  # crosses the delta rule's 64-token chunk boundary
 
 
@@ -39,6 +42,11 @@ class DiffReport:
     passes: list[dict[str, Any]] = field(default_factory=list)
     first_bad_pass: str | None = None
     reference_dtype: str = "fp32"  # what transformers (or the golden's reference) ran in
+    # Multimodal artifacts: per image / video case, vision features and greedy agreement (its prefill logits
+    # are in `prefill`), and per vision block, its output against transformers' (--per-layer).
+    media: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vision_blocks: list[dict[str, Any]] = field(default_factory=list)
+    first_bad_vision_block: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -49,7 +57,9 @@ class DiffReport:
             and m["kl_mean"] <= t.get("kl_mean_max", float("inf"))
             for m in self.prefill.values()
         )
-        return ok and self.first_bad_layer is None and self.first_bad_pass is None
+        ok = ok and all(m["vision_ok"] for m in self.media.values())
+        bad = (self.first_bad_layer, self.first_bad_pass, self.first_bad_vision_block)
+        return ok and all(b is None for b in bad)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()} | {"passed": self.passed}
@@ -76,11 +86,18 @@ class DiffReport:
         console.print(table)
         console.print(f"greedy agreement: {self.greedy_agreement}/{self.greedy_tokens} tokens")
         bad = "[red]OUT OF TOLERANCE[/red]"
-        for layer in self.layers:
-            mark = "ok" if layer["ok"] else bad
+        for case, m in self.media.items():
             console.print(
-                f"layer {layer['layer']:>3}: max |Δ| {layer['max_abs']:.2e} (rel {layer['rel']:.1e}) {mark}"
+                f"{case}: vision features max |Δ| {m['vision_max_abs']:.2e} (rel {m['vision_rel']:.1e}) "
+                f"{'ok' if m['vision_ok'] else bad}; greedy agreement {m['greedy_agreement']}/"
+                f"{m['greedy_tokens']} tokens"
             )
+        for kind, rows in (("layer", self.layers), ("vision block", self.vision_blocks)):
+            for row in rows:
+                console.print(
+                    f"{kind} {row['layer']:>3}: max |Δ| {row['max_abs']:.2e} (rel {row['rel']:.1e}) "
+                    f"{'ok' if row['ok'] else bad}"
+                )
         for stage in self.passes:
             mark = "ok" if stage["ok"] else bad
             console.print(
@@ -88,6 +105,10 @@ class DiffReport:
             )
         if self.first_bad_layer is not None:
             console.print(f"[bold red]first layer out of tolerance: {self.first_bad_layer}[/bold red]")
+        if self.first_bad_vision_block is not None:
+            console.print(
+                f"[bold red]first vision block out of tolerance: {self.first_bad_vision_block}[/bold red]"
+            )
         if self.first_bad_pass is not None:
             console.print(f"[bold red]first pass out of tolerance: {self.first_bad_pass}[/bold red]")
 
@@ -122,8 +143,7 @@ def reference_layer_outputs(model, input_ids: np.ndarray) -> list[np.ndarray]:
     return [captured[i] for i, _ in layers]
 
 
-@contextlib.contextmanager
-def model_with_layer_outputs(model_path: Path, num_layers: int) -> Iterator[Path]:
+def model_with_layer_outputs(model_path: Path, num_layers: int) -> contextlib.AbstractContextManager[Path]:
     """A temporary copy of the graph beside the original (sharing its external data) that also outputs
     every layer boundary; removed on exit."""
     import onnx
@@ -137,8 +157,18 @@ def model_with_layer_outputs(model_path: Path, num_layers: int) -> Iterator[Path
             f"{model_path}: layer boundary {missing[0]} not found; per-layer diff needs a graph "
             "whose passes keep the exporter's layer output names"
         )
-    for i in range(num_layers):
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(layer_output_name(i)))
+    return graph_with_outputs(model_path, [layer_output_name(i) for i in range(num_layers)])
+
+
+@contextlib.contextmanager
+def graph_with_outputs(model_path: Path, names: list[str]) -> Iterator[Path]:
+    """A temporary copy of the graph beside the original (sharing its external data) that also outputs the
+    intermediate values `names`; removed on exit."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     # ONNX Runtime only reads external data from the model's own folder, so the copy lives there briefly.
     fd, name = tempfile.mkstemp(prefix=".layers-", suffix=".onnx", dir=model_path.parent)
     os.close(fd)
@@ -213,6 +243,8 @@ def diff_artifact(
     per_layer: compare every decoder layer's output with transformers' and name the first out of tolerance.
     per_pass: rebuild the artifact's pipeline (or `passes`) with a check after every pass and name the first
     pass out of tolerance.
+    A multimodal artifact's text prompts go through embed.onnx; it also runs the image and video cases (the
+    golden's, else made now: golden/multimodal.py), and per_layer also compares every vision block.
     """
     from qwen_export.golden.reference import (
         REFERENCE_DTYPES,
@@ -235,18 +267,35 @@ def diff_artifact(
     # A live reference runs in the export's own dtype: a bf16 export is compared with transformers in bf16.
     reference_dtype = info.get("dtype") if info.get("dtype") in REFERENCE_DTYPES else "fp32"
     report.reference_dtype = golden.dtype if golden is not None else reference_dtype
-    decoder = open_decoder(model_path)
-    model = None
+    runner = None
+    if info.get("multimodal"):
+        if per_pass:
+            raise QwenExportError(
+                f"{artifact}: --per-pass rebuilds the text pipeline only; a multimodal build checks every "
+                "stage of its three graphs with `qwen-export build --multimodal --check`"
+            )
+        from qwen_export.multimodal_tools import TextEmbedsDecoder
+        from qwen_export.runtime.multimodal import MultimodalRunner
+
+        runner = MultimodalRunner(Path(artifact), optimize=False)
+        decoder = TextEmbedsDecoder.wrap(runner.decoder, runner.embed_tokens)
+    else:
+        decoder = open_decoder(model_path)
+    loaded: list[Any] = []
+
+    def reference(why: str) -> Any:
+        """transformers' model, loaded once, when something needs it live."""
+        if not loaded:
+            if reference_dir is None or not reference_dir.is_dir():
+                raise QwenExportError(why)
+            loaded.append(load_reference(reference_dir, reference_dtype))
+        return loaded[0]
 
     if golden is not None:
         cases = [(n, *golden.prefill(n)) for n in PROMPT_LENGTHS]
         prompt, ref_tokens = golden.greedy_prompt, golden.greedy_tokens
     else:
-        if reference_dir is None or not reference_dir.is_dir():
-            raise QwenExportError(
-                "pass --against GOLDEN_DIR or a checkpoint folder (the artifact names no source)"
-            )
-        model = load_reference(reference_dir, reference_dtype)
+        model = reference("pass --against GOLDEN_DIR or a checkpoint folder (the artifact names no source)")
         vocab = decoder.vocab_size
         cases = [
             (n, ids, reference_forward(model, ids)[0])
@@ -260,6 +309,15 @@ def diff_artifact(
     tokens, _ = decoder.greedy(prompt, ref_tokens.shape[1])
     report.greedy_agreement = agreement_length(tokens[0], ref_tokens[0])
     report.greedy_tokens = int(ref_tokens.shape[1])
+    media = golden.multimodal_cases if golden is not None and runner is not None else []
+    if runner is not None and not media:
+        from qwen_export.golden.multimodal import live_cases
+
+        model = reference("pass --against with a multimodal golden or the checkpoint folder")
+        with tempfile.TemporaryDirectory() as media_dir:  # the processor reads the PNGs once
+            media = live_cases(model, runner.processor, runner.vspec.temporal_patch_size, Path(media_dir))
+    if runner is not None:
+        _diff_media(report, runner, media)
 
     if per_layer:
         if ranks_root(model_path) is not None:
@@ -267,21 +325,21 @@ def diff_artifact(
                 f"{artifact}: --per-layer reads one graph's layer outputs; a ranks artifact has one graph "
                 "per rank: diff the unsharded build per layer instead"
             )
-        if model is None:
-            if reference_dir is None or not reference_dir.is_dir():
-                raise QwenExportError("--per-layer needs the checkpoint: pass --against MODEL_DIR")
-            model = load_reference(reference_dir, reference_dtype)
+        model = reference("--per-layer needs the checkpoint: pass --against MODEL_DIR")
         ids = make_prompt(decoder.vocab_size, PER_LAYER_PROMPT)
         refs = reference_layer_outputs(model, ids)
         with model_with_layer_outputs(model_path, len(refs)) as layered_path:
-            out = OrtDecoder(layered_path).prefill(ids).extra
-        for i, ref in enumerate(refs):
-            err = float(np.abs(out[layer_output_name(i)] - ref).max())
-            rel = err / max(float(np.abs(ref).max()), 1e-30)
-            ok = rel <= tol["layer_rel"]
-            report.layers.append({"layer": i, "max_abs": err, "rel": rel, "ok": ok})
-            if not ok and report.first_bad_layer is None:
-                report.first_bad_layer = i
+            layered = OrtDecoder(layered_path)
+            if runner is not None:
+                layered = TextEmbedsDecoder.wrap(layered, runner.embed_tokens)
+            out = layered.prefill(ids).extra
+        report.layers, report.first_bad_layer = _compare_layers(
+            [out[layer_output_name(i)] for i in range(len(refs))], refs, tol["layer_rel"]
+        )
+        if runner is not None:
+            report.vision_blocks, report.first_bad_vision_block = _diff_vision_blocks(
+                runner, model, *media[0].pixels, tol["layer_rel"]
+            )
     if per_pass:
         if source_dir is None or not source_dir.is_dir():
             raise QwenExportError(
@@ -293,6 +351,62 @@ def diff_artifact(
     return report
 
 
+def _compare_layers(
+    ours: list[np.ndarray], refs: list[np.ndarray], layer_rel: float
+) -> tuple[list[dict[str, Any]], int | None]:
+    """One row per layer (max |Δ|, relative to the reference's max |value|) and the first out of tolerance."""
+    rows, first_bad = [], None
+    for i, (out, ref) in enumerate(zip(ours, refs, strict=True)):
+        err = float(np.abs(out - ref).max())
+        rel = err / max(float(np.abs(ref).max()), 1e-30)
+        rows.append({"layer": i, "max_abs": err, "rel": rel, "ok": rel <= layer_rel})
+        if rel > layer_rel and first_bad is None:
+            first_bad = i
+    return rows, first_bad
+
+
+def _diff_media(report: DiffReport, runner: MultimodalRunner, cases: list[MultimodalCase]) -> None:
+    """Each image / video case on the reference's own processor arrays: vision features (per-layer
+    tolerance, relative to their scale), prefill logits (all the logits metrics) and greedy agreement."""
+    from qwen_export.golden.multimodal import feature_error
+
+    for case in cases:
+        err, rel = feature_error(runner.encode_vision(*case.pixels), case.vision_features)
+        result = runner.generate(runner.build_inputs(case.arrays), case.greedy_tokens.shape[1])
+        report.prefill[f"{case.name}_prefill"] = compare_logits(result.prefill_logits, case.prefill_logits)
+        report.media[case.name] = {
+            "vision_max_abs": err,
+            "vision_rel": rel,
+            "vision_ok": rel <= report.tolerances["layer_rel"],
+            "greedy_agreement": agreement_length(np.asarray(result.tokens), case.greedy_tokens[0]),
+            "greedy_tokens": int(case.greedy_tokens.shape[1]),
+        }
+
+
+def _diff_vision_blocks(
+    runner: MultimodalRunner, model: Any, pixels: np.ndarray, grid_thw: np.ndarray, layer_rel: float
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Every vision block's output on one image's processed pixels against transformers' blocks (forward
+    hooks); vision.onnx's block ends become extra outputs of a temporary copy."""
+    import onnxruntime as ort
+
+    from qwen_export.golden.multimodal import reference_vision
+    from qwen_export.multimodal_tools import vision_block_outputs
+    from qwen_export.runtime.multimodal_inputs import vision_graph_feeds
+    from qwen_export.runtime.ort_decoder import session_options
+
+    _, refs = reference_vision(model, pixels, grid_thw, blocks=True)
+    vision_path = runner.artifact.folder / runner.artifact.info["multimodal"]["graphs"]["vision"]
+    names = vision_block_outputs(vision_path, len(refs))
+    with graph_with_outputs(vision_path, names) as layered:
+        session = ort.InferenceSession(
+            str(layered), session_options(False), providers=["CPUExecutionProvider"]
+        )
+        ours = session.run(names, vision_graph_feeds(pixels, grid_thw, runner.vspec))
+        del session  # it holds the copy open
+    return _compare_layers(ours, refs, layer_rel)
+
+
 def save_polygraphy_outputs(artifact: str | os.PathLike, path: str | os.PathLike, lengths=(1, 65)) -> Path:
     """Our outputs on the standard prompts as Polygraphy RunResults (`polygraphy run --load-outputs PATH`)."""
     from polygraphy.comparator import RunResults
@@ -300,8 +414,12 @@ def save_polygraphy_outputs(artifact: str | os.PathLike, path: str | os.PathLike
 
     from qwen_export.runtime.ranks import open_decoder
 
-    model_path, _ = _artifact_model(Path(artifact))
+    model_path, info = _artifact_model(Path(artifact))
     decoder = open_decoder(model_path)
+    if info.get("multimodal"):  # text prompts through embed.onnx
+        from qwen_export.multimodal_tools import TextEmbedsDecoder, embed_function
+
+        decoder = TextEmbedsDecoder.wrap(decoder, embed_function(Path(artifact), info))
     iterations = []
     for length in lengths:
         out = decoder.prefill(make_prompt(decoder.vocab_size, length))

@@ -8,12 +8,14 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qwen_export.errors import QwenExportError
 from qwen_export.golden.store import make_prompt
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class ProfileReport:
     decode_steps: int
     phases: dict[str, PhaseProfile] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
+    vision_grid: list[list[int]] | None = None  # multimodal: the grid_thw the vision phase ran on
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,10 +86,17 @@ class ProfileReport:
             console.print(table)
 
 
-def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) -> PhaseProfile:
+def _summarise(
+    events: list[dict],
+    top_level: set[str],
+    wall_ms: list[float],
+    scope: re.Pattern = LAYER,
+    part: str = "layer",
+) -> PhaseProfile:
     """Attribute each run's time to top-level nodes: for per-layer times a node owns its kernel time plus
     the dispatch gap before it, so layers add up to the run; per-op-type times are kernel time only.
-    Nodes inside Scan bodies are timed by their Scan."""
+    Nodes inside Scan bodies are timed by their Scan. `scope` finds a node's layer (a vision block's for
+    the vision graph) in its name; the rest is "other"."""
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     nodes = sorted(
         (
@@ -107,8 +117,8 @@ def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) ->
             node = e["name"].removesuffix("_kernel_time")
             ms = (e["ts"] + e["dur"] - cursor) / 1e3
             cursor = e["ts"] + e["dur"]
-            m = LAYER.match(node)
-            per_layer[f"layer {int(m.group(1))}" if m else "other"] += ms
+            m = scope.match(node)
+            per_layer[f"{part} {int(m.group(1))}" if m else "other"] += ms
             per_op[e["args"].get("op_name", "?")] += e["dur"] / 1e3  # kernel time only: gaps are not an op's
             attributed += ms
         per_layer["other"] += (end - cursor) / 1e3  # feeding inputs and fetching outputs after the last node
@@ -134,46 +144,91 @@ def _summarise(events: list[dict], top_level: set[str], wall_ms: list[float]) ->
     )
 
 
-def _profiled_phase(model_path: Path, top_level: set[str], run_steps) -> tuple[list[dict], list[float]]:
+def _profiled_session(model_path: Path, run: Callable[[Any], list[float]]) -> tuple[list[dict], list[float]]:
+    """`run` given an ONNX Runtime session with profiling on (optimizations off, so nodes keep their
+    names); its wall times per step and the profile's events."""
     import onnxruntime as ort
 
-    from qwen_export.runtime.ort_decoder import OrtDecoder, session_options
+    from qwen_export.runtime.ort_decoder import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(optimize=False, model_path=model_path)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "qwen")
-        decoder = OrtDecoder.__new__(OrtDecoder)
-        OrtDecoder.__init__(decoder, model_path)  # resolve I/O names once
-        decoder.session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        wall = run_steps(decoder)
-        events = json.loads(Path(decoder.session.end_profiling()).read_text())
+        session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        wall = run(session)
+        events = json.loads(Path(session.end_profiling()).read_text())
     return events, wall
 
 
-def profile_artifact(
-    artifact: str | os.PathLike, prompt_tokens: int = 65, decode_steps: int = 16, repeats: int = 5
-) -> ProfileReport:
-    """Profile prefill and decode on ONNX Runtime CPU (graph optimizations off, so nodes keep their names)."""
+def _profiled_phase(
+    model_path: Path, run_steps: Callable[[Any], list[float]], wrap: Callable[[Any], Any] | None = None
+) -> tuple[list[dict], list[float]]:
+    """run_steps given a decoder over a profiled session (`wrap`: a multimodal artifact's embed path)."""
+    from qwen_export.runtime.ort_decoder import OrtDecoder
+
+    def run(session: Any) -> list[float]:
+        decoder = OrtDecoder(model_path)  # resolve I/O names once
+        decoder.session = session
+        return run_steps(wrap(decoder) if wrap is not None else decoder)
+
+    return _profiled_session(model_path, run)
+
+
+def _timed(repeats: int, fn: Callable[[], Any]) -> list[float]:
+    """Wall milliseconds of `repeats` calls after one warm-up call (which the profile drops)."""
+    fn()
+    wall = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        wall.append((time.perf_counter() - start) * 1e3)
+    return wall
+
+
+def _after_warmup(events: list[dict], skip: int = 1) -> list[dict]:
+    """The events from the first measured run on: drops the warm-up (and a decode phase's prefill)."""
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][skip:]
+    first = runs[0]["ts"] if runs else 0
+    return [e for e in events if e.get("ts", 0) >= first]
+
+
+def _node_names(path: Path) -> set[str]:
     import onnx
 
+    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def profile_artifact(
+    artifact: str | os.PathLike,
+    prompt_tokens: int = 65,
+    decode_steps: int = 16,
+    repeats: int = 5,
+    image: str | os.PathLike | None = None,
+) -> ProfileReport:
+    """Profile prefill and decode on ONNX Runtime CPU (graph optimizations off, so nodes keep their names).
+
+    A multimodal artifact also profiles vision.onnx on one image (`image` through the checkpoint's
+    processor, else a seeded 8x12-patch grid) per vision block; its text prompts go through embed.onnx
+    (not profiled: one Gather)."""
     from qwen_export.diff import _artifact_model
 
-    model_path, _ = _artifact_model(Path(artifact))
-    top_level = {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    model_path, info = _artifact_model(Path(artifact))
+    top_level = _node_names(model_path)
     report = ProfileReport(
         str(artifact), "onnxruntime-cpu (graph optimizations off)", prompt_tokens, decode_steps
     )
+    wrap = None
+    if info.get("multimodal"):
+        wrap = _profile_vision(report, Path(artifact), info, repeats, image)
+    elif image is not None:
+        raise QwenExportError(
+            f"{artifact}: --image profiles a multimodal artifact's vision graph; this one is text only"
+        )
 
     def prefill_runs(decoder) -> list[float]:
         ids = make_prompt(decoder.vocab_size, prompt_tokens)
-        decoder.prefill(ids)  # warm-up, not measured separately: profiles include it, so it is dropped below
-        wall = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            decoder.prefill(ids)
-            wall.append((time.perf_counter() - start) * 1e3)
-        return wall
+        return _timed(repeats, lambda: decoder.prefill(ids))
 
     def decode_runs(decoder) -> list[float]:
         ids = make_prompt(decoder.vocab_size, prompt_tokens)
@@ -189,20 +244,46 @@ def profile_artifact(
             state = out.states
         return wall
 
-    for phase, runner, skip in (("prefill", prefill_runs, 1), ("decode", decode_runs, 1)):
-        events, wall = _profiled_phase(model_path, top_level, runner)
-        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][skip:]
-        first = runs[0]["ts"] if runs else 0
-        kept = [
-            e for e in events if e.get("ts", 0) >= first
-        ]  # drop the warm-up run (and prefill before decode)
-        report.phases[phase] = _summarise(kept, top_level, wall)
+    for phase, runner in (("prefill", prefill_runs), ("decode", decode_runs)):
+        events, wall = _profiled_phase(model_path, runner, wrap)
+        report.phases[phase] = _summarise(_after_warmup(events), top_level, wall)
 
     passes_file = Path(artifact) / "passes.json"
     if passes_file.is_file():
         data = json.loads(passes_file.read_text())
         report.passes = data.get("passes", data) if isinstance(data, dict) else data
     return report
+
+
+def _profile_vision(
+    report: ProfileReport, folder: Path, info: dict[str, Any], repeats: int, image: str | os.PathLike | None
+) -> Callable[[Any], Any]:
+    """Profile vision.onnx on one image into report.phases["vision"] (time per vision block); returns
+    what turns a text decoder into the artifact's embed path."""
+    from qwen_export.multimodal_build import vision_case_inputs
+    from qwen_export.multimodal_tools import VISION_BLOCK, TextEmbedsDecoder, embed_function, vision_spec
+    from qwen_export.runtime.multimodal_inputs import vision_graph_feeds
+
+    graphs = info["multimodal"]["graphs"]
+    vspec = vision_spec(info)
+    if image is not None:
+        from qwen_export.runtime.multimodal_inputs import load_image, load_processor, process, prompt_text
+
+        processor = load_processor(info.get("source_dir") or folder)
+        arrays = process(processor, prompt_text(processor, "", 1, 0, chat=False), [load_image(image)])
+        pixels, grid = arrays["pixel_values"], arrays["image_grid_thw"]
+    else:
+        pixels, grid = vision_case_inputs(vspec)["image"]
+    feeds = vision_graph_feeds(pixels, grid, vspec)
+    vision_path = folder / graphs["vision"]
+    events, wall = _profiled_session(vision_path, lambda s: _timed(repeats, lambda: s.run(None, feeds)))
+    report.phases["vision"] = _summarise(
+        _after_warmup(events), _node_names(vision_path), wall, VISION_BLOCK, "block"
+    )
+    report.vision_grid = np.asarray(grid).astype(int).tolist()
+
+    embed = embed_function(folder, info)
+    return lambda decoder: TextEmbedsDecoder.wrap(decoder, embed)
 
 
 def render_chart(report: ProfileReport, path: str | os.PathLike) -> Path:

@@ -168,6 +168,10 @@ def text_quality(
     source_dir = Path(info["source_dir"])
     batch = text_windows(source_dir, Path(text_file), windows or DEFAULT_WINDOWS)
     decoder = open_decoder(model_path)
+    if info.get("multimodal"):  # the text tower takes inputs_embeds: token ids go through embed.onnx
+        from qwen_export.multimodal_tools import TextEmbedsDecoder, embed_function
+
+        decoder = TextEmbedsDecoder.wrap(decoder, embed_function(model_path.parent, info))
     metrics = compare_on_windows(
         lambda ids: decoder.prefill(ids).logits,
         batch,

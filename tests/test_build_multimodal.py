@@ -194,3 +194,14 @@ def test_trt_rtx_builds_text_vision_and_embed_engines(multimodal_export, tmp_pat
     text = json.loads((out / "manifest.json").read_text())
     assert "input_ids" not in text["deploy"]["profiles"][0]["shapes"]
     assert text["deploy"]["profiles"][0]["shapes"]["position_ids"][2] == [3, 2, 256]
+
+
+def test_text_quality_runs_on_a_multimodal_build(ort_build, tmp_path):
+    """diff --text: windows of real text through embed.onnx and the text tower, against transformers."""
+    from qwen_export.quality import text_quality
+
+    _, out, _ = ort_build
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, and then it sleeps. " * 30)
+    quality = text_quality(out, text, windows=2)
+    assert quality.passed and quality.top1_agreement == 1.0, quality.to_json()

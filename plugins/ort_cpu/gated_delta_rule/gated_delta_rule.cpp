@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/vector_math.h"
@@ -17,15 +19,52 @@ namespace {
 #define QWEN_CPU_CLONES
 #endif
 
+using Vec16 = float __attribute__((vector_size(64)));  // GCC vector type: one zmm, two ymm or four xmm
+
+constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
+constexpr int64_t kChunkFromTokens = 16;  // calls with fewer tokens run the recurrence
+
+// Whether a call of T tokens runs the chunked form: from kChunkFromTokens on, unless QWEN_CPU_DELTA_RULE says
+// "recurrent" or "chunked" (tests and benchmarks compare the two).
+bool use_chunks(int64_t tokens) {
+  const char* forced = std::getenv("QWEN_CPU_DELTA_RULE");
+  if (forced != nullptr && std::strcmp(forced, "recurrent") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "chunked") == 0) return true;
+  return tokens >= kChunkFromTokens;
+}
+
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
-// x / sqrt(sum x^2 + 1e-6) * scale
-void l2norm(const float* x, int64_t n, float scale, float* out) {
+// sum x^2, in 16 partial sums when n is a multiple of 16 (so it vectorises)
+__attribute__((always_inline)) inline float sum_squares(const float* x, int64_t n) {
+  if (n % 16) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    return sum;
+  }
+  Vec16 acc{};
+  for (int64_t i = 0; i < n; i += 16) {
+    Vec16 v;
+    std::memcpy(&v, x + i, sizeof v);
+    acc += v * v;
+  }
   float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
-  const float factor = scale / std::sqrt(sum + 1e-6f);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * factor;
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  return sum;
+}
+
+// x / sqrt(sum x^2 + 1e-6) * scale, in place
+QWEN_CPU_CLONES void l2norm(float* x, int64_t n, float scale) {
+  const float factor = scale / std::sqrt(sum_squares(x, n) + 1e-6f);
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+// y = x / sqrt(mean x^2 + eps) * w
+QWEN_CPU_CLONES void rms_norm(const float* x, int64_t n, float eps, const float* w, float* y) {
+  const float power = sum_squares(x, n);
+  const float inv_rms = 1.f / std::sqrt(power / static_cast<float>(n) + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv_rms * w[j];
 }
 
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
@@ -76,6 +115,99 @@ QWEN_CPU_CLONES void conv_token(const float* w, int64_t kernel,
   }
 }
 
+// C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Register
+// tiles of 4 rows x 16 columns in GCC vector types (one zmm per row in the AVX-512 clone, two ymm in the AVX2
+// one); ragged edges run a scalar loop. The tile is always inlined so it is compiled inside each clone.
+template <int ROWS>
+__attribute__((always_inline)) inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                                     int64_t ldc, int64_t p_count, bool accumulate) {
+  Vec16 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    if (accumulate) {
+      std::memcpy(&acc[r], c + r * ldc, sizeof(Vec16));
+    } else {
+      acc[r] = Vec16{};
+    }
+  }
+  for (int64_t p = 0; p < p_count; ++p) {
+    Vec16 bp;
+    std::memcpy(&bp, b + p * ldb, sizeof(Vec16));
+    for (int r = 0; r < ROWS; ++r) acc[r] += a[r * lda + p] * bp;
+  }
+  for (int r = 0; r < ROWS; ++r) std::memcpy(c + r * ldc, &acc[r], sizeof(Vec16));
+}
+
+QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                int64_t m, int64_t n, int64_t p, bool accumulate) {
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) gemm_tile<4>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+    for (; i < m; ++i) gemm_tile<1>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+  }
+  for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % 16 columns
+    for (int64_t j = j0; j < n; ++j) {
+      float sum = accumulate ? c[i * ldc + j] : 0.f;
+      for (int64_t k = 0; k < p; ++k) sum += a[i * lda + k] * b[k * ldb + j];
+      c[i * ldc + j] = sum;
+    }
+}
+
+// One chunk of L tokens of one value head in the WY form of the GPU kernels (plugins/gated_deltanet,
+// flash-linear-attention's chunk_gated_delta_rule). With G_t the running sum of the log decays from the chunk's
+// start and S0 the state before it:
+//   (I + A) U = diag(beta) (V - diag(exp G) K S0),   A[t, s] = beta_t exp(G_t - G_s) k_t.k_s   (s < t)
+//   O = diag(exp G) Q S0 + (exp(G_t - G_s) q_t.k_s)_{s <= t} U
+//   S = exp(G_L) S0 + sum_s exp(G_L - G_s) k_s u_s^T
+// U (the delta rule's corrections, one per token) comes by forward substitution; the rest are matrix products.
+// Equal to L steps of delta_step up to float rounding. `work` holds 4 L dv + dk L + 3 L L floats.
+QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta, const float* g,
+                 int64_t L, int64_t dk, int64_t dv, float* o, float* work) {
+  float* ks = work;            // [L, dv]  K S0
+  float* qs = ks + L * dv;     // [L, dv]  Q S0
+  float* u = qs + L * dv;      // [L, dv]
+  float* gsum = u + L * dv;    // [L]      (L dv reserved)
+  float* kt = gsum + L * dv;   // [dk, L]  K^T, then scaled by exp(G_L - G_s)
+  float* kk = kt + dk * L;     // [L, L]   K K^T, then A
+  float* qk = kk + L * L;      // [L, L]   Q K^T, then the masked decayed scores
+  float* decay = qk + L * L;   // [L, L]   exp(G_t - G_s), s <= t
+  float g_run = 0.f;
+  for (int64_t t = 0; t < L; ++t) gsum[t] = g_run += g[t];
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t i = 0; i < dk; ++i) kt[i * L + t] = k[t * dk + i];
+  small_gemm(k, dk, state, dv, ks, dv, L, dv, dk, false);
+  small_gemm(q, dk, state, dv, qs, dv, L, dv, dk, false);
+  small_gemm(k, dk, kt, L, kk, L, L, L, dk, false);
+  small_gemm(q, dk, kt, L, qk, L, L, L, dk, false);
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = std::exp(gsum[t] - gsum[s]);
+  for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
+    float* ut = u + t * dv;
+    const float to_t = decay[t * L] * std::exp(gsum[0]);  // exp(G_t)
+    for (int64_t j = 0; j < dv; ++j) ut[j] = beta[t] * (v[t * dv + j] - to_t * ks[t * dv + j]);
+    for (int64_t s = 0; s < t; ++s) {
+      const float a = -beta[t] * decay[t * L + s] * kk[t * L + s];
+      const float* us = u + s * dv;
+      for (int64_t j = 0; j < dv; ++j) ut[j] += a * us[j];
+    }
+  }
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t s = 0; s < L; ++s) qk[t * L + s] = s <= t ? qk[t * L + s] * decay[t * L + s] : 0.f;
+  small_gemm(qk, L, u, dv, o, dv, L, dv, L, false);
+  for (int64_t t = 0; t < L; ++t) {
+    const float to_t = std::exp(gsum[t]);
+    for (int64_t j = 0; j < dv; ++j) o[t * dv + j] += to_t * qs[t * dv + j];
+  }
+  const float last = gsum[L - 1];
+  for (int64_t s = 0; s < L; ++s) {
+    const float w = std::exp(last - gsum[s]);
+    for (int64_t i = 0; i < dk; ++i) kt[i * L + s] *= w;
+  }
+  const float total = std::exp(last);
+  for (int64_t i = 0; i < dk * dv; ++i) state[i] *= total;
+  small_gemm(kt, L, u, dv, state, dv, dk, dv, L, true);
+}
+
 }  // namespace
 
 const char* delta_rule_shape_error(const DeltaRuleShape& s) {
@@ -98,17 +230,25 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   // 1. causal conv + SiLU, per sequence and block of channels. Position i of the window is the state's
   // input i for i < K-1, else this call's token i - (K-1).
   std::vector<float> conv(B * T * C);
-  constexpr int64_t kChannelsPerTask = 512;
-  const int64_t chunks = (C + kChannelsPerTask - 1) / kChannelsPerTask;
+  const float q_scale = 1.f / std::sqrt(static_cast<float>(s.dk));
+  // blocks of whole key heads (q and k lead the channels), so each head's l2 norm is in one task
+  const int64_t per_task = std::max(s.dk, 512 / s.dk * s.dk);
+  const int64_t chunks = (C + per_task - 1) / per_task;
   parallel_for(B * chunks, [&](int64_t task) {
-    const int64_t b = task / chunks, c0 = (task % chunks) * kChannelsPerTask;
-    const int64_t c1 = std::min(C, c0 + kChannelsPerTask);
+    const int64_t b = task / chunks, c0 = (task % chunks) * per_task;
+    const int64_t c1 = std::min(C, c0 + per_task);
     const float* state = past_conv + (b * C + c0) * keep;
     const float* x = proj + b * T * W + c0;
     for (int64_t t = 0; t < T; ++t) {
       float* out = conv.data() + (b * T + t) * C + c0;
       conv_token(conv_w + c0 * K, K, state, keep, x, W, t, c1 - c0, out);
       silu_inplace(out, c1 - c0);
+    }
+    // q and k l2-normed per key head (q also scaled by 1/sqrt(dk)), once for all value heads that read them
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = conv.data() + (b * T + t) * C;
+      for (int64_t head = c0 / s.dk; head < std::min(c1, 2 * s.nk * s.dk) / s.dk; ++head)
+        l2norm(row + head * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
     }
     float* next = present_conv + (b * C + c0) * keep;
     for (int64_t c = 0; c < c1 - c0; ++c)
@@ -118,29 +258,42 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
       }
   });
 
-  // 2. the delta rule and the gated norm, per sequence and value head, tokens in order
+  // 2. the delta rule and the gated norm, per sequence and value head: tokens in order one at a time for
+  // short calls (decode), in chunks of kChunk tokens (matrix products) for long ones (prefill)
   const int64_t group = s.nv / s.nk;
-  const float q_scale = 1.f / std::sqrt(static_cast<float>(s.dk));
+  const bool chunked = use_chunks(T);
+  const int64_t L = chunked ? std::min(T, kChunk) : 1;
   parallel_for(B * s.nv, [&](int64_t task) {
     const int64_t b = task / s.nv, h = task % s.nv, hk = h / group;
     float* state = present_state + (b * s.nv + h) * s.dk * s.dv;
     const float* from = past_state + (b * s.nv + h) * s.dk * s.dv;
-    std::vector<float> q(s.dk), k(s.dk), kv(s.dv), o(s.dv);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* c = conv.data() + (b * T + t) * C;
-      const float* p = proj + (b * T + t) * W;
-      l2norm(c + hk * s.dk, s.dk, q_scale, q.data());
-      l2norm(c + s.nk * s.dk + hk * s.dk, s.dk, 1.f, k.data());
-      const float* v = c + 2 * s.nk * s.dk + h * s.dv;
-      const float beta = sigmoid(p[C + s.nv * s.dv + h]);
-      const float decay = std::exp(neg_exp_a[h] * softplus(p[C + s.nv * s.dv + s.nv + h] + dt_bias[h]));
-      delta_step(t == 0 ? from : state, state, q.data(), k.data(), v, decay, beta, s.dk, s.dv, kv.data(), o.data());
-      float power = 0.f;
-      for (int64_t j = 0; j < s.dv; ++j) power += o[j] * o[j];
-      const float inv_rms = 1.f / std::sqrt(power / static_cast<float>(s.dv) + s.epsilon);
-      float* y = out + (b * T + t) * s.nv * s.dv + h * s.dv;
-      for (int64_t j = 0; j < s.dv; ++j) y[j] = o[j] * inv_rms * norm_w[j];
-      mul_silu(y, p + C + h * s.dv, y, s.dv);  // * silu(z)
+    std::vector<float> q(L * s.dk), k(L * s.dk), v(L * s.dv), beta(L), g(L), o(L * s.dv);
+    std::vector<float> kv(s.dv), work(chunked ? 4 * L * s.dv + s.dk * L + 3 * L * L : 0);
+    if (chunked && from != state) std::copy_n(from, s.dk * s.dv, state);  // the chunks update S in place
+    for (int64_t t0 = 0; t0 < T; t0 += L) {
+      const int64_t n = std::min(L, T - t0);
+      for (int64_t i = 0; i < n; ++i) {  // the chunk's q, k (l2-normed), v, beta and log decay
+        const int64_t t = t0 + i;
+        const float* c = conv.data() + (b * T + t) * C;
+        const float* p = proj + (b * T + t) * W;
+        std::copy_n(c + hk * s.dk, s.dk, q.data() + i * s.dk);
+        std::copy_n(c + s.nk * s.dk + hk * s.dk, s.dk, k.data() + i * s.dk);
+        std::copy_n(c + 2 * s.nk * s.dk + h * s.dv, s.dv, v.data() + i * s.dv);
+        beta[i] = sigmoid(p[C + s.nv * s.dv + h]);
+        g[i] = neg_exp_a[h] * softplus(p[C + s.nv * s.dv + s.nv + h] + dt_bias[h]);
+      }
+      if (chunked) {
+        delta_chunk(state, q.data(), k.data(), v.data(), beta.data(), g.data(), n, s.dk, s.dv, o.data(), work.data());
+      } else {
+        delta_step(t0 == 0 ? from : state, state, q.data(), k.data(), v.data(), std::exp(g[0]), beta[0], s.dk, s.dv,
+                   kv.data(), o.data());
+      }
+      for (int64_t i = 0; i < n; ++i) {  // gated RMSNorm of each output
+        const int64_t t = t0 + i;
+        float* y = out + (b * T + t) * s.nv * s.dv + h * s.dv;
+        rms_norm(o.data() + i * s.dv, s.dv, s.epsilon, norm_w, y);
+        mul_silu(y, proj + (b * T + t) * W + C + h * s.dv, y, s.dv);  // * silu(z)
+      }
     }
   });
 }

@@ -7,8 +7,10 @@
 
 namespace qwen_cpu {
 
-void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
-                   int32_t* zero_fix) {
+namespace detail {
+
+void quantize_portable(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                       int32_t* zero_fix) {
   const int64_t blocks = k / block;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -30,6 +32,8 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_
     }
   }
 }
+
+}  // namespace detail
 
 float half_to_float(Half h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -114,7 +118,23 @@ detail::TileFn tile_fn() {
   return fn;
 }
 
+detail::QuantizeFn quantize_fn() {
+#ifdef QWEN_CPU_PORTABLE_ONLY
+  return detail::quantize_portable;
+#else
+  static const detail::QuantizeFn fn = tile_fn() == detail::tile_avx512_vnni ? detail::quantize_avx512
+                                       : tile_fn() == detail::tile_avx2      ? detail::quantize_avx2
+                                                                             : detail::quantize_portable;
+  return fn;
+#endif
+}
+
 }  // namespace
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                   int32_t* zero_fix) {
+  quantize_fn()(x, rows, k, block, q, scale, zero_fix);
+}
 
 const char* int4_gemm_backend() {
 #ifdef QWEN_CPU_PORTABLE_ONLY
@@ -143,6 +163,23 @@ void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, c
       tile(tile_rows, count, k, block, w, s, y + m * ldy + g * kGroupRows, ldy, lanes);
     }
   }
+}
+
+void int4_gemm_parallel(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
+                        const Half* scales, int64_t n, float* y, int64_t ldy, const ParallelFor& parallel_for) {
+  constexpr int64_t kRowBlock = 256, kTasks = 32;
+  const int64_t groups = (n + kGroupRows - 1) / kGroupRows, blocks = k / block;
+  const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t row_step = (rows + row_blocks - 1) / row_blocks;  // even blocks
+  const int64_t splits = std::min(groups, std::max<int64_t>(1, kTasks / row_blocks));
+  const int64_t per_split = (groups + splits - 1) / splits;
+  const int64_t group_splits = (groups + per_split - 1) / per_split;
+  parallel_for(row_blocks * group_splits, [&](int64_t task) {
+    const int64_t m0 = (task / group_splits) * row_step, m1 = std::min(rows, m0 + row_step);
+    const int64_t g0 = (task % group_splits) * per_split, g1 = std::min(groups, g0 + per_split);
+    const QuantizedRows part{x.q + m0 * k, x.scale + m0 * blocks, x.zero_fix + m0 * blocks};
+    int4_gemm(part, m1 - m0, k, block, packed, scales, n, g0, g1, y + m0 * ldy, ldy);
+  });
 }
 
 }  // namespace qwen_cpu

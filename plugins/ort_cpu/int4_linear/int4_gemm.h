@@ -29,7 +29,8 @@ struct QuantizedRows {
   const int32_t* zero_fix = nullptr; // [M, K/B]: -8 * sum of q over the block (folds the weights' zero point)
 };
 
-// Symmetric per-block quantization: scale = max|x| / 127, q = round-to-nearest-even(x / scale).
+// Symmetric per-block quantization: scale = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)).
+// Vectorised like the tiles (AVX-512, AVX2, portable, picked with them); all give the same bits.
 void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
                    int32_t* zero_fix);
 
@@ -42,6 +43,12 @@ void quantize_rows_parallel(const float* x, int64_t rows, int64_t k, int64_t blo
 void int4_gemm(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
                const Half* scales, int64_t n, int64_t group_begin, int64_t group_end, float* y,
                int64_t ldy);
+
+// int4_gemm over all rows and groups in tasks on `parallel_for`: blocks of up to 256 rows (their int8 rows,
+// K bytes each, stay in L2 while the task's weight groups stream past them) times ranges of groups, about
+// 32 tasks in all. Each output is the same tile's over the whole K, so the split does not change a bit.
+void int4_gemm_parallel(const QuantizedRows& x, int64_t rows, int64_t k, int64_t block, const uint8_t* packed,
+                        const Half* scales, int64_t n, float* y, int64_t ldy, const ParallelFor& parallel_for);
 
 // float16 -> float, exactly (the portable tile's conversion; the vector tiles use vcvtph2ps).
 float half_to_float(Half h);
@@ -63,6 +70,14 @@ void tile_avx512_vnni(const QuantizedRows& x, int rows, int64_t k, int64_t block
                       const Half* scales, float* y, int64_t ldy, int lanes);
 void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
                const Half* scales, float* y, int64_t ldy, int lanes);
+using QuantizeFn = void (*)(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                           int32_t* zero_fix);
+void quantize_portable(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                       int32_t* zero_fix);
+void quantize_avx512(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                     int32_t* zero_fix);
+void quantize_avx2(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                   int32_t* zero_fix);
 bool cpu_has_avx512_vnni();
 bool cpu_has_avx2();
 }  // namespace detail

@@ -75,6 +75,42 @@ void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packe
 
 }  // namespace
 
+// quantize_rows with 8 floats per step, the same bits as the portable loop (see quantize_avx512).
+void quantize_avx2(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                   int32_t* zero_fix) {
+  const int64_t blocks = k / block;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + r * k + b * block;
+      int8_t* dst = q + r * k + b * block;
+      __m256 amax8 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < block; i += 8) amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, amax8);
+      float amax = 0.f;
+      for (float v : lanes) amax = amax > v ? amax : v;
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      const __m256 inv = _mm256_set1_ps(inverse);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t i = 0; i < block; i += 8) {
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + i), inv));
+        v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+        sum = _mm256_add_epi32(sum, v);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packs_epi16(words, words));
+      }
+      int32_t parts[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts), sum);
+      int32_t total = 0;
+      for (int32_t v : parts) total += v;
+      scale[r * blocks + b] = amax / 127.f;
+      zero_fix[r * blocks + b] = -8 * total;
+    }
+  }
+}
+
 void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
                const Half* scales, float* y, int64_t ldy, int lanes) {
   // 16 ymm registers: at most 4 rows at a time (4 int32 sums, 4 float accumulators, temporaries)

@@ -70,6 +70,34 @@ void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packe
 
 }  // namespace
 
+// quantize_rows with 16 floats per step: the same max, the same products x * (127 / amax), vcvtps2dq rounds
+// to nearest even as nearbyint does, the same clamp and sums, so the same bits as the portable loop.
+void quantize_avx512(const float* x, int64_t rows, int64_t k, int64_t block, int8_t* q, float* scale,
+                     int32_t* zero_fix) {
+  const int64_t blocks = k / block;
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + r * k + b * block;
+      int8_t* dst = q + r * k + b * block;
+      __m512 amax16 = _mm512_setzero_ps();
+      for (int64_t i = 0; i < block; i += 16) amax16 = _mm512_max_ps(amax16, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+      const float amax = _mm512_reduce_max_ps(amax16);
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 inv = _mm512_set1_ps(inverse);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < block; i += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(v));
+      }
+      scale[r * blocks + b] = amax / 127.f;
+      zero_fix[r * blocks + b] = -8 * _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
 void tile_avx512_vnni(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
                       const Half* scales, float* y, int64_t ldy, int lanes) {
   switch (rows) {

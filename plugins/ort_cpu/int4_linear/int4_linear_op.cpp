@@ -1,6 +1,7 @@
 // The ONNX Runtime wrapper of Int4Linear: attribute and shape checks, output, the row quantization and the
 // GEMM tasks on ORT's pool. The arithmetic is int4_gemm.
 #include "common/ort_op.h"
+#include "common/scratch.h"
 #include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu {
@@ -41,20 +42,22 @@ Status* compute_linear(void* kernel, KernelContext* context) {
     const int64_t rows = x.numel() / a.k;
     if (rows == 0) return;
     const int64_t blocks = a.k / a.block;
-    std::vector<int8_t> q(rows * a.k);
-    std::vector<float> x_scales(rows * blocks);
-    std::vector<int32_t> zero_fix(rows * blocks);
-    quantize_rows_parallel(x.data<float>(), rows, a.k, a.block, q.data(), x_scales.data(), zero_fix.data(),
-                           pool(context));
-    const QuantizedRows xq{q.data(), x_scales.data(), zero_fix.data()};
-    const uint8_t* packed = w.data<uint8_t>();
-    const Half* scales = s.data<Half>();
-    // about 32 tasks: enough to balance the pool, few enough that each streams a long run of weights
-    const int64_t per_task = std::max<int64_t>(1, groups / 32);
-    parallel_for(context, (groups + per_task - 1) / per_task, [&](int64_t task) {
-      const int64_t g0 = task * per_task, g1 = std::min(groups, g0 + per_task);
-      int4_gemm(xq, rows, a.k, a.block, packed, scales, a.n, g0, g1, y, a.n);
-    });
+    // the int8 rows live in this thread's scratch, a pass of at most kRowsPerPass rows at a time
+    constexpr int64_t kRowsPerPass = 4096;
+    const int64_t pass = std::min(rows, kRowsPerPass);
+    thread_local std::vector<int8_t> q_buffer;
+    thread_local std::vector<float> scale_buffer;
+    thread_local std::vector<int32_t> fix_buffer;
+    int8_t* q = grow(q_buffer, pass * a.k);
+    float* x_scales = grow(scale_buffer, pass * blocks);
+    int32_t* zero_fix = grow(fix_buffer, pass * blocks);
+    const QuantizedRows xq{q, x_scales, zero_fix};
+    for (int64_t r0 = 0; r0 < rows; r0 += pass) {
+      const int64_t count = std::min(pass, rows - r0);
+      quantize_rows_parallel(x.data<float>() + r0 * a.k, count, a.k, a.block, q, x_scales, zero_fix, pool(context));
+      int4_gemm_parallel(xq, count, a.k, a.block, w.data<uint8_t>(), s.data<Half>(), a.n, y + r0 * a.n, a.n,
+                         pool(context));
+    }
   });
 }
 

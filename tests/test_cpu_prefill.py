@@ -1,0 +1,191 @@
+"""The qwen.cpu kernels' prefill paths (issue #19): the chunked delta rule and the int4 products at large M.
+
+- GatedDeltaRule's chunked form (64-token chunks, WY form) against a float64 NumPy recurrence: several
+  chunk boundaries, T not a multiple of 64, non-zero past states, batch 2, value heads shared by two key
+  heads; and against the kernel's own recurrence (QWEN_CPU_DELTA_RULE=recurrent), which decode runs.
+- Int4Linear and Int4MoE at prefill sizes give the same bits as the same rows run a few at a time (the
+  decode-sized paths): the M tiling, the fused expert blocks and the vectorised activation quantization
+  change no result.
+- An ort-cpu-int4 build of a tiny preset, its delta rule forced onto the chunked path, still decodes the
+  golden's greedy tokens as far as the recurrence does, and the same tokens as the recurrence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+from passes_support import golden
+from test_cpu_kernels import _session, _x, linear_case
+
+from qwen_export.passes.int4_layout import pack_int4_groups
+from qwen_export.passes.quantize_weights import quantize_blockwise
+
+NK, NV, DK, DV, KERNEL = 2, 4, 32, 48, 4
+C = 2 * NK * DK + NV * DV
+# The chunked form sums in another order than the recurrence; seen: 3e-6 of the largest output and state.
+CHUNKED_VS_RECURRENT = 1e-4
+
+
+def _softplus(x):
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def reference_delta_rule(proj, conv_w, past_conv, past_state, dt_bias, neg_exp_a, norm_w, eps=1e-6):
+    """GatedDeltaRule's spec (plugins/ort_cpu/gated_delta_rule/gated_delta_rule.h), token by token, fp64."""
+    proj, past_state = proj.astype(np.float64), past_state.astype(np.float64)
+    b_, t_, _ = proj.shape
+    mixed, z = proj[..., :C], proj[..., C : C + NV * DV]
+    b_gate, a_gate = proj[..., C + NV * DV : C + NV * DV + NV], proj[..., C + NV * DV + NV :]
+    window = np.concatenate([past_conv.astype(np.float64), mixed.transpose(0, 2, 1)], axis=2)  # [B, C, K-1+T]
+    w = conv_w[:, 0, :].astype(np.float64)
+    conv = np.stack([(window[:, :, t : t + KERNEL] * w).sum(-1) for t in range(t_)], axis=1)  # [B, T, C]
+    conv = conv / (1 + np.exp(-conv))
+    q = conv[..., : NK * DK].reshape(b_, t_, NK, DK)
+    k = conv[..., NK * DK : 2 * NK * DK].reshape(b_, t_, NK, DK)
+    v = conv[..., 2 * NK * DK :].reshape(b_, t_, NV, DV)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / np.sqrt(DK)
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    beta = 1 / (1 + np.exp(-b_gate))
+    decay = np.exp(neg_exp_a * _softplus(a_gate + dt_bias))
+    state = past_state.copy()
+    out = np.zeros((b_, t_, NV, DV))
+    for b in range(b_):
+        for h in range(NV):
+            hk = h // (NV // NK)
+            s = state[b, h]
+            for t in range(t_):
+                s = s * decay[b, t, h]
+                delta = beta[b, t, h] * (v[b, t, h] - s.T @ k[b, t, hk])
+                s = s + np.outer(k[b, t, hk], delta)
+                o = s.T @ q[b, t, hk]
+                o = o / np.sqrt((o * o).mean() + eps) * norm_w
+                out[b, t, h] = (
+                    o * z[b, t, h * DV : (h + 1) * DV] / (1 + np.exp(-z[b, t, h * DV : (h + 1) * DV]))
+                )
+            state[b, h] = s
+    present_conv = window[:, :, -(KERNEL - 1) :]
+    return out.reshape(b_, t_, NV * DV), present_conv, state
+
+
+def delta_rule_case(batch: int, tokens: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inputs = {
+        "proj": rng.standard_normal((batch, tokens, C + NV * DV + 2 * NV)).astype(f),
+        "past_conv": rng.standard_normal((batch, C, KERNEL - 1)).astype(f),
+        "past_state": (rng.standard_normal((batch, NV, DK, DV)) * 0.3).astype(f),
+    }
+    weights = {
+        "conv_w": (rng.standard_normal((C, 1, KERNEL)) * 0.5).astype(f),
+        "dt_bias": rng.standard_normal(NV).astype(f),
+        "neg_exp_a": -np.exp(rng.standard_normal(NV) * 0.5).astype(f),
+        "norm_w": (1 + 0.1 * rng.standard_normal(DV)).astype(f),
+    }
+    node = helper.make_node(
+        "GatedDeltaRule",
+        ["proj", "conv_w", "past_conv", "past_state", "dt_bias", "neg_exp_a", "norm_w"],
+        ["y", "present_conv", "present_state"],
+        domain="qwen.cpu", num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=DV, conv_kernel=KERNEL,
+        epsilon=1e-6,
+    )  # fmt: skip
+    session = _session(
+        [node], [_x(n, None) for n in inputs], weights, outputs=("y", "present_conv", "present_state")
+    )
+    return session, inputs, weights
+
+
+@pytest.mark.parametrize(
+    "batch,tokens", [(2, 150), (1, 64), (2, 17)], ids=["3-chunks-ragged", "one-chunk", "short"]
+)
+def test_chunked_delta_rule_matches_the_recurrence(batch, tokens, monkeypatch):
+    session, inputs, weights = delta_rule_case(batch, tokens)
+    expected = reference_delta_rule(**inputs, **weights)
+    results = {}
+    for mode in ("chunked", "recurrent"):
+        monkeypatch.setenv("QWEN_CPU_DELTA_RULE", mode)  # read by the kernel on every call
+        results[mode] = session.run(None, inputs)
+    for mode, (y, conv, state) in results.items():
+        scale_y, scale_s = np.abs(expected[0]).max(), np.abs(expected[2]).max()
+        assert np.abs(y - expected[0]).max() / scale_y < CHUNKED_VS_RECURRENT, mode
+        assert np.abs(state - expected[2]).max() / scale_s < CHUNKED_VS_RECURRENT, mode
+        np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
+    # and the chunked form is not the recurrence itself (the test can tell them apart)
+    assert not np.array_equal(results["chunked"][2], results["recurrent"][2])
+
+
+def test_chunked_delta_rule_carries_state_across_calls(monkeypatch):
+    """A 150-token prompt in one call equals 100 + 50 tokens in two calls (state and conv carried)."""
+    monkeypatch.delenv("QWEN_CPU_DELTA_RULE", raising=False)
+    session, inputs, _ = delta_rule_case(2, 150, seed=4)
+    whole = session.run(None, inputs)
+    first = session.run(None, {**inputs, "proj": inputs["proj"][:, :100]})
+    second = session.run(
+        None, {"proj": inputs["proj"][:, 100:], "past_conv": first[1], "past_state": first[2]}
+    )
+    y = np.concatenate([first[0], second[0]], axis=1)
+    assert np.abs(y - whole[0]).max() / np.abs(whole[0]).max() < CHUNKED_VS_RECURRENT
+    assert np.abs(second[2] - whole[2]).max() / np.abs(whole[2]).max() < CHUNKED_VS_RECURRENT
+
+
+def test_int4_linear_large_m_gives_the_same_bits_as_few_rows():
+    """600 rows (row blocks of 256 and a ragged one, many weight groups) equal the same rows 7 at a time."""
+    _, ours, _ = linear_case(1024, 1000, 32)
+    x = np.random.default_rng(5).standard_normal((600, 1024)).astype(np.float32)
+    whole = ours.run(None, {"x": x})[0]
+    parts = np.concatenate([ours.run(None, {"x": x[i : i + 7]})[0] for i in range(0, 600, 7)])
+    np.testing.assert_array_equal(whole, parts)
+
+
+def moe_session(hidden=128, inter=64, experts=8, top_k=2, block=32, seed=0):
+    rng = np.random.default_rng(seed)
+    fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) * 0.1
+    fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32) * 0.1
+    packed = {}
+    for name, w in (("fc1", fc1), ("fc2", fc2)):
+        codes = [
+            pack_int4_groups(*quantize_blockwise(w[e], 4, block, fp16_scales=True), block)
+            for e in range(experts)
+        ]
+        packed[name] = np.stack([c[0] for c in codes])
+        packed[name + "_s"] = np.stack([c[1] for c in codes])
+    node = helper.make_node(
+        "Int4MoE", ["x", "logits", "fc1", "fc1_s", "fc2", "fc2_s"], ["y"], domain="qwen.cpu", k=top_k,
+        normalize_routing_weights=1, fc1_block_size=block, fc2_block_size=block,
+    )  # fmt: skip
+    return _session([node], [_x("x", None), _x("logits", None)], packed), hidden, experts
+
+
+def test_int4_moe_prefill_gives_the_same_bits_as_decode_sized_calls():
+    """300 tokens (the fused per-expert blocks, over 32 rows) equal the same tokens 3 at a time (6 rows:
+    the per-group decode path)."""
+    session, hidden, experts = moe_session()
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((300, hidden)).astype(np.float32)
+    logits = rng.standard_normal((300, experts)).astype(np.float32)
+    whole = session.run(None, {"x": x, "logits": logits})[0]
+    parts = np.concatenate(
+        [session.run(None, {"x": x[i : i + 3], "logits": logits[i : i + 3]})[0] for i in range(0, 300, 3)]
+    )
+    np.testing.assert_array_equal(whole, parts)
+    assert np.abs(whole).max() > 0
+
+
+def test_ort_cpu_int4_tiny_artifact_keeps_the_golden_greedy_tokens(tmp_path, monkeypatch):
+    """Greedy decoding of the golden prompt with the delta rule forced onto the chunked form (prompt and
+    every decode step) gives the same 32 tokens as the recurrence, and agrees with the stored golden as
+    far as the recurrence does (9 tokens when written: the int4 weights flip the golden's 0.03 near-tie)."""
+    from qwen_export.build import build
+    from qwen_export.metrics import agreement_length
+    from qwen_export.runtime.ort_decoder import OrtDecoder
+
+    g = golden("tiny-qwen3.5-moe")
+    out = build(tmp_path / "cpu-int4", preset="tiny-qwen3.5-moe", target="ort-cpu-int4").out_dir
+    decoder = OrtDecoder(out / "model.onnx")
+    tokens = {}
+    for mode in ("recurrent", "chunked"):
+        monkeypatch.setenv("QWEN_CPU_DELTA_RULE", mode)
+        tokens[mode], _ = decoder.greedy(g.greedy_prompt, g.greedy_tokens.shape[1])
+    np.testing.assert_array_equal(tokens["chunked"], tokens["recurrent"])
+    agreed = agreement_length(tokens["chunked"][0], g.greedy_tokens[0])
+    assert agreed >= max(1, agreement_length(tokens["recurrent"][0], g.greedy_tokens[0]))

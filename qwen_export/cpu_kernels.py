@@ -38,6 +38,10 @@ SOURCES = {
     "gated_delta_rule/gated_delta_rule_op.cpp": [],
     "dist_collective/loopback.cpp": [],
     "dist_collective/dist_collective_op.cpp": [],
+    "attention/attention.cpp": ["-fopenmp-simd"],
+    "attention/attention_avx512.cpp": ["-mavx512f", "-Wno-maybe-uninitialized", "-fopenmp-simd"],
+    "attention/attention_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-fopenmp-simd"],
+    "attention/attention_op.cpp": [],
     "register.cpp": [],
 }
 # No -Werror: a newer compiler's new warning must not stop a user's first run.

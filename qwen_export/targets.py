@@ -233,13 +233,25 @@ def _ort_quantized(bits: int) -> Callable[[PipelineOptions], list[QwenPass]]:
     return pipeline
 
 
-def _ort_cpu_int4(options: PipelineOptions) -> list[QwenPass]:
-    from qwen_export.passes.quantize_weights import QuantizeWeights
+def _ort_cpu(options: PipelineOptions) -> list[QwenPass]:
+    from qwen_export.passes.lower_cpu_attention import UseCpuAttention
     from qwen_export.passes.remove_unused import RemoveUnused
-    from qwen_export.passes.use_cpu_kernels import UseCpuKernels
 
-    quantize = QuantizeWeights(bits=4, fp16_scales=True)  # scales the kernels keep in float16, exactly
-    return [*_ort(options, deltanet="qwen-cpu"), quantize, RemoveUnused(), UseCpuKernels(), RemoveUnused()]
+    return [*_ort(options, deltanet="qwen-cpu"), UseCpuAttention(), RemoveUnused()]
+
+
+def _ort_cpu_int4(kv_cache: str = "float32") -> Callable[[PipelineOptions], list[QwenPass]]:
+    def pipeline(options: PipelineOptions) -> list[QwenPass]:
+        from qwen_export.passes.lower_cpu_attention import UseCpuAttention
+        from qwen_export.passes.quantize_weights import QuantizeWeights
+        from qwen_export.passes.remove_unused import RemoveUnused
+        from qwen_export.passes.use_cpu_kernels import UseCpuKernels
+
+        quantize = QuantizeWeights(bits=4, fp16_scales=True)  # scales the kernels keep in float16, exactly
+        kernels = [UseCpuKernels(), UseCpuAttention(kv_cache), RemoveUnused()]
+        return [*_ort(options, deltanet="qwen-cpu"), quantize, RemoveUnused(), *kernels]
+
+    return pipeline
 
 
 def _fused(options: PipelineOptions) -> list[QwenPass]:
@@ -336,11 +348,24 @@ register(Target(
     "ort", _ort_quantized(8), "onnxruntime", weight_bits=8, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
+    "ort-cpu",
+    "the ort graph (fp32 weights) with qwen.cpu GatedDeltaRule and Attention (flash-decoding KV cache "
+    "reads) instead of the DeltaNet contrib chain and GroupQueryAttention; the artifact carries the "
+    "custom-op library",
+    "ort", _ort_cpu, "onnxruntime", cpu_kernels=True, vision=_vision_ort,
+))  # fmt: skip
+register(Target(
     "ort-cpu-int4",
     "ort-int4 on qwen-export's CPU kernels (AVX-512 VNNI or AVX2; plugins/ort_cpu): qwen.cpu Int4Linear, "
-    "Int4MoE and GatedDeltaRule instead of MatMulNBits, QMoE and the DeltaNet contrib chain; the artifact "
-    "carries the custom-op library (the fastest CPU decode)",
-    "ort", _ort_cpu_int4, "onnxruntime", weight_bits=4, cpu_kernels=True, vision=_vision_ort,
+    "Int4MoE, GatedDeltaRule and Attention instead of MatMulNBits, QMoE, the DeltaNet contrib chain and "
+    "GroupQueryAttention; the artifact carries the custom-op library (the fastest CPU decode)",
+    "ort", _ort_cpu_int4(), "onnxruntime", weight_bits=4, cpu_kernels=True, vision=_vision_ort,
+))  # fmt: skip
+register(Target(
+    "ort-cpu-int4-kv16",
+    "ort-cpu-int4 with a float16 KV cache (qwen.cpu AttentionKv16: past/present key and value are float16 "
+    "state I/O, fp32 arithmetic): half the cache bytes per decode step",
+    "ort", _ort_cpu_int4("float16"), "onnxruntime", weight_bits=4, cpu_kernels=True, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(
     "fused", "the fused graph itself: qwen ops as model-local functions (input to plugin backends)",

@@ -23,12 +23,18 @@ def _standard_reads(value: ir.Value) -> bool:
     return any(use.node.domain in ("", "ai.onnx") for use in value.uses())
 
 
+def _standard_op(node: ir.Node | None) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx")
+
+
 def needs_emulation(model: ir.Model) -> bool:
-    """Whether the graph computes anything in bf16 or fp16 with standard ops."""
+    """Whether the graph computes anything in bf16 or fp16 with standard ops (a float16 KV cache that only
+    our CPU attention kernel reads and writes needs none)."""
     graph = model.graph
-    values = [*graph.inputs, *graph.outputs]
+    values = [v for v in graph.inputs if _standard_reads(v)]
+    values += [v for v in graph.outputs if _standard_op(v.producer())]
     values += [v for v in graph.initializers.values() if _standard_reads(v)]
-    values += [out for node in graph for out in node.outputs]
+    values += [out for node in graph if _standard_op(node) for out in node.outputs]
     return any(v.type is not None and v.type.dtype in LOW for v in values)
 
 

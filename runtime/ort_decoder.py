@@ -88,7 +88,9 @@ class OrtDecoder:
         for suffix in self.state_suffixes:
             dims = self.inputs[PAST_PREFIX + suffix].shape
             shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in dims]
-            states[suffix] = np.zeros(shape, np.float32)
+            # float16 where the graph keeps a state so (a KV cache our CPU attention kernel stores in fp16)
+            dtype = np.float16 if self.inputs[PAST_PREFIX + suffix].type == "tensor(float16)" else np.float32
+            states[suffix] = np.zeros(shape, dtype)
         return states
 
     def step(

@@ -240,11 +240,12 @@ def test_bad_input_fails_with_the_kernels_reason():
 
 # ------------------------------------------------------------------------------------------ whole model
 
-# per tiny preset: int4 products (17 for the MoE model: see test_quantize_weights), MoE layers, DeltaNet
+# per tiny preset: int4 products (17 for the MoE model: see test_quantize_weights), MoE layers, DeltaNet and
+# full-attention layers (the attention kernel: tests/test_cpu_attention.py)
 EXPECTED_KERNELS = {
-    "tiny-qwen3.5-moe": {"Int4Linear": 17, "Int4MoE": 4, "GatedDeltaRule": 3},
-    "tiny-qwen3-next": {"Int4Linear": 18, "Int4MoE": 3, "GatedDeltaRule": 3},  # one dense MLP layer: 3
-    "tiny-qwen3.5": {"Int4Linear": 21, "GatedDeltaRule": 3},
+    "tiny-qwen3.5-moe": {"Int4Linear": 17, "Int4MoE": 4, "GatedDeltaRule": 3, "Attention": 1},
+    "tiny-qwen3-next": {"Int4Linear": 18, "Int4MoE": 3, "GatedDeltaRule": 3, "Attention": 1},  # dense MLP: 3
+    "tiny-qwen3.5": {"Int4Linear": 21, "GatedDeltaRule": 3, "Attention": 1},
 }
 
 
@@ -261,7 +262,7 @@ def test_ort_cpu_int4_pipeline_runs_every_product_and_mixer_on_the_kernels(prese
     assert not {op for op in left if op.split("::")[1] in chain}, left
     assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
     use = next(p for p in passes if isinstance(p, UseCpuKernels))
-    fired = {op: n for op, n in EXPECTED_KERNELS[preset].items() if op != "GatedDeltaRule"}
+    fired = {op: n for op, n in EXPECTED_KERNELS[preset].items() if op not in ("GatedDeltaRule", "Attention")}
     assert use.stats.fired == {"Int4Linear": 0, "Int4MoE": 0, **fired} and not use.stats.kept
 
 

@@ -12,6 +12,8 @@ const CustomOp& int4_linear_op();
 const CustomOp& int4_moe_op();
 const CustomOp& gated_delta_rule_op();
 const CustomOp& dist_collective_op();
+const CustomOp& attention_op();
+const CustomOp& attention_kv16_op();
 
 }  // namespace qwen_cpu::ort
 
@@ -32,6 +34,8 @@ extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* Registe
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_moe_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::gated_delta_rule_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::dist_collective_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::attention_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::attention_kv16_op())) return s;
   // the domain lives as long as the process: sessions keep using it after registration returns
   return qwen_cpu::ort::g_api.AddCustomOpDomain(options, domain);
 }

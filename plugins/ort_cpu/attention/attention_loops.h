@@ -1,0 +1,124 @@
+// Not a normal header: included inside a namespace by each ISA's file (no include guard on purpose).
+// The attention core's inner loops, written once and compiled per instruction set: attention.cpp
+// (portable), attention_avx2.cpp (-mavx2 -mfma -mf16c) and attention_avx512.cpp include this file inside
+// their own namespace, with -fopenmp-simd so the `omp simd` loops vectorise to that ISA's width. Only the
+// float16 conversions and the streaming copy use intrinsics, under the ISA's own macros.
+//
+// Needs <cstring>, <cstdint> and, on x86, <immintrin.h> included before the namespace.
+
+// exp(x) for x <= 0 (scores minus their running max), 0 below -87 (float underflow); vectorisable: round
+// by the 1.5*2^23 trick, ln2 in two parts, degree-6 polynomial (relative error ~2e-7), 2^n through the
+// exponent bits.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.f ? -87.f : x;
+  const float t = clamped * 1.44269504088896341f + 12582912.f;
+  const float n = t - 12582912.f;
+  float r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = __builtin_bit_cast(float, bits);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+void scores(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float* key = keys + j * hd;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * hd;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < hd; ++d) sum += qr[d] * key[d];
+      s[r * ld + j] = sum;
+    }
+  }
+}
+
+void accumulate(const float* p, int64_t rows, int64_t ld, const float* values, int64_t count, int64_t hd,
+                float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* a = acc + r * hd;
+    for (int64_t j = 0; j < count; ++j) {
+      const float w = p[r * ld + j];
+      if (w == 0.f) continue;  // masked keys and rows that saw nothing in this block
+      const float* value = values + j * hd;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) a[d] += w * value[d];
+    }
+  }
+}
+
+float exp_sum(float* s, int64_t n, float max) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_nonpositive(s[i] - max);
+    s[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+void half_to_float(const Half* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+  for (; i < n; ++i) y[i] = static_cast<float>(__builtin_bit_cast(_Float16, x[i]));
+}
+
+void float_to_half(const float* x, Half* y, int64_t n) {  // round to nearest even, as numpy's astype
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i),
+                                                                           _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                                                        _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) y[i] = __builtin_bit_cast(Half, static_cast<_Float16>(x[i]));
+}
+
+void stream_copy(void* dst, const void* src, int64_t bytes) {
+#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX512F__)
+  constexpr int64_t kLine = 64;
+#else
+  constexpr int64_t kLine = 32;
+#endif
+  if (reinterpret_cast<uintptr_t>(dst) % kLine == 0 && bytes % kLine == 0) {
+    float* d = static_cast<float*>(dst);
+    const float* s = static_cast<const float*>(src);
+    for (int64_t i = 0; i < bytes / 4; i += kLine / 4) {
+#if defined(__AVX512F__)
+      _mm512_stream_ps(d + i, _mm512_loadu_ps(s + i));
+#else
+      _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
+#endif
+    }
+    return;  // weakly ordered stores: the task calls store_fence() once when done
+  }
+#endif
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+}
+
+void store_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+constexpr AttentionLoops kLoops = {scores, accumulate, exp_sum, half_to_float, float_to_half, stream_copy,
+                                  store_fence};

@@ -5,12 +5,20 @@ Part 1, speed, for one checkpoint at batch 1 and 8 (same prompts, greedy, same t
   - Hugging Face eager on the CPU (`generate`, fp32);
   - onnxruntime-genai running its own builder's model of the same checkpoint (in its own Python, since it
     pins its own onnxruntime), when `--genai-python` is given (its model is built now, or `--genai-model`).
+  - llama.cpp (llama-cpp-python built from source, `scripts/setup_llama_env.sh`) on the same checkpoint
+    converted to GGUF f32 / Q8_0 / Q4_0, when `--llama-python` is given (batch 1 only; in its own Python,
+    scripts/llama_peer.py). Then every runtime is measured cold (first generation in a fresh process) and
+    warm (a second one), ours f32 / int8 / cpu-int4 against llama.cpp f32 / Q8_0 / Q4_0; the GGUF's greedy
+    tokens and logits are checked against the Hugging Face reference and ours; `--profile` adds a per-op
+    profile of ours (`qwen-export profile`) beside llama.cpp's (a ggml eval callback).
 Part 2, state memory and decode-step time against context length (1K .. 256K), for the hybrid model and a
 same-size config whose every layer is full attention: memory is computed from the config for every
 length; the step time is measured (random states of that length) up to `--measure-up-to`.
 
 Writes benchmarks/runtime.json and benchmarks/runtime.md. Usage:
     .venv/bin/python scripts/bench_runtime.py --artifact out/small-ort [--genai-python P --genai-model DIR]
+    .venv/bin/python scripts/bench_runtime.py --artifact out/small-ort --int8-artifact out/small-ort-int8 \
+        --cpu-int4-artifact out/small-ort-cpu-int4 --llama-python .venv-llama/bin/python --batches 1 --profile
 """
 
 from __future__ import annotations
@@ -30,9 +38,19 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import provenance  # noqa: E402
 from genai_peer import multimodal_copy, patch_for_ort, run_builder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+LLAMA_PEER = REPO / "scripts" / "llama_peer.py"
+LLAMA_TYPES = ("f32", "q8_0", "q4_0")
+# ours vs llama.cpp at matching precision (weight-only int4 / int8, block 32, against Q4_0 / Q8_0)
+LLAMA_PAIRS = (
+    ("ours", "llama_f32"),
+    ("ours_int8", "llama_q8_0"),
+    ("ours_int4", "llama_q4_0"),
+    ("ours_cpu_int4", "llama_q4_0"),
+)
 CONTEXTS = [1024, 4096, 16384, 65536, 262144]
 
 GENAI_CHILD = r"""
@@ -70,18 +88,31 @@ def prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
 
 
 def bench_ours(
-    artifact: Path, batch: int, prompt_len: int, new_tokens: int, threads: int
-) -> dict[str, float]:
+    artifact: Path, batch: int, prompt_len: int, new_tokens: int, threads: int, cold: bool = False
+) -> dict[str, Any]:
+    """Warm: a generation after a 4-token warm-up. With `cold`, the warm-up is the full generation, timed
+    as `cold` (the first use after loading, as llama_peer.py measures llama.cpp), and greedy tokens come
+    back."""
     from qwen_export.runtime.session import Session
 
+    start = time.perf_counter()
     session = Session.load(artifact, threads=threads)
+    load_s = time.perf_counter() - start
     ids = prompts(session.backend.vocab_size, batch, prompt_len, seed=batch)
-    session.generate(ids, 4)  # warm-up
+    first = session.generate(ids, new_tokens if cold else 4)  # cold run, or warm-up
     result = session.generate(ids, new_tokens)
-    return {
+    out: dict[str, Any] = {
         "time_to_first_token_s": result.time_to_first_token_s,
         "decode_tokens_per_s": result.decode_tokens_per_s,
     }
+    if cold:
+        out["cold"] = {
+            "time_to_first_token_s": first.time_to_first_token_s,
+            "decode_tokens_per_s": first.decode_tokens_per_s,
+        }
+        out["tokens"] = result.tokens[0]
+        out["load_s"] = load_s
+    return out
 
 
 def isolated(bench: str, *args: Any) -> dict[str, float]:
@@ -98,15 +129,244 @@ def isolated(bench: str, *args: Any) -> dict[str, float]:
 
 
 def _child(bench: str, encoded: str) -> None:
+    if bench == "reference":
+        print(json.dumps(reference_outputs(*json.loads(encoded))))
+        return
     path, batch, prompt_len, new_tokens, threads = json.loads(encoded)
+    if bench == "ours_cold":
+        print(
+            json.dumps(
+                bench_ours(Path(path), int(batch), int(prompt_len), int(new_tokens), int(threads), True)
+            )
+        )
+        return
     fn = {"ours": bench_ours, "hf": bench_hf}[bench]
     print(json.dumps(fn(Path(path), int(batch), int(prompt_len), int(new_tokens), int(threads))))
 
 
 def median_round(rounds: list[dict]) -> dict:
-    """The round with the median decode rate (errors propagate when every round failed)."""
+    """The round with the median decode rate (errors propagate when every round failed); a round's `cold`
+    measurement, when there is one, is the median of the rounds' cold measurements."""
     ok = sorted((r for r in rounds if "decode_tokens_per_s" in r), key=lambda r: r["decode_tokens_per_s"])
-    return {**ok[len(ok) // 2], "rounds": len(ok)} if ok else rounds[-1]
+    if not ok:
+        return rounds[-1]
+    out = {
+        **ok[len(ok) // 2],
+        "rounds": len(ok),
+        "decode_tokens_per_s_by_round": [
+            r["decode_tokens_per_s"] for r in rounds if "decode_tokens_per_s" in r
+        ],
+    }
+    out["cold_decode_tokens_per_s_by_round"] = [
+        r["cold"]["decode_tokens_per_s"] for r in rounds if "decode_tokens_per_s" in r.get("cold", {})
+    ]
+    colds = sorted((r["cold"] for r in ok if "cold" in r), key=lambda c: c["decode_tokens_per_s"])
+    if colds:
+        out["cold"] = colds[len(colds) // 2]
+    return out
+
+
+# --- llama.cpp (scripts/llama_peer.py, in its own Python) -------------------------------------------------
+def llama_peer(python: str, *args: Any, timeout: int = 3600) -> dict:
+    proc = subprocess.run(
+        [python, str(LLAMA_PEER), *(str(a) for a in args)], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_llama(python: str, gguf: str, ids: list[int], new_tokens: int, threads: int, **kw: Any) -> dict:
+    """One fresh llama.cpp process: cold and warm generation, in the shape bench_ours returns."""
+    extra = [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", v)]
+    r = llama_peer(
+        python,
+        "bench",
+        gguf,
+        "--ids",
+        json.dumps(ids),
+        "--new-tokens",
+        new_tokens,
+        "--threads",
+        threads,
+        *extra,
+    )
+    if "error" in r:
+        return r
+    keys = ("time_to_first_token_s", "decode_tokens_per_s")
+    return {
+        **{k: r["warm"][k] for k in keys},
+        "cold": {k: r["cold"][k] for k in keys},
+        "tokens": r["warm"]["tokens"],
+        "load_s": r["load_s"],
+        "perf_warm": r["warm"]["perf"],
+    }
+
+
+def reference_outputs(
+    model_dir: str, artifacts: dict[str, str], prompt: list[int], new_tokens: int, threads: int, out_dir: str
+) -> dict:
+    """HF reference and our artifacts on one prompt: the last position's logits (saved as .npy in out_dir)
+    and greedy tokens, for the GGUF check."""
+    import torch
+
+    from qwen_export.golden.reference import load_reference
+    from qwen_export.runtime.session import Session
+
+    torch.set_num_threads(threads)
+    ids = torch.tensor([prompt])
+    model = load_reference(Path(model_dir))
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        np.save(Path(out_dir) / "hf.npy", model(input_ids=ids).logits[0, -1].float().numpy())
+        out = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            attention_mask=torch.ones_like(ids),
+        )
+    result["hf"] = out[0, len(prompt) :].tolist()
+    for name, path in artifacts.items():
+        session = Session.load(path, threads=threads)
+        np.save(
+            Path(out_dir) / f"{name}.npy",
+            np.asarray(session.backend.prefill(np.array([prompt])).logits)[0, -1],
+        )
+        result[name] = session.generate([prompt], new_tokens).tokens[0]
+    return result
+
+
+def gguf_check(
+    python: str,
+    ggufs: dict[str, str],
+    model_dir: Path,
+    artifacts: dict[str, Path],
+    prompt: list[int],
+    new_tokens: int,
+    threads: int,
+    work: Path,
+) -> dict:
+    """Greedy tokens and prompt logits of every GGUF and every artifact against the HF reference (random
+    weights: near-tied logits, so only an exact conversion keeps all greedy tokens)."""
+    out_dir = work / "check"
+    out_dir.mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "reference",
+            json.dumps(
+                [
+                    str(model_dir),
+                    {k: str(v) for k, v in artifacts.items()},
+                    prompt,
+                    new_tokens,
+                    threads,
+                    str(out_dir),
+                ]
+            ),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    tokens = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind, gguf in ggufs.items():
+        r = bench_llama(python, gguf, prompt, new_tokens, threads, logits_out=out_dir / f"llama_{kind}.npy")
+        tokens[f"llama_{kind}"] = r.get("tokens", [])
+    hf_logits = np.load(out_dir / "hf.npy")
+    top = np.sort(hf_logits)[::-1]
+    check: dict[str, Any] = {
+        "prompt_len": len(prompt),
+        "new_tokens": new_tokens,
+        "hf_top1_top2_logit_margin": float(top[0] - top[1]),
+        "hf_logit_std": float(hf_logits.std()),
+        "runtimes": {},
+    }
+    for name, toks in tokens.items():
+        if name == "hf":
+            continue
+        row: dict[str, Any] = {
+            "greedy_equal_to_hf": matching_prefix(toks, tokens["hf"]),
+            "first_tokens": toks[:6],
+        }
+        if (out_dir / f"{name}.npy").is_file():
+            logits = np.load(out_dir / f"{name}.npy")
+            row["max_abs_logit_diff"] = float(np.abs(logits - hf_logits).max())
+            row["logit_correlation"] = float(np.corrcoef(logits, hf_logits)[0, 1])
+        check["runtimes"][name] = row
+    check["hf_first_tokens"] = tokens["hf"][:6]
+    return check
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two runs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def profile_ours(artifact: Path, prompt_len: int, steps: int, work: Path) -> dict:
+    report = work / f"profile-{Path(artifact).name}.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_export.cli",
+            "profile",
+            str(artifact),
+            "--prompt-tokens",
+            str(prompt_len),
+            "--decode-steps",
+            str(steps),
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    decode = json.loads(report.read_text())["phases"]["decode"]
+    total = sum(decode["per_op_type_ms"].values())
+    return {
+        "runtime": "qwen-export profile (onnxruntime, graph optimizations off)",
+        "step_ms_p50": decode["step_ms_p50"],
+        "op_time_ms_per_step": total,
+        "ops": {op: {"ms_per_step": ms, "share": ms / total} for op, ms in decode["per_op_type_ms"].items()},
+    }
+
+
+OP_GROUPS = {  # op type -> what it computes, to line the two profiles up
+    "Int4MoE": "routed experts",
+    "QMoE": "routed experts",
+    "MoE": "routed experts",
+    "MUL_MAT_ID": "routed experts",
+    "Int4Linear": "dense matmuls (projections, shared expert, router, lm_head)",
+    "MatMulNBits": "dense matmuls (projections, shared expert, router, lm_head)",
+    "MatMul": "dense matmuls (projections, shared expert, router, lm_head)",
+    "Gemm": "dense matmuls (projections, shared expert, router, lm_head)",
+    "MUL_MAT": "dense matmuls (projections, shared expert, router, lm_head)",
+    "GatedDeltaRule": "DeltaNet recurrence + conv",
+    "GATED_DELTA_NET": "DeltaNet recurrence + conv",
+    "SSM_CONV": "DeltaNet recurrence + conv",
+    "GroupQueryAttention": "attention (+ RoPE)",
+    "FLASH_ATTN_EXT": "attention (+ RoPE)",
+    "SOFT_MAX": "attention (+ RoPE)",
+    "ROPE": "attention (+ RoPE)",
+    "RotaryEmbedding": "attention (+ RoPE)",
+}
+
+
+def op_groups(profile: dict) -> dict[str, float]:
+    groups: dict[str, float] = {}
+    for op, m in profile.get("ops", {}).items():
+        group = OP_GROUPS.get(op, "everything else (norms, elementwise, copies, routing glue)")
+        groups[group] = groups.get(group, 0.0) + m["ms_per_step"]
+    return groups
 
 
 def bench_hf(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, threads: int) -> dict[str, float]:
@@ -234,6 +494,30 @@ def main() -> None:
         "same rounds (genai's int4 model is its peer)",
     )
     parser.add_argument("--genai-int4-model", type=Path, help="an existing genai int4 model folder")
+    parser.add_argument(
+        "--int8-artifact",
+        type=Path,
+        help="our weight-only int8 artifact (`build --target ort-int8`), benched in the same rounds "
+        "(llama.cpp Q8_0 is its peer)",
+    )
+    parser.add_argument(
+        "--llama-python",
+        help="python of the llama.cpp peer's venv (scripts/setup_llama_env.sh): llama.cpp on the checkpoint "
+        "as GGUF f32 / Q8_0 / Q4_0 in the same rounds, batch 1, cold and warm, with a greedy check",
+    )
+    parser.add_argument(
+        "--llama-cache",
+        type=Path,
+        help="where GGUF files are cached (default: qwen-export's cache folder, gguf/)",
+    )
+    parser.add_argument("--llama-types", nargs="+", default=list(LLAMA_TYPES), choices=LLAMA_TYPES)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --llama-python: per-op decode profile of ours (fp32, cpu-int4) and llama.cpp (f32, Q4_0)",
+    )
+    parser.add_argument("--profile-steps", type=int, default=16)
+    parser.add_argument("--skip-hf", action="store_true", help="leave Hugging Face eager out of the rounds")
     parser.add_argument("--measure-up-to", type=int, default=65536)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and genai")
@@ -245,10 +529,18 @@ def main() -> None:
 
     model_dir = materialize(args.preset)
     _, spec, _ = load_model_source(model_dir)
+    prov = provenance()
     results: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "commit": prov["commit"],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu": prov["machine"]["cpu"],
+            "vector_isa": prov["machine"]["vector_isa"],
+            "load_average_at_start": os.getloadavg()[0],
+        },
         "preset": args.preset,
         "threads": args.threads,
         "prompt_len": args.prompt_len,
@@ -286,6 +578,56 @@ def main() -> None:
             results["int4_artifact"] = str(args.int4_artifact)
         if args.cpu_int4_artifact:
             results["cpu_int4_artifact"] = str(args.cpu_int4_artifact)
+        if args.int8_artifact:
+            results["int8_artifact"] = str(args.int8_artifact)
+        ggufs: dict[str, str] = {}
+        if args.llama_python and not args.skip_speed:
+            from qwen_export.presets import cache_root
+
+            cache = args.llama_cache or cache_root() / "gguf"
+            converted = llama_peer(
+                args.llama_python,
+                "convert",
+                model_dir,
+                cache,
+                "--types",
+                *args.llama_types,
+                "--threads",
+                args.threads,
+            )
+            if "error" in converted:
+                raise SystemExit(f"GGUF conversion failed: {converted['error']}")
+            ggufs = converted["files"]
+            info = llama_peer(args.llama_python, "info")
+            results["llama"] = {
+                **info,
+                "gguf": ggufs,
+                "conversion": "vendored convert_hf_to_gguf.py --outtype f32 --no-mtp (synthetic byte-level "
+                "vocabulary: the preset has no tokenizer), then llama_model_quantize (llama-quantize "
+                "defaults) to Q8_0 / Q4_0",
+                "conversion_s": converted["seconds"],
+            }
+            ours_for_check = {
+                name: path
+                for name, path in (
+                    ("ours", artifact),
+                    ("ours_int8", args.int8_artifact),
+                    ("ours_int4", args.int4_artifact),
+                    ("ours_cpu_int4", args.cpu_int4_artifact),
+                )
+                if path
+            }
+            results["gguf_check"] = gguf_check(
+                args.llama_python,
+                ggufs,
+                model_dir,
+                ours_for_check,
+                prompts(spec.vocab_size, 1, args.prompt_len, seed=1)[0],
+                args.new_tokens,
+                args.threads,
+                work,
+            )
+            print(json.dumps(results["gguf_check"]), flush=True)
         if not args.skip_speed:
             for batch in args.batches:
                 row: dict[str, Any] = {"batch": batch}
@@ -293,17 +635,32 @@ def main() -> None:
                 # process; each keeps its median round.
                 ours_models = {
                     "ours": artifact,
+                    "ours_int8": args.int8_artifact,
                     "ours_int4": args.int4_artifact,
                     "ours_cpu_int4": args.cpu_int4_artifact,
                 }
+                with_llama = bool(ggufs) and batch == 1
+                ours_bench = "ours_cold" if with_llama else "ours"
                 genai_models = {"genai": genai_model, "genai_int4": genai_int4}
                 rounds: dict[str, list[dict[str, float]]] = {}
                 for _ in range(args.rounds):
                     for name, path in ours_models.items():
                         if path:
                             rounds.setdefault(name, []).append(
-                                isolated("ours", path, batch, args.prompt_len, args.new_tokens, args.threads)
+                                isolated(
+                                    ours_bench, path, batch, args.prompt_len, args.new_tokens, args.threads
+                                )
                             )
+                    for kind, gguf in ggufs.items() if with_llama else ():
+                        rounds.setdefault(f"llama_{kind}", []).append(
+                            bench_llama(
+                                args.llama_python,
+                                gguf,
+                                prompts(spec.vocab_size, batch, args.prompt_len, seed=batch)[0],
+                                args.new_tokens,
+                                args.threads,
+                            )
+                        )
                     for name, path in genai_models.items():
                         if args.genai_python and path:
                             rounds.setdefault(name, []).append(
@@ -316,9 +673,10 @@ def main() -> None:
                                     spec.vocab_size,
                                 )
                             )
-                    rounds.setdefault("hf_eager", []).append(
-                        isolated("hf", model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
-                    )
+                    if not args.skip_hf:
+                        rounds.setdefault("hf_eager", []).append(
+                            isolated("hf", model_dir, batch, args.prompt_len, args.new_tokens, args.threads)
+                        )
                 for name, measured in rounds.items():
                     row[name] = median_round(measured)
                 for ours_name, peer_name, key in (
@@ -334,8 +692,30 @@ def main() -> None:
                     a, b = row.get(ours_name, {}), row.get(peer_name, {})
                     if "decode_tokens_per_s" in a and "decode_tokens_per_s" in b:
                         row[key] = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                if with_llama:
+                    row["vs_llama"] = llama_ratios(row)
                 print(json.dumps(row), flush=True)
                 results["speed"].append(row)
+
+        if ggufs and args.profile:
+            results["profile"] = {"decode_steps": args.profile_steps, "prompt_len": args.prompt_len}
+            for name, path in (("ours", artifact), ("ours_cpu_int4", args.cpu_int4_artifact)):
+                if path:
+                    results["profile"][name] = profile_ours(path, args.prompt_len, args.profile_steps, work)
+            for kind in ("f32", "q4_0"):
+                if kind in ggufs:
+                    results["profile"][f"llama_{kind}"] = llama_peer(
+                        args.llama_python,
+                        "profile",
+                        ggufs[kind],
+                        "--ids",
+                        json.dumps(prompts(spec.vocab_size, 1, args.prompt_len, seed=1)[0]),
+                        "--decode-steps",
+                        args.profile_steps,
+                        "--threads",
+                        1,  # one node per dispatch: at 1 thread the op times add up to the real step
+                    )
+            print(json.dumps(results["profile"]), flush=True)
 
         dense_dir = all_attention_folder(model_dir, work)
         _, dense_spec, _ = load_model_source(dense_dir)
@@ -354,9 +734,27 @@ def main() -> None:
                 row["step_speedup"] = row["all_attention_step_ms"] / row["hybrid_step_ms"]
             print(json.dumps(row), flush=True)
             results["context"].append(row)
+    results["machine"]["load_average_at_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     args.out.with_suffix(".md").write_text(render_markdown(results))
+
+
+def llama_ratios(row: dict) -> list[dict]:
+    """Ours ÷ llama.cpp at matching precision, cold and warm: decode tokens/s ratio (ours / llama) and time
+    to first token as a speed ratio (llama TTFT / ours TTFT); above 1 means ours is faster."""
+    out = []
+    for ours, peer in LLAMA_PAIRS:
+        a, b = row.get(ours, {}), row.get(peer, {})
+        if "decode_tokens_per_s" not in a or "decode_tokens_per_s" not in b:
+            continue
+        entry: dict[str, Any] = {"ours": ours, "llama": peer}
+        for phase, (x, y) in (("warm", (a, b)), ("cold", (a.get("cold"), b.get("cold")))):
+            if x and y:
+                entry[f"decode_{phase}"] = x["decode_tokens_per_s"] / y["decode_tokens_per_s"]
+                entry[f"ttft_{phase}"] = y["time_to_first_token_s"] / x["time_to_first_token_s"]
+        out.append(entry)
+    return out
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -365,16 +763,36 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"Command: `{r['command']}`  ",
         f"Date: {r['date']}, "
-        f"{r['machine']['cpus']} CPUs, {r['threads']} threads, prompt {r['prompt_len']} tokens, "
+        f"{r['machine']['cpus']} CPUs ({r['machine'].get('cpu', '?')}, vector ISA "
+        f"{r['machine'].get('vector_isa', '?')}), commit {r.get('commit', '?')}, "
+        + (
+            f"1-minute load average {r['machine']['load_average_at_start']:.1f} at the start and "
+            f"{r['machine'].get('load_average_at_end', float('nan')):.1f} at the end (a shared machine), "
+            if "load_average_at_start" in r["machine"]
+            else ""
+        )
+        + f"{r['threads']} threads, prompt {r['prompt_len']} tokens, "
         f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
         "(weight-only, block 32, int8 activations on CPU: ours `ort-int4` on ONNX Runtime's kernels, ours "
-        "`ort-cpu-int4` on qwen-export's CPU kernels (plugins/ort_cpu), genai `-p int4`).",
+        "`ort-cpu-int4` on qwen-export's CPU kernels (plugins/ort_cpu), genai `-p int4`; int8: ours "
+        "`ort-int8`, weight-only, block 32, int8 compute).",
         "",
     ]
     if r["speed"]:
         lines += ["| batch | runtime | time to first token (ms) | decode tokens/s |", "|---|---|---|---|"]
         for row in r["speed"]:
-            for name in ("ours", "ours_int4", "ours_cpu_int4", "hf_eager", "genai", "genai_int4"):
+            for name in (
+                "ours",
+                "ours_int8",
+                "ours_int4",
+                "ours_cpu_int4",
+                "hf_eager",
+                "genai",
+                "genai_int4",
+                "llama_f32",
+                "llama_q8_0",
+                "llama_q4_0",
+            ):
                 m = row.get(name)
                 if not m:
                     continue
@@ -396,8 +814,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                 "ours_cpu_int4_vs_genai_fp32_decode": "ours cpu-int4 / genai fp32",
             }
             ratio = "; ".join(f"{label}: {row[key]:.2f}x" for key, label in labels.items() if key in row)
-            lines.append(f"| {row['batch']} | decode ratio | | {ratio} |")
+            if ratio:
+                lines.append(f"| {row['batch']} | decode ratio | | {ratio} |")
         lines.append("")
+    lines += render_llama(r)
     lines += [
         "| context | hybrid state (MiB) | all-attention state (MiB) | ratio | hybrid step (ms) | "
         "all-attention step (ms) | speedup |",
@@ -414,6 +834,108 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{row['state_ratio']:.2f}x | {measured} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def render_llama(r: dict[str, Any]) -> list[str]:
+    """The llama.cpp sections: cold/warm table, ratios, the GGUF check and the profiles."""
+    rows = [row for row in r["speed"] if "vs_llama" in row]
+    if not rows:
+        return []
+    info = r.get("llama", {})
+    lines = [
+        "## Against llama.cpp (batch 1)",
+        "",
+        f"llama-cpp-python {info.get('llama_cpp_python')} built from source (scripts/setup_llama_env.sh: "
+        f"CPU, GGML_NATIVE=ON, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
+        f"{info.get('conversion')}. Every runtime runs in a fresh process per round, rounds alternate; "
+        "cold = the first generation after loading, warm = the second; the median round by decode rate. "
+        "Precisions differ in detail: llama-quantize's Q4_0 keeps output.weight (lm_head) at Q6_K and the "
+        "routers in f32, Q8_0 keeps the routers in f32; ours int4 quantizes lm_head to int4 too.",
+        "",
+        "| runtime | cold TTFT (ms) | cold decode tok/s | warm TTFT (ms) | warm decode tok/s | load (s) | "
+        "warm decode tok/s by round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    row = rows[0]
+    for name in ("ours", "ours_int8", "ours_int4", "ours_cpu_int4", "llama_f32", "llama_q8_0", "llama_q4_0"):
+        m = row.get(name)
+        if not m:
+            continue
+        if "error" in m:
+            lines.append(f"| {name} | failed: {m['error']} | | | | | |")
+            continue
+        c = m.get("cold", {})
+        lines.append(
+            f"| {name} | {c.get('time_to_first_token_s', float('nan')) * 1e3:.1f} | "
+            f"{c.get('decode_tokens_per_s', float('nan')):.1f} | {m['time_to_first_token_s'] * 1e3:.1f} | "
+            f"{m['decode_tokens_per_s']:.1f} | {m.get('load_s', float('nan')):.2f} | "
+            + ", ".join(f"{v:.0f}" for v in m.get("decode_tokens_per_s_by_round", []))
+            + " |"
+        )
+    lines += [
+        "",
+        "Ratios, ours ÷ llama.cpp at matching precision (decode: ours tok/s ÷ llama tok/s; TTFT: llama "
+        "TTFT ÷ ours TTFT; above 1 = ours faster):",
+        "",
+        "| ours | llama.cpp | decode cold | decode warm | TTFT cold | TTFT warm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in row["vs_llama"]:
+        lines.append(
+            f"| {e['ours']} | {e['llama']} | {e.get('decode_cold', float('nan')):.2f}x | "
+            f"{e.get('decode_warm', float('nan')):.2f}x | {e.get('ttft_cold', float('nan')):.2f}x | "
+            f"{e.get('ttft_warm', float('nan')):.2f}x |"
+        )
+    check = r.get("gguf_check")
+    if check and "runtimes" in check:
+        lines += [
+            "",
+            f"GGUF check: greedy tokens ({check['new_tokens']}) and the prompt's last-position logits "
+            f"against the Hugging Face reference, on the benchmark's {check['prompt_len']}-token prompt "
+            f"(random weights: logit std {check['hf_logit_std']:.2f}, top-1/top-2 margin "
+            f"{check['hf_top1_top2_logit_margin']:.3f}, so only a faithful conversion keeps every token).",
+            "",
+            "| runtime | greedy tokens equal to HF | max abs logit diff | logit correlation |",
+            "|---|---|---|---|",
+        ]
+        for name, c in check["runtimes"].items():
+            lines.append(
+                f"| {name} | {c['greedy_equal_to_hf']} / {check['new_tokens']} | "
+                f"{c.get('max_abs_logit_diff', float('nan')):.2e} | "
+                f"{c.get('logit_correlation', float('nan')):.4f} |"
+            )
+    prof = r.get("profile")
+    if prof:
+        names = [n for n in ("ours", "llama_f32", "ours_cpu_int4", "llama_q4_0") if "ops" in prof.get(n, {})]
+        groups = sorted({g for n in names for g in op_groups(prof[n])})
+        lines += [
+            "",
+            f"Decode step profile ({prof['decode_steps']} steps after a {prof['prompt_len']}-token prompt; "
+            "ms per step by what the ops compute, share of the profiled step in brackets). Ours: "
+            "`qwen-export profile` (ONNX Runtime's profiler, graph optimizations off); llama.cpp: a ggml "
+            "eval callback timing each graph node at 1 thread (ggml then computes one node per dispatch; at "
+            "2 threads each dispatch wakes the thread pool and that overhead swamps the op times; at 1 "
+            "thread the op times add up to the real 1-thread step).",
+            "",
+            "| work | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        totals = {n: sum(op_groups(prof[n]).values()) for n in names}
+        for g in groups:
+            cells = []
+            for n in names:
+                ms = op_groups(prof[n]).get(g, 0.0)
+                cells.append(f"{ms:.2f} ({ms / totals[n]:.0%})")
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        lines.append("| profiled step | " + " | ".join(f"{totals[n]:.2f}" for n in names) + " |")
+        for n in names:
+            top = list(prof[n]["ops"].items())[:6]
+            lines.append(
+                f"\nTop ops, {n}: "
+                + ", ".join(f"{op} {m['ms_per_step']:.2f} ms ({m['share']:.0%})" for op, m in top)
+            )
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

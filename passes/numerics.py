@@ -127,11 +127,15 @@ class NumericCheck:
             return self.golden.greedy_prompt, self.golden.greedy_tokens[:, :1]
         return make_prompt(self.vocab_size, 16, seed=1), make_prompt(self.vocab_size, 1, seed=2)
 
-    def run(self, model: ir.Model) -> dict[str, CaseOutputs]:
+    def decoder(self, path: Path) -> Any:
+        """What runs a stage (a text graph on token ids): an OrtDecoder, optimizations off."""
         from qwen_export.runtime.ort_decoder import OrtDecoder
 
+        return OrtDecoder(path)
+
+    def run(self, model: ir.Model) -> dict[str, CaseOutputs]:
         with saved_model(model) as path:
-            decoder = OrtDecoder(path)
+            decoder = self.decoder(path)
             outputs = {}
             for length in (65, 200):
                 out = decoder.prefill(self._prompt(length))

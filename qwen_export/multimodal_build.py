@@ -29,15 +29,7 @@ from qwen_export.exporter.vision import build_vision_encoder
 from qwen_export.exporter.vision_embed import build_token_embedder
 from qwen_export.exporter.vision_spec import VisionSpec, vision_spec_from_config
 from qwen_export.golden.store import make_prompt
-from qwen_export.passes.numerics import (
-    TOLERANCE,
-    CaseOutputs,
-    CaseResult,
-    NumericCheck,
-    StageNumerics,
-    _max_abs,
-    saved_model,
-)
+from qwen_export.passes.numerics import TOLERANCE, CaseOutputs, NumericCheck, saved_model
 
 if TYPE_CHECKING:
     from qwen_export.passes.manager import PipelineReport
@@ -95,7 +87,7 @@ def reference_vision_features(model: Any, vspec: VisionSpec) -> dict[str, np.nda
     return features
 
 
-class VisionCheck:
+class VisionCheck(NumericCheck):
     """The numeric check of vision.onnx stages (the pass manager's `check`): `vision_embeds` per case
     against the reference features and the previous stage (reported in the logits columns)."""
 
@@ -104,6 +96,7 @@ class VisionCheck:
     ):
         self.vspec = vspec
         self.reference = reference
+        self.golden = None
         self.tolerance = tolerance
 
     def run(self, model: ir.Model) -> dict[str, CaseOutputs]:
@@ -115,28 +108,17 @@ class VisionCheck:
         with saved_model(model) as path:
             options = session_options(False)
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            wanted = {i.name for i in session.get_inputs()}
             outputs = {}
             for name, (pixels, grid) in vision_case_inputs(self.vspec).items():
                 feeds = vision_graph_feeds(pixels, grid, self.vspec)
-                wanted = {i.name for i in session.get_inputs()}
                 features = session.run(None, {k: v for k, v in feeds.items() if k in wanted})[0]
                 outputs[name] = CaseOutputs(np.asarray(features, np.float32), {})
-            del session
+            del session  # it holds the stage's files open
         return outputs
 
-    def measure(
-        self, model: ir.Model, previous: StageNumerics | None = None, tolerance: float | None = None
-    ) -> StageNumerics:
-        outputs = self.run(model)
-        cases = {}
-        for name, out in outputs.items():
-            result = CaseResult()
-            if self.reference is not None:
-                result.logits_vs_golden = _max_abs(out.logits, self.reference[name])
-            if previous is not None and name in previous.outputs:
-                result.logits_vs_previous = _max_abs(out.logits, previous.outputs[name].logits)
-            cases[name] = result
-        return StageNumerics(cases, self.tolerance if tolerance is None else tolerance, outputs)
+    def _golden(self, case: str) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        return (None if self.reference is None else self.reference[case]), {}
 
 
 class LiveReference:
@@ -176,27 +158,11 @@ class EmbedsCheck(NumericCheck):
         super().__init__(reference, vocab_size=embed_table.shape[0], tolerance=tolerance)
         self.table = embed_table
 
-    def run(self, model: ir.Model) -> dict[str, CaseOutputs]:
+    def decoder(self, path: Path) -> Any:
+        from qwen_export.multimodal_tools import TextEmbedsDecoder
         from qwen_export.runtime.multimodal import EmbedsDecoder
 
-        with saved_model(model) as path:
-            decoder = EmbedsDecoder(path, False, ["CPUExecutionProvider"], None)
-            outputs = {}
-            for length in (65, 200):
-                ids = self._prompt(length)
-                out = self._step(decoder, ids, np.ones_like(ids), 0, decoder.empty_states(1))
-                outputs[f"prefill_{length}"] = CaseOutputs(out.logits, out.states)
-            prompt, token = self._greedy()
-            first = self._step(decoder, prompt, np.ones_like(prompt), 0, decoder.empty_states(1))
-            n = prompt.shape[1]
-            out = self._step(decoder, token, np.ones((1, n + 1), np.int64), n, first.states)
-            outputs["decode_step"] = CaseOutputs(out.logits, out.states)
-            del decoder  # its session holds the model's files open
-        return outputs
-
-    def _step(self, decoder: Any, ids: np.ndarray, mask: np.ndarray, start: int, states: dict) -> Any:
-        positions = np.broadcast_to(np.arange(start, start + ids.shape[1]), (3, *ids.shape)).copy()
-        return decoder.step_embeds(self.table[ids], mask, positions, states)
+        return TextEmbedsDecoder.wrap(EmbedsDecoder(path), self.table.__getitem__)
 
 
 def embed_table(embed: ir.Model) -> np.ndarray:

@@ -1,182 +1,170 @@
-"""A 2048-token prefill on ort-cpu-int4 (small preset): the qwen.cpu kernels at git HEAD against the working
-tree's, in the same run, in alternating rounds (this machine is shared: only ratios measured side by side
-mean much). Both run the same artifact; only the custom-op library beside model.onnx differs (the HEAD one
-is compiled from `git show HEAD:plugins/ort_cpu/...` into a temporary folder). Per-op times are ONNX
-Runtime's profile (qwen_export.profile). Writes benchmarks/prefill.{json,md}.
+"""Time to first token of a 2048-token prompt on ort-cpu-int4 (small preset), this tree against a baseline
+commit (default: the one issue #19 measured, before the CPU prefill work), in the same run and in
+alternating rounds, each in a fresh process (this machine is shared: only ratios measured side by side mean
+much).
 
-    python scripts/bench_prefill.py [--tokens 2048] [--rounds 3] [--artifact DIR]
+Each side builds its own artifact with its own code (the graph and the kernel library both changed: the
+chunked delta rule, the large-M int4 paths, the qwen.cpu attention, logits-to-keep) and runs it as a user
+does: `Session.load(ARTIFACT).generate([prompt], 1)`, ONNX Runtime's optimizations on, 2 threads. The
+baseline runs from a clone at that commit installed into a venv that borrows this venv's packages. Per-op
+prefill times come from each side's `qwen-export profile` (optimizations off, every position's logits).
+Writes benchmarks/prefill.{json,md}.
+
+    python scripts/bench_prefill.py [--baseline REV] [--tokens 2048] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 from bench_common import REPO, produced_by, provenance, write_results
 
-from qwen_export import cpu_kernels
-from qwen_export.profile import profile_artifact
-
 PRESET = "small-qwen3.5-moe"
 TARGET = "ort-cpu-int4"
-OPS = ("Int4Linear", "Int4MoE", "GatedDeltaRule", "GroupQueryAttention")
+BASELINE = "9dadabe"  # the commit #19's "current time" is measured at
+ACCEPT = 0.5  # after / before
+# One measurement, run by each side's Python: median time to first token of the last `repeats` of
+# repeats + 1 generations (the first warms the session).
+MEASURE = """
+import json, sys, time
+import numpy as np
+from qwen_export.runtime.session import Session
+artifact, tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+session = Session.load(artifact, threads=2)
+prompt = (np.arange(tokens) * 7919 % (session.backend.vocab_size - 1) + 1).tolist()
+ttft = []
+for _ in range(repeats + 1):
+    start = time.perf_counter()
+    session.generate([prompt], 1)
+    ttft.append((time.perf_counter() - start) * 1000)
+print(json.dumps(sorted(ttft[1:])[len(ttft[1:]) // 2]))
+"""
 
 
-def head_library(folder: Path) -> Path:
-    """libqwen_ort_cpu.so compiled from the sources at git HEAD, with the current compiler flags."""
-    src = folder / "src"
-    listed = subprocess.run(
-        ["git", "ls-tree", "-r", "--name-only", "HEAD", "plugins/ort_cpu"],
+def baseline_python(rev: str, folder: Path) -> Path:
+    """A venv with the code at `rev` installed (editable, no dependencies: it borrows this venv's)."""
+    checkout, venv = folder / "checkout", folder / "venv"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
+    subprocess.run(["git", "checkout", "-q", rev], check=True, cwd=checkout)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(checkout)], check=True, cwd=folder
+    )
+    return python
+
+
+def build(python: Path, out: Path) -> Path:
+    cmd = [
+        str(python),
+        "-m",
+        "qwen_export.cli",
+        "build",
+        "--preset",
+        PRESET,
+        "--target",
+        TARGET,
+        "-o",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=out.parent)
+    return out
+
+
+def time_to_first_token(python: Path, artifact: Path, tokens: int, repeats: int) -> float:
+    out = subprocess.run(
+        [str(python), "-c", MEASURE, str(artifact), str(tokens), str(repeats)],
+        check=True, capture_output=True, text=True, cwd=artifact.parent,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def per_op(python: Path, artifact: Path, tokens: int) -> dict[str, float]:
+    cmd = [str(python), "-m", "qwen_export.cli", "profile", str(artifact), "--prompt-tokens", str(tokens)]
+    out = subprocess.run(
+        [*cmd, "--decode-steps", "2", "--json"],
+        check=True,
         capture_output=True,
         text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout.split()
-    for name in listed:
-        target = src / Path(name).relative_to("plugins/ort_cpu")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(
-            subprocess.run(["git", "show", f"HEAD:{name}"], capture_output=True, check=True, cwd=REPO).stdout
-        )
-    cxx = cpu_kernels._compiler()
-    objects = []
-    for source, flags in cpu_kernels.sources(not cpu_kernels.x86()).items():
-        if not (src / source).is_file():
-            continue
-        obj = folder / (source.replace("/", "_") + ".o")
-        cpu_kernels._run(
-            [cxx, *cpu_kernels.COMMON_FLAGS, f"-I{src}", *flags, "-c", str(src / source), "-o", str(obj)]
-        )
-        objects.append(str(obj))
-    library = folder / cpu_kernels.LIBRARY_NAME
-    cpu_kernels._run([cxx, "-shared", "-o", str(library), *objects, "-lpthread"])
-    return library
-
-
-def artifact_with(artifact: Path, library: Path, folder: Path) -> Path:
-    """The artifact's files (linked) with another kernel library beside model.onnx."""
-    folder.mkdir(parents=True)
-    for item in artifact.iterdir():
-        if item.name != cpu_kernels.LIBRARY_NAME:
-            (folder / item.name).symlink_to(item.resolve())
-    shutil.copy(library, folder / cpu_kernels.LIBRARY_NAME)
-    return folder
-
-
-def measure(artifact: Path, tokens: int) -> dict:
-    report = profile_artifact(artifact, prompt_tokens=tokens, decode_steps=2, repeats=2)
-    prefill = report.phases["prefill"]
-    return {
-        "prefill_ms": prefill.step_ms_p50,
-        "per_op_ms": dict(prefill.per_op_type_ms),
-        "decode_ms": report.phases["decode"].step_ms_p50,
-    }
+        cwd=artifact.parent,
+    )
+    prefill = json.loads(out.stdout)["phases"]["prefill"]
+    return {"step_ms": prefill["step_ms_p50"], **prefill["per_op_type_ms"]}
 
 
 def render(result: dict) -> str:
-    b, a = result["before"], result["after"]
+    before, after = result["before"], result["after"]
     lines = [
-        "# 2048-token prefill on ort-cpu-int4 (small-qwen3.5-moe)",
+        f"# Prefill of {result['tokens']} tokens: {result['target']}, {result['preset']}",
         "",
         produced_by(result),
         "",
-        f"Before: the qwen.cpu kernels at git HEAD ({result['commit']}); after: the working tree's. Same "
-        f"artifact, same process, {result['rounds']} alternating rounds of 2 timed prefills each (after one "
-        "warm-up); the medians of the rounds' medians. The machine is shared with other jobs: compare the "
-        "ratio, not the absolute times.",
+        f"Time to first token through `Session.generate` (ONNX Runtime optimizations on, 2 threads), median "
+        f"of "
+        f"{result['repeats']} per process, {result['rounds']} alternating rounds of fresh processes. Before: "
+        f"commit {result['baseline']} (its graph and kernels); after: this commit.",
         "",
-        "| | before ms | after ms | after / before |",
-        "|---|---|---|---|",
-        f"| prefill ({result['tokens']} tokens) | {b['prefill_ms']:.0f} | {a['prefill_ms']:.0f} | "
-        f"{a['prefill_ms'] / b['prefill_ms']:.2f} |",
+        "| | before (ms) | after (ms) | after / before |",
+        "|---|---:|---:|---:|",
+        f"| time to first token | {before['ttft_ms']:.0f} | {after['ttft_ms']:.0f} | {result['ratio']:.2f} |",
+        "",
+        f"Per round (after / before, measured back to back): "
+        f"{', '.join(f'{r:.2f}' for r in result['round_ratios'])}. Accepted (≤ {ACCEPT}): "
+        f"**{'yes' if result['accepted'] else 'no'}**.",
+        "",
+        "Where the prefill goes (`qwen-export profile`, optimizations off, every position's logits), ms:",
+        "",
+        "| op type | before | after |",
+        "|---|---:|---:|",
     ]
-    for op in OPS:
-        before, after = b["per_op_ms"].get(op, 0.0), a["per_op_ms"].get(op, 0.0)
-        ratio = f"{after / before:.2f}" if before else "-"
-        lines.append(f"| {op} | {before:.0f} | {after:.0f} | {ratio} |")
-    lines.append(
-        f"| decode step (batch 1) | {b['decode_ms']:.2f} | {a['decode_ms']:.2f} | "
-        f"{a['decode_ms'] / b['decode_ms']:.2f} |"
+    ops = sorted(
+        set(before["per_op_ms"]) | set(after["per_op_ms"]), key=lambda o: -before["per_op_ms"].get(o, 0)
     )
-    ratios = ", ".join(f"{r:.2f}" for r in result["round_ratios"])
-    lines += [
-        "",
-        f"Prefill after / before per round: {ratios}; median {result['ratio']:.2f}. "
-        f"Acceptance (after <= 0.5 x before): {'met' if result['accepted'] else 'NOT met'}.",
-    ]
-    return "\n".join(lines)
+    for op in ops:
+        b, a = before["per_op_ms"].get(op), after["per_op_ms"].get(op)
+        lines.append(f"| {op} | {'' if b is None else f'{b:.0f}'} | {'' if a is None else f'{a:.0f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with")
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--artifact", type=Path, help="an ort-cpu-int4 build of the small preset (else built)"
-    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-prefill-") as tmp:
         tmp = Path(tmp)
-        artifact = args.artifact
-        if artifact is None:
-            artifact = tmp / "small-int4"
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "qwen_export.cli",
-                    "build",
-                    "--preset",
-                    PRESET,
-                    "--target",
-                    TARGET,
-                    "-o",
-                    str(artifact),
-                ],
-                check=True,
-                capture_output=True,
-            )
-        before = artifact_with(artifact, head_library(tmp / "head"), tmp / "before")
-        after = artifact_with(artifact, cpu_kernels.library_path(), tmp / "after")
-        rounds: dict[str, list[dict]] = {"before": [], "after": []}
+        sides = {"before": baseline_python(args.baseline, tmp / "baseline"), "after": Path(sys.executable)}
+        artifacts = {name: build(python, tmp / f"{name}-int4") for name, python in sides.items()}
+        rounds: dict[str, list[float]] = {"before": [], "after": []}
         for _ in range(args.rounds):
-            for name, folder in (("before", before), ("after", after)):
-                rounds[name].append(measure(folder, args.tokens))
-                print(name, f"{rounds[name][-1]['prefill_ms']:.0f} ms", file=sys.stderr)
-
-    def median(runs: list[dict]) -> dict:
-        ops = {op for r in runs for op in r["per_op_ms"]}
-        return {
-            "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
-            "decode_ms": statistics.median(r["decode_ms"] for r in runs),
-            "per_op_ms": {
-                op: statistics.median(r["per_op_ms"].get(op, 0.0) for r in runs) for op in sorted(ops)
-            },
-            "rounds_prefill_ms": [r["prefill_ms"] for r in runs],
-        }
-
+            for name, python in sides.items():
+                rounds[name].append(time_to_first_token(python, artifacts[name], args.tokens, args.repeats))
+                print(name, f"{rounds[name][-1]:.0f} ms", file=sys.stderr)
+        ops = {name: per_op(python, artifacts[name], args.tokens) for name, python in sides.items()}
+    paired = [a / b for a, b in zip(rounds["after"], rounds["before"], strict=True)]
     result = {
         **provenance(),
-        "preset": PRESET,
-        "target": TARGET,
-        "tokens": args.tokens,
-        "rounds": args.rounds,
-        "before": median(rounds["before"]),
-        "after": median(rounds["after"]),
-    }
-    # each round's after / before (measured back to back), then their median: steadier than a ratio of medians
-    paired = [
-        a["prefill_ms"] / b["prefill_ms"] for a, b in zip(rounds["after"], rounds["before"], strict=True)
-    ]
-    result["round_ratios"] = paired
-    result["ratio"] = statistics.median(paired)
-    result["accepted"] = result["ratio"] <= 0.5
+        "preset": PRESET, "target": TARGET, "tokens": args.tokens, "rounds": args.rounds,
+        "repeats": args.repeats, "baseline": args.baseline,
+        **{
+            name: {"ttft_ms": statistics.median(runs), "rounds_ms": runs, "per_op_ms": ops[name]}
+            for name, runs in rounds.items()
+        },
+        "round_ratios": paired, "ratio": statistics.median(paired),
+    }  # fmt: skip
+    result["accepted"] = result["ratio"] <= ACCEPT
     write_results(args.out, "prefill", result, render)
     return 0
 

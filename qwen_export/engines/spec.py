@@ -310,24 +310,32 @@ def build_profiles(
             _PAST: (0, max(1, spec.max_context // 2) - 1, spec.max_context - 1),
         },
     }
-    profiles = []
-    for name, dims_by_symbol in ranges.items():
-        shapes = {}
-        for input_name, dims in inputs:
-            mins, opts, maxs = [], [], []
-            for axis, d in enumerate(dims):
-                if isinstance(d, int) and d >= 0:
-                    lo = opt = hi = d
-                elif isinstance(d, str) and d in dims_by_symbol:
-                    lo, opt, hi = dims_by_symbol[d]
-                else:
-                    raise DeploySpecError(
-                        f"input {input_name!r} has dimension {axis} = {d!r}, which the deployment spec "
-                        f"cannot bound (known: {', '.join(dims_by_symbol)})"
-                    )
-                mins.append(lo)
-                opts.append(opt)
-                maxs.append(hi)
-            shapes[input_name] = (tuple(mins), tuple(opts), tuple(maxs))
-        profiles.append(Profile(name, shapes))
-    return profiles
+    bound = "the deployment spec"
+    return [Profile(name, profile_shapes(inputs, dims, bound)) for name, dims in ranges.items()]
+
+
+def profile_shapes(
+    inputs: Sequence[tuple[str, Sequence[int | str | None]]],
+    ranges: dict[str, tuple[int, int, int]],
+    bounded_by: str,
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) dimensions per input: fixed dims as they are, symbolic ones from `ranges`; a symbol
+    `ranges` lacks is a one-line error naming what could not bound it."""
+    shapes = {}
+    for input_name, dims in inputs:
+        mins, opts, maxs = [], [], []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d >= 0:
+                lo = opt = hi = d
+            elif isinstance(d, str) and d in ranges:
+                lo, opt, hi = ranges[d]
+            else:
+                raise DeploySpecError(
+                    f"input {input_name!r} has dimension {axis} = {d!r}, which {bounded_by} cannot bound "
+                    f"(known: {', '.join(ranges)})"
+                )
+            mins.append(lo)
+            opts.append(opt)
+            maxs.append(hi)
+        shapes[input_name] = (tuple(mins), tuple(opts), tuple(maxs))
+    return shapes

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen_export.engines.spec import DeploySpec, DeploySpecError, Profile
+from qwen_export.engines.spec import DeploySpec, DeploySpecError, Profile, profile_shapes
 from qwen_export.errors import QwenExportError
 
 # Defaults when the spec leaves them out: a 1024x1024 image (Qwen3.5's processors resize larger ones to
@@ -80,24 +80,7 @@ class VisionLimits:
             "patches": (block, self.patches_per_frame, self.max_patches),
             "segment_bounds": (2, 2, self.max_patches // block + 1),
         }
-        shapes = {}
-        for name, dims in inputs:
-            lows, opts, highs = [], [], []
-            for axis, d in enumerate(dims):
-                if isinstance(d, int) and d >= 0:
-                    lo = opt = hi = d
-                elif isinstance(d, str) and d in ranges:
-                    lo, opt, hi = ranges[d]
-                else:
-                    raise DeploySpecError(
-                        f"vision input {name!r} has dimension {axis} = {d!r}, which the media limits cannot "
-                        f"bound (known: {', '.join(ranges)})"
-                    )
-                lows.append(lo)
-                opts.append(opt)
-                highs.append(hi)
-            shapes[name] = (tuple(lows), tuple(opts), tuple(highs))
-        return [Profile("vision", shapes)]
+        return [Profile("vision", profile_shapes(inputs, ranges, "the media limits"))]
 
     def check(self, image_grids: np.ndarray | None, video_grids: np.ndarray | None) -> None:
         """Refuse, naming the limit, an image or video (as the processor resized it: grid_thw rows) that

@@ -30,8 +30,9 @@ PRESET = "small-qwen3.5-moe"
 TARGET = "ort-cpu-int4"
 BASELINE = "9dadabe"  # the commit #19's "current time" is measured at
 ACCEPT = 0.5  # after / before
-# One measurement, run by each side's Python: median time to first token of the last `repeats` of
-# repeats + 1 generations (the first warms the session).
+# One measurement, run by each side's Python: the medians of the last `repeats` of repeats + 1 runs (the
+# first warms the session) of time to first token and of decode speed (64-token prompt, 32 new tokens: that
+# the prefill work cost decode nothing).
 MEASURE = """
 import json, sys, time
 import numpy as np
@@ -39,12 +40,14 @@ from qwen_export.runtime.session import Session
 artifact, tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 session = Session.load(artifact, threads=2)
 prompt = (np.arange(tokens) * 7919 % (session.backend.vocab_size - 1) + 1).tolist()
-ttft = []
+ttft, decode = [], []
 for _ in range(repeats + 1):
     start = time.perf_counter()
     session.generate([prompt], 1)
     ttft.append((time.perf_counter() - start) * 1000)
-print(json.dumps(sorted(ttft[1:])[len(ttft[1:]) // 2]))
+    decode.append(session.generate([prompt[:64]], 33).decode_tokens_per_s)
+median = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]
+print(json.dumps({"ttft_ms": median(ttft), "decode_tok_s": median(decode)}))
 """
 
 
@@ -80,12 +83,12 @@ def build(python: Path, out: Path) -> Path:
     return out
 
 
-def time_to_first_token(python: Path, artifact: Path, tokens: int, repeats: int) -> float:
+def measure(python: Path, artifact: Path, tokens: int, repeats: int) -> dict[str, float]:
     out = subprocess.run(
         [str(python), "-c", MEASURE, str(artifact), str(tokens), str(repeats)],
         check=True, capture_output=True, text=True, cwd=artifact.parent,
     )  # fmt: skip
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def per_op(python: Path, artifact: Path, tokens: int) -> dict[str, float]:
@@ -116,6 +119,9 @@ def render(result: dict) -> str:
         "| | before (ms) | after (ms) | after / before |",
         "|---|---:|---:|---:|",
         f"| time to first token | {before['ttft_ms']:.0f} | {after['ttft_ms']:.0f} | {result['ratio']:.2f} |",
+        f"| decode (tokens/s, 64-token prompt) | {before['decode_tok_s']:.0f} | "
+        f"{after['decode_tok_s']:.0f} | "
+        f"{result['decode_ratio']:.2f} |",
         "",
         f"Per round (after / before, measured back to back): "
         f"{', '.join(f'{r:.2f}' for r in result['round_ratios'])}. Accepted (≤ {ACCEPT}): "
@@ -147,22 +153,29 @@ def main() -> int:
         tmp = Path(tmp)
         sides = {"before": baseline_python(args.baseline, tmp / "baseline"), "after": Path(sys.executable)}
         artifacts = {name: build(python, tmp / f"{name}-int4") for name, python in sides.items()}
-        rounds: dict[str, list[float]] = {"before": [], "after": []}
+        rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for _ in range(args.rounds):
             for name, python in sides.items():
-                rounds[name].append(time_to_first_token(python, artifacts[name], args.tokens, args.repeats))
-                print(name, f"{rounds[name][-1]:.0f} ms", file=sys.stderr)
+                rounds[name].append(measure(python, artifacts[name], args.tokens, args.repeats))
+                print(name, rounds[name][-1], file=sys.stderr)
         ops = {name: per_op(python, artifacts[name], args.tokens) for name, python in sides.items()}
-    paired = [a / b for a, b in zip(rounds["after"], rounds["before"], strict=True)]
+    pairs = list(zip(rounds["after"], rounds["before"], strict=True))
+    paired = [a["ttft_ms"] / b["ttft_ms"] for a, b in pairs]
+    decode = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in pairs]
     result = {
         **provenance(),
         "preset": PRESET, "target": TARGET, "tokens": args.tokens, "rounds": args.rounds,
         "repeats": args.repeats, "baseline": args.baseline,
         **{
-            name: {"ttft_ms": statistics.median(runs), "rounds_ms": runs, "per_op_ms": ops[name]}
+            name: {
+                "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                "rounds": runs, "per_op_ms": ops[name],
+            }
             for name, runs in rounds.items()
         },
         "round_ratios": paired, "ratio": statistics.median(paired),
+        "decode_round_ratios": decode, "decode_ratio": statistics.median(decode),
     }  # fmt: skip
     result["accepted"] = result["ratio"] <= ACCEPT
     write_results(args.out, "prefill", result, render)

@@ -23,6 +23,8 @@ import onnxruntime as ort
 
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.vision_spec import VisionSpec
+from qwen_export.runtime.artifact_folder import Artifact
+from qwen_export.runtime.decoding import decode_tokens_per_s, sample_stream, tokens_per_row
 from qwen_export.runtime.mrope import decode_positions, rope_index
 from qwen_export.runtime.multimodal_inputs import (
     check_token_ids,
@@ -40,7 +42,6 @@ from qwen_export.runtime.ort_decoder import (
     session_options,
 )
 from qwen_export.runtime.sampling import SamplingConfig
-from qwen_export.runtime.session import Artifact, decode_tokens_per_s, sample_stream, tokens_per_row
 
 GREEDY = SamplingConfig()
 

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from qwen_export.artifact import (
-    DRAFT_FILE,
-    EXPORT_INFO_FILE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    RANKS_FORMAT,
-    READABLE_FORMATS,
-)
 from qwen_export.errors import QwenExportError
+from qwen_export.runtime.artifact_folder import Artifact
+from qwen_export.runtime.decoding import decode_tokens_per_s, sample_stream, tokens_per_row
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
-from qwen_export.runtime.sampling import Sampler, SamplingConfig
+from qwen_export.runtime.sampling import SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
 from qwen_export.targets import TARGETS
 
@@ -29,8 +22,6 @@ if TYPE_CHECKING:
     from qwen_export.runtime.multimodal import MultimodalPrompt, MultimodalRunner
 
 GREEDY = SamplingConfig()
-# One decode step: (new tokens [B, 1], attention mask [B, T] with them, states) -> (logits [B, V], states)
-StepFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
 
 
 class Backend(Protocol):
@@ -56,64 +47,6 @@ class GenerationResult:
     texts: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     speculative: dict[str, Any] | None = None  # acceptance per draft position (SpeculativeStats.to_json)
-
-
-@dataclass
-class Artifact:
-    folder: Path
-    info: dict[str, Any]
-    model_path: Path
-    target: str
-
-    @classmethod
-    def open(cls, folder: str | Path) -> Artifact:
-        folder = Path(folder)
-        for name in (MANIFEST_FILE, EXPORT_INFO_FILE):
-            if (folder / name).is_file():
-                info_path = folder / name
-                break
-        else:
-            raise QwenExportError(
-                f"{folder}: not an artifact folder (no {MANIFEST_FILE} or {EXPORT_INFO_FILE})"
-            )
-        try:
-            info = json.loads(info_path.read_text())
-        except json.JSONDecodeError as e:
-            raise QwenExportError(f"{info_path}: malformed JSON ({e})") from None
-        fmt = info.get("format")
-        if fmt not in READABLE_FORMATS:
-            raise QwenExportError(
-                f"{info_path}: format {fmt!r} comes from another qwen-export version; "
-                f"this one reads {', '.join(READABLE_FORMATS)} (rebuild the artifact)"
-            )
-        target = info.get("target", "onnx")
-        model_entry = info.get("model", MODEL_FILE)  # engine manifests describe their source model instead
-        model_path = folder / (model_entry if isinstance(model_entry, str) else MODEL_FILE)
-        if fmt == RANKS_FORMAT:  # one graph per rank; rank 0's stands for the artifact's interface
-            from qwen_export.runtime.ranks import check_ranks
-
-            model_path = check_ranks(folder, info)[0] / MODEL_FILE
-        known = TARGETS.get(target)
-        onnx_target = known is not None and known.runs_on_onnxruntime
-        if onnx_target and not model_path.is_file():
-            raise QwenExportError(f"{folder}: {model_path.name} is missing (the artifact is incomplete)")
-        if onnx_target and not (model_path.parent / (model_path.name + ".data")).is_file():
-            raise QwenExportError(f"{folder}: {model_path.name}.data is missing (the artifact is incomplete)")
-        for name in info.get("files", {}):  # everything the build wrote, the CPU kernel library included
-            if not (folder / name).is_file():
-                raise QwenExportError(f"{folder}: {name} is missing (the artifact is incomplete)")
-        return cls(folder, info, model_path, target)
-
-    @property
-    def draft_path(self) -> Path | None:
-        """The MTP draft graph beside an ONNX Runtime artifact's model, if it has one."""
-        draft = self.info.get("draft")
-        if not draft:
-            return None
-        path = self.model_path.parent / draft.get("graph", DRAFT_FILE)
-        if not path.is_file():
-            raise QwenExportError(f"{self.folder}: {path.name} is missing (the artifact is incomplete)")
-        return path
 
 
 class Session:
@@ -303,54 +236,3 @@ class Session:
             {"decode_s": decode_s, "steps": float(len(steps)), **extra},
             stats.to_json() if stats is not None else None,
         )
-
-
-def sample_stream(
-    prefill: Callable[[], tuple[np.ndarray, Any]],
-    step: StepFn,
-    mask: np.ndarray,
-    max_new_tokens: int,
-    sampling: SamplingConfig = GREEDY,
-    stop_tokens: Sequence[int] = (),
-    timings: dict[str, float] | None = None,
-) -> Iterator[np.ndarray]:
-    """The decode loop every backend shares: `prefill()` gives the last-position logits [B, V] and states,
-    then each step samples a token per row ([B], yielded) and feeds it back with the mask grown by one.
-    Rows that hit a stop token repeat it until all rows are done."""
-    batch = mask.shape[0]
-    sampler = Sampler(sampling)
-    stops = np.array(list(stop_tokens), np.int64)
-    done = np.zeros(batch, bool)
-    start = time.perf_counter()
-    logits, states = prefill()
-    for index in range(max_new_tokens):
-        token = sampler(logits)
-        token = np.where(done, stops[0] if stops.size else token, token)
-        done |= np.isin(token, stops)
-        if timings is not None and index == 0:
-            timings["time_to_first_token_s"] = time.perf_counter() - start
-            timings["decode_start"] = time.perf_counter()
-        yield token
-        if done.all() or index == max_new_tokens - 1:
-            break
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits, states = step(token[:, None], mask, states)
-    if timings is not None:
-        timings["decode_end"] = time.perf_counter()
-
-
-def tokens_per_row(steps: Sequence[np.ndarray], batch: int, stop_tokens: Sequence[int]) -> list[list[int]]:
-    """The streamed [B] tokens as one list per row, each cut after its first stop token."""
-    table = np.stack(steps, axis=1) if steps else np.zeros((batch, 0), np.int64)
-    tokens = []
-    for row in table.tolist():
-        hit = next((i for i, t in enumerate(row) if t in stop_tokens), None)
-        tokens.append(row if hit is None else row[: hit + 1])
-    return tokens
-
-
-def decode_tokens_per_s(timings: dict[str, float], steps: int, batch: int = 1) -> float:
-    """Tokens per second over the decode steps `stream` timed (the first token comes from the prefill)."""
-    decode_s = timings["decode_end"] - timings["decode_start"]
-    decode_steps = max(steps - 1, 0)
-    return decode_steps * batch / decode_s if decode_s > 0 and decode_steps else 0.0

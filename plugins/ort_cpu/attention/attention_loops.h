@@ -27,7 +27,49 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
+// Many query rows (prefill tiles): the key block transposed once to [hd][kBlockKeys], then four query rows at
+// a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair).
+constexpr int64_t kBlockKeys = 32;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
+constexpr int64_t kMaxHeadDim = 512;
+constexpr int64_t kDimChunk = 16;
+
+void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s) {
+  alignas(64) float kt[kMaxHeadDim * kBlockKeys];
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t j = 0; j < kBlockKeys; ++j) kt[d * kBlockKeys + j] = j < count ? keys[j * hd + d] : 0.f;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    alignas(64) float acc[4][kBlockKeys] = {};
+    const float *q0 = q + r * hd, *q1 = q0 + hd, *q2 = q1 + hd, *q3 = q2 + hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      const float* kd = kt + d * kBlockKeys;
+      const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
+#pragma omp simd
+      for (int64_t j = 0; j < kBlockKeys; ++j) {
+        acc[0][j] += a0 * kd[j];
+        acc[1][j] += a1 * kd[j];
+        acc[2][j] += a2 * kd[j];
+        acc[3][j] += a3 * kd[j];
+      }
+    }
+    for (int64_t i = 0; i < 4; ++i) std::memcpy(s + (r + i) * kBlockKeys, acc[i], count * sizeof(float));
+  }
+  for (; r < rows; ++r) {
+    alignas(64) float acc[kBlockKeys] = {};
+    for (int64_t d = 0; d < hd; ++d) {
+      const float a = q[r * hd + d];
+#pragma omp simd
+      for (int64_t j = 0; j < kBlockKeys; ++j) acc[j] += a * kt[d * kBlockKeys + j];
+    }
+    std::memcpy(s + r * kBlockKeys, acc, count * sizeof(float));
+  }
+}
+
 void scores(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
+  if (rows >= 8 && ld == kBlockKeys && count <= kBlockKeys && hd <= kMaxHeadDim) {
+    scores_blocked(q, rows, keys, count, hd, s);
+    return;
+  }
   for (int64_t j = 0; j < count; ++j) {
     const float* key = keys + j * hd;
     for (int64_t r = 0; r < rows; ++r) {
@@ -40,9 +82,33 @@ void scores(const float* q, int64_t rows, const float* keys, int64_t count, int6
   }
 }
 
+// Four rows at a time, one chunk of head dims at a time: the four output chunks stay in registers across
+// the block's keys, and each value chunk is loaded once for the four rows.
 void accumulate(const float* p, int64_t rows, int64_t ld, const float* values, int64_t count, int64_t hd,
                 float* acc) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  if (hd % kDimChunk == 0) {
+    for (; r + 4 <= rows; r += 4) {
+      const float *p0 = p + r * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
+      for (int64_t d0 = 0; d0 < hd; d0 += kDimChunk) {
+        alignas(64) float a[4][kDimChunk];
+        for (int64_t i = 0; i < 4; ++i) std::memcpy(a[i], acc + (r + i) * hd + d0, sizeof(a[i]));
+        for (int64_t j = 0; j < count; ++j) {
+          const float* v = values + j * hd + d0;
+          const float w0 = p0[j], w1 = p1[j], w2 = p2[j], w3 = p3[j];
+#pragma omp simd
+          for (int64_t x = 0; x < kDimChunk; ++x) {
+            a[0][x] += w0 * v[x];
+            a[1][x] += w1 * v[x];
+            a[2][x] += w2 * v[x];
+            a[3][x] += w3 * v[x];
+          }
+        }
+        for (int64_t i = 0; i < 4; ++i) std::memcpy(acc + (r + i) * hd + d0, a[i], sizeof(a[i]));
+      }
+    }
+  }
+  for (; r < rows; ++r) {
     float* a = acc + r * hd;
     for (int64_t j = 0; j < count; ++j) {
       const float w = p[r * ld + j];

@@ -196,3 +196,25 @@ def test_greedy_tokens_match_transformers_on_the_torchvision_arrays(checkpoint, 
     worst = float(np.abs(result.prefill_logits - logits).max())
     assert worst <= FP32_MAX_ABS, f"prefill logits {worst:.3g} away from transformers'"
     assert result.tokens == generated[0, ref["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("case", ["video", "image_and_video"])
+def test_cli_run_gives_the_same_tokens(checkpoint, inputs, case):
+    """`qwen-export run --image/--video` is the runner above: its greedy ids are the ones checked against
+    transformers' `generate` in the test before."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    runner, _ = checkpoint
+    images, videos = media(inputs, case)
+    prompt = MANIFEST["cases"][case]["prompt"]
+    expected = runner.generate(runner.build_inputs(runner.preprocess(prompt, images, videos)), NEW_TOKENS)
+    args = ["run", str(runner.artifact.folder), "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS)]
+    args += [a for image in images for a in ("--image", str(image))]
+    args += [a for video in videos for a in ("--video", ",".join(str(f) for f in video))]
+    out = CliRunner().invoke(app, [*args, "--json", "--stop", "-1"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output.strip().splitlines()[-1])["ids"] == expected.tokens

@@ -23,8 +23,8 @@ const AttentionLoops kLoopsPortable = portable::kLoops;
 
 namespace {
 
-constexpr int64_t kKeyBlock = 32;      // keys per block: their scores stay in registers/L1, fp16 rows convert
-constexpr int64_t kQueryRows = 64;     // prefill: query rows (tokens x heads of one group) per tile
+constexpr int64_t kKeyBlock = 64;      // keys per block: their scores stay in registers/L1, fp16 rows convert
+constexpr int64_t kQueryRows = 256;     // prefill: query rows (tokens x heads of one group) per tile
 constexpr int64_t kMinSplit = 512;     // decode: fewest keys per task (below that the combine costs more)
 constexpr int64_t kMaxSplits = 64;     // decode: most tasks per (sequence, kv head)
 constexpr int64_t kCopyRows = 1024;    // prefill: cache rows per copy task

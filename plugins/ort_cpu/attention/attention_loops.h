@@ -29,7 +29,7 @@ inline float exp_nonpositive(float x) {
 
 // Many query rows (prefill tiles): the key block transposed once to [hd][kBlockKeys], then four query rows at
 // a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair).
-constexpr int64_t kBlockKeys = 32;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
+constexpr int64_t kBlockKeys = 64;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
 constexpr int64_t kMaxHeadDim = 512;
 constexpr int64_t kDimChunk = 16;
 

@@ -412,14 +412,10 @@ def save_polygraphy_outputs(artifact: str | os.PathLike, path: str | os.PathLike
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
-    from qwen_export.runtime.ranks import open_decoder
+    from qwen_export.multimodal_tools import token_decoder
 
     model_path, info = _artifact_model(Path(artifact))
-    decoder = open_decoder(model_path)
-    if info.get("multimodal"):  # text prompts through embed.onnx
-        from qwen_export.multimodal_tools import TextEmbedsDecoder, embed_function
-
-        decoder = TextEmbedsDecoder.wrap(decoder, embed_function(Path(artifact), info))
+    decoder = token_decoder(model_path, info)
     iterations = []
     for length in lengths:
         out = decoder.prefill(make_prompt(decoder.vocab_size, length))

@@ -73,6 +73,17 @@ def vision_spec(info: Mapping[str, Any]) -> VisionSpec:
     return VisionSpec(**{**spec, "mrope_section": tuple(spec["mrope_section"])})
 
 
+def token_decoder(model_path: Path, info: Mapping[str, Any]) -> OrtDecoder:
+    """An artifact's text graph driven by token ids (the tools' prompts): as it is, or for a multimodal
+    artifact through its embed.onnx."""
+    from qwen_export.runtime.ranks import open_decoder
+
+    decoder = open_decoder(model_path)
+    if info.get("multimodal"):
+        decoder = TextEmbedsDecoder.wrap(decoder, embed_function(model_path.parent, info))
+    return decoder
+
+
 def embed_function(folder: Path, info: Mapping[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
     """embed.onnx of a multimodal artifact as a function of token ids (optimizations off, like the tools)."""
     import onnxruntime as ort

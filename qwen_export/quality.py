@@ -159,7 +159,7 @@ def text_quality(
     """Score `windows` windows (DEFAULT_WINDOWS when None) of the text with the artifact and with the
     reference: transformers on `against` (a checkpoint folder) or on the artifact's source checkpoint."""
     from qwen_export.diff import _artifact_model
-    from qwen_export.runtime.ranks import open_decoder
+    from qwen_export.multimodal_tools import token_decoder
     from qwen_export.tolerances import artifact_precision, tolerance_for
 
     model_path, info = _artifact_model(Path(artifact))
@@ -167,11 +167,7 @@ def text_quality(
         raise QwenExportError(f"{artifact}: the artifact does not name its source checkpoint")
     source_dir = Path(info["source_dir"])
     batch = text_windows(source_dir, Path(text_file), windows or DEFAULT_WINDOWS)
-    decoder = open_decoder(model_path)
-    if info.get("multimodal"):  # the text tower takes inputs_embeds: token ids go through embed.onnx
-        from qwen_export.multimodal_tools import TextEmbedsDecoder, embed_function
-
-        decoder = TextEmbedsDecoder.wrap(decoder, embed_function(model_path.parent, info))
+    decoder = token_decoder(model_path, info)
     metrics = compare_on_windows(
         lambda ids: decoder.prefill(ids).logits,
         batch,

@@ -255,7 +255,7 @@ def test_pipelines_put_every_full_attention_layer_on_the_kernel(preset, target):
     use = next(p for p in passes if isinstance(p, UseCpuAttention))
     assert use.stats.fired == {KERNEL_TARGETS[target]: 1} and not use.stats.kept
     caches = [v for v in [*model.graph.inputs, *model.graph.outputs] if v.name.endswith((".key", ".value"))]
-    want = ir.DataType.FLOAT16 if target.endswith("kv16") else ir.DataType.FLOAT
+    want = ir.DataType.FLOAT16 if use.kv_cache == "float16" else ir.DataType.FLOAT
     assert len(caches) == 4 and all(v.dtype == want for v in caches)
     assert get_target(target).cpu_kernels
 

@@ -9,7 +9,8 @@ qwen.cpu Attention (targets ort-cpu, ort-cpu-int4), or AttentionKv16 with a floa
 Everything around the core stays as lower_ort_attention emits it (the fused q|k|gate|v GEMM, q/k RMSNorm,
 partial RotaryEmbedding, the sigmoid gate, o_proj); the caches keep GQA's layout [B, kv, S, hd] and the
 concat(past, new) semantics, and padding still comes in through the [B, 1, T, S] bias. seqlens_k and
-total_sequence_length are dropped (the kernel reads S from the past cache).
+total_sequence_length are dropped (the kernel reads S off the bias, so the runtime may bind a cache buffer
+with spare rows as both past and present: runtime/in_place.py).
 
 Why: at long context the decode step is the read of the KV cache. GQA's CPU kernel reads it once per query
 head and runs its heads on few threads; the kernel reads each kv head's keys once for the G query heads
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qwen_export.cpu_kernels import DOMAIN as CPU_DOMAIN
+from qwen_export.cpu_kernels import DOMAIN_VERSION
 from qwen_export.passes.base import PassStats, QwenPass
 
-CPU_DOMAIN = "qwen.cpu"
 MS_DOMAIN = "com.microsoft"
 # GQA attributes whose default is the only value the kernel implements
 _DEFAULTS = {
@@ -78,7 +80,7 @@ class UseCpuAttention(QwenPass):
             self.stats.fire(new.op_type)
         modified = bool(self.stats.fired)
         if modified:
-            model.opset_imports.setdefault(CPU_DOMAIN, 1)
+            model.opset_imports[CPU_DOMAIN] = DOMAIN_VERSION
         return ir.passes.PassResult(model, modified)
 
     @staticmethod

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qwen_export.cpu_kernels import DOMAIN as CPU_DOMAIN
 from qwen_export.passes.lower_ort_deltanet import project
 from qwen_export.passes.lower_ort_emit import Emitter, attribute
-
-CPU_DOMAIN = "qwen.cpu"
 
 
 def lower_gated_deltanet_cpu(e: Emitter, node: ir.Node) -> list[ir.Value]:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from qwen_export.cpu_kernels import DOMAIN_VERSION
 from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.lower_cpu_deltanet import CPU_DOMAIN, lower_gated_deltanet_cpu
 from qwen_export.passes.lower_ort_attention import lower_gated_attention
@@ -100,7 +101,7 @@ class LowerToOrt(QwenPass):
         if lowered:
             graph.opset_imports[MS_DOMAIN] = 1
             if self.deltanet == "qwen-cpu" and lowered["GatedDeltaNet"]:
-                graph.opset_imports[CPU_DOMAIN] = 1
+                graph.opset_imports[CPU_DOMAIN] = DOMAIN_VERSION
         if not any(n.domain == QWEN_DOMAIN for n in graph):
             for key in [k for k in model.functions if k[0] == QWEN_DOMAIN]:
                 del model.functions[key]

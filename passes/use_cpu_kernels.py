@@ -20,11 +20,12 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.cpu_kernels import DOMAIN as CPU_DOMAIN
+from qwen_export.cpu_kernels import DOMAIN_VERSION
 from qwen_export.passes.base import PassStats, QwenPass
 from qwen_export.passes.int4_layout import pack_codes, pack_scales, packed_shapes
 from qwen_export.passes.names import UniqueNames
 
-CPU_DOMAIN = "qwen.cpu"
 MS_DOMAIN = "com.microsoft"
 
 
@@ -68,7 +69,7 @@ class UseCpuKernels(QwenPass):
             fired[new.op_type] += 1
         modified = any(fired.values())
         if modified:
-            model.opset_imports.setdefault(CPU_DOMAIN, 1)
+            model.opset_imports[CPU_DOMAIN] = DOMAIN_VERSION
         return ir.passes.PassResult(model, modified)
 
     # --- what the kernels cover ------------------------------------------------------------------------

@@ -15,12 +15,35 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_export.errors import QwenExportError
 
 LIBRARY_NAME = "libqwen_ort_cpu.so"
 DOMAIN = "qwen.cpu"
+# The version of the domain a graph imports. 2: Attention's past caches may be longer than their valid rows
+# (a buffer with room to grow) and may be the present caches' buffer (plugins/ort_cpu/attention/README.md).
+DOMAIN_VERSION = 2
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """How a qwen.cpu op may update a state in place: its past inputs and the present outputs that may be
+    bound to the same buffers (IOBinding), since which domain version, and whether the state grows along
+    axis 2 (a KV cache: the runtime binds a buffer with spare rows; the op reads the valid count off its
+    attention bias)."""
+
+    present_of_past: dict[int, int]  # past input index -> present output index
+    since: int
+    grows: bool
+
+
+STATE_UPDATES = {
+    "GatedDeltaRule": StateUpdate({2: 1, 3: 2}, since=1, grows=False),
+    "Attention": StateUpdate({3: 1, 4: 2}, since=2, grows=True),
+    "AttentionKv16": StateUpdate({3: 1, 4: 2}, since=2, grows=True),
+}
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "ort_cpu"
 # GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_undefined_ps)
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]

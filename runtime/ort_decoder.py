@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
+from qwen_export.runtime.in_place import GrowingCache, in_place_states, with_room
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -85,6 +86,10 @@ class OrtDecoder:
         self.state_suffixes = [n.removeprefix(PAST_PREFIX) for n in self.inputs if n.startswith(PAST_PREFIX)]
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        # states the graph's ops update in place (runtime/in_place.py): suffix -> grows (a KV cache)
+        self.in_place = (
+            in_place_states(self.model_path, PAST_PREFIX, PRESENT_PREFIX) if self.device == "cpu" else {}
+        )
 
     def empty_states(self, batch: int) -> dict[str, np.ndarray]:
         states = {}
@@ -159,12 +164,17 @@ class OrtDecoder:
         position_ids: np.ndarray,
         states: Mapping[str, ort.OrtValue],
     ) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
-        """One step: returns (logits of the last position [B, V], present states)."""
+        """One step: returns (logits of the last position [B, V], present states).
+
+        A one-token step on a graph whose ops update states in place (`self.in_place`) writes the present
+        states over the past ones it is given: the states passed in are consumed."""
         feeds = {
             "input_ids": np.asarray(input_ids, np.int64),
             "attention_mask": np.asarray(attention_mask, np.int64),
             "position_ids": np.asarray(position_ids, np.int64),
         }
+        if self.in_place and feeds["input_ids"].shape[1] == 1:
+            return self._step_in_place(feeds, states)
         if self.keeps_logits and self.device == "cpu":
             feeds["logits_to_keep"] = np.array(1, np.int64)
         outputs = self._run_bound(feeds, states)
@@ -173,6 +183,39 @@ class OrtDecoder:
             n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)
         }
         return logits, present
+
+    def _step_in_place(
+        self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue | GrowingCache]
+    ) -> tuple[np.ndarray, dict[str, ort.OrtValue | GrowingCache]]:
+        """A one-token step with each in-place state bound to one buffer as past and present (the KV caches
+        as GrowingCache buffers with spare rows). No logits_to_keep: one token has one row of logits."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        total = feeds["attention_mask"].shape[1]  # valid rows after this step
+        present: dict[str, ort.OrtValue | GrowingCache] = {}
+        shared: dict[str, ort.OrtValue] = {}  # present output name -> the past buffer it is written over
+        for suffix, value in states.items():
+            grows = self.in_place.get(suffix)
+            if grows:
+                present[suffix] = cache = with_room(value, total - 1, total)
+                value = cache.value
+            elif grows is False:
+                present[suffix] = value
+            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
+            if grows is not None:
+                shared[PRESENT_PREFIX + suffix] = value
+        for name in self.output_names:  # bound in the graph's order: get_outputs returns them so
+            if name in shared:
+                binding.bind_ortvalue_output(name, shared[name])
+            else:
+                binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        for name, value in outputs.items():
+            if name.startswith(PRESENT_PREFIX) and name not in shared:
+                present[name.removeprefix(PRESENT_PREFIX)] = value
+        return outputs["logits"].numpy()[:, -1], present
 
     def step_all_bound(
         self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue]

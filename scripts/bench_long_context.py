@@ -9,8 +9,10 @@ depends on the cache's size, not its content) and random DeltaNet states. Target
 
 The floor of a step is the bytes it must move over the memory bandwidth measured in the same run: the
 weights read once (the routed experts' share k/E of theirs, one embedding row) plus the states read and
-written (past K/V read, present K/V written, DeltaNet states both ways). States are bound as ONNX Runtime
-values (IOBinding), as the runtime does, so no numpy copy is timed. One session runs at a time; the targets
+written. States are bound as ONNX Runtime values (IOBinding), as the runtime binds them, so no numpy copy
+is timed: where the graph's ops update a state in place (runtime/in_place.py) one buffer is past and
+present, and a KV cache's step reads the past rows and writes one new row; elsewhere the past K/V is read
+and the present K/V written whole (the copying path). One session runs at a time; the targets
 take turns over rounds and each keeps its best block median (the machine is shared).
 
     python scripts/bench_long_context.py [--contexts 1024 4096 16384 65536 262144] [--work DIR]
@@ -132,31 +134,43 @@ def weight_bytes_per_step(model_path: Path) -> int:
 
 # --- one decode step ----------------------------------------------------------------------------------
 class Step:
-    """A session and the bound inputs of one decode step at `context` past tokens."""
+    """A session and the bound inputs of one decode step at `context` past tokens, bound as the runtime
+    binds them: states the graph's ops update in place (runtime/in_place.py) get one buffer for past and
+    present (a KV cache with spare rows), the rest a fresh present output each step."""
 
     def __init__(self, model_path: Path, context: int, threads: int) -> None:
         import onnxruntime as ort
 
-        from qwen_export.runtime.ort_decoder import session_options
+        from qwen_export.runtime.in_place import GrowingCache, in_place_states
+        from qwen_export.runtime.ort_decoder import PAST_PREFIX, PRESENT_PREFIX, session_options
 
         options = session_options(optimize=True, threads=threads, model_path=model_path)
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        in_place = in_place_states(model_path, PAST_PREFIX, PRESENT_PREFIX)
         rng = np.random.default_rng(0)
         dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self.binding = self.session.io_binding()
         self.state_bytes = 0
         self.keep = []
+        shared = {}
         for i in self.session.get_inputs():
-            if not i.name.startswith("past_key_values."):
+            if not i.name.startswith(PAST_PREFIX):
                 continue
+            suffix = i.name.removeprefix(PAST_PREFIX)
             kv = i.name.endswith((".key", ".value"))
             shape = [1 if d == "batch" else context if kv and n == 2 else d for n, d in enumerate(i.shape)]
             array = (rng.standard_normal(shape, np.float32) * 0.1).astype(dtypes[i.type])
-            self.keep.append(array)
-            self.binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(array))
-            # read the past, write the present (one row longer for K/V)
             per_row = array.nbytes / context if kv else 0
-            self.state_bytes += array.nbytes + array.nbytes + per_row
+            if in_place.get(suffix):  # a buffer with spare rows: read the past, write the new row
+                value = GrowingCache.holding(array, context + 1).value
+                self.state_bytes += array.nbytes + per_row
+            else:  # read the past, write the present (one row longer for K/V): a copy, or in place
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                self.state_bytes += array.nbytes + array.nbytes + per_row
+            if suffix in in_place:
+                shared[PRESENT_PREFIX + suffix] = value
+            self.keep.append(value)
+            self.binding.bind_ortvalue_input(i.name, value)
         feeds = {
             "input_ids": np.array([[1]], np.int64),
             "attention_mask": np.ones((1, context + 1), np.int64),
@@ -166,7 +180,10 @@ class Step:
             self.keep.append(array)
             self.binding.bind_cpu_input(name, array)
         for o in self.session.get_outputs():
-            self.binding.bind_output(o.name, "cpu")
+            if o.name in shared:
+                self.binding.bind_ortvalue_output(o.name, shared[o.name])
+            else:
+                self.binding.bind_output(o.name, "cpu")
 
     def run(self) -> float:
         start = time.perf_counter()
@@ -264,7 +281,9 @@ def render(r: dict[str, Any]) -> str:
         "",
         "floor = (weight bytes read per step + state bytes read and written per step) / bandwidth; "
         "measured = the best of the rounds' median decode steps (one session at a time, the targets taking "
-        "turns).",
+        "turns). The new path updates its states in place (one buffer for past and present; a KV step reads "
+        "the past rows and writes one), so its states column is about half the old path's: the floor is "
+        "what that path must move.",
         "",
         "| context | target | path | step ms | weights MB | states MB | floor ms | measured / floor |",
         "|---:|---|---|---:|---:|---:|---:|---:|",

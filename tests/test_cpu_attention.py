@@ -5,6 +5,8 @@
   feeds it): decode over a carried cache (short, and long enough to split the keys across tasks), several
   query heads per kv head, left padding, no past tokens, prefill with and without past tokens. The
   present caches are concat(past, new) exactly.
+- Caches with spare rows (a buffer the runtime grows): the rows past P are ignored; with one buffer bound
+  to past and present (IOBinding) only the new rows are written and the output is the same, bit for bit.
 - AttentionKv16: the caches are float16 (new rows rounded to nearest even, the past copied bit for bit);
   its output equals the float kernel run on the float16-rounded cache (to float rounding).
 - The AVX-512, AVX2 and portable loops agree (child processes force each).
@@ -41,7 +43,7 @@ def _session(node, inputs, outputs, threads=2) -> ort.InferenceSession:
     opsets = [
         helper.make_opsetid("", 21),
         helper.make_opsetid("com.microsoft", 1),
-        helper.make_opsetid("qwen.cpu", 1),
+        helper.make_opsetid(cpu_kernels.DOMAIN, cpu_kernels.DOMAIN_VERSION),
     ]
     model = helper.make_model(graph, ir_version=10, opset_imports=opsets)
     options = ort.SessionOptions()
@@ -119,6 +121,7 @@ def _relative(a, b):
 CASES = {
     "decode": (1, 1, 37, 8, 2, 128, ()),
     "decode-long-split": (2, 1, 3000, 8, 2, 64, (0, 700)),  # several key ranges per head, combined
+    "decode-ranges-of-blocks": (1, 1, 40000, 4, 1, 16, (9,)),  # ranges of 626 keys: 512-key blocks + rest
     "decode-mha": (1, 1, 20, 4, 4, 32, ()),
     "decode-one-kv-head": (3, 1, 65, 6, 1, 16, (5, 0, 64)),
     "no-past-prompt": (2, 7, 0, 8, 2, 64, (3, 0)),
@@ -216,11 +219,67 @@ def test_every_isa_gives_the_same_result():
             assert _relative(got, want) < 1e-6, mode
 
 
+def with_spare_rows(f, spare, seed=7):
+    """`f` with `spare` rows of noise after the past caches' P valid rows (a buffer with room to grow)."""
+    rng = np.random.default_rng(seed)
+    grown = dict(f)
+    for name in ("pk", "pv"):
+        b, kv, _, hd = f[name].shape
+        noise = rng.standard_normal((b, kv, spare, hd)).astype(f[name].dtype)
+        grown[name] = np.ascontiguousarray(np.concatenate([f[name], noise], axis=2))
+    return grown
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float", "kv16"])
+@pytest.mark.parametrize("name", ["decode", "decode-long-split", "no-past-prompt", "prefill-with-past"])
+def test_spare_rows_and_one_buffer_for_past_and_present(name, half):
+    b, t, p, nh, kv, hd, pad = CASES[name]
+    f, _ = case(b, t, p, nh, kv, hd, pad, seed=6)
+    if half:
+        f = {**f, "pk": f["pk"].astype(np.float16), "pv": f["pv"].astype(np.float16)}
+    scale = 1 / np.sqrt(hd)
+    session = ours(nh, kv, scale, half=half)
+    o, ck, cv = session.run(None, f)  # exactly P rows: present = concat(past, new)
+    spare = with_spare_rows(f, t + 5)
+    # separate buffers: present has the past's rows, the valid ones followed by zeros
+    o2, ck2, cv2 = session.run(None, spare)
+    np.testing.assert_array_equal(o2, o)
+    for got, want in ((ck2, ck), (cv2, cv)):
+        assert got.shape == spare["pk"].shape
+        np.testing.assert_array_equal(got[:, :, : p + t], want)
+        assert not got[:, :, p + t :].any()
+    # one buffer bound to both: the new rows written over it, the rest untouched
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in spare.items()}
+    binding = session.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_output("o", "cpu")
+    binding.bind_ortvalue_output("ck", values["pk"])
+    binding.bind_ortvalue_output("cv", values["pv"])
+    session.run_with_iobinding(binding)
+    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), o)
+    for buffer, want, before in ((values["pk"], ck, spare["pk"]), (values["pv"], cv, spare["pv"])):
+        after = buffer.numpy()
+        np.testing.assert_array_equal(after[:, :, : p + t], want)
+        np.testing.assert_array_equal(after[:, :, p + t :], before[:, :, p + t :])
+
+
 def test_bad_input_fails_with_the_kernels_reason():
     f, _ = case(1, 1, 4, 8, 2, 16)
     session = ours(8, 2, 0.25)
     with pytest.raises(Exception, match=r"Attention: attention_bias must be \[B, 1, T or 1, P \+ T\]"):
-        session.run(None, {**f, "bias": np.zeros((1, 1, 1, 4), np.float32)})
+        session.run(None, {**f, "bias": np.zeros((1, 1, 2, 5), np.float32)})
+    with pytest.raises(Exception, match=r"covers P \+ T = 7 keys, but the past caches hold 4 rows"):
+        session.run(None, {**f, "bias": np.zeros((1, 1, 1, 7), np.float32)})
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in with_spare_rows(f, 3).items()}
+    binding = session.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_output("o", "cpu")
+    binding.bind_ortvalue_output("ck", values["pk"])
+    binding.bind_output("cv", "cpu")
+    with pytest.raises(Exception, match="bind both caches to their past buffers, or neither"):
+        session.run_with_iobinding(binding)
     with pytest.raises(
         Exception, match=r"Attention: key and value must be \[B, T, kv_num_heads\*head_size\]"
     ):
@@ -319,6 +378,43 @@ def test_ort_cpu_artifact_equals_transformers(tmp_path):
     assert np.abs(logits - g.greedy_logits).max() < FP32_MAX_ABS
 
 
+@pytest.mark.parametrize("target", ["ort-cpu-int4", "ort-cpu-int4-kv16"])
+def test_runtime_updates_the_states_in_place(tmp_path, monkeypatch, target):
+    """Session decode steps bind one buffer to each state's past and present (runtime/in_place.py): the
+    DeltaNet states and the KV caches (buffers with spare rows, regrown here every 3 rows so a 24-token
+    generation crosses several regrowths). Tokens and every step's logits equal the copying path's, bit
+    for bit, on a left-padded batch."""
+    from qwen_export.build import build
+    from qwen_export.runtime import in_place
+    from qwen_export.runtime.session import Session
+
+    out = build(tmp_path / "art", preset="tiny-qwen3.5-moe", target=target).out_dir
+    session = Session.load(out)
+    decoder = session.backend
+    layers = {s.split(".")[0] for s in decoder.state_suffixes}
+    assert set(decoder.in_place) == set(decoder.state_suffixes), "every state of this graph in place"
+    assert {s for s, grows in decoder.in_place.items() if grows} == {
+        f"{n}.{kind}" for n in layers for kind in ("key", "value") if f"{n}.key" in decoder.state_suffixes
+    }
+    monkeypatch.setattr(in_place, "GROW_ROWS", 3)
+    prompts = [[5, 9, 14, 3, 7, 11, 2], [8, 1], [4, 4, 6, 13]]
+    steps = []
+
+    def record(*args):
+        logits, states = step(*args)
+        steps.append(logits)
+        return logits, states
+
+    step, decoder.step_bound = decoder.step_bound, record
+    fast = session.generate(prompts, 24).tokens
+    fast_logits, steps = steps, []
+    decoder.in_place = {}
+    slow = session.generate(prompts, 24).tokens
+    assert fast == slow
+    for a, b in zip(fast_logits, steps, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_kv16_artifact_against_the_float_cache_and_the_golden(tmp_path):
     """ort-cpu-int4-kv16 vs ort-cpu-int4 (same int4 weights): decode logits within KV16_MAX_ABS, the same
     greedy tokens; against the golden, the int4 tolerances (top-1, KL, max |Δ|)."""
@@ -341,7 +437,8 @@ def test_kv16_artifact_against_the_float_cache_and_the_golden(tmp_path):
     assert np.abs(f16[0] - f32[0]).max() < KV16_MAX_ABS  # prefill: the new rows are rounded to float16
     assert np.abs(f16[2] - f32[2]).max() < KV16_MAX_ABS  # decode over the float16 cache
     np.testing.assert_array_equal(free16[1], free32[1])
-    # the runtime keeps the float16 cache as it is (no fp32 emulation) and decodes the same tokens
+    # the runtime keeps the float16 cache as it is (no fp32 emulation), updates the states in place and
+    # decodes the same tokens
     session = Session.load(tmp_path / "ort-cpu-int4-kv16")
     assert not session.backend.emulated
     assert session.generate([g.greedy_prompt[0].tolist()], n).tokens == [free32[1][0].tolist()]

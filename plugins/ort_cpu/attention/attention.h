@@ -1,18 +1,21 @@
 // Causal softmax attention over a KV cache on the CPU: the header-free core of the qwen.cpu Attention and
 // AttentionKv16 kernels (no ONNX Runtime types here).
 //
-//   present_k[b, h] = concat(past_k[b, h], k[b, :, h]);  present_v likewise            (S = P + T keys)
+//   present_k[b, h, :S] = concat(past_k[b, h, :P], k[b, :, h]);  present_v likewise       (S = P + T keys)
 //   out[b, t, n]    = softmax_j(scale * q[b, t, n] . present_k[b, n/G, j] + bias[b, t, j]) present_v[b, n/G, j]
 //                     over keys j <= P + t                                             (G = nh / kv)
 //
-// q [B, T, nh*hd], k and v [B, T, kv*hd], caches [B, kv, P or S, hd], bias [B, 1, T or 1, S] (0 for a
-// real key, a large negative number for padding). The caches hold float or float16 (AttentionKv16); the
-// arithmetic is fp32 either way. The G query heads of one kv head share one pass over its keys.
+// q [B, T, nh*hd], k and v [B, T, kv*hd], bias [B, 1, T or 1, S] (0 for a real key, a large negative number
+// for padding). The past caches [B, kv, C, hd] hold P <= C valid rows (C > P: a buffer with room to grow);
+// the present ones have max(C, S) rows. When present is the past buffer itself (the runtime binds one
+// buffer to both), only the T new rows are written: the step reads the cache once and writes one row.
+// The caches hold float or float16 (AttentionKv16); the arithmetic is fp32 either way. The G query heads
+// of one kv head share one pass over its keys.
 //
 // Decode (T == 1) splits each (sequence, kv head)'s keys into ranges, one task each (partial max, sum and
-// output per range, combined after: flash decoding); each task copies its range of the past cache into the
-// present one as it reads it, so the cache is read once and written once per step. Prefill copies first,
-// then runs tiles of queries over blocks of keys.
+// output per range, combined after: flash decoding); with separate buffers each task copies its range of
+// the past cache into the present one as it reads it. Prefill copies first (separate buffers), then runs
+// tiles of queries over blocks of keys.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,8 @@ namespace qwen_cpu {
 
 struct AttentionShape {
   int64_t batch = 0, tokens = 0, past = 0;  // B, T, P
+  int64_t past_rows = 0, present_rows = 0;  // C >= P rows per (b, h) of the past caches, max(C, S) of the present
+  bool shared = false;                      // present is the past buffer: only the new rows are written
   int64_t num_heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 1.f;
   bool bias_per_token = true;  // bias [B, 1, T, S]; else [B, 1, 1, S] for every query
@@ -54,6 +59,12 @@ struct AttentionLoops {
   // acc[r] += sum_j p[r * ld + j] * values[j] for r < rows, j < count.
   void (*accumulate)(const float* p, int64_t rows, int64_t ld, const float* values, int64_t count, int64_t hd,
                      float* acc);
+  // The two above over float16 keys / values, converted as they are loaded; false where they do not apply
+  // (prefill tiles, odd head sizes, the portable loops): the caller converts a block and runs the above.
+  bool (*scores_half)(const float* q, int64_t rows, const Half* keys, int64_t count, int64_t hd, float* s,
+                      int64_t ld);
+  bool (*accumulate_half)(const float* p, int64_t rows, int64_t ld, const Half* values, int64_t count,
+                          int64_t hd, float* acc);
   // p = exp(s - max) in place, returns the sum (n values).
   float (*exp_sum)(float* s, int64_t n, float max);
   void (*half_to_float)(const Half* x, float* y, int64_t n);

@@ -1,8 +1,9 @@
 // Not a normal header: included inside a namespace by each ISA's file (no include guard on purpose).
 // The attention core's inner loops, written once and compiled per instruction set: attention.cpp
 // (portable), attention_avx2.cpp (-mavx2 -mfma -mf16c) and attention_avx512.cpp include this file inside
-// their own namespace, with -fopenmp-simd so the `omp simd` loops vectorise to that ISA's width. Only the
-// float16 conversions and the streaming copy use intrinsics, under the ISA's own macros.
+// their own namespace, with -fopenmp-simd so the `omp simd` loops vectorise to that ISA's width. The
+// decode loops (few query rows), the float16 conversions and the streaming copy use intrinsics, under the
+// ISA's own macros (AVX-512F or AVX2+FMA+F16C; the portable build runs the `omp simd` loops).
 //
 // Needs <cstring>, <cstdint> and, on x86, <immintrin.h> included before the namespace.
 
@@ -31,7 +32,6 @@ inline float exp_nonpositive(float x) {
 // a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair).
 constexpr int64_t kBlockKeys = 64;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
 constexpr int64_t kMaxHeadDim = 512;
-constexpr int64_t kDimChunk = 16;
 
 void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s) {
   alignas(64) float kt[kMaxHeadDim * kBlockKeys];
@@ -65,11 +65,135 @@ void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t cou
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+using Lanes = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kAccRows = 4;  // rows x 4 sums in registers (32 zmm)
+inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
+inline Lanes lanes_load(const float* x) { return _mm512_loadu_ps(x); }
+inline Lanes lanes_load(const Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+inline Lanes lanes_set(float x) { return _mm512_set1_ps(x); }
+inline Lanes lanes_fmadd(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline void lanes_store(float* y, Lanes x) { _mm512_storeu_ps(y, x); }
+inline __m256 to_256(Lanes x) {
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));  // AVX-512F only
+  return _mm256_add_ps(_mm512_castps512_ps256(x), high);
+}
+#else
+using Lanes = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kAccRows = 2;  // rows x 4 sums in registers (16 ymm)
+inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+inline Lanes lanes_load(const float* x) { return _mm256_loadu_ps(x); }
+inline Lanes lanes_load(const Half* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+inline Lanes lanes_set(float x) { return _mm256_set1_ps(x); }
+inline Lanes lanes_fmadd(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline void lanes_store(float* y, Lanes x) { _mm256_storeu_ps(y, x); }
+inline __m256 to_256(Lanes x) { return x; }
+#endif
+template <typename T>
+inline Lanes lanes_fma(const float* a, const T* b, Lanes c) { return lanes_fmadd(lanes_load(a), lanes_load(b), c); }
+
+// The four sums of four vectors, as one 128-bit vector (a shuffle tree, not four serial reductions).
+inline __m128 sum4(Lanes a, Lanes b, Lanes c, Lanes d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(to_256(a), to_256(b)), _mm256_hadd_ps(to_256(c), to_256(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Few query rows (decode: the G heads of one kv head): four keys at a time, four independent chains per
+// row, the four dot products reduced together. (Two or four rows at once, each key chunk loaded once for
+// them, measured slower at 64K keys: 6.2 and 6.8 ms against 5.4 for one layer of the small preset.) Keys
+// as float, or float16 converted as they are loaded.
+template <typename T>
+bool scores_few_rows(const float* q, int64_t rows, const T* keys, int64_t count, int64_t hd, float* s,
+                     int64_t ld) {
+  if (hd % kLanes != 0) return false;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const T *k0 = keys + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * hd;
+      Lanes a0 = lanes_zero(), a1 = lanes_zero(), a2 = lanes_zero(), a3 = lanes_zero();
+      for (int64_t d = 0; d < hd; d += kLanes) {
+        a0 = lanes_fma(qr + d, k0 + d, a0);
+        a1 = lanes_fma(qr + d, k1 + d, a1);
+        a2 = lanes_fma(qr + d, k2 + d, a2);
+        a3 = lanes_fma(qr + d, k3 + d, a3);
+      }
+      _mm_storeu_ps(s + r * ld + j, sum4(a0, a1, a2, a3));
+    }
+  }
+  for (; j < count; ++j)
+    for (int64_t r = 0; r < rows; ++r) {
+      Lanes a = lanes_zero();
+      for (int64_t d = 0; d < hd; d += kLanes) a = lanes_fma(q + r * hd + d, keys + j * hd + d, a);
+      s[r * ld + j] = _mm_cvtss_f32(sum4(a, lanes_zero(), lanes_zero(), lanes_zero()));
+    }
+  return true;
+}
+
+// acc[r] += sum_j p[r * ld + j] * values[j] for R rows, four vectors of head dims at a time (R x 4 sums in
+// registers across the block's keys); float16 values are converted as they are loaded.
+template <int R, typename T>
+void accumulate_rows(const float* p, int64_t ld, const T* values, int64_t count, int64_t hd, float* acc) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 4 * kLanes) {
+    Lanes a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = lanes_load(acc + r * hd + d0 + i * kLanes);
+    for (int64_t j = 0; j < count; ++j) {
+      const T* v = values + j * hd + d0;
+      const Lanes v0 = lanes_load(v), v1 = lanes_load(v + kLanes), v2 = lanes_load(v + 2 * kLanes),
+                  v3 = lanes_load(v + 3 * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const Lanes w = lanes_set(p[r * ld + j]);
+        a[r][0] = lanes_fmadd(w, v0, a[r][0]);
+        a[r][1] = lanes_fmadd(w, v1, a[r][1]);
+        a[r][2] = lanes_fmadd(w, v2, a[r][2]);
+        a[r][3] = lanes_fmadd(w, v3, a[r][3]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) lanes_store(acc + r * hd + d0 + i * kLanes, a[r][i]);
+  }
+}
+
+bool scores_half(const float* q, int64_t rows, const Half* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
+  return rows < 8 && scores_few_rows(q, rows, keys, count, hd, s, ld);  // prefill tiles: converted blocks
+}
+
+// Few rows (decode): four rows, then one, at a time (the omp-simd loop below measured 4.6-6.2 ms on one
+// 64K-key layer, depending on how the compiler laid it out; these 4.1-4.5).
+template <typename T>
+bool accumulate_few_rows(const float* p, int64_t rows, int64_t ld, const T* values, int64_t count, int64_t hd,
+                         float* acc) {
+  if (rows >= 8 || hd % (4 * kLanes) != 0) return false;
+  int64_t r = 0;
+  for (; r + kAccRows <= rows; r += kAccRows)
+    accumulate_rows<kAccRows>(p + r * ld, ld, values, count, hd, acc + r * hd);
+  for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, values, count, hd, acc + r * hd);
+  return true;
+}
+
+bool accumulate_half(const float* p, int64_t rows, int64_t ld, const Half* values, int64_t count, int64_t hd,
+                     float* acc) {
+  return accumulate_few_rows(p, rows, ld, values, count, hd, acc);
+}
+#else
+bool scores_few_rows(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t) { return false; }
+bool accumulate_few_rows(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*) { return false; }
+bool scores_half(const float*, int64_t, const Half*, int64_t, int64_t, float*, int64_t) { return false; }
+bool accumulate_half(const float*, int64_t, int64_t, const Half*, int64_t, int64_t, float*) { return false; }
+#endif
+
 void scores(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
   if (rows >= 8 && ld == kBlockKeys && count <= kBlockKeys && hd <= kMaxHeadDim) {
     scores_blocked(q, rows, keys, count, hd, s);
     return;
   }
+  if (scores_few_rows(q, rows, keys, count, hd, s, ld)) return;
   for (int64_t j = 0; j < count; ++j) {
     const float* key = keys + j * hd;
     for (int64_t r = 0; r < rows; ++r) {
@@ -82,11 +206,14 @@ void scores(const float* q, int64_t rows, const float* keys, int64_t count, int6
   }
 }
 
-// Four rows at a time, one chunk of head dims at a time: the four output chunks stay in registers across
-// the block's keys, and each value chunk is loaded once for the four rows.
+// Many rows (prefill tiles), four at a time, one chunk of 16 head dims at a time: the four output chunks
+// stay in registers across the block's keys, and each value chunk is loaded once for the four rows (one
+// 2048-token layer: 64 ms; chunks of 32 or 64 dims 72 and 67 ms with AVX-512).
+constexpr int64_t kDimChunk = 16;
 void accumulate(const float* p, int64_t rows, int64_t ld, const float* values, int64_t count, int64_t hd,
                 float* acc) {
   int64_t r = 0;
+  if (accumulate_few_rows(p, rows, ld, values, count, hd, acc)) return;
   if (hd % kDimChunk == 0) {
     for (; r + 4 <= rows; r += 4) {
       const float *p0 = p + r * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
@@ -186,5 +313,5 @@ void store_fence() {
 #endif
 }
 
-constexpr AttentionLoops kLoops = {scores, accumulate, exp_sum, half_to_float, float_to_half, stream_copy,
-                                  store_fence};
+constexpr AttentionLoops kLoops = {scores,        accumulate,    scores_half, accumulate_half, exp_sum,
+                                  half_to_float, float_to_half, stream_copy, store_fence};

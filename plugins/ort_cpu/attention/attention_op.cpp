@@ -1,7 +1,9 @@
 // The ONNX Runtime wrappers of the attention core: qwen.cpu Attention (float KV cache) and AttentionKv16
 // (float16 KV cache, fp32 arithmetic). Attribute and shape checks, the three outputs, ORT's pool; the
 // arithmetic is attention().
+#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "attention/attention.h"
 #include "common/ort_op.h"
@@ -69,17 +71,26 @@ Status* compute_attention(void* kernel, KernelContext* context) {
            op + ": key and value must be [B, T, kv_num_heads*head_size]");
     expect(past_k.dims.size() == 4 && past_k.dims[0] == s.batch && past_k.dims[1] == s.kv_heads &&
                past_k.dims[3] == s.head_dim && past_v.dims == past_k.dims,
-           op + ": past_key and past_value must be [B, kv_num_heads, P, head_size]");
-    s.past = past_k.dims[2];
-    const int64_t S = s.total();
-    expect(bias.dims.size() == 4 && bias.dims[0] == s.batch && bias.dims[1] == 1 && bias.dims[3] == S &&
+           op + ": past_key and past_value must be [B, kv_num_heads, C, head_size]");
+    // P, the valid past rows, comes from the bias ([.., P + T]): the caches may be longer (room to grow)
+    expect(bias.dims.size() == 4 && bias.dims[0] == s.batch && bias.dims[1] == 1 &&
                (bias.dims[2] == s.tokens || bias.dims[2] == 1),
            op + ": attention_bias must be [B, 1, T or 1, P + T]");
+    s.past = bias.dims[3] - s.tokens;
+    s.past_rows = past_k.dims[2];
+    expect(s.past >= 0 && s.past <= s.past_rows,
+           op + ": attention_bias covers P + T = " + std::to_string(bias.dims[3]) + " keys, but the past caches hold " +
+               std::to_string(s.past_rows) + " rows (P must be at most that)");
+    s.present_rows = std::max(s.past_rows, s.total());
     s.bias_per_token = bias.dims[2] == s.tokens;
     s.scale = kern->scale_attr != 0.f ? kern->scale_attr : 1.f / std::sqrt(static_cast<float>(s.head_dim));
     float* out = output(context, {s.batch, s.tokens, s.num_heads * s.head_dim}, 0);
-    void* present_k = output_data(context, {s.batch, s.kv_heads, S, s.head_dim}, 1);
-    void* present_v = output_data(context, {s.batch, s.kv_heads, S, s.head_dim}, 2);
+    void* present_k = output_data(context, {s.batch, s.kv_heads, s.present_rows, s.head_dim}, 1);
+    void* present_v = output_data(context, {s.batch, s.kv_heads, s.present_rows, s.head_dim}, 2);
+    // one buffer bound to past and present (IOBinding): update it in place
+    s.shared = present_k == past_k.data<char>() && present_v == past_v.data<char>();
+    expect(s.shared || (present_k != past_k.data<char>() && present_v != past_v.data<char>()),
+           op + ": bind both caches to their past buffers, or neither");
     attention(q.data<float>(), k.data<float>(), v.data<float>(), past_k.data<char>(), past_v.data<char>(),
               bias.data<float>(), s, Half, out, present_k, present_v, pool(context));
   });

@@ -1,0 +1,88 @@
+"""States updated in place: one buffer bound to a state's past input and its present output (IOBinding).
+
+A decode step otherwise copies every state: the KV caches grow by one row, so each step writes a new
+[B, kv, P+1, hd] cache, and at 64K tokens that copy is as large as the read the step has to do
+(benchmarks/long_context.md). The qwen.cpu ops named in `cpu_kernels.STATE_UPDATES` may instead write
+their present states over their past ones:
+
+- a fixed-size state (GatedDeltaRule's conv and recurrent states) is one OrtValue bound to both;
+- a KV cache is a buffer with spare rows ([B, kv, capacity, hd]) bound to both: the Attention op reads the
+  valid row count P off its attention bias and writes only the new rows. When a step needs more rows than
+  the buffer holds it is regrown by `GROW_ROWS` at a time (one copy per GROW_ROWS steps).
+
+Only graphs whose every consumer of the state is such an op, and whose present output comes from that same
+op, take this path; anything else keeps the copying path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qwen_export.cpu_kernels import DOMAIN, STATE_UPDATES
+
+GROW_ROWS = 1024  # KV buffers grow in steps of this many rows
+
+
+def in_place_states(model_path: str | Path, past_prefix: str, present_prefix: str) -> dict[str, bool]:
+    """State suffix -> whether it grows (a KV cache), for the states this graph lets its ops update in
+    place: read by one qwen.cpu op of STATE_UPDATES only (at a version that allows it), whose matching
+    output is the graph's present state."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    version = next((o.version for o in model.opset_import if o.domain == DOMAIN), 0)
+    graph_outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, index))
+    found = {}
+    for value in model.graph.input:
+        if not value.name.startswith(past_prefix):
+            continue
+        suffix = value.name.removeprefix(past_prefix)
+        uses = readers.get(value.name, [])
+        if len(uses) != 1:
+            continue
+        node, index = uses[0]
+        update = STATE_UPDATES.get(node.op_type) if node.domain == DOMAIN else None
+        if update is None or version < update.since or index not in update.present_of_past:
+            continue
+        present = node.output[update.present_of_past[index]]
+        if present == present_prefix + suffix and present in graph_outputs:
+            found[suffix] = update.grows
+    return found
+
+
+@dataclass
+class GrowingCache:
+    """A KV cache buffer [B, kv, capacity, hd] with spare rows; the numpy array owns the memory the
+    OrtValue wraps."""
+
+    array: np.ndarray
+    value: ort.OrtValue
+
+    @classmethod
+    def holding(cls, rows: np.ndarray, capacity: int) -> GrowingCache:
+        """A buffer of `capacity` rows (rounded up to GROW_ROWS) whose first rows are `rows`."""
+        capacity = -(-capacity // GROW_ROWS) * GROW_ROWS
+        b, h, p, d = rows.shape
+        array = np.zeros((b, h, capacity, d), rows.dtype)
+        array[:, :, :p] = rows
+        return cls(array, ort.OrtValue.ortvalue_from_numpy(array))
+
+    @property
+    def capacity(self) -> int:
+        return self.array.shape[2]
+
+
+def with_room(cache: GrowingCache | ort.OrtValue, valid: int, rows: int) -> GrowingCache:
+    """`cache` if it is a buffer of at least `rows` rows, else a larger buffer carrying its first `valid`
+    rows (an OrtValue: a cache as a copying step returned it, exactly `valid` rows)."""
+    if isinstance(cache, GrowingCache):
+        return cache if rows <= cache.capacity else GrowingCache.holding(cache.array[:, :, :valid], rows)
+    return GrowingCache.holding(cache.numpy(), rows)

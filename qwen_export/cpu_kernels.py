@@ -57,6 +57,8 @@ SOURCES = {
     "int4_linear/int4_linear_op.cpp": [],
     "int4_moe/int4_moe.cpp": [],
     "int4_moe/int4_moe_op.cpp": [],
+    "float_moe/float_moe.cpp": [],
+    "float_moe/float_moe_op.cpp": [],
     "gated_delta_rule/gated_delta_rule.cpp": [],
     "gated_delta_rule/gated_delta_rule_op.cpp": [],
     "dist_collective/loopback.cpp": [],

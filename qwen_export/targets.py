@@ -236,9 +236,11 @@ def _ort_quantized(bits: int) -> Callable[[PipelineOptions], list[QwenPass]]:
 def _ort_cpu(options: PipelineOptions) -> list[QwenPass]:
     from qwen_export.passes.logits_to_keep import LogitsToKeep
     from qwen_export.passes.lower_cpu_attention import UseCpuAttention
+    from qwen_export.passes.lower_cpu_moe import UseCpuFloatMoe
     from qwen_export.passes.remove_unused import RemoveUnused
 
-    return [*_ort(options, deltanet="qwen-cpu"), UseCpuAttention(), RemoveUnused(), LogitsToKeep()]
+    kernels = [UseCpuFloatMoe(), UseCpuAttention(), RemoveUnused(), LogitsToKeep()]
+    return [*_ort(options, deltanet="qwen-cpu"), *kernels]
 
 
 def _ort_cpu_int4(kv_cache: str = "float32") -> Callable[[PipelineOptions], list[QwenPass]]:
@@ -351,9 +353,9 @@ register(Target(
 ))  # fmt: skip
 register(Target(
     "ort-cpu",
-    "the ort graph (fp32 weights) with qwen.cpu GatedDeltaRule and Attention (flash-decoding KV cache "
-    "reads) instead of the DeltaNet contrib chain and GroupQueryAttention; the artifact carries the "
-    "custom-op library",
+    "the ort graph (fp32 weights) with qwen.cpu GatedDeltaRule, Attention (flash-decoding KV cache "
+    "reads) and FloatMoE instead of the DeltaNet contrib chain, GroupQueryAttention and MoE; the "
+    "artifact carries the custom-op library",
     "ort", _ort_cpu, "onnxruntime", cpu_kernels=True, vision=_vision_ort,
 ))  # fmt: skip
 register(Target(

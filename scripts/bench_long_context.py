@@ -40,7 +40,7 @@ TARGETS = {  # name -> (built from target, path, KV bytes per element)
     "ort-cpu-int4": ("ort-cpu-int4", NEW, 4),
     "ort-cpu-int4-kv16": ("ort-cpu-int4-kv16", NEW, 2),
 }
-EXPERT_OPS = {"MoE", "QMoE", "Int4MoE"}
+EXPERT_OPS = {"MoE", "QMoE", "Int4MoE", "FloatMoE"}
 ONNX_BYTES = {1: 4, 10: 2, 2: 1, 3: 1, 7: 8, 6: 4, 11: 8, 16: 2}  # TensorProto dtype -> bytes
 
 

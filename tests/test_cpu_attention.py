@@ -10,7 +10,8 @@
 - AttentionKv16: the caches are float16 (new rows rounded to nearest even, the past copied bit for bit);
   its output equals the float kernel run on the float16-rounded cache (to float rounding).
 - The AVX-512, AVX2 and portable loops agree (child processes force each).
-- ort-cpu, ort-cpu-int4 and ort-cpu-int4-kv16 put every full-attention layer on the kernel; built
+- ort-cpu, ort-cpu-int4 and ort-cpu-int4-kv16 put every full-attention layer on the kernel (and ort-cpu
+  every fp32 MoE on FloatMoE); built
   artifacts on a tiny preset decode the golden's greedy tokens (transformers) and hold its logits to the
   target's tolerance; the float16-cache graph stays within KV16_MAX_ABS of the float-cache graph.
 """
@@ -296,12 +297,16 @@ KERNEL_TARGETS = {"ort-cpu": "Attention", "ort-cpu-int4": "Attention", "ort-cpu-
 KV16_MAX_ABS = 5e-2
 
 
+MOE_LAYERS = {"tiny-qwen3.5-moe": 4, "tiny-qwen3-next": 3, "tiny-qwen3.5": 0}
+
+
 @pytest.mark.parametrize("target", list(KERNEL_TARGETS))
-@pytest.mark.parametrize("preset", ["tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5"])
+@pytest.mark.parametrize("preset", list(MOE_LAYERS))
 def test_pipelines_put_every_full_attention_layer_on_the_kernel(preset, target):
     from passes_support import exported
 
     from qwen_export.passes.lower_cpu_attention import UseCpuAttention
+    from qwen_export.passes.lower_cpu_moe import UseCpuFloatMoe
     from qwen_export.targets import get_target, pipeline
 
     model = exported(preset)
@@ -317,6 +322,11 @@ def test_pipelines_put_every_full_attention_layer_on_the_kernel(preset, target):
     want = ir.DataType.FLOAT16 if use.kv_cache == "float16" else ir.DataType.FLOAT
     assert len(caches) == 4 and all(v.dtype == want for v in caches)
     assert get_target(target).cpu_kernels
+    if target == "ort-cpu":  # fp32 experts on qwen.cpu FloatMoE (passes/lower_cpu_moe.py), every one of them
+        moe = next(p for p in passes if isinstance(p, UseCpuFloatMoe))
+        assert ops["qwen.cpu::FloatMoE"] == MOE_LAYERS[preset] and not ops["com.microsoft::MoE"], ops
+        assert moe.stats.fired == ({"FloatMoE": MOE_LAYERS[preset]} if MOE_LAYERS[preset] else {})
+        assert not moe.stats.kept
 
 
 def run_greedy(model_path, prompt: np.ndarray, steps: int, forced: np.ndarray | None = None):

@@ -224,6 +224,46 @@ def test_int4_moe_matches_qmoe_and_the_dequantized_experts(k, normalize):
     np.testing.assert_array_equal(y3.reshape(6, 64), flat)
 
 
+# FloatMoE (fp32 experts) against the float64 NumPy experts and ONNX Runtime's own MoE: fp32 sums over H and
+# I in another order.
+FLOAT_MOE = 2e-5
+
+
+def float_moe_case(experts=8, hidden=64, inter=32, k=2, normalize=1, seed=5):
+    rng = np.random.default_rng(seed)
+    fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) * 0.1
+    fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32) * 0.1
+    attrs = dict(k=k, normalize_routing_weights=normalize)
+    moe = helper.make_node(
+        "MoE", ["x", "r", "w1", "", "w2"], ["y"], domain="com.microsoft", activation_type="swiglu",
+        swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, **attrs,
+    )  # fmt: skip
+    ours = helper.make_node("FloatMoE", ["x", "r", "w1", "w2"], ["y"], domain="qwen.cpu", **attrs)
+    inputs, weights = [_x("x", None), _x("r", None)], {"w1": fc1, "w2": fc2}
+    return _session([moe], inputs, weights), _session([ours], inputs, weights), (fc1, fc2)
+
+
+@pytest.mark.parametrize("k,normalize", [(2, 1), (1, 0), (4, 1), (3, 0)])
+def test_float_moe_matches_onnxruntime_moe_and_numpy(k, normalize):
+    """600 tokens cross the kernel's 512-token passes; 37 give experts odd token counts (the tiles take
+    four, two and one token at a time)."""
+    from test_quantize_weights import numpy_moe
+
+    reference, ours, (fc1, fc2) = float_moe_case(k=k, normalize=normalize)
+    rng = np.random.default_rng(6)
+    for tokens in (1, 5, 37, 600):
+        x = rng.standard_normal((tokens, 64)).astype(np.float32)
+        logits = rng.standard_normal((tokens, 8)).astype(np.float32)
+        y = ours.run(None, {"x": x, "r": logits})[0]
+        want = numpy_moe(x.astype(np.float64), logits.astype(np.float64), fc1, fc2, k, bool(normalize))
+        assert _relative(y, want) < FLOAT_MOE, tokens
+        assert _relative(y, reference.run(None, {"x": x, "r": logits})[0]) < FLOAT_MOE, tokens
+    x3 = rng.standard_normal((2, 3, 64)).astype(np.float32)  # [B, T, H] with logits [B*T, E]
+    logits = rng.standard_normal((6, 8)).astype(np.float32)
+    flat = ours.run(None, {"x": x3.reshape(6, 64), "r": logits})[0]
+    np.testing.assert_array_equal(ours.run(None, {"x": x3, "r": logits})[0].reshape(6, 64), flat)
+
+
 def test_bad_input_fails_with_the_kernels_reason():
     _, ours, _ = linear_case(64, 40, 32)
     with pytest.raises(Exception, match="Int4Linear: the last dimension of X must be K"):
@@ -231,6 +271,9 @@ def test_bad_input_fails_with_the_kernels_reason():
     _, moe, _ = moe_case()
     with pytest.raises(Exception, match=r"Int4MoE: router logits must be \[tokens, experts\]"):
         moe.run(None, {"x": np.zeros((3, 64), np.float32), "r": np.zeros((2, 8), np.float32)})
+    _, float_moe, _ = float_moe_case()
+    with pytest.raises(Exception, match="FloatMoE: the last dimension of X must be the hidden size"):
+        float_moe.run(None, {"x": np.zeros((3, 63), np.float32), "r": np.zeros((3, 8), np.float32)})
     bad = helper.make_node(
         "Int4Linear", ["x", "p", "ps"], ["y"], domain="qwen.cpu", K=64, N=40, block_size=48
     )

@@ -1,6 +1,7 @@
 // The library's entry points: RegisterCustomOps, which ONNX Runtime looks up when
 // SessionOptions.register_custom_ops_library loads this library, and QwenCpuKernelsBackend for tools.
-// Each op's wrapper is in its folder (int4_linear/, int4_moe/, gated_delta_rule/, dist_collective/).
+// Each op's wrapper is in its folder (int4_linear/, int4_moe/, float_moe/, gated_delta_rule/, attention/,
+// dist_collective/).
 #include "common/ort_op.h"
 #include "int4_linear/int4_gemm.h"
 
@@ -10,6 +11,7 @@ Api g_api;
 
 const CustomOp& int4_linear_op();
 const CustomOp& int4_moe_op();
+const CustomOp& float_moe_op();
 const CustomOp& gated_delta_rule_op();
 const CustomOp& dist_collective_op();
 const CustomOp& attention_op();
@@ -32,6 +34,7 @@ extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* Registe
   if (Status* s = qwen_cpu::ort::g_api.CreateCustomOpDomain("qwen.cpu", &domain)) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_linear_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_moe_op())) return s;
+  if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::float_moe_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::gated_delta_rule_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::dist_collective_op())) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::attention_op())) return s;

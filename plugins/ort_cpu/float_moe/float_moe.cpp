@@ -1,0 +1,157 @@
+#include "float_moe/float_moe.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/vector_math.h"
+
+namespace qwen_cpu {
+
+namespace {
+
+// x86: one copy per instruction set, picked at load time; elsewhere the plain build
+#if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
+#define QWEN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define QWEN_CPU_CLONES
+#endif
+
+// Eight floats: one ymm (AVX2, and AVX-512 cores that run 512-bit FMAs as two 256-bit halves anyway).
+using Vec8 = float __attribute__((vector_size(32)));
+using Vec4 = float __attribute__((vector_size(16)));
+
+constexpr int64_t kRowBlock = 64;          // weight rows per task
+constexpr int64_t kTokensPerPass = 512;    // tokens per pass (bounds the scratch)
+
+__attribute__((always_inline)) inline float sum8(const Vec8& v) {  // a shuffle tree, not eight serial adds
+  const Vec4 half = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (half[0] + half[2]) + (half[1] + half[3]);
+}
+
+// out[r][j] = a[r] . b[j] for R activation rows and four weight rows j (k contiguous floats each). Always
+// inlined, so each clone of its caller compiles it for its instruction set.
+template <int R>
+__attribute__((always_inline)) inline void dot_tile(const float* const* a, const float* b, int64_t k,
+                                                    float out[][4]) {
+  Vec8 acc[R][4] = {};
+  const int64_t k8 = k - k % 8;
+  for (int64_t d = 0; d < k8; d += 8) {
+    Vec8 w[4];
+    for (int j = 0; j < 4; ++j) std::memcpy(&w[j], b + j * k + d, sizeof(Vec8));
+    for (int r = 0; r < R; ++r) {
+      Vec8 x;
+      std::memcpy(&x, a[r] + d, sizeof(Vec8));
+      for (int j = 0; j < 4; ++j) acc[r][j] += x * w[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float sum = sum8(acc[r][j]);
+      for (int64_t d = k8; d < k; ++d) sum += a[r][d] * b[j * k + d];
+      out[r][j] = sum;
+    }
+}
+
+// out[i][n - n0] = a[i] . w[n] for the `rows` activation rows a[i] and weight rows n in [n0, n1) (n1 - n0 a
+// multiple of 4), two activation rows at a time.
+QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
+                              int64_t n1, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < rows;) {
+    const int64_t r = rows - i >= 4 ? 4 : rows - i >= 2 ? 2 : 1;
+    for (int64_t n = n0; n < n1; n += 4) {
+      float tile[4][4];
+      if (r == 4)
+        dot_tile<4>(a + i, w + n * k, k, tile);
+      else if (r == 2)
+        dot_tile<2>(a + i, w + n * k, k, tile);
+      else
+        dot_tile<1>(a + i, w + n * k, k, tile);
+      for (int64_t q = 0; q < r; ++q) std::memcpy(out + (i + q) * ldo + (n - n0), tile[q], sizeof(tile[q]));
+    }
+    i += r;
+  }
+}
+
+// One pass over `tokens` tokens (x, logits and y start at the pass's first token).
+void moe_pass(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& s,
+              float* y, const ParallelFor& parallel_for) {
+  const int64_t T = s.tokens, H = s.hidden, I = s.inter, E = s.experts, K = s.top_k, pairs = T * K;
+  std::vector<int32_t> expert(pairs);
+  std::vector<float> weight(pairs);
+  route_top_k(logits, s, expert.data(), weight.data());
+  // the (token, slot) pairs grouped by expert, in token order within an expert
+  std::vector<int64_t> start(E + 1, 0), order(pairs);
+  for (int64_t p = 0; p < pairs; ++p) ++start[expert[p] + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < pairs; ++p) order[next[expert[p]]++] = p;
+  }
+  std::vector<int64_t> used;  // experts some token chose
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e]) used.push_back(e);
+  // 1. a = silu(gate) * up per pair (rows of `act` in grouped order), in tasks of (expert, 64 fc1 rows)
+  std::vector<float> act(pairs * I);
+  const int64_t blocks1 = (2 * I + kRowBlock - 1) / kRowBlock;
+  parallel_for(static_cast<int64_t>(used.size()) * blocks1, [&](int64_t task) {
+    const int64_t e = used[task / blocks1], n0 = (task % blocks1) * kRowBlock;
+    const int64_t n1 = std::min(2 * I, n0 + kRowBlock), count = start[e + 1] - start[e];
+    std::vector<const float*> rows(count);
+    for (int64_t i = 0; i < count; ++i) rows[i] = x + (order[start[e] + i] / K) * H;
+    std::vector<float> h(count * (n1 - n0));
+    dot_rows(rows.data(), count, fc1 + e * 2 * I * H, H, n0, n1, h.data(), n1 - n0);
+    std::vector<float> gate((n1 - n0) / 2);
+    for (int64_t i = 0; i < count; ++i) {  // de-interleave the gates and ups, then up * silu(gate)
+      const float* gate_up = h.data() + i * (n1 - n0);
+      float* up = act.data() + (start[e] + i) * I + n0 / 2;
+      for (int64_t c = 0; c < (n1 - n0) / 2; ++c) {
+        gate[c] = gate_up[2 * c];
+        up[c] = gate_up[2 * c + 1];
+      }
+      mul_silu(up, gate.data(), up, (n1 - n0) / 2);
+    }
+  });
+  // 2. each pair's weighted expert output, in tasks of (expert, 64 fc2 rows); summed per token after, in
+  // slot order
+  std::vector<float> out(pairs * H);
+  const int64_t blocks2 = (H + kRowBlock - 1) / kRowBlock;
+  parallel_for(static_cast<int64_t>(used.size()) * blocks2, [&](int64_t task) {
+    const int64_t e = used[task / blocks2], n0 = (task % blocks2) * kRowBlock;
+    const int64_t n1 = std::min(H, n0 + kRowBlock), count = start[e + 1] - start[e];
+    std::vector<const float*> rows(count);
+    for (int64_t i = 0; i < count; ++i) rows[i] = act.data() + (start[e] + i) * I;
+    std::vector<float> o(count * (n1 - n0));
+    dot_rows(rows.data(), count, fc2 + e * H * I, I, n0, n1, o.data(), n1 - n0);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = order[start[e] + i];
+      for (int64_t c = n0; c < n1; ++c) out[p * H + c] = weight[p] * o[i * (n1 - n0) + c - n0];
+    }
+  });
+  parallel_for(T, [&](int64_t t) {
+    float* yt = y + t * H;
+    std::copy_n(out.data() + t * K * H, H, yt);
+    for (int64_t j = 1; j < K; ++j)
+      for (int64_t c = 0; c < H; ++c) yt[c] += out[(t * K + j) * H + c];
+  });
+}
+
+}  // namespace
+
+const char* float_moe_shape_error(const MoeShape& s) {
+  if (s.top_k < 1 || s.top_k > s.experts) return "top_k must be in [1, experts]";
+  if (s.hidden % 4 || s.inter % 2 || (2 * s.inter) % 4) return "hidden size must be a multiple of 4, expert size of 2";
+  return "";
+}
+
+void float_moe(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& shape,
+               float* y, const ParallelFor& parallel_for) {
+  for (int64_t t0 = 0; t0 < shape.tokens; t0 += kTokensPerPass) {
+    MoeShape part = shape;
+    part.tokens = std::min(kTokensPerPass, shape.tokens - t0);
+    moe_pass(x + t0 * shape.hidden, logits + t0 * shape.experts, fc1, fc2, part, y + t0 * shape.hidden,
+             parallel_for);
+  }
+}
+
+}  // namespace qwen_cpu

@@ -1,0 +1,65 @@
+// The ONNX Runtime wrapper of FloatMoE: attribute and shape checks, output, ORT's pool. The arithmetic is
+// float_moe.
+#include "common/ort_op.h"
+#include "float_moe/float_moe.h"
+
+namespace qwen_cpu {
+namespace ort {
+namespace {
+
+struct FloatMoeKernel {
+  int64_t top_k, normalize;
+};
+
+constexpr const char* kFloatMoe = "FloatMoE";
+
+Status* create_float_moe(const CustomOp*, ApiTable, const KernelInfo* info, void** kernel) {
+  return guarded(kFloatMoe, [&] {
+    const int64_t one = 1;
+    *kernel = new FloatMoeKernel{attribute(info, kFloatMoe, "k"),
+                                 attribute(info, kFloatMoe, "normalize_routing_weights", &one)};
+  });
+}
+
+Status* compute_float_moe(void* kernel, KernelContext* context) {
+  return guarded(kFloatMoe, [&] {
+    const FloatMoeKernel& a = *static_cast<const FloatMoeKernel*>(kernel);
+    const Tensor x = input(context, 0, kFloat, kFloatMoe, "X");
+    const Tensor logits = input(context, 1, kFloat, kFloatMoe, "router logits");
+    const Tensor fc1 = input(context, 2, kFloat, kFloatMoe, "fc1 experts weights");
+    const Tensor fc2 = input(context, 3, kFloat, kFloatMoe, "fc2 experts weights");
+    expect(fc1.dims.size() == 3 && fc2.dims.size() == 3,
+           "FloatMoE: expert weights must be fc1 [E, 2I, H] and fc2 [E, H, I]");
+    MoeShape shape;
+    shape.experts = fc1.dims[0];
+    shape.hidden = fc1.dims[2];
+    shape.inter = fc1.dims[1] / 2;
+    shape.top_k = a.top_k;
+    shape.normalize = a.normalize != 0;
+    expect(fc2.dims == std::vector<int64_t>{shape.experts, shape.hidden, shape.inter} && fc1.dims[1] % 2 == 0,
+           "FloatMoE: fc1 [E, 2I, H] and fc2 [E, H, I] do not agree");
+    const std::string why = float_moe_shape_error(shape);
+    expect(why.empty(), "FloatMoE: " + why);
+    expect(!x.dims.empty() && x.dims.back() == shape.hidden,
+           "FloatMoE: the last dimension of X must be the hidden size");
+    shape.tokens = x.numel() / shape.hidden;
+    expect(logits.numel() == shape.tokens * shape.experts, "FloatMoE: router logits must be [tokens, experts]");
+    float* y = output(context, x.dims);
+    if (shape.tokens == 0) return;
+    float_moe(x.data<float>(), logits.data<float>(), fc1.data<float>(), fc2.data<float>(), shape, y,
+              pool(context));
+  });
+}
+
+constexpr ElementType kFloatMoeInputs[] = {kFloat, kFloat, kFloat, kFloat};
+
+}  // namespace
+
+const CustomOp& float_moe_op() {
+  static const CustomOp op =
+      make_op<4, kFloatMoeInputs, 1, kFloatMoe, create_float_moe, compute_float_moe, FloatMoeKernel>();
+  return op;
+}
+
+}  // namespace ort
+}  // namespace qwen_cpu

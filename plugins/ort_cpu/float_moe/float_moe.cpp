@@ -54,7 +54,7 @@ __attribute__((always_inline)) inline void dot_tile(const float* const* a, const
 }
 
 // out[i][n - n0] = a[i] . w[n] for the `rows` activation rows a[i] and weight rows n in [n0, n1) (n1 - n0 a
-// multiple of 4), two activation rows at a time.
+// multiple of 4), four, two or one activation rows at a time.
 QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
                               int64_t n1, float* out, int64_t ldo) {
   for (int64_t i = 0; i < rows;) {

@@ -1,4 +1,5 @@
 #include "attention/attention.h"
+#include "common/exp_nonpositive.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "attention/attention.h"
+#include "common/exp_nonpositive.h"
 
 namespace qwen_cpu::detail {
 namespace avx512 {

@@ -5,28 +5,8 @@
 // decode loops (few query rows), the float16 conversions and the streaming copy use intrinsics, under the
 // ISA's own macros (AVX-512F or AVX2+FMA+F16C; the portable build runs the `omp simd` loops).
 //
-// Needs <cstring>, <cstdint> and, on x86, <immintrin.h> included before the namespace.
-
-// exp(x) for x <= 0 (scores minus their running max), 0 below -87 (float underflow); vectorisable: round
-// by the 1.5*2^23 trick, ln2 in two parts, degree-6 polynomial (relative error ~2e-7), 2^n through the
-// exponent bits.
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.f ? -87.f : x;
-  const float t = clamped * 1.44269504088896341f + 12582912.f;
-  const float n = t - 12582912.f;
-  float r = clamped - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float scale = __builtin_bit_cast(float, bits);
-  return x < -87.f ? 0.f : p * scale;
-}
+// Needs <cstring>, <cstdint>, "common/exp_nonpositive.h" and, on x86, <immintrin.h> included before the
+// namespace.
 
 // Many query rows (prefill tiles): the key block transposed once to [hd][kBlockKeys], then four query rows at
 // a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair).

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/exp_nonpositive.h"
 #include "common/vector_math.h"
 
 namespace qwen_cpu {
@@ -97,20 +98,21 @@ QWEN_CPU_CLONES void delta_step(const float* from, float* state,
 }
 
 // out[c] = sum_j w[c, j] * window(c, t + j) for channels [0, n) of a block, where window position i is
-// state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. Loops run over channels
-// (strided loads) so they vectorise.
-QWEN_CPU_CLONES void conv_token(const float* w, int64_t kernel,
+// state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. The weights come transposed,
+// wt[j * wt_stride + c], so every loop runs over contiguous channels and vectorises.
+QWEN_CPU_CLONES void conv_token(const float* wt, int64_t wt_stride, int64_t kernel,
                                                                      const float* state, int64_t keep,
                                                                      const float* x, int64_t stride, int64_t t,
                                                                      int64_t n, float* out) {
   std::fill(out, out + n, 0.f);
   for (int64_t j = 0; j < kernel; ++j) {
     const int64_t i = t + j;
+    const float* wj = wt + j * wt_stride;
     if (i < keep) {
-      for (int64_t c = 0; c < n; ++c) out[c] += w[c * kernel + j] * state[c * keep + i];
+      for (int64_t c = 0; c < n; ++c) out[c] += wj[c] * state[c * keep + i];
     } else {
       const float* xi = x + (i - keep) * stride;
-      for (int64_t c = 0; c < n; ++c) out[c] += w[c * kernel + j] * xi[c];
+      for (int64_t c = 0; c < n; ++c) out[c] += wj[c] * xi[c];
     }
   }
 }
@@ -180,7 +182,7 @@ QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, c
   small_gemm(k, dk, kt, L, kk, L, L, L, dk, false);
   small_gemm(q, dk, kt, L, qk, L, L, L, dk, false);
   for (int64_t t = 0; t < L; ++t)
-    for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = std::exp(gsum[t] - gsum[s]);
+    for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = exp_nonpositive(gsum[t] - gsum[s]);
   for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
     float* ut = u + t * dv;
     const float to_t = decay[t * L] * std::exp(gsum[0]);  // exp(G_t)
@@ -229,7 +231,9 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
 
   // 1. causal conv + SiLU, per sequence and block of channels. Position i of the window is the state's
   // input i for i < K-1, else this call's token i - (K-1).
-  std::vector<float> conv(B * T * C);
+  std::vector<float> conv(B * T * C), conv_wt(K * C);  // conv_wt: the conv weights as [K, C]
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];
   const float q_scale = 1.f / std::sqrt(static_cast<float>(s.dk));
   // blocks of whole key heads (q and k lead the channels), so each head's l2 norm is in one task
   const int64_t per_task = std::max(s.dk, 512 / s.dk * s.dk);
@@ -241,7 +245,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     const float* x = proj + b * T * W + c0;
     for (int64_t t = 0; t < T; ++t) {
       float* out = conv.data() + (b * T + t) * C + c0;
-      conv_token(conv_w + c0 * K, K, state, keep, x, W, t, c1 - c0, out);
+      conv_token(conv_wt.data() + c0, C, K, state, keep, x, W, t, c1 - c0, out);
       silu_inplace(out, c1 - c0);
     }
     // q and k l2-normed per key head (q also scaled by 1/sqrt(dk)), once for all value heads that read them

@@ -162,8 +162,8 @@ class OrtDecoder:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
-        states: Mapping[str, ort.OrtValue],
-    ) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        states: Mapping[str, ort.OrtValue | GrowingCache],
+    ) -> tuple[np.ndarray, dict[str, ort.OrtValue | GrowingCache]]:
         """One step: returns (logits of the last position [B, V], present states).
 
         A one-token step on a graph whose ops update states in place (`self.in_place`) writes the present
@@ -177,7 +177,9 @@ class OrtDecoder:
             return self._step_in_place(feeds, states)
         if self.keeps_logits and self.device == "cpu":
             feeds["logits_to_keep"] = np.array(1, np.int64)
-        outputs = self._run_bound(feeds, states)
+        # a buffer with spare rows feeds a multi-token step as it is (the kernel reads P off the bias)
+        values = {k: v.value if isinstance(v, GrowingCache) else v for k, v in states.items()}
+        outputs = self._run_bound(feeds, values)
         logits = outputs["logits"].numpy()[:, -1]
         present = {
             n.removeprefix(PRESENT_PREFIX): v for n, v in outputs.items() if n.startswith(PRESENT_PREFIX)

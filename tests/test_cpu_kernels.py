@@ -20,7 +20,6 @@ in tests/test_lower_ort.py::test_gated_deltanet.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import subprocess
@@ -117,19 +116,14 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
 def test_every_tile_gives_the_same_bits():
     """The AVX-512 VNNI, AVX2 and portable tiles do the same integer sums and the same fma per block, so
     their outputs are identical (each forced in a child process; rows 11 = a tile of 8 plus 3)."""
+    from cpu_kernel_support import json_per_kernel_mode
+
     code = (
-        f"import sys, json, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r});"
-        "import test_cpu_kernels as t; _, ours, _ = t.linear_case(1024, 200, 32);"
+        "import json, numpy as np; import test_cpu_kernels as t; _, ours, _ = t.linear_case(1024, 200, 32);"
         "x = np.random.default_rng(3).standard_normal((11, 1024)).astype(np.float32);"
         "print(json.dumps(ours.run(None, {'x': x})[0].tolist()))"
     )
-    outputs = {}
-    for mode in ("portable", "avx2", "default"):
-        env = {**os.environ, "QWEN_CPU_KERNELS": mode}
-        proc = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-        outputs[mode] = np.array(json.loads(proc.stdout.strip().splitlines()[-1]), np.float32)
+    outputs = {m: np.array(o, np.float32) for m, o in json_per_kernel_mode(code).items()}
     np.testing.assert_array_equal(outputs["avx2"], outputs["portable"])
     np.testing.assert_array_equal(outputs["default"], outputs["portable"])
     # the runtime says when the slow tile runs

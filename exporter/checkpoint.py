@@ -25,11 +25,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.direct_io import DirectWriter
 from qwen_export.errors import CheckpointError
 from qwen_export.exporter import fp8
 from qwen_export.exporter.safetensors_io import SourceTensor, read_checkpoint_index
 from qwen_export.exporter.spec import ModelSpec
-from qwen_export.fsutil import PacedWriter, finish_writeback
+from qwen_export.fsutil import finish_writeback
 
 PIECES_AHEAD = 2  # pieces of one tensor read and re-laid ahead of the write (64 MiB at most each)
 
@@ -334,12 +335,13 @@ class CheckpointTensor(ir.LazyTensor):
                 yield chunk
 
     def tofile(self, file: Any) -> None:
-        """Write the tensor at the file's position, with paced writeback (qwen_export.fsutil): a
-        checkpoint-sized export otherwise runs into the kernel's dirty-page throttling."""
+        """Write the tensor at the file's position: straight to disk where it can (qwen_export.direct_io),
+        else with paced writeback (qwen_export.fsutil), as a checkpoint-sized export otherwise runs into
+        the kernel's dirty-page throttling."""
         if self._piece_axis == 0 or self._pieces is None:
-            writer = PacedWriter(file)
+            writer = DirectWriter(file, self.nbytes)
             for chunk in self._chunks():
-                writer.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+                writer.write(chunk)
             writer.close()
             return
         # Blocks of columns: each row of a block lands at its place in the row-major tensor.

@@ -24,6 +24,7 @@ from qwen_export.artifact import (
     EXPORT_INFO_FILE,
     MODEL_FILE,
 )
+from qwen_export.direct_io import ALIGN
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.checkpoint import Checkpoint
 from qwen_export.exporter.model import HIDDEN_STATES, build_decoder, present_shape, state_specs
@@ -235,6 +236,7 @@ def save_model(model: ir.Model, path: Path, data_file: str | None = None) -> Non
         external_data=data_file or f"{Path(path).name}.data",
         max_workers=4,
         max_in_flight_bytes=256 << 20,
+        alignment=ALIGN,  # large tensors start on a block: their bytes can be written with direct I/O
     )
 
 

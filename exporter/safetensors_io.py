@@ -2,8 +2,9 @@
 (or one expert of a stacked tensor, or a block of its rows) read straight from its byte range.
 
 No mmap: a mapped checkpoint's touched pages count as the process's resident memory, and an export reads
-every byte of a checkpoint larger than memory. Plain reads of exactly the bytes needed keep memory at the
+every byte of a checkpoint larger than memory. Reads of exactly the bytes needed keep memory at the
 tensor being converted, and parse the (for a per-expert checkpoint, megabyte-sized) header only once.
+Large reads bypass the page cache (qwen_export/direct_io.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from qwen_export.direct_io import read_range
 from qwen_export.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,11 +74,14 @@ class SourceTensor:
             r0, r1 = rows
             start += r0 * strides[len(lead)]
             sub[0] = r1 - r0
-        count = math.prod(sub)
-        with open(self.file, "rb") as f:
-            data = np.fromfile(
-                f, dtype=self.np_dtype, count=count, offset=self.offset + start * self.np_dtype.itemsize
-            )
+        count, itemsize = math.prod(sub), self.np_dtype.itemsize
+        begin = self.offset + start * itemsize
+        direct = read_range(self.file, begin, count * itemsize)
+        if direct is not None and begin % itemsize == 0:
+            data = direct[: len(direct) // itemsize * itemsize].view(self.np_dtype)
+        else:
+            with open(self.file, "rb") as f:
+                data = np.fromfile(f, dtype=self.np_dtype, count=count, offset=begin)
         if data.size != count:
             raise CheckpointError(f"{self.file}: tensor {self.name} is truncated")
         return data.reshape(sub)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qwen_export.direct_io import aligned_empty
 from qwen_export.exporter.builder import GraphBuilder
 from qwen_export.exporter.checkpoint import Checkpoint, Source, Transform, expand_scale_grid
 
@@ -131,13 +132,16 @@ def row_blocks(
 
 def transpose_2d(array: np.ndarray) -> np.ndarray:
     """`array.T` as a contiguous copy. Large ones go through torch's blocked copy (4x numpy's for a
-    4096 x 4096 bf16 weight); bf16 and e4m3 travel as their bit patterns."""
+    4096 x 4096 bf16 weight) into a page-aligned buffer, which direct I/O writes as it is; bf16 and e4m3
+    travel as their bit patterns."""
     if array.size < (1 << 20):
         return np.ascontiguousarray(array.T)
     import torch
 
     bits = {1: np.uint8, 2: np.int16, 4: np.int32}[array.dtype.itemsize]
-    moved = torch.from_numpy(np.ascontiguousarray(array).view(bits)).t().contiguous().numpy()
+    rows, cols = array.shape
+    moved = aligned_empty(array.nbytes).view(bits).reshape(cols, rows)
+    torch.from_numpy(moved).copy_(torch.from_numpy(np.ascontiguousarray(array).view(bits)).t())
     return moved.view(array.dtype)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
-from qwen_export.runtime.in_place import GrowingCache, in_place_states, with_room
+from qwen_export.runtime.in_place import GrowingCache, StepBinding, in_place_states, with_room
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -90,6 +90,7 @@ class OrtDecoder:
         self.in_place = (
             in_place_states(self.model_path, PAST_PREFIX, PRESENT_PREFIX) if self.device == "cpu" else {}
         )
+        self._binding: StepBinding | None = None  # kept across in-place steps (run_in_place)
 
     def empty_states(self, batch: int) -> dict[str, np.ndarray]:
         states = {}
@@ -191,33 +192,59 @@ class OrtDecoder:
     ) -> tuple[np.ndarray, dict[str, ort.OrtValue | GrowingCache]]:
         """A one-token step with each in-place state bound to one buffer as past and present (the KV caches
         as GrowingCache buffers with spare rows). No logits_to_keep: one token has one row of logits."""
-        binding = self.session.io_binding()
+        outputs, present = self.run_in_place(feeds, states)
+        return outputs["logits"][:, -1], present
+
+    def run_in_place(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        states: Mapping[str, ort.OrtValue | GrowingCache],
+        into: Mapping[str, ort.OrtValue] | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue | GrowingCache]]:
+        """A step of any width through the kept binding (runtime/in_place.py), with the states of
+        `self.in_place` updated in place: each KV cache in a buffer grown to fit, bound as past and present;
+        each fixed-size state bound as past and present, or, where `into` has it, written into that buffer
+        and the past left as it was. Other states are copied as on the copying path.
+
+        Returns every output that is not a state, as numpy arrays of their own, and the present states
+        (the states passed in are consumed, except those written `into` other buffers)."""
+        binding = self._binding
+        if binding is None:
+            binding = self._binding = StepBinding(self.session)
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            binding.input(name, array)
+        tokens = feeds["input_ids"].shape[1]
         total = feeds["attention_mask"].shape[1]  # valid rows after this step
         present: dict[str, ort.OrtValue | GrowingCache] = {}
-        shared: dict[str, ort.OrtValue] = {}  # present output name -> the past buffer it is written over
+        targets: dict[str, ort.OrtValue] = {}  # present output name -> the buffer it is written into
         for suffix, value in states.items():
             grows = self.in_place.get(suffix)
             if grows:
-                present[suffix] = cache = with_room(value, total - 1, total)
-                value = cache.value
+                present[suffix] = cache = with_room(value, total - tokens, total)
+                value = target = cache.value
             elif grows is False:
-                present[suffix] = value
-            binding.bind_ortvalue_input(PAST_PREFIX + suffix, value)
+                target = into[suffix] if into is not None and suffix in into else value
+                present[suffix] = target
+            binding.value_input(PAST_PREFIX + suffix, value)
             if grows is not None:
-                shared[PRESENT_PREFIX + suffix] = value
+                targets[PRESENT_PREFIX + suffix] = target
+        sizes = {"batch": feeds["input_ids"].shape[0], "sequence": tokens}
+        kept: dict[str, np.ndarray] = {}
         for name in self.output_names:  # bound in the graph's order: get_outputs returns them so
-            if name in shared:
-                binding.bind_ortvalue_output(name, shared[name])
-            else:
-                binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
-        for name, value in outputs.items():
-            if name.startswith(PRESENT_PREFIX) and name not in shared:
+            if name in targets:
+                binding.value_output(name, targets[name])
+            elif name.startswith(PRESENT_PREFIX):
+                binding.buffer_output(name, {})  # a state not updated in place: a new buffer each step
+            elif (array := binding.buffer_output(name, sizes)) is not None:
+                kept[name] = array
+        allocated = binding.run(self.output_names)
+        outputs = {name: array.copy() for name, array in kept.items()}
+        for name, value in allocated.items():
+            if name.startswith(PRESENT_PREFIX):
                 present[name.removeprefix(PRESENT_PREFIX)] = value
-        return outputs["logits"].numpy()[:, -1], present
+            else:
+                outputs[name] = value.numpy()
+        return outputs, present
 
     def step_all_bound(
         self, feeds: Mapping[str, np.ndarray], states: Mapping[str, ort.OrtValue]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.model import HIDDEN_STATES
@@ -139,6 +140,27 @@ class SpeculativeDecoder:
         outs, states = self.main.step_all_bound(
             _feeds(ids, mask, positions), self.main.empty_bound_states(batch)
         )
+        # Where the graphs update states in place (runtime/in_place.py), the verify step writes the DeltaNet
+        # states into a second set of buffers (swapped in when every draft is accepted) and its KV rows
+        # over the cache; the draft steps write the MTP layer's KV cache in place.
+        main_in_place = bool(self.main.in_place)
+        draft_in_place = bool(self.draft.in_place) and all(self.draft.in_place.values())
+        scratch = {
+            s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")
+            for s, v in states.items()
+            if self.main.in_place.get(s) is False
+        }
+
+        def run_main(feeds, past, into=None):
+            if main_in_place:
+                return self.main.run_in_place(feeds, past, into)
+            return self.main.step_all_bound(feeds, past)
+
+        def run_draft(feeds, past):
+            if draft_in_place:
+                return self.draft.run_in_place(feeds, past)
+            return self.draft.step_all_bound(feeds, past)
+
         last = outs["logits"][:, -1].argmax(-1)
         emitted = 1
         if timings is not None:
@@ -156,7 +178,7 @@ class SpeculativeDecoder:
         while emitted < max_new_tokens and not done.all():
             t0 = time.perf_counter()
             draft_mask = np.concatenate([draft_mask, pair_mask], axis=1)
-            out, draft_states = self.draft.step_all_bound(
+            out, draft_states = run_draft(
                 {
                     "input_ids": pair_ids,
                     HIDDEN_STATES: pair_hidden,
@@ -171,7 +193,7 @@ class SpeculativeDecoder:
             for _ in range(self.k - 1):
                 spec_mask = np.concatenate([spec_mask, np.ones((batch, 1), np.int64)], axis=1)
                 spec_position = spec_position + 1
-                spec, spec_states = self.draft.step_all_bound(
+                spec, spec_states = run_draft(
                     {
                         "input_ids": drafts[-1][:, None],
                         HIDDEN_STATES: spec_hidden,
@@ -182,6 +204,8 @@ class SpeculativeDecoder:
                 )
                 spec_hidden = spec[DRAFT_HIDDEN_STATES]
                 drafts.append(spec["logits"][:, -1].argmax(-1))
+            if draft_in_place:  # the same buffers, perhaps regrown; rows past the accepted ones are rewritten
+                draft_states = spec_states
             stats.draft_steps += self.k
             t1 = time.perf_counter()
             stats.draft_s += t1 - t0
@@ -192,9 +216,7 @@ class SpeculativeDecoder:
             verify_mask = np.concatenate([committed_mask, np.ones((batch, width), np.int64)], axis=1)
             first = next_position - pending.shape[1]
             verify_positions = first + np.arange(width)[None]
-            outs, verify_states = self.main.step_all_bound(
-                _feeds(feed, verify_mask, verify_positions), states
-            )
+            outs, verify_states = run_main(_feeds(feed, verify_mask, verify_positions), states, scratch)
             stats.verify_steps += 1
             stats.verify_s += time.perf_counter() - t1
             offset = pending.shape[1]
@@ -219,18 +241,19 @@ class SpeculativeDecoder:
 
             kept = offset + accepted + 1  # verify columns whose tokens are now decided: pending, last, drafts
             if accepted == self.k:
+                scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
                 states, committed_mask, pending = verify_states, verify_mask, np.zeros((batch, 0), np.int64)
             elif self.rollback == "recompute" or kept > REFEED_ROUNDS * (self.k + 1):
+                states = self._before_verify(states, verify_states)
                 t2 = time.perf_counter()
                 committed = verify_mask[:, : committed_mask.shape[1] + kept]
-                _, states = self.main.step_all_bound(
-                    _feeds(feed[:, :kept], committed, verify_positions[:, :kept]), states
-                )
+                _, states = run_main(_feeds(feed[:, :kept], committed, verify_positions[:, :kept]), states)
                 committed_mask = committed
                 pending = np.zeros((batch, 0), np.int64)
                 stats.recompute_steps += 1
                 stats.recompute_s += time.perf_counter() - t2
             else:
+                states = self._before_verify(states, verify_states)
                 pending = feed[:, :kept]
             # Next round's MTP pairs: hidden at last, d_1..d_a with tokens d_1..d_a, then the new token.
             pair_ids = new_tokens
@@ -241,6 +264,13 @@ class SpeculativeDecoder:
             next_position = verify_positions[:, kept - 1 : kept] + 1
         if timings is not None:
             timings["decode_end"] = time.perf_counter()
+
+    def _before_verify(self, states: dict[str, Any], verify_states: dict[str, Any]) -> dict[str, Any]:
+        """The states from before a verify step whose drafts were not all accepted: the DeltaNet states as
+        they were (the verify step wrote its own elsewhere), the KV caches as the verify step left them
+        where it wrote them in place (the buffer may have been regrown; the rows it added past the
+        accepted ones are rewritten by the next step, whose bias says how many rows are valid)."""
+        return {s: verify_states[s] if self.main.in_place.get(s) else v for s, v in states.items()}
 
 
 def _feeds(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:

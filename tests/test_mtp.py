@@ -281,6 +281,46 @@ def test_trained_model_speculative_decoding_gives_transformers_greedy_tokens(
         assert session.generate(prompts, 64, speculative=k).tokens == expected, k
 
 
+def test_speculative_decoding_updates_the_states_in_place(tmp_path, monkeypatch, heldout_prompts):
+    """On a graph whose ops update states in place (qwen.cpu), the verify step writes the DeltaNet states
+    into a second set of buffers and its KV rows over the cache, and the draft steps write the MTP layer's
+    KV cache in place (runtime/speculative.py). On the trained model's held-out text rounds both accept
+    every draft (the buffers swap) and reject some; buffers are regrown every 3 rows here, so rounds cross
+    regrowths. The tokens equal the copying path's and plain decoding's, for both rollbacks."""
+    from qwen_export.build import build
+    from qwen_export.runtime import in_place
+    from qwen_export.runtime.session import Session
+    from qwen_export.runtime.speculative import SpeculativeStats
+
+    session = Session.load(build(tmp_path / "art", preset=TRAINED, target="ort-cpu-int4").out_dir)
+    main, draft = session.backend, session.draft
+    assert any(grows is False for grows in main.in_place.values()), "DeltaNet states in place"
+    assert draft.in_place and all(draft.in_place.values()), "the MTP layer's KV cache in place"
+    monkeypatch.setattr(in_place, "GROW_ROWS", 3)
+    prompts = heldout_prompts
+
+    def speculative(rollback: str) -> list[list[int]]:
+        """Each prompt at batch 1 (as `plain`: on an int4 graph a left-padded batch can round an int8
+        activation differently and flip a near-tie): a round advances only when all of its batch's rows
+        accept, so at batch 1 the rounds that accept every draft are common."""
+        tokens, stats = [], SpeculativeStats(2)
+        for prompt in prompts:
+            ids = np.array([prompt])
+            steps = session.speculative_decoder(2, rollback=rollback).stream(
+                ids, np.ones_like(ids), 24, stats=stats
+            )
+            tokens.append([int(t[0]) for t in steps])
+        assert 0 < stats.accepted[1] < stats.rounds, "rounds that accept both drafts, and others"
+        return tokens
+
+    plain = [session.generate([prompt], 24).tokens[0] for prompt in prompts]
+    fast = {rollback: speculative(rollback) for rollback in ("refeed", "recompute")}
+    monkeypatch.setattr(main, "in_place", {})
+    monkeypatch.setattr(draft, "in_place", {})
+    for rollback, tokens in fast.items():
+        assert tokens == plain == speculative(rollback), rollback
+
+
 def test_trained_mtp_first_draft_is_accepted_at_least_half_the_time_on_held_out_text(
     trained_export, heldout_prompts
 ):

@@ -24,7 +24,6 @@ kept, a step re-binds only the token inputs and what changed, and the logits lan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +105,11 @@ class StepBinding:
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self.binding = session.io_binding()
-        self._bound: dict[str, Any] = {}  # name -> the OrtValue or array bound to it
-        self._buffers: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, ort.OrtValue]] = {}
-        self._dims = {o.name: o.shape for o in session.get_outputs()}
-        self._types = {o.name: o.type for o in session.get_outputs()}
+        self._bound: dict[str, Any] = {}  # name -> the OrtValue or array bound to it (None: allocated)
+        self._allocated: set[str] = set()  # outputs bound to memory ONNX Runtime allocates
+        self._order: list[str] = []  # outputs in the order first bound: get_outputs() returns them so
+        self._buffers: dict[tuple[str, int, int], tuple[np.ndarray, ort.OrtValue] | None] = {}
+        self._outputs = {o.name: o for o in session.get_outputs()}
 
     def input(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
@@ -123,29 +123,42 @@ class StepBinding:
 
     def value_output(self, name: str, value: ort.OrtValue) -> None:
         if self._bound.get(name) is not value:
+            if name not in self._bound:
+                self._order.append(name)
             self.binding.bind_ortvalue_output(name, value)
             self._bound[name] = value
+            self._allocated.discard(name)
 
-    def buffer_output(self, name: str, sizes: dict[str, int]) -> np.ndarray | None:
-        """Bind `name` to a kept buffer of its shape, its symbolic dims read from `sizes`; None (and bound to
-        memory ONNX Runtime allocates) where a dim is not known beforehand or it is not float32."""
-        dims = self._dims[name]
-        shape = tuple(d if isinstance(d, int) else sizes.get(d, -1) for d in dims)
-        if -1 in shape or self._types[name] != "tensor(float)":
-            self.binding.bind_output(name, "cpu")
-            self._bound[name] = None
-            return None
-        kept = self._buffers.get((name, shape))
+    def allocated_output(self, name: str) -> None:
+        """Bind `name` to memory ONNX Runtime allocates on each run (bound again every time: a filled
+        output left bound would be written over by the next run)."""
+        if name not in self._bound:
+            self._order.append(name)
+        self.binding.bind_output(name, "cpu")
+        self._bound[name] = None
+        self._allocated.add(name)
+
+    def buffer_output(self, name: str, batch: int, sequence: int) -> np.ndarray | None:
+        """Bind `name` to a kept float32 buffer of its shape at this batch and sequence length; None where
+        its shape has another symbolic dim or it is not float32 (then bound to allocated memory)."""
+        key = (name, batch, sequence)
+        if key not in self._buffers:
+            sizes = {"batch": batch, "sequence": sequence}
+            out = self._outputs[name]
+            shape = tuple(d if isinstance(d, int) else sizes.get(d, -1) for d in out.shape)
+            array = np.empty(shape, np.float32) if -1 not in shape and out.type == "tensor(float)" else None
+            self._buffers[key] = None if array is None else (array, ort.OrtValue.ortvalue_from_numpy(array))
+        kept = self._buffers[key]
         if kept is None:
-            array = np.empty(shape, np.float32)
-            kept = self._buffers[(name, shape)] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+            self.allocated_output(name)
+            return None
         self.value_output(name, kept[1])
         return kept[0]
 
-    def run(self, output_names: Sequence[str]) -> dict[str, ort.OrtValue]:
-        """Run; the outputs ONNX Runtime allocated (bound with `buffer_output` returning None), by name."""
+    def run(self) -> dict[str, ort.OrtValue]:
+        """Run; the outputs ONNX Runtime allocated, by name."""
         self.session.run_with_iobinding(self.binding)
-        allocated = [n for n in output_names if n in self._bound and self._bound[n] is None]
-        if not allocated:
+        if not self._allocated:
             return {}
-        return {n: v for n, v in zip(output_names, self.binding.get_outputs(), strict=True) if n in allocated}
+        values = self.binding.get_outputs()
+        return {n: v for n, v in zip(self._order, values, strict=True) if n in self._allocated}

@@ -91,6 +91,11 @@ class OrtDecoder:
             in_place_states(self.model_path, PAST_PREFIX, PRESENT_PREFIX) if self.device == "cpu" else {}
         )
         self._binding: StepBinding | None = None  # kept across in-place steps (run_in_place)
+        # suffix -> (updated in place: None / False / True if it grows, past input, present output)
+        self._state_names = {
+            s: (self.in_place.get(s), PAST_PREFIX + s, PRESENT_PREFIX + s) for s in self.state_suffixes
+        }
+        self._other_outputs = [n for n in self.output_names if not n.startswith(PRESENT_PREFIX)]
 
     def empty_states(self, batch: int) -> dict[str, np.ndarray]:
         states = {}
@@ -213,31 +218,26 @@ class OrtDecoder:
             binding = self._binding = StepBinding(self.session)
         for name, array in feeds.items():
             binding.input(name, array)
-        tokens = feeds["input_ids"].shape[1]
+        batch, tokens = feeds["input_ids"].shape
         total = feeds["attention_mask"].shape[1]  # valid rows after this step
         present: dict[str, ort.OrtValue | GrowingCache] = {}
-        targets: dict[str, ort.OrtValue] = {}  # present output name -> the buffer it is written into
         for suffix, value in states.items():
-            grows = self.in_place.get(suffix)
+            grows, past_name, present_name = self._state_names[suffix]
             if grows:
                 present[suffix] = cache = with_room(value, total - tokens, total)
-                value = target = cache.value
+                value = cache.value
+                binding.value_output(present_name, value)
             elif grows is False:
-                target = into[suffix] if into is not None and suffix in into else value
-                present[suffix] = target
-            binding.value_input(PAST_PREFIX + suffix, value)
-            if grows is not None:
-                targets[PRESENT_PREFIX + suffix] = target
-        sizes = {"batch": feeds["input_ids"].shape[0], "sequence": tokens}
-        kept: dict[str, np.ndarray] = {}
-        for name in self.output_names:  # bound in the graph's order: get_outputs returns them so
-            if name in targets:
-                binding.value_output(name, targets[name])
-            elif name.startswith(PRESENT_PREFIX):
-                binding.buffer_output(name, {})  # a state not updated in place: a new buffer each step
-            elif (array := binding.buffer_output(name, sizes)) is not None:
+                present[suffix] = target = into.get(suffix, value) if into else value
+                binding.value_output(present_name, target)
+            else:  # a state not updated in place: a new buffer each step
+                binding.allocated_output(present_name)
+            binding.value_input(past_name, value)
+        kept = {}
+        for name in self._other_outputs:
+            if (array := binding.buffer_output(name, batch, tokens)) is not None:
                 kept[name] = array
-        allocated = binding.run(self.output_names)
+        allocated = binding.run()
         outputs = {name: array.copy() for name, array in kept.items()}
         for name, value in allocated.items():
             if name.startswith(PRESENT_PREFIX):

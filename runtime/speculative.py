@@ -15,14 +15,21 @@ be rewound. Two ways are kept, measured by scripts/bench_speculative.py (benchma
 
 The MTP layer's own KV cache always holds the pairs (main hidden state at position t, token t+1) of the
 accepted tokens only: each round first feeds the previous round's accepted pairs (true main hidden states
-from the verify step) and keeps that cache; the draft steps beyond the first run on a copy.
+from the verify step) and keeps that cache; the draft steps beyond the first run on a copy, or, where the
+graph updates its KV cache in place, on rows past the accepted ones that the next round rewrites.
+
+On graphs whose ops update states in place (runtime/in_place.py) nothing is copied: the verify step writes
+its KV rows over the cache and its DeltaNet states into a second set of buffers, swapped in when every
+draft is accepted. On the trained model (ort-cpu-int4, batch 1, k = 2) the in-place steps and a loop that
+slices its masks, positions and tokens out of per-column buffers took speculative decoding from 1.00x to
+1.11-1.15x plain decoding, which got faster too (benchmarks/speculative.md).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +139,8 @@ class SpeculativeDecoder:
         timings: dict[str, float] | None,
         stats: SpeculativeStats,
     ) -> Iterator[np.ndarray]:
-        batch = ids.shape[0]
+        batch, width = ids.shape
+        k = self.k
         stops = np.array(list(stop_tokens), np.int64)
         done = np.zeros(batch, bool)
         start = time.perf_counter()
@@ -140,130 +148,153 @@ class SpeculativeDecoder:
         outs, states = self.main.step_all_bound(
             _feeds(ids, mask, positions), self.main.empty_bound_states(batch)
         )
-        # Where the graphs update states in place (runtime/in_place.py), the verify step writes the DeltaNet
-        # states into a second set of buffers (swapped in when every draft is accepted) and its KV rows
-        # over the cache; the draft steps write the MTP layer's KV cache in place.
-        main_in_place = bool(self.main.in_place)
-        draft_in_place = bool(self.draft.in_place) and all(self.draft.in_place.values())
-        scratch = {
-            s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")
-            for s, v in states.items()
-            if self.main.in_place.get(s) is False
-        }
-
-        def run_main(feeds, past, into=None):
-            if main_in_place:
-                return self.main.run_in_place(feeds, past, into)
-            return self.main.step_all_bound(feeds, past)
-
-        def run_draft(feeds, past):
-            if draft_in_place:
-                return self.draft.run_in_place(feeds, past)
-            return self.draft.step_all_bound(feeds, past)
+        run_main, run_draft, scratch = self._runners(states)
+        # Every token by its column: the prompt's, then one per decoded token (drafts are written ahead of
+        # their verification and overwritten when rejected). Rows advance together, so past the prompt a
+        # column's mask is 1 and each row's position is its last prompt position plus the columns since;
+        # every mask, position and token feed below is a slice of these three.
+        columns = width + max_new_tokens + k + 2
+        tokens = np.zeros((batch, columns), np.int64)
+        tokens[:, :width] = ids
+        full_mask = np.ones((batch, columns), np.int64)
+        full_mask[:, :width] = mask
+        column_positions = np.empty((batch, columns), np.int64)
+        column_positions[:, :width] = positions
+        column_positions[:, width:] = positions[:, -1:] + np.arange(1, columns - width + 1)[None]
 
         last = outs["logits"][:, -1].argmax(-1)
+        tokens[:, width] = last
         emitted = 1
         if timings is not None:
             timings["time_to_first_token_s"] = time.perf_counter() - start
             timings["decode_start"] = time.perf_counter()
         done |= np.isin(last, stops)
         yield last
-        # The MTP layer's pairs still to feed: (hidden at position t, token t+1) at position t.
-        pair_ids = np.concatenate([ids[:, 1:], last[:, None]], axis=1)
-        pair_hidden, pair_positions, pair_mask = outs[HIDDEN_STATES], positions, mask
-        draft_states, draft_mask = self.draft.empty_bound_states(batch), np.zeros((batch, 0), np.int64)
-        committed_mask = mask  # the attention mask of the tokens inside `states`
-        pending = np.zeros((batch, 0), np.int64)  # tokens accepted but not inside `states` (refeed)
-        next_position = positions[:, -1:] + 1  # position of `last`
-        while emitted < max_new_tokens and not done.all():
-            t0 = time.perf_counter()
-            draft_mask = np.concatenate([draft_mask, pair_mask], axis=1)
-            out, draft_states = run_draft(
-                {
-                    "input_ids": pair_ids,
-                    HIDDEN_STATES: pair_hidden,
-                    "attention_mask": draft_mask,
-                    "position_ids": pair_positions,
-                },
-                draft_states,
-            )
-            drafts = [out["logits"][:, -1].argmax(-1)]
-            spec_states, spec_mask = draft_states, draft_mask
-            spec_hidden, spec_position = out[DRAFT_HIDDEN_STATES][:, -1:], pair_positions[:, -1:]
-            for _ in range(self.k - 1):
-                spec_mask = np.concatenate([spec_mask, np.ones((batch, 1), np.int64)], axis=1)
-                spec_position = spec_position + 1
-                spec, spec_states = run_draft(
+        committed = width  # columns inside the main graph's states
+        last_column = width  # the newest decided token, not yet fed to the main graph
+        draft_rows = 0  # columns inside the MTP layer's cache: its pair at column c is (hidden c, token c+1)
+        pair_hidden = outs[HIDDEN_STATES]  # the main hidden states of columns draft_rows .. last_column - 1
+        draft_states = self.draft.empty_bound_states(batch)
+        accepted_sum = np.zeros(k, np.int64)
+        try:
+            while emitted < max_new_tokens and not done.all():
+                t0 = time.perf_counter()
+                out, draft_states = run_draft(
                     {
-                        "input_ids": drafts[-1][:, None],
-                        HIDDEN_STATES: spec_hidden,
-                        "attention_mask": spec_mask,
-                        "position_ids": spec_position,
+                        "input_ids": tokens[:, draft_rows + 1 : last_column + 1],
+                        HIDDEN_STATES: pair_hidden,
+                        "attention_mask": full_mask[:, :last_column],
+                        "position_ids": column_positions[:, draft_rows:last_column],
                     },
-                    spec_states,
+                    draft_states,
                 )
-                spec_hidden = spec[DRAFT_HIDDEN_STATES]
-                drafts.append(spec["logits"][:, -1].argmax(-1))
-            if draft_in_place:  # the same buffers, perhaps regrown; rows past the accepted ones are rewritten
-                draft_states = spec_states
-            stats.draft_steps += self.k
-            t1 = time.perf_counter()
-            stats.draft_s += t1 - t0
+                draft_rows = last_column
+                tokens[:, last_column + 1] = out["logits"][:, -1].argmax(-1)
+                spec_states, spec_hidden = draft_states, out[DRAFT_HIDDEN_STATES][:, -1:]
+                for j in range(1, k):  # draft j+1 from draft j, at draft j's column - 1 (as a pair sits)
+                    column = last_column + j
+                    spec, spec_states = run_draft(
+                        {
+                            "input_ids": tokens[:, column : column + 1],
+                            HIDDEN_STATES: spec_hidden,
+                            "attention_mask": full_mask[:, :column],
+                            "position_ids": column_positions[:, column - 1 : column],
+                        },
+                        spec_states,
+                    )
+                    spec_hidden = spec[DRAFT_HIDDEN_STATES]
+                    tokens[:, column + 1] = spec["logits"][:, -1].argmax(-1)
+                if self._draft_in_place:  # the same buffers, perhaps regrown; the rows past draft_rows
+                    draft_states = spec_states  # are rewritten by the next round's first draft step
+                stats.draft_steps += k
+                t1 = time.perf_counter()
+                stats.draft_s += t1 - t0
 
-            drafted = np.stack(drafts, axis=1)  # [B, k]
-            feed = np.concatenate([pending, last[:, None], drafted], axis=1)
-            width = feed.shape[1]
-            verify_mask = np.concatenate([committed_mask, np.ones((batch, width), np.int64)], axis=1)
-            first = next_position - pending.shape[1]
-            verify_positions = first + np.arange(width)[None]
-            outs, verify_states = run_main(_feeds(feed, verify_mask, verify_positions), states, scratch)
-            stats.verify_steps += 1
-            stats.verify_s += time.perf_counter() - t1
-            offset = pending.shape[1]
-            predicted = outs["logits"][:, offset:].argmax(-1)  # [B, k + 1]: after last, d_1, ..., d_k
-            matches = np.cumprod(drafted == predicted[:, :-1], axis=1)  # leading run of accepted drafts
-            live = ~done
-            per_row = matches.sum(1)
-            accepted = int(per_row[live].min())
-            stats.rounds += 1
-            stats.row_rounds += int(live.sum())
-            for j in range(self.k):
-                stats.accepted[j] += int(matches[live, j].sum())
+                end = last_column + k + 1  # verify columns: re-fed ones, the last token, the drafts
+                outs, verify_states = run_main(
+                    {
+                        "input_ids": tokens[:, committed:end],
+                        "attention_mask": full_mask[:, :end],
+                        "position_ids": column_positions[:, committed:end],
+                    },
+                    states,
+                    scratch,
+                )
+                stats.verify_steps += 1
+                stats.verify_s += time.perf_counter() - t1
+                offset = last_column - committed
+                predicted = outs["logits"][:, offset:].argmax(-1)  # [B, k + 1]: after last, d_1, ..., d_k
+                drafted = tokens[:, last_column + 1 : end]
+                matches = np.cumprod(drafted == predicted[:, :-1], axis=1)  # leading run of accepted drafts
+                live = ~done
+                accepted = int(matches[live].sum(1).min())
+                stats.rounds += 1
+                stats.row_rounds += int(live.sum())
+                accepted_sum += matches[live].sum(0)
+                tokens[:, last_column + accepted + 1] = predicted[:, accepted]
 
-            new_tokens = np.concatenate([drafted[:, :accepted], predicted[:, accepted : accepted + 1]], 1)
-            for j in range(new_tokens.shape[1]):
-                if emitted >= max_new_tokens or done.all():
-                    break
-                token = np.where(done, stops[0] if stops.size else new_tokens[:, j], new_tokens[:, j])
-                done |= np.isin(token, stops)
-                emitted += 1
-                yield token
+                for column in range(last_column + 1, last_column + accepted + 2):
+                    if emitted >= max_new_tokens or done.all():
+                        break
+                    token = tokens[:, column]
+                    if stops.size:
+                        token = np.where(done, stops[0], token)
+                        done |= np.isin(token, stops)
+                    emitted += 1
+                    yield token
 
-            kept = offset + accepted + 1  # verify columns whose tokens are now decided: pending, last, drafts
-            if accepted == self.k:
-                scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
-                states, committed_mask, pending = verify_states, verify_mask, np.zeros((batch, 0), np.int64)
-            elif self.rollback == "recompute" or kept > REFEED_ROUNDS * (self.k + 1):
-                states = self._before_verify(states, verify_states)
-                t2 = time.perf_counter()
-                committed = verify_mask[:, : committed_mask.shape[1] + kept]
-                _, states = run_main(_feeds(feed[:, :kept], committed, verify_positions[:, :kept]), states)
-                committed_mask = committed
-                pending = np.zeros((batch, 0), np.int64)
-                stats.recompute_steps += 1
-                stats.recompute_s += time.perf_counter() - t2
-            else:
-                states = self._before_verify(states, verify_states)
-                pending = feed[:, :kept]
-            # Next round's MTP pairs: hidden at last, d_1..d_a with tokens d_1..d_a, then the new token.
-            pair_ids = new_tokens
-            pair_hidden = outs[HIDDEN_STATES][:, offset:kept]
-            pair_positions = verify_positions[:, offset:kept]
-            pair_mask = np.ones((batch, accepted + 1), np.int64)
-            last = new_tokens[:, -1]
-            next_position = verify_positions[:, kept - 1 : kept] + 1
+                kept = offset + accepted + 1  # verify columns now decided: re-fed, last, accepted drafts
+                if accepted == k:
+                    scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
+                    states, committed = verify_states, committed + kept
+                elif self.rollback == "recompute" or kept > REFEED_ROUNDS * (k + 1):
+                    states = self._before_verify(states, verify_states)
+                    t2 = time.perf_counter()
+                    _, states = run_main(
+                        {
+                            "input_ids": tokens[:, committed : committed + kept],
+                            "attention_mask": full_mask[:, : committed + kept],
+                            "position_ids": column_positions[:, committed : committed + kept],
+                        },
+                        states,
+                    )
+                    committed += kept
+                    stats.recompute_steps += 1
+                    stats.recompute_s += time.perf_counter() - t2
+                else:  # refeed: the decided columns ride along at the front of the next verify step
+                    states = self._before_verify(states, verify_states)
+                pair_hidden = outs[HIDDEN_STATES][:, offset:kept]
+                last_column += accepted + 1
+        finally:
+            for j in range(k):
+                stats.accepted[j] += int(accepted_sum[j])
         if timings is not None:
             timings["decode_end"] = time.perf_counter()
+
+    def _runners(self, states: dict[str, Any]) -> tuple[Callable, Callable, dict[str, ort.OrtValue]]:
+        """The step functions of the main and draft graphs, and the verify step's second buffers.
+
+        Where the graphs update states in place (runtime/in_place.py), the verify step writes the DeltaNet
+        states into the second buffers (swapped in when every draft is accepted) and its KV rows over the
+        cache; the draft steps write the MTP layer's KV cache in place (so only where every draft state is
+        a KV cache: the drafts beyond the first run on rows the next round rewrites)."""
+        main, draft = self.main, self.draft
+        scratch = {
+            s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")
+            for s, v in states.items()
+            if main.in_place.get(s) is False
+        }
+        run_main = (
+            main.run_in_place
+            if main.in_place
+            else lambda feeds, past, into=None: main.step_all_bound(feeds, past)
+        )
+        run_draft = draft.run_in_place if self._draft_in_place else draft.step_all_bound
+        return run_main, run_draft, scratch
+
+    @property
+    def _draft_in_place(self) -> bool:
+        return bool(self.draft.in_place) and all(self.draft.in_place.values())
 
     def _before_verify(self, states: dict[str, Any], verify_states: dict[str, Any]) -> dict[str, Any]:
         """The states from before a verify step whose drafts were not all accepted: the DeltaNet states as

@@ -5,7 +5,8 @@ else: copying every byte from the page cache into numpy (`_copy_to_iter`, a quar
 from numpy into the page cache on the way out. On this project's 2-core machines that CPU is the export's
 bottleneck, not the disk. Direct I/O moves the bytes between the disk and our own buffers instead: an
 11 GB bf16 slice of the 397B went from 24.7 s (22.8 s of it in the kernel) to 17.7 s (9.4 s) with direct
-reads alone (measured 2026-12-06, scripts/bench_scale.py --experts 128).
+reads alone, and to 14.4 s (6.2 s) with direct writes too, byte for byte the same export (measured 2026-12-05,
+scripts/bench_scale.py --experts 128; benchmarks/scale.md has the full-width run).
 
 Direct I/O needs offsets, lengths and buffer addresses aligned to the device's block. Reads therefore fetch
 the aligned range around the bytes asked for into a page-aligned buffer and return a view of it; writes go

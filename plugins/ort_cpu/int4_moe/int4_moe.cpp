@@ -15,7 +15,7 @@ namespace {
 constexpr int64_t kGroupsPerTask = 8;  // 128 output rows: tasks small enough to balance two threads
 constexpr int64_t kRowsPerTask = 16;   // rows per task of the elementwise steps (prefill has thousands)
 constexpr int64_t kFusedRows = 32;       // from this many expert rows on, the fused per-expert blocks
-constexpr int64_t kFusedRowBlock = 256;  // rows of one fused task (at most): see README.md, measured
+constexpr int64_t kFusedRowBlock = 64;   // rows of one fused task (at most)
 constexpr int64_t kTokensPerPass = 1024; // tokens per pass (bounds the scratch)
 
 struct Slot {

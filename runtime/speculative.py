@@ -236,7 +236,7 @@ class SpeculativeDecoder:
                 for column in range(last_column + 1, last_column + accepted + 2):
                     if emitted >= max_new_tokens or done.all():
                         break
-                    token = tokens[:, column]
+                    token = tokens[:, column].copy()  # not a view: a caller may keep or change it
                     if stops.size:
                         token = np.where(done, stops[0], token)
                         done |= np.isin(token, stops)

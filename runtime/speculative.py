@@ -100,6 +100,8 @@ class SpeculativeDecoder:
         if HIDDEN_STATES not in main.output_names:
             raise QwenExportError("the main graph has no hidden_states output; re-export the checkpoint")
         self.main, self.draft, self.k, self.rollback = main, draft, k, rollback
+        # the draft steps run in place only where every draft state is a KV cache (runtime/in_place.py)
+        self._draft_in_place = bool(draft.in_place) and all(draft.in_place.values())
         # ONNX Runtime's GroupQueryAttention takes several new tokens over a cache at batch 1 only.
         self.row_by_row = _runs_op(main.model_path, "GroupQueryAttention")
 
@@ -291,10 +293,6 @@ class SpeculativeDecoder:
         )
         run_draft = draft.run_in_place if self._draft_in_place else draft.step_all_bound
         return run_main, run_draft, scratch
-
-    @property
-    def _draft_in_place(self) -> bool:
-        return bool(self.draft.in_place) and all(self.draft.in_place.values())
 
     def _before_verify(self, states: dict[str, Any], verify_states: dict[str, Any]) -> dict[str, Any]:
         """The states from before a verify step whose drafts were not all accepted: the DeltaNet states as

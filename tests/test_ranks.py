@@ -12,6 +12,7 @@ tokens must be identical to the unsharded build's over 32 steps (through the car
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -46,38 +47,63 @@ def _build(out, tp: int, ep: int, target: str = "onnx", **source):
     return build_artifact(BuildRequest(out=out, target=target, tp=tp, ep=ep, **source))
 
 
-def _compare(ranked: OrtDecoder, whole: OrtDecoder, reference) -> None:
-    vocab = whole.vocab_size
-    for length in LENGTHS:
-        ids = make_prompt(vocab, length, seed=length)
+@dataclass
+class Expected:
+    """What a ranked build of a preset must reproduce: transformers' and the unsharded build's prefill
+    logits for each of LENGTHS, and both greedy continuations (computed once per preset, shared by its
+    splits)."""
+
+    prompts: dict[int, np.ndarray]
+    reference_logits: dict[int, np.ndarray]
+    whole_logits: dict[int, np.ndarray]
+    greedy_prompt: np.ndarray
+    reference_tokens: np.ndarray
+    whole_tokens: np.ndarray
+
+
+def expected_outputs(whole: OrtDecoder, reference) -> Expected:
+    prompts = {length: make_prompt(whole.vocab_size, length, seed=length) for length in LENGTHS}
+    prompt = make_prompt(whole.vocab_size, 12, seed=4)
+    return Expected(
+        prompts=prompts,
+        reference_logits={n: reference_forward(reference, ids)[0] for n, ids in prompts.items()},
+        whole_logits={n: whole.prefill(ids).logits for n, ids in prompts.items()},
+        greedy_prompt=prompt,
+        reference_tokens=reference_greedy(reference, prompt, 32)[0],
+        whole_tokens=whole.greedy(prompt, 32)[0],
+    )
+
+
+def _compare(ranked: OrtDecoder, expected: Expected) -> None:
+    for length, ids in expected.prompts.items():
         ours = ranked.prefill(ids).logits
-        ref, _ = reference_forward(reference, ids)
-        assert np.abs(ours - ref).max() <= TOL, f"prefill {length} vs transformers"
-        assert np.abs(ours - whole.prefill(ids).logits).max() <= TOL, f"prefill {length} vs unsharded"
-    prompt = make_prompt(vocab, 12, seed=4)
-    ref_tokens, _ = reference_greedy(reference, prompt, 32)
-    tokens, _ = ranked.greedy(prompt, 32)
-    whole_tokens, _ = whole.greedy(prompt, 32)
-    np.testing.assert_array_equal(tokens, whole_tokens)
-    np.testing.assert_array_equal(tokens, ref_tokens)
+        assert np.abs(ours - expected.reference_logits[length]).max() <= TOL, (
+            f"prefill {length} vs transformers"
+        )
+        assert np.abs(ours - expected.whole_logits[length]).max() <= TOL, f"prefill {length} vs unsharded"
+    tokens, _ = ranked.greedy(expected.greedy_prompt, 32)
+    np.testing.assert_array_equal(tokens, expected.whole_tokens)
+    np.testing.assert_array_equal(tokens, expected.reference_tokens)
 
 
 @pytest.fixture(scope="module")
-def unsharded(tmp_path_factory):
-    built = {}
+def expected(tmp_path_factory):
+    built: dict[str, Expected] = {}
 
-    def get(preset: str):
+    def get(preset: str) -> Expected:
         if preset not in built:
             out = tmp_path_factory.mktemp("whole") / preset
             _build(out, 1, 1, preset=preset)
-            built[preset] = OrtDecoder(out / "model.onnx")
+            built[preset] = expected_outputs(
+                OrtDecoder(out / "model.onnx"), load_reference(materialize(preset))
+            )
         return built[preset]
 
     return get
 
 
 @pytest.mark.parametrize(("preset", "tp", "ep"), CASES, ids=[f"{p}-tp{t}-ep{e}" for p, t, e in CASES])
-def test_ranks_match_unsharded_and_transformers(tmp_path, unsharded, preset, tp, ep):
+def test_ranks_match_unsharded_and_transformers(tmp_path, expected, preset, tp, ep):
     out = tmp_path / "ranks"
     result = _build(out, tp, ep, preset=preset)
     manifest = result.manifest
@@ -85,7 +111,7 @@ def test_ranks_match_unsharded_and_transformers(tmp_path, unsharded, preset, tp,
     assert sorted(p.name for p in (out / "ranks").iterdir()) == [str(r) for r in range(tp)]
     ranked = open_decoder(Artifact.open(out).model_path)
     assert isinstance(ranked, RankedDecoder) and len(ranked.ranks) == tp
-    _compare(ranked, unsharded(preset), load_reference(materialize(preset)))
+    _compare(ranked, expected(preset))
     ranked.close()
 
 
@@ -97,7 +123,7 @@ def test_local_checkpoints_shard(tmp_path, architecture):
     _build(tmp_path / "ranks", tp, ep, model_dir=folder)
     _build(tmp_path / "whole", 1, 1, model_dir=folder)
     ranked = open_decoder(Artifact.open(tmp_path / "ranks").model_path)
-    _compare(ranked, OrtDecoder(tmp_path / "whole" / "model.onnx"), load_reference(folder))
+    _compare(ranked, expected_outputs(OrtDecoder(tmp_path / "whole" / "model.onnx"), load_reference(folder)))
     ranked.close()
 
 

@@ -22,7 +22,6 @@ from qwen_export.passes.int4_layout import pack_int4_groups
 from qwen_export.passes.quantize_weights import quantize_blockwise
 
 NK, NV, DK, DV, KERNEL = 2, 4, 32, 48, 4
-C = 2 * NK * DK + NV * DV
 # The chunked form sums in another order than the recurrence; seen: 3e-6 of the largest output and state.
 CHUNKED_VS_RECURRENT = 1e-4
 
@@ -35,21 +34,23 @@ def reference_delta_rule(proj, conv_w, past_conv, past_state, dt_bias, neg_exp_a
     """GatedDeltaRule's spec (plugins/ort_cpu/gated_delta_rule/gated_delta_rule.h), token by token, fp64."""
     proj, past_state = proj.astype(np.float64), past_state.astype(np.float64)
     b_, t_, _ = proj.shape
-    mixed, z = proj[..., :C], proj[..., C : C + NV * DV]
-    b_gate, a_gate = proj[..., C + NV * DV : C + NV * DV + NV], proj[..., C + NV * DV + NV :]
+    dv = norm_w.shape[0]
+    c_ = 2 * NK * DK + NV * dv
+    mixed, z = proj[..., :c_], proj[..., c_ : c_ + NV * dv]
+    b_gate, a_gate = proj[..., c_ + NV * dv : c_ + NV * dv + NV], proj[..., c_ + NV * dv + NV :]
     window = np.concatenate([past_conv.astype(np.float64), mixed.transpose(0, 2, 1)], axis=2)  # [B, C, K-1+T]
     w = conv_w[:, 0, :].astype(np.float64)
     conv = np.stack([(window[:, :, t : t + KERNEL] * w).sum(-1) for t in range(t_)], axis=1)  # [B, T, C]
     conv = conv / (1 + np.exp(-conv))
     q = conv[..., : NK * DK].reshape(b_, t_, NK, DK)
     k = conv[..., NK * DK : 2 * NK * DK].reshape(b_, t_, NK, DK)
-    v = conv[..., 2 * NK * DK :].reshape(b_, t_, NV, DV)
+    v = conv[..., 2 * NK * DK :].reshape(b_, t_, NV, dv)
     q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / np.sqrt(DK)
     k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
     beta = 1 / (1 + np.exp(-b_gate))
     decay = np.exp(neg_exp_a * _softplus(a_gate + dt_bias))
     state = past_state.copy()
-    out = np.zeros((b_, t_, NV, DV))
+    out = np.zeros((b_, t_, NV, dv))
     for b in range(b_):
         for h in range(NV):
             hk = h // (NV // NK)
@@ -61,32 +62,33 @@ def reference_delta_rule(proj, conv_w, past_conv, past_state, dt_bias, neg_exp_a
                 o = s.T @ q[b, t, hk]
                 o = o / np.sqrt((o * o).mean() + eps) * norm_w
                 out[b, t, h] = (
-                    o * z[b, t, h * DV : (h + 1) * DV] / (1 + np.exp(-z[b, t, h * DV : (h + 1) * DV]))
+                    o * z[b, t, h * dv : (h + 1) * dv] / (1 + np.exp(-z[b, t, h * dv : (h + 1) * dv]))
                 )
             state[b, h] = s
     present_conv = window[:, :, -(KERNEL - 1) :]
-    return out.reshape(b_, t_, NV * DV), present_conv, state
+    return out.reshape(b_, t_, NV * dv), present_conv, state
 
 
-def delta_rule_case(batch: int, tokens: int, seed: int = 0):
+def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV):
     rng = np.random.default_rng(seed)
     f = np.float32
+    c_ = 2 * NK * DK + NV * dv
     inputs = {
-        "proj": rng.standard_normal((batch, tokens, C + NV * DV + 2 * NV)).astype(f),
-        "past_conv": rng.standard_normal((batch, C, KERNEL - 1)).astype(f),
-        "past_state": (rng.standard_normal((batch, NV, DK, DV)) * 0.3).astype(f),
+        "proj": rng.standard_normal((batch, tokens, c_ + NV * dv + 2 * NV)).astype(f),
+        "past_conv": rng.standard_normal((batch, c_, KERNEL - 1)).astype(f),
+        "past_state": (rng.standard_normal((batch, NV, DK, dv)) * 0.3).astype(f),
     }
     weights = {
-        "conv_w": (rng.standard_normal((C, 1, KERNEL)) * 0.5).astype(f),
+        "conv_w": (rng.standard_normal((c_, 1, KERNEL)) * 0.5).astype(f),
         "dt_bias": rng.standard_normal(NV).astype(f),
         "neg_exp_a": -np.exp(rng.standard_normal(NV) * 0.5).astype(f),
-        "norm_w": (1 + 0.1 * rng.standard_normal(DV)).astype(f),
+        "norm_w": (1 + 0.1 * rng.standard_normal(dv)).astype(f),
     }
     node = helper.make_node(
         "GatedDeltaRule",
         ["proj", "conv_w", "past_conv", "past_state", "dt_bias", "neg_exp_a", "norm_w"],
         ["y", "present_conv", "present_state"],
-        domain="qwen.cpu", num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=DV, conv_kernel=KERNEL,
+        domain="qwen.cpu", num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=dv, conv_kernel=KERNEL,
         epsilon=1e-6,
     )  # fmt: skip
     session = _session(
@@ -112,6 +114,19 @@ def test_chunked_delta_rule_matches_the_recurrence(batch, tokens, monkeypatch):
         np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
     # and the chunked form is not the recurrence itself (the test can tell them apart)
     assert not np.array_equal(results["chunked"][2], results["recurrent"][2])
+
+
+@pytest.mark.parametrize("dv", [20, 48, 64], ids=["scalar-columns", "32+16-columns", "64-columns"])
+def test_decode_steps_match_the_reference_at_every_column_blocking(dv, monkeypatch):
+    """The recurrence (decode, and speculative verify steps of a few tokens) keeps S's column sums in
+    registers in blocks of 64, 32 and 16 columns, and in memory where dv is not a multiple of 16."""
+    monkeypatch.delenv("QWEN_CPU_DELTA_RULE", raising=False)
+    session, inputs, weights = delta_rule_case(2, 3, seed=dv, dv=dv)
+    y, conv, state = session.run(None, inputs)
+    expected = reference_delta_rule(**inputs, **weights)
+    assert np.abs(y - expected[0]).max() / np.abs(expected[0]).max() < CHUNKED_VS_RECURRENT
+    assert np.abs(state - expected[2]).max() / np.abs(expected[2]).max() < CHUNKED_VS_RECURRENT
+    np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
 
 
 def test_chunked_delta_rule_carries_state_across_calls(monkeypatch):

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/exp_nonpositive.h"
+#include "common/scratch.h"
 #include "common/vector_math.h"
 
 namespace qwen_cpu {
@@ -68,13 +69,55 @@ QWEN_CPU_CLONES void rms_norm(const float* x, int64_t n, float eps, const float*
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv_rms * w[j];
 }
 
+// Columns [j0, j0 + 16 * NB) of one delta_step (the columns of S are independent): the sums over S's rows stay in
+// registers, in the same order (row 0 first) as the scalar loop's, so both give the same bits.
+template <int NB>
+__attribute__((always_inline)) inline void delta_columns(const float* from, float* state, const float* q,
+                                                         const float* k, const float* v, float decay, float beta,
+                                                         int64_t dk, int64_t dv, int64_t j0, float* o) {
+  Vec16 acc[NB] = {};
+  for (int64_t i = 0; i < dk; ++i) {  // S = decay * S; kv = S^T k
+    const float ki = k[i];
+    for (int b = 0; b < NB; ++b) {
+      Vec16 row;
+      std::memcpy(&row, from + i * dv + j0 + 16 * b, sizeof row);
+      row *= decay;
+      std::memcpy(state + i * dv + j0 + 16 * b, &row, sizeof row);
+      acc[b] += row * ki;
+    }
+  }
+  for (int b = 0; b < NB; ++b) {  // delta
+    Vec16 vb;
+    std::memcpy(&vb, v + j0 + 16 * b, sizeof vb);
+    acc[b] = (vb - acc[b]) * beta;
+  }
+  Vec16 out[NB] = {};
+  for (int64_t i = 0; i < dk; ++i) {  // S += k delta^T; o = S^T q
+    const float ki = k[i], qi = q[i];
+    for (int b = 0; b < NB; ++b) {
+      Vec16 row;
+      std::memcpy(&row, state + i * dv + j0 + 16 * b, sizeof row);
+      row += ki * acc[b];
+      std::memcpy(state + i * dv + j0 + 16 * b, &row, sizeof row);
+      out[b] += row * qi;
+    }
+  }
+  for (int b = 0; b < NB; ++b) std::memcpy(o + j0 + 16 * b, &out[b], sizeof out[b]);
+}
+
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
 // reading `from` (the past state, or S itself after the first token) and writing S. Cloned for AVX-512 and AVX2
-// so the dv-wide rows vectorise where the CPU has it.
-QWEN_CPU_CLONES void delta_step(const float* from, float* state,
-                                                                     const float* q, const float* k,
-                                                                     const float* v, float decay, float beta,
-                                                                     int64_t dk, int64_t dv, float* kv, float* o) {
+// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of 16 the sums stay in registers
+// (kept in memory they made a step 2-3x slower: `kv` and `o` may alias S, so every row reloaded them).
+QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q, const float* k, const float* v,
+                                float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {
+  if (dv % 16 == 0) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= dv; j0 += 64) delta_columns<4>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
+    for (; j0 + 32 <= dv; j0 += 32) delta_columns<2>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
+    for (; j0 < dv; j0 += 16) delta_columns<1>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
+    return;
+  }
   std::fill(kv, kv + dv, 0.f);
   for (int64_t i = 0; i < dk; ++i) {  // S = decay * S; kv = S^T k
     const float* in = from + i * dv;
@@ -231,7 +274,10 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
 
   // 1. causal conv + SiLU, per sequence and block of channels. Position i of the window is the state's
   // input i for i < K-1, else this call's token i - (K-1).
-  std::vector<float> conv(B * T * C), conv_wt(K * C);  // conv_wt: the conv weights as [K, C]
+  // scratch kept per thread (a decode step of a small model spent a tenth of its time in malloc and free)
+  thread_local std::vector<float> conv_buffer, conv_wt_buffer;
+  float* conv = grow(conv_buffer, B * T * C);           // every element is written below
+  float* conv_wt = grow(conv_wt_buffer, K * C);  // the conv weights as [K, C]
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];
   const float q_scale = 1.f / std::sqrt(static_cast<float>(s.dk));
@@ -244,13 +290,13 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     const float* state = past_conv + (b * C + c0) * keep;
     const float* x = proj + b * T * W + c0;
     for (int64_t t = 0; t < T; ++t) {
-      float* out = conv.data() + (b * T + t) * C + c0;
-      conv_token(conv_wt.data() + c0, C, K, state, keep, x, W, t, c1 - c0, out);
+      float* out = conv + (b * T + t) * C + c0;
+      conv_token(conv_wt + c0, C, K, state, keep, x, W, t, c1 - c0, out);
       silu_inplace(out, c1 - c0);
     }
     // q and k l2-normed per key head (q also scaled by 1/sqrt(dk)), once for all value heads that read them
     for (int64_t t = 0; t < T; ++t) {
-      float* row = conv.data() + (b * T + t) * C;
+      float* row = conv + (b * T + t) * C;
       for (int64_t head = c0 / s.dk; head < std::min(c1, 2 * s.nk * s.dk) / s.dk; ++head)
         l2norm(row + head * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
     }
@@ -271,31 +317,33 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     const int64_t b = task / s.nv, h = task % s.nv, hk = h / group;
     float* state = present_state + (b * s.nv + h) * s.dk * s.dv;
     const float* from = past_state + (b * s.nv + h) * s.dk * s.dv;
-    std::vector<float> q(L * s.dk), k(L * s.dk), v(L * s.dv), beta(L), g(L), o(L * s.dv);
-    std::vector<float> kv(s.dv), work(chunked ? 4 * L * s.dv + s.dk * L + 3 * L * L : 0);
+    thread_local std::vector<float> head_buffer;
+    const int64_t work_size = chunked ? 4 * L * s.dv + s.dk * L + 3 * L * L : 0;
+    float* q = grow(head_buffer, 2 * L * s.dk + 2 * L * s.dv + 2 * L + s.dv + work_size);
+    float *k = q + L * s.dk, *v = k + L * s.dk, *o = v + L * s.dv, *beta = o + L * s.dv, *g = beta + L;
+    float *kv = g + L, *work = kv + s.dv;
     if (chunked && from != state) std::copy_n(from, s.dk * s.dv, state);  // the chunks update S in place
     for (int64_t t0 = 0; t0 < T; t0 += L) {
       const int64_t n = std::min(L, T - t0);
       for (int64_t i = 0; i < n; ++i) {  // the chunk's q, k (l2-normed), v, beta and log decay
         const int64_t t = t0 + i;
-        const float* c = conv.data() + (b * T + t) * C;
+        const float* c = conv + (b * T + t) * C;
         const float* p = proj + (b * T + t) * W;
-        std::copy_n(c + hk * s.dk, s.dk, q.data() + i * s.dk);
-        std::copy_n(c + s.nk * s.dk + hk * s.dk, s.dk, k.data() + i * s.dk);
-        std::copy_n(c + 2 * s.nk * s.dk + h * s.dv, s.dv, v.data() + i * s.dv);
+        std::copy_n(c + hk * s.dk, s.dk, q + i * s.dk);
+        std::copy_n(c + s.nk * s.dk + hk * s.dk, s.dk, k + i * s.dk);
+        std::copy_n(c + 2 * s.nk * s.dk + h * s.dv, s.dv, v + i * s.dv);
         beta[i] = sigmoid(p[C + s.nv * s.dv + h]);
         g[i] = neg_exp_a[h] * softplus(p[C + s.nv * s.dv + s.nv + h] + dt_bias[h]);
       }
       if (chunked) {
-        delta_chunk(state, q.data(), k.data(), v.data(), beta.data(), g.data(), n, s.dk, s.dv, o.data(), work.data());
+        delta_chunk(state, q, k, v, beta, g, n, s.dk, s.dv, o, work);
       } else {
-        delta_step(t0 == 0 ? from : state, state, q.data(), k.data(), v.data(), std::exp(g[0]), beta[0], s.dk, s.dv,
-                   kv.data(), o.data());
+        delta_step(t0 == 0 ? from : state, state, q, k, v, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
       }
       for (int64_t i = 0; i < n; ++i) {  // gated RMSNorm of each output
         const int64_t t = t0 + i;
         float* y = out + (b * T + t) * s.nv * s.dv + h * s.dv;
-        rms_norm(o.data() + i * s.dv, s.dv, s.epsilon, norm_w, y);
+        rms_norm(o + i * s.dv, s.dv, s.epsilon, norm_w, y);
         mul_silu(y, proj + (b * T + t) * W + C + h * s.dv, y, s.dv);  // * silu(z)
       }
     }

@@ -35,16 +35,18 @@ const char* moe_shape_error(const MoeShape& s) {
 }
 
 void route_top_k(const float* logits, const MoeShape& shape, int32_t* experts, float* weights) {
-  std::vector<float> p(shape.experts);
-  std::vector<int32_t> order(shape.experts);
+  thread_local std::vector<float> p_buffer;
+  thread_local std::vector<int32_t> order_buffer;
+  float* p = grow(p_buffer, shape.experts);
+  int32_t* order = grow(order_buffer, shape.experts);
   for (int64_t t = 0; t < shape.tokens; ++t) {
     const float* row = logits + t * shape.experts;
     const float top = *std::max_element(row, row + shape.experts);
     float total = 0.f;
     for (int64_t e = 0; e < shape.experts; ++e) total += p[e] = std::exp(row[e] - top);
     for (int64_t e = 0; e < shape.experts; ++e) p[e] /= total;
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + shape.top_k, order.end(),
+    std::iota(order, order + shape.experts, 0);
+    std::partial_sort(order, order + shape.top_k, order + shape.experts,
                       [&](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
     float chosen = 0.f;
     for (int64_t j = 0; j < shape.top_k; ++j) chosen += p[order[j]];
@@ -72,7 +74,9 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
   thread_local std::vector<int32_t> chosen_buffer, xz_buffer, rz_buffer;
   thread_local std::vector<float> weight_buffer, xs_buffer, rs_buffer, out_buffer;
   thread_local std::vector<int8_t> xq_buffer, rq_buffer;
-  thread_local std::vector<int64_t> row_of_buffer;
+  thread_local std::vector<int64_t> row_of_buffer, start_buffer, next_buffer;
+  thread_local std::vector<Slot> slots_buffer;
+  thread_local std::vector<int32_t> active_buffer;
   int32_t* chosen = grow(chosen_buffer, rows);
   float* weight = grow(weight_buffer, rows);
   over_rows(T, [&](int64_t t0, int64_t t1) {
@@ -82,13 +86,15 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
   });
 
   // rows of the expert products, grouped by expert (tokens in order within an expert)
-  std::vector<int64_t> start(s.experts + 1, 0);
+  int64_t* start = grow(start_buffer, s.experts + 1);
+  std::fill(start, start + s.experts + 1, 0);
   for (int64_t r = 0; r < rows; ++r) ++start[chosen[r] + 1];
-  std::partial_sum(start.begin(), start.end(), start.begin());
-  std::vector<Slot> slots(rows);
+  std::partial_sum(start, start + s.experts + 1, start);
+  Slot* slots = grow(slots_buffer, rows);
   int64_t* row_of = grow(row_of_buffer, rows);  // (token, slot) -> row
   {
-    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    int64_t* next = grow(next_buffer, s.experts);
+    std::copy_n(start, s.experts, next);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < K; ++j) {
         const int64_t r = next[chosen[t * K + j]]++;
@@ -96,7 +102,8 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
         row_of[t * K + j] = r;
       }
   }
-  std::vector<int32_t> active;
+  std::vector<int32_t>& active = active_buffer;
+  active.clear();
   for (int64_t e = 0; e < s.experts; ++e)
     if (start[e + 1] > start[e]) active.push_back(static_cast<int32_t>(e));
 
@@ -183,16 +190,18 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
                   n, g0, g_end, y_out + r0 * n, n);
       });
     };
-    std::vector<float> h(rows * 2 * I);
-    run_products({rq, rs, rz}, H, s.fc1_block, fc1, fc1_scales, 2 * I, expert1_bytes, expert1_scales, h.data());
-    std::vector<int8_t> aq(rows * I);
-    std::vector<float> as(rows * b2);
-    std::vector<int32_t> az(rows * b2);
+    thread_local std::vector<float> h_buffer, as_buffer;
+    thread_local std::vector<int8_t> aq_buffer;
+    thread_local std::vector<int32_t> az_buffer;
+    float* h = grow(h_buffer, rows * 2 * I);
+    run_products({rq, rs, rz}, H, s.fc1_block, fc1, fc1_scales, 2 * I, expert1_bytes, expert1_scales, h);
+    int8_t* aq = grow(aq_buffer, rows * I);
+    float* as = grow(as_buffer, rows * b2);
+    int32_t* az = grow(az_buffer, rows * b2);
     over_rows(rows, [&](int64_t r0, int64_t r1) {
-      activate(h.data() + r0 * 2 * I, r1 - r0, aq.data() + r0 * I, as.data() + r0 * b2, az.data() + r0 * b2);
+      activate(h + r0 * 2 * I, r1 - r0, aq + r0 * I, as + r0 * b2, az + r0 * b2);
     });
-    run_products({aq.data(), as.data(), az.data()}, I, s.fc2_block, fc2, fc2_scales, H, expert2_bytes, expert2_scales,
-                 out);
+    run_products({aq, as, az}, I, s.fc2_block, fc2, fc2_scales, H, expert2_bytes, expert2_scales, out);
   }
 
   // weighted sum in slot order, so the result does not depend on the thread schedule

@@ -258,6 +258,24 @@ def test_float_moe_matches_onnxruntime_moe_and_numpy(k, normalize):
     np.testing.assert_array_equal(ours.run(None, {"x": x3, "r": logits})[0].reshape(6, 64), flat)
 
 
+def test_float_moe_decode_rows_give_a_batchs_bits():
+    """One token runs eight weight rows at a time (and four at a ragged end: hidden 68 leaves 4 rows of a
+    64-row block), summing each output in the order the batched tiles use: the same bits as its row in a
+    batch, and right against NumPy."""
+    from test_quantize_weights import numpy_moe
+
+    _, ours, (fc1, fc2) = float_moe_case(hidden=68, inter=36)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((9, 68)).astype(np.float32)
+    logits = rng.standard_normal((9, 8)).astype(np.float32)
+    batch = ours.run(None, {"x": x, "r": logits})[0]
+    for t in range(9):
+        alone = ours.run(None, {"x": x[t : t + 1], "r": logits[t : t + 1]})[0]
+        np.testing.assert_array_equal(alone[0], batch[t])
+    want = numpy_moe(x.astype(np.float64), logits.astype(np.float64), fc1, fc2, 2, True)
+    assert _relative(batch, want) < FLOAT_MOE
+
+
 def test_bad_input_fails_with_the_kernels_reason():
     _, ours, _ = linear_case(64, 40, 32)
     with pytest.raises(Exception, match="Int4Linear: the last dimension of X must be K"):

@@ -53,10 +53,41 @@ __attribute__((always_inline)) inline void dot_tile(const float* const* a, const
     }
 }
 
+// One activation row against J weight rows (k contiguous floats each), for decode: with one row each weight
+// float is used once, so the loop is bound by how many weight streams are in flight, not by the FMAs. Eight
+// rows read the experts at 16.5 GB/s on one core of this machine's EPYC, against 14 for the four-row tile and
+// 22.6 for a plain streaming sum (software prefetch was slower). Each output sums in the tile's order: the
+// same bits as a batch's rows.
+template <int J>
+__attribute__((always_inline)) inline void dot_row(const float* a, const float* b, int64_t k, float* out) {
+  Vec8 acc[J] = {};
+  const int64_t k8 = k - k % 8;
+  for (int64_t d = 0; d < k8; d += 8) {
+    Vec8 x;
+    std::memcpy(&x, a + d, sizeof(Vec8));
+    for (int j = 0; j < J; ++j) {
+      Vec8 w;
+      std::memcpy(&w, b + j * k + d, sizeof(Vec8));
+      acc[j] += x * w;
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    float sum = sum8(acc[j]);
+    for (int64_t d = k8; d < k; ++d) sum += a[d] * b[j * k + d];
+    out[j] = sum;
+  }
+}
+
 // out[i][n - n0] = a[i] . w[n] for the `rows` activation rows a[i] and weight rows n in [n0, n1) (n1 - n0 a
 // multiple of 4), four, two or one activation rows at a time.
 QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
                               int64_t n1, float* out, int64_t ldo) {
+  if (rows == 1) {
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) dot_row<8>(a[0], w + n * k, k, out + (n - n0));
+    for (; n < n1; n += 4) dot_row<4>(a[0], w + n * k, k, out + (n - n0));
+    return;
+  }
   for (int64_t i = 0; i < rows;) {
     const int64_t r = rows - i >= 4 ? 4 : rows - i >= 2 ? 2 : 1;
     for (int64_t n = n0; n < n1; n += 4) {

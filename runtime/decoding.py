@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from qwen_export.runtime.sampling import Sampler, SamplingConfig
+from qwen_export.runtime.sampling import GREEDY, Sampler, SamplingConfig
 
-GREEDY = SamplingConfig()
 # One decode step: (new tokens [B, 1], attention mask [B, T] with them, states) -> (logits [B, V], states)
 StepFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
 

@@ -41,9 +41,7 @@ from qwen_export.runtime.ort_decoder import (
     positions_from_mask,
     session_options,
 )
-from qwen_export.runtime.sampling import SamplingConfig
-
-GREEDY = SamplingConfig()
+from qwen_export.runtime.sampling import GREEDY, SamplingConfig
 
 
 class EmbedsDecoder(OrtDecoder):

@@ -24,6 +24,9 @@ class SamplingConfig:
             raise ValueError("top_k must be >= 0")
 
 
+GREEDY = SamplingConfig()  # the default of every decode loop
+
+
 class Sampler:
     def __init__(self, config: SamplingConfig):
         self.config = config

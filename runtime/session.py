@@ -14,14 +14,12 @@ from qwen_export.errors import QwenExportError
 from qwen_export.runtime.artifact_folder import Artifact
 from qwen_export.runtime.decoding import decode_tokens_per_s, sample_stream, tokens_per_row
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
-from qwen_export.runtime.sampling import SamplingConfig
+from qwen_export.runtime.sampling import GREEDY, SamplingConfig
 from qwen_export.runtime.tokenizer import Tokenizer
 from qwen_export.targets import TARGETS
 
 if TYPE_CHECKING:
     from qwen_export.runtime.multimodal import MultimodalPrompt, MultimodalRunner
-
-GREEDY = SamplingConfig()
 
 
 class Backend(Protocol):

@@ -98,7 +98,10 @@ def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV):
 
 
 @pytest.mark.parametrize(
-    "batch,tokens", [(2, 150), (1, 64), (2, 17)], ids=["3-chunks-ragged", "one-chunk", "short"]
+    "batch,tokens",
+    [(2, 150), (1, 64), (2, 17), (1, 900)],
+    # 900 tokens: conv rows past the 1 MB kept per thread (allocated for the call)
+    ids=["3-chunks-ragged", "one-chunk", "short", "call-sized-scratch"],
 )
 def test_chunked_delta_rule_matches_the_recurrence(batch, tokens, monkeypatch):
     session, inputs, weights = delta_rule_case(batch, tokens)

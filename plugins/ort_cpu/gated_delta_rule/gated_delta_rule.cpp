@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common/exp_nonpositive.h"
@@ -25,6 +26,7 @@ using Vec16 = float __attribute__((vector_size(64)));  // GCC vector type: one z
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
 constexpr int64_t kChunkFromTokens = 16;  // calls with fewer tokens run the recurrence
+constexpr int64_t kKeptScratchFloats = 1 << 18;  // scratch up to 1 MB stays allocated per thread
 
 // Whether a call of T tokens runs the chunked form: from kChunkFromTokens on, unless QWEN_CPU_DELTA_RULE says
 // "recurrent" or "chunked" (tests and benchmarks compare the two).
@@ -274,9 +276,13 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
 
   // 1. causal conv + SiLU, per sequence and block of channels. Position i of the window is the state's
   // input i for i < K-1, else this call's token i - (K-1).
-  // scratch kept per thread (a decode step of a small model spent a tenth of its time in malloc and free)
+  // Decode-sized scratch is kept per thread (a decode step of a small model spent a tenth of its time in malloc
+  // and free); a prefill's conv rows (T x C floats, 512 MB for 64K tokens of the small preset) are allocated
+  // for the call only, uninitialised: every element is written below.
   thread_local std::vector<float> conv_buffer, conv_wt_buffer;
-  float* conv = grow(conv_buffer, B * T * C);           // every element is written below
+  std::unique_ptr<float[]> conv_rows;
+  float* conv = B * T * C <= kKeptScratchFloats ? grow(conv_buffer, B * T * C)
+                                                : (conv_rows.reset(new float[B * T * C]), conv_rows.get());
   float* conv_wt = grow(conv_wt_buffer, K * C);  // the conv weights as [K, C]
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,3 +49,18 @@ def write_results(folder: Path, name: str, result: dict[str, Any], render: Calla
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{name}.md").write_text(render(result) + "\n")
     print(render(result))
+
+
+def baseline_python(rev: str, folder: Path) -> Path:
+    """A venv with the code at `rev` installed (editable, no dependencies: it borrows this venv's)."""
+    checkout, venv = folder / "checkout", folder / "venv"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
+    subprocess.run(["git", "checkout", "-q", rev], check=True, cwd=checkout)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(checkout)], check=True, cwd=folder
+    )
+    return python

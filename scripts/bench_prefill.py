@@ -20,11 +20,10 @@ import json
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, produced_by, provenance, write_results
+from bench_common import REPO, baseline_python, produced_by, provenance, write_results
 
 PRESET = "small-qwen3.5-moe"
 TARGET = "ort-cpu-int4"
@@ -49,21 +48,6 @@ for _ in range(repeats + 1):
 median = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]
 print(json.dumps({"ttft_ms": median(ttft), "decode_tok_s": median(decode)}))
 """
-
-
-def baseline_python(rev: str, folder: Path) -> Path:
-    """A venv with the code at `rev` installed (editable, no dependencies: it borrows this venv's)."""
-    checkout, venv = folder / "checkout", folder / "venv"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
-    subprocess.run(["git", "checkout", "-q", rev], check=True, cwd=checkout)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    site = next(venv.glob("lib/python*/site-packages"))
-    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(checkout)], check=True, cwd=folder
-    )
-    return python
 
 
 def build(python: Path, out: Path) -> Path:

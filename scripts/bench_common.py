@@ -1,5 +1,6 @@
 """What every benchmark results file records beside its numbers, and how it is written: the command that
-produced it, when, at which commit, on which machine (CPU and vector ISA), as JSON and as Markdown."""
+produced it, when, at which commit, on which machine (CPU and vector ISA), as JSON and as Markdown; and the
+venv a baseline commit runs in, for the benchmarks that measure this tree against one."""
 
 from __future__ import annotations
 

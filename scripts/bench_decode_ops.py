@@ -2,7 +2,7 @@
 GatedDeltaRule's recurrence (one token, and a 3-token speculative verify step) at the shapes of the trained
 reference model (golden/trained-qwen3.5-moe) and of the small preset, and FloatMoE for one token at the small
 preset's shape (64 experts, top 4, fresh router logits every call, so the chosen experts are read from memory
-as in decode), beside a plain streaming read of the same bytes by NumPy as the memory peer.
+as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
 Python: a clone at the baseline installed into a venv that borrows this venv's packages), then each case runs

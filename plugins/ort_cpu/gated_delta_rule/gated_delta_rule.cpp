@@ -319,7 +319,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   const int64_t group = s.nv / s.nk;
   const bool chunked = use_chunks(T);
   const int64_t L = chunked ? std::min(T, kChunk) : 1;
-  parallel_for(B * s.nv, [&](int64_t task) {
+  for_work(parallel_for, B * s.nv * s.dk * s.dv * T)(B * s.nv, [&](int64_t task) {
     const int64_t b = task / s.nv, h = task % s.nv, hk = h / group;
     float* state = present_state + (b * s.nv + h) * s.dk * s.dv;
     const float* from = past_state + (b * s.nv + h) * s.dk * s.dv;

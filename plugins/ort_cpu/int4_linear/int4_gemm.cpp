@@ -61,7 +61,7 @@ void quantize_rows_parallel(const float* x, int64_t rows, int64_t k, int64_t blo
                             int32_t* zero_fix, const ParallelFor& parallel_for) {
   constexpr int64_t kRowsPerTask = 16;
   const int64_t blocks = k / block;
-  parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+  for_work(parallel_for, rows * k)((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
     const int64_t r0 = task * kRowsPerTask, count = std::min(kRowsPerTask, rows - r0);
     quantize_rows(x + r0 * k, count, k, block, q + r0 * k, scale + r0 * blocks, zero_fix + r0 * blocks);
   });
@@ -174,7 +174,7 @@ void int4_gemm_parallel(const QuantizedRows& x, int64_t rows, int64_t k, int64_t
   const int64_t splits = std::min(groups, std::max<int64_t>(1, kTasks / row_blocks));
   const int64_t per_split = (groups + splits - 1) / splits;
   const int64_t group_splits = (groups + per_split - 1) / per_split;
-  parallel_for(row_blocks * group_splits, [&](int64_t task) {
+  for_work(parallel_for, rows * n * k)(row_blocks * group_splits, [&](int64_t task) {
     const int64_t m0 = (task / group_splits) * row_step, m1 = std::min(rows, m0 + row_step);
     const int64_t g0 = (task % group_splits) * per_split, g1 = std::min(groups, g0 + per_split);
     const QuantizedRows part{x.q + m0 * k, x.scale + m0 * blocks, x.zero_fix + m0 * blocks};

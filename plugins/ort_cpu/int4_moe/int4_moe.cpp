@@ -66,7 +66,7 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
   const int64_t b1 = H / s.fc1_block, b2 = I / s.fc2_block;
   // each elementwise step runs over independent rows in tasks of kRowsPerTask
   auto over_rows = [&](int64_t count, const std::function<void(int64_t, int64_t)>& body) {
-    parallel_for((count + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    for_work(parallel_for, count * H)((count + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
       body(task * kRowsPerTask, std::min(count, (task + 1) * kRowsPerTask));
     });
   };
@@ -180,7 +180,8 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
       const int64_t groups = n / kGroupRows;
       const int64_t tasks_per_expert = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
       const int64_t blocks = k / block;
-      parallel_for(static_cast<int64_t>(active.size()) * tasks_per_expert, [&](int64_t task) {
+      const int64_t tasks = static_cast<int64_t>(active.size()) * tasks_per_expert;
+      for_work(parallel_for, rows * n * k)(tasks, [&](int64_t task) {
         const int64_t e = active[task / tasks_per_expert];
         const int64_t g0 = (task % tasks_per_expert) * kGroupsPerTask;
         const int64_t g_end = std::min(groups, g0 + kGroupsPerTask);

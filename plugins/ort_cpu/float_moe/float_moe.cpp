@@ -29,68 +29,48 @@ __attribute__((always_inline)) inline float sum8(const Vec8& v) {  // a shuffle 
   return (half[0] + half[2]) + (half[1] + half[3]);
 }
 
-// out[r][j] = a[r] . b[j] for R activation rows and four weight rows j (k contiguous floats each). Always
+// out[r][j] = a[r] . b[j] for R activation rows and J weight rows j (k contiguous floats each). Always
 // inlined, so each clone of its caller compiles it for its instruction set.
-template <int R>
+template <int R, int J = 4>
 __attribute__((always_inline)) inline void dot_tile(const float* const* a, const float* b, int64_t k,
-                                                    float out[][4]) {
-  Vec8 acc[R][4] = {};
+                                                    float out[][J]) {
+  Vec8 acc[R][J] = {};
   const int64_t k8 = k - k % 8;
   for (int64_t d = 0; d < k8; d += 8) {
-    Vec8 w[4];
-    for (int j = 0; j < 4; ++j) std::memcpy(&w[j], b + j * k + d, sizeof(Vec8));
+    Vec8 w[J];
+    for (int j = 0; j < J; ++j) std::memcpy(&w[j], b + j * k + d, sizeof(Vec8));
     for (int r = 0; r < R; ++r) {
       Vec8 x;
       std::memcpy(&x, a[r] + d, sizeof(Vec8));
-      for (int j = 0; j < 4; ++j) acc[r][j] += x * w[j];
+      for (int j = 0; j < J; ++j) acc[r][j] += x * w[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < J; ++j) {
       float sum = sum8(acc[r][j]);
       for (int64_t d = k8; d < k; ++d) sum += a[r][d] * b[j * k + d];
       out[r][j] = sum;
     }
 }
 
-// One activation row against J weight rows (k contiguous floats each), for decode: with one row each weight
-// float is used once, so the loop is bound by how many weight streams are in flight, not by the FMAs. Eight
-// rows read the experts at 18.3 GB/s on one core of an AVX-512 EPYC, against 15.6 for the four-row tile and
-// 23.6 for NumPy's sum (benchmarks/decode_ops.md; software prefetch was slower). Each output sums in the
-// tile's order: the same bits as a batch's rows.
-template <int J>
-__attribute__((always_inline)) inline void dot_row(const float* a, const float* b, int64_t k, float* out) {
-  Vec8 acc[J] = {};
-  const int64_t k8 = k - k % 8;
-  for (int64_t d = 0; d < k8; d += 8) {
-    Vec8 x;
-    std::memcpy(&x, a + d, sizeof(Vec8));
-    for (int j = 0; j < J; ++j) {
-      Vec8 w;
-      std::memcpy(&w, b + j * k + d, sizeof(Vec8));
-      acc[j] += x * w;
-    }
-  }
-  for (int j = 0; j < J; ++j) {
-    float sum = sum8(acc[j]);
-    for (int64_t d = k8; d < k; ++d) sum += a[d] * b[j * k + d];
-    out[j] = sum;
-  }
-}
-
 // out[i][n - n0] = a[i] . w[n] for the `rows` activation rows a[i] and weight rows n in [n0, n1) (n1 - n0 a
-// multiple of 4), four, two or one activation rows at a time.
+// multiple of 4), four, two or one activation rows at a time. One row alone (decode) takes eight weight rows
+// a pass while they last: each weight float is used once, so the loop is bound by how many weight streams
+// are in flight, not by the FMAs (one core of an AVX-512 EPYC: 18.3 GB/s against 15.6 with four rows and
+// 23.6 for NumPy's sum, benchmarks/decode_ops.md; software prefetch was slower). Every output sums in the
+// same order whatever the tile, so a token gets the same bits alone or in a batch.
 QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
                               int64_t n1, float* out, int64_t ldo) {
-  if (rows == 1) {
-    int64_t n = n0;
-    for (; n + 8 <= n1; n += 8) dot_row<8>(a[0], w + n * k, k, out + (n - n0));
-    for (; n < n1; n += 4) dot_row<4>(a[0], w + n * k, k, out + (n - n0));
-    return;
-  }
+  int64_t first = n0;  // the first weight row the four-row tiles take
+  if (rows == 1)
+    for (; first + 8 <= n1; first += 8) {
+      float tile[1][8];
+      dot_tile<1, 8>(a, w + first * k, k, tile);
+      std::memcpy(out + (first - n0), tile[0], sizeof(tile[0]));
+    }
   for (int64_t i = 0; i < rows;) {
     const int64_t r = rows - i >= 4 ? 4 : rows - i >= 2 ? 2 : 1;
-    for (int64_t n = n0; n < n1; n += 4) {
+    for (int64_t n = first; n < n1; n += 4) {
       float tile[4][4];
       if (r == 4)
         dot_tile<4>(a + i, w + n * k, k, tile);

@@ -27,7 +27,7 @@ from bench_common import REPO, baseline_python, produced_by, provenance, write_r
 BASELINE = "7a2106d"  # before the decode recurrence kept its sums in registers and FloatMoE read 8 rows
 # One measurement, run by each side's Python: per case, the median of `calls` timed calls after 20 warm ones.
 MEASURE = """
-import json, sys, time
+import itertools, json, sys, time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -95,7 +95,7 @@ def float_moe(experts, hidden, inter, k):
     s = session(node, ["x", "r"], {"w1": fc1, "w2": fc2}, ["y"])
     x = rng.standard_normal((1, hidden)).astype(np.float32)
     logits = [rng.standard_normal((1, experts)).astype(np.float32) for _ in range(64)]
-    turn = iter(range(10**9))
+    turn = itertools.count()  # which of the 64 prepared router logits (and peer picks) a call takes
     us = timed(lambda: s.run(None, {"x": x, "r": logits[next(turn) % 64]}))
     read = fc1[:k].nbytes + fc2[:k].nbytes  # the bytes of k experts
     picks = [rng.choice(experts, k, replace=False) for _ in range(64)]  # the peer reads k random experts too

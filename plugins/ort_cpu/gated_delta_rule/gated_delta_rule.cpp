@@ -290,7 +290,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   // blocks of whole key heads (q and k lead the channels), so each head's l2 norm is in one task
   const int64_t per_task = std::max(s.dk, 512 / s.dk * s.dk);
   const int64_t chunks = (C + per_task - 1) / per_task;
-  parallel_for(B * chunks, [&](int64_t task) {
+  for_work(parallel_for, B * T * C * K)(B * chunks, [&](int64_t task) {
     const int64_t b = task / chunks, c0 = (task % chunks) * per_task;
     const int64_t c1 = std::min(C, c0 + per_task);
     const float* state = past_conv + (b * C + c0) * keep;

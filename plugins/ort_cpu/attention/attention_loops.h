@@ -8,42 +8,8 @@
 // Needs <cstring>, <cstdint>, "common/exp_nonpositive.h" and, on x86, <immintrin.h> included before the
 // namespace.
 
-// Many query rows (prefill tiles): the key block transposed once to [hd][kBlockKeys], then four query rows at
-// a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair).
 constexpr int64_t kBlockKeys = 64;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
 constexpr int64_t kMaxHeadDim = 512;
-
-void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s) {
-  alignas(64) float kt[kMaxHeadDim * kBlockKeys];
-  for (int64_t d = 0; d < hd; ++d)
-    for (int64_t j = 0; j < kBlockKeys; ++j) kt[d * kBlockKeys + j] = j < count ? keys[j * hd + d] : 0.f;
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    alignas(64) float acc[4][kBlockKeys] = {};
-    const float *q0 = q + r * hd, *q1 = q0 + hd, *q2 = q1 + hd, *q3 = q2 + hd;
-    for (int64_t d = 0; d < hd; ++d) {
-      const float* kd = kt + d * kBlockKeys;
-      const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
-#pragma omp simd
-      for (int64_t j = 0; j < kBlockKeys; ++j) {
-        acc[0][j] += a0 * kd[j];
-        acc[1][j] += a1 * kd[j];
-        acc[2][j] += a2 * kd[j];
-        acc[3][j] += a3 * kd[j];
-      }
-    }
-    for (int64_t i = 0; i < 4; ++i) std::memcpy(s + (r + i) * kBlockKeys, acc[i], count * sizeof(float));
-  }
-  for (; r < rows; ++r) {
-    alignas(64) float acc[kBlockKeys] = {};
-    for (int64_t d = 0; d < hd; ++d) {
-      const float a = q[r * hd + d];
-#pragma omp simd
-      for (int64_t j = 0; j < kBlockKeys; ++j) acc[j] += a * kt[d * kBlockKeys + j];
-    }
-    std::memcpy(s + r * kBlockKeys, acc, count * sizeof(float));
-  }
-}
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
@@ -144,12 +110,15 @@ bool scores_half(const float* q, int64_t rows, const Half* keys, int64_t count, 
   return rows < 8 && scores_few_rows(q, rows, keys, count, hd, s, ld);  // prefill tiles: converted blocks
 }
 
-// Few rows (decode): four rows, then one, at a time (the omp-simd loop below measured 4.6-6.2 ms on one
-// 64K-key layer, depending on how the compiler laid it out; these 4.1-4.5).
+// Any number of rows, kAccRows then one at a time (rows x 64 or 32 head dims in registers, each value vector
+// loaded once for them); each output sums over the keys in order. Float16 values are converted as loaded,
+// once per group of rows: prefill tiles over a float16 cache convert a block once instead (accumulate_half).
+// (For few rows, the omp-simd loop measured 4.6-6.2 ms on one 64K-key layer, depending on how the compiler
+// laid it out; these 4.1-4.5.)
 template <typename T>
-bool accumulate_few_rows(const float* p, int64_t rows, int64_t ld, const T* values, int64_t count, int64_t hd,
-                         float* acc) {
-  if (rows >= 8 || hd % (4 * kLanes) != 0) return false;
+bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values, int64_t count, int64_t hd,
+                      float* acc) {
+  if (hd % (4 * kLanes) != 0) return false;
   int64_t r = 0;
   for (; r + kAccRows <= rows; r += kAccRows)
     accumulate_rows<kAccRows>(p + r * ld, ld, values, count, hd, acc + r * hd);
@@ -159,14 +128,80 @@ bool accumulate_few_rows(const float* p, int64_t rows, int64_t ld, const T* valu
 
 bool accumulate_half(const float* p, int64_t rows, int64_t ld, const Half* values, int64_t count, int64_t hd,
                      float* acc) {
-  return accumulate_few_rows(p, rows, ld, values, count, hd, acc);
+  return rows < 8 && accumulate_tiles(p, rows, ld, values, count, hd, acc);
+}
+
+// Many rows (prefill tiles) against a key block transposed to [hd][kBlockKeys]: four rows x four vectors of
+// keys in registers across the head dims (an array the compiler kept on the stack, reloading it for every
+// multiply-add, ran at half the speed). Each score sums over d in order, as the portable loop does. Returns
+// the rows done (a multiple of four).
+int64_t scores_tiles(const float* q, int64_t rows, const float* kt, int64_t hd, float* s) {
+  constexpr int64_t kKeyChunk = 4 * kLanes;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    for (int64_t j0 = 0; j0 < kBlockKeys; j0 += kKeyChunk) {
+      Lanes a[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int x = 0; x < 4; ++x) a[i][x] = lanes_zero();
+      for (int64_t d = 0; d < hd; ++d) {
+        const float* kd = kt + d * kBlockKeys + j0;
+        const Lanes k0 = lanes_load(kd), k1 = lanes_load(kd + kLanes), k2 = lanes_load(kd + 2 * kLanes),
+                    k3 = lanes_load(kd + 3 * kLanes);
+        for (int i = 0; i < 4; ++i) {
+          const Lanes w = lanes_set(q[(r + i) * hd + d]);
+          a[i][0] = lanes_fmadd(w, k0, a[i][0]);
+          a[i][1] = lanes_fmadd(w, k1, a[i][1]);
+          a[i][2] = lanes_fmadd(w, k2, a[i][2]);
+          a[i][3] = lanes_fmadd(w, k3, a[i][3]);
+        }
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int x = 0; x < 4; ++x) lanes_store(s + (r + i) * kBlockKeys + j0 + x * kLanes, a[i][x]);
+    }
+  return r;
 }
 #else
 bool scores_few_rows(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t) { return false; }
-bool accumulate_few_rows(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*) { return false; }
+bool accumulate_tiles(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*) { return false; }
+int64_t scores_tiles(const float*, int64_t, const float*, int64_t, float*) { return 0; }
 bool scores_half(const float*, int64_t, const Half*, int64_t, int64_t, float*, int64_t) { return false; }
 bool accumulate_half(const float*, int64_t, int64_t, const Half*, int64_t, int64_t, float*) { return false; }
 #endif
+
+// Many query rows (prefill tiles): the key block transposed once to [hd][kBlockKeys], then four query rows at
+// a time accumulate whole rows of scores in vector registers (no horizontal sums per (row, key) pair):
+// scores_tiles where the ISA has intrinsics, the omp-simd loop for the rest.
+void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s) {
+  alignas(64) float kt[kMaxHeadDim * kBlockKeys];
+  for (int64_t d = 0; d < hd; ++d)
+    for (int64_t j = 0; j < kBlockKeys; ++j) kt[d * kBlockKeys + j] = j < count ? keys[j * hd + d] : 0.f;
+  int64_t r = scores_tiles(q, rows, kt, hd, s);
+  for (; r + 4 <= rows; r += 4) {
+    alignas(64) float acc[4][kBlockKeys] = {};
+    const float *q0 = q + r * hd, *q1 = q0 + hd, *q2 = q1 + hd, *q3 = q2 + hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      const float* kd = kt + d * kBlockKeys;
+      const float a0 = q0[d], a1 = q1[d], a2 = q2[d], a3 = q3[d];
+#pragma omp simd
+      for (int64_t j = 0; j < kBlockKeys; ++j) {
+        acc[0][j] += a0 * kd[j];
+        acc[1][j] += a1 * kd[j];
+        acc[2][j] += a2 * kd[j];
+        acc[3][j] += a3 * kd[j];
+      }
+    }
+    for (int64_t i = 0; i < 4; ++i) std::memcpy(s + (r + i) * kBlockKeys, acc[i], count * sizeof(float));
+  }
+  for (; r < rows; ++r) {
+    alignas(64) float acc[kBlockKeys] = {};
+    for (int64_t d = 0; d < hd; ++d) {
+      const float a = q[r * hd + d];
+#pragma omp simd
+      for (int64_t j = 0; j < kBlockKeys; ++j) acc[j] += a * kt[d * kBlockKeys + j];
+    }
+    std::memcpy(s + r * kBlockKeys, acc, count * sizeof(float));
+  }
+}
 
 void scores(const float* q, int64_t rows, const float* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
   if (rows >= 8 && ld == kBlockKeys && count <= kBlockKeys && hd <= kMaxHeadDim) {
@@ -186,14 +221,14 @@ void scores(const float* q, int64_t rows, const float* keys, int64_t count, int6
   }
 }
 
-// Many rows (prefill tiles), four at a time, one chunk of 16 head dims at a time: the four output chunks
-// stay in registers across the block's keys, and each value chunk is loaded once for the four rows (one
-// 2048-token layer: 64 ms; chunks of 32 or 64 dims 72 and 67 ms with AVX-512).
+// acc += p values: accumulate_tiles where the ISA has intrinsics, else four rows at a time, one chunk of 16
+// head dims at a time (the four output chunks in registers across the block's keys, each value chunk loaded
+// once for the four rows), then the rest one by one.
 constexpr int64_t kDimChunk = 16;
 void accumulate(const float* p, int64_t rows, int64_t ld, const float* values, int64_t count, int64_t hd,
                 float* acc) {
   int64_t r = 0;
-  if (accumulate_few_rows(p, rows, ld, values, count, hd, acc)) return;
+  if (accumulate_tiles(p, rows, ld, values, count, hd, acc)) return;
   if (hd % kDimChunk == 0) {
     for (; r + 4 <= rows; r += 4) {
       const float *p0 = p + r * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/exp_nonpositive.h"
@@ -26,6 +27,7 @@ using Vec16 = float __attribute__((vector_size(64)));  // GCC vector type: one z
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
 constexpr int64_t kChunkFromTokens = 16;  // calls with fewer tokens run the recurrence
+constexpr int64_t kTriangleRows = 16;   // a chunk's causal products skip the blocks above the diagonal
 constexpr int64_t kKeptScratchFloats = 1 << 18;  // scratch up to 1 MB stays allocated per thread
 
 // Whether a call of T tokens runs the chunked form: from kChunkFromTokens on, unless QWEN_CPU_DELTA_RULE says
@@ -162,35 +164,88 @@ QWEN_CPU_CLONES void conv_token(const float* wt, int64_t wt_stride, int64_t kern
   }
 }
 
-// C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Register
-// tiles of 4 rows x 16 columns in GCC vector types (one zmm per row in the AVX-512 clone, two ymm in the AVX2
-// one); ragged edges run a scalar loop. The tile is always inlined so it is compiled inside each clone.
-template <int ROWS>
-__attribute__((always_inline)) inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                                                     int64_t ldc, int64_t p_count, bool accumulate) {
-  Vec16 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
-    if (accumulate) {
-      std::memcpy(&acc[r], c + r * ldc, sizeof(Vec16));
-    } else {
-      acc[r] = Vec16{};
+// conv_token for tokens [0, T) of n channels, token t's outputs at out + t * out_stride. From token keep on the
+// window lies in x alone, and 16 channels at a time sum in a register (in conv_token's order: the same bits);
+// one call per token cost more than the conv itself.
+QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,
+                                 int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
+                                 int64_t out_stride) {
+  for (int64_t t = 0; t < std::min(T, keep); ++t)
+    conv_token(wt, wt_stride, kernel, state, keep, x, stride, t, n, out + t * out_stride);
+  for (int64_t t = keep; t < T; ++t) {
+    const float* window = x + (t - keep) * stride;
+    float* row = out + t * out_stride;
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+      Vec16 acc{};
+      for (int64_t j = 0; j < kernel; ++j) {
+        Vec16 w, in;
+        std::memcpy(&w, wt + j * wt_stride + c, sizeof w);
+        std::memcpy(&in, window + j * stride + c, sizeof in);
+        acc += w * in;
+      }
+      std::memcpy(row + c, &acc, sizeof acc);
+    }
+    for (; c < n; ++c) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < kernel; ++j) acc += wt[j * wt_stride + c] * window[j * stride + c];
+      row[c] = acc;
     }
   }
+}
+
+// C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Register
+// tiles of 4 rows x 64 columns (16 accumulators: enough to keep both FMA pipes busy), then 4 x 48, 32 or 16, in GCC
+// vector types (one zmm per 16 columns in the AVX-512 clone, two ymm in the AVX2 one); ragged edges run a
+// scalar loop. Every element sums over p in order, whatever its tile. The tile is always inlined so it is
+// compiled inside each clone.
+template <int ROWS, int NB>
+__attribute__((always_inline)) inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                                                     int64_t ldc, int64_t p_count, bool accumulate) {
+  Vec16 acc[ROWS][NB];
+  for (int r = 0; r < ROWS; ++r)
+    for (int n = 0; n < NB; ++n) {
+      if (accumulate) {
+        std::memcpy(&acc[r][n], c + r * ldc + 16 * n, sizeof(Vec16));
+      } else {
+        acc[r][n] = Vec16{};
+      }
+    }
   for (int64_t p = 0; p < p_count; ++p) {
-    Vec16 bp;
-    std::memcpy(&bp, b + p * ldb, sizeof(Vec16));
-    for (int r = 0; r < ROWS; ++r) acc[r] += a[r * lda + p] * bp;
+    Vec16 bp[NB];
+    for (int n = 0; n < NB; ++n) std::memcpy(&bp[n], b + p * ldb + 16 * n, sizeof(Vec16));
+    for (int r = 0; r < ROWS; ++r) {
+      const float ar = a[r * lda + p];
+      for (int n = 0; n < NB; ++n) acc[r][n] += ar * bp[n];
+    }
   }
-  for (int r = 0; r < ROWS; ++r) std::memcpy(c + r * ldc, &acc[r], sizeof(Vec16));
+  for (int r = 0; r < ROWS; ++r)
+    for (int n = 0; n < NB; ++n) std::memcpy(c + r * ldc + 16 * n, &acc[r][n], sizeof(Vec16));
+}
+
+// Columns [j0, j0 + 16 NB) of small_gemm, 4 rows at a time.
+template <int NB>
+__attribute__((always_inline)) inline void small_gemm_columns(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                              float* c, int64_t ldc, int64_t m, int64_t p,
+                                                              bool accumulate, int64_t j0) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) gemm_tile<4, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+  for (; i < m; ++i) gemm_tile<1, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
 }
 
 QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                                 int64_t m, int64_t n, int64_t p, bool accumulate) {
   int64_t j0 = 0;
-  for (; j0 + 16 <= n; j0 += 16) {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) gemm_tile<4>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
-    for (; i < m; ++i) gemm_tile<1>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+  for (; j0 + 64 <= n; j0 += 64) small_gemm_columns<4>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+  if (n - j0 >= 48) {
+    small_gemm_columns<3>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+    j0 += 48;
+  } else if (n - j0 >= 32) {
+    small_gemm_columns<2>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+    j0 += 32;
+  } else if (n - j0 >= 16) {
+    small_gemm_columns<1>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+    j0 += 16;
   }
   for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % 16 columns
     for (int64_t j = j0; j < n; ++j) {
@@ -200,6 +255,34 @@ QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int
     }
 }
 
+// Columns [j0, j0 + 16 * NB) of the chunk's forward substitution (the columns of U are independent): row t of U
+// sums in registers, in the scalar loop's order (s = 0 first), so both give the same bits.
+template <int NB>
+__attribute__((always_inline)) inline void substitute_columns(float* u, const float* v, const float* ks,
+                                                              const float* beta, const float* decay,
+                                                              const float* kk, float to_0, int64_t L, int64_t dv,
+                                                              int64_t j0) {
+  for (int64_t t = 0; t < L; ++t) {
+    const float to_t = decay[t * L] * to_0;  // exp(G_t)
+    Vec16 acc[NB];
+    for (int b = 0; b < NB; ++b) {
+      Vec16 vt, kst;
+      std::memcpy(&vt, v + t * dv + j0 + 16 * b, sizeof vt);
+      std::memcpy(&kst, ks + t * dv + j0 + 16 * b, sizeof kst);
+      acc[b] = beta[t] * (vt - to_t * kst);
+    }
+    for (int64_t s = 0; s < t; ++s) {
+      const float a = -beta[t] * decay[t * L + s] * kk[t * L + s];
+      for (int b = 0; b < NB; ++b) {
+        Vec16 us;
+        std::memcpy(&us, u + s * dv + j0 + 16 * b, sizeof us);
+        acc[b] += a * us;
+      }
+    }
+    for (int b = 0; b < NB; ++b) std::memcpy(u + t * dv + j0 + 16 * b, &acc[b], sizeof acc[b]);
+  }
+}
+
 // One chunk of L tokens of one value head in the WY form of the GPU kernels (plugins/gated_deltanet,
 // flash-linear-attention's chunk_gated_delta_rule). With G_t the running sum of the log decays from the chunk's
 // start and S0 the state before it:
@@ -207,9 +290,9 @@ QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int
 //   O = diag(exp G) Q S0 + (exp(G_t - G_s) q_t.k_s)_{s <= t} U
 //   S = exp(G_L) S0 + sum_s exp(G_L - G_s) k_s u_s^T
 // U (the delta rule's corrections, one per token) comes by forward substitution; the rest are matrix products.
-// Equal to L steps of delta_step up to float rounding. `work` holds 4 L dv + dk L + 3 L L floats.
-QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta, const float* g,
-                 int64_t L, int64_t dk, int64_t dv, float* o, float* work) {
+// Equal to L steps of delta_step up to float rounding. Row t of O goes to o + t * ldo. `work` holds 4 L dv + dk L + 3 L L floats.
+QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta,
+                                 const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo, float* work) {
   float* ks = work;            // [L, dv]  K S0
   float* qs = ks + L * dv;     // [L, dv]  Q S0
   float* u = qs + L * dv;      // [L, dv]
@@ -220,36 +303,51 @@ QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, c
   float* decay = qk + L * L;   // [L, L]   exp(G_t - G_s), s <= t
   float g_run = 0.f;
   for (int64_t t = 0; t < L; ++t) gsum[t] = g_run += g[t];
-  for (int64_t t = 0; t < L; ++t)
-    for (int64_t i = 0; i < dk; ++i) kt[i * L + t] = k[t * dk + i];
+  for (int64_t i = 0; i < dk; ++i)
+    for (int64_t t = 0; t < L; ++t) kt[i * L + t] = k[t * dk + i];
   small_gemm(k, dk, state, dv, ks, dv, L, dv, dk, false);
   small_gemm(q, dk, state, dv, qs, dv, L, dv, dk, false);
-  small_gemm(k, dk, kt, L, kk, L, L, L, dk, false);
-  small_gemm(q, dk, kt, L, qk, L, L, L, dk, false);
+  // K K^T and Q K^T below the diagonal only (s <= t), in blocks of kTriangleRows rows
+  for (int64_t r0 = 0; r0 < L; r0 += kTriangleRows) {
+    const int64_t rows = std::min(kTriangleRows, L - r0), columns = std::min(L, r0 + kTriangleRows);
+    small_gemm(k + r0 * dk, dk, kt, L, kk + r0 * L, L, rows, columns, dk, false);
+    small_gemm(q + r0 * dk, dk, kt, L, qk + r0 * L, L, rows, columns, dk, false);
+  }
   for (int64_t t = 0; t < L; ++t)
     for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = exp_nonpositive(gsum[t] - gsum[s]);
-  for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
-    float* ut = u + t * dv;
-    const float to_t = decay[t * L] * std::exp(gsum[0]);  // exp(G_t)
-    for (int64_t j = 0; j < dv; ++j) ut[j] = beta[t] * (v[t * dv + j] - to_t * ks[t * dv + j]);
-    for (int64_t s = 0; s < t; ++s) {
-      const float a = -beta[t] * decay[t * L + s] * kk[t * L + s];
-      const float* us = u + s * dv;
-      for (int64_t j = 0; j < dv; ++j) ut[j] += a * us[j];
+  const float to_0 = std::exp(gsum[0]);
+  if (dv % 16 == 0) {  // forward substitution, in column blocks that stay in registers
+    int64_t j0 = 0;
+    for (; j0 + 64 <= dv; j0 += 64) substitute_columns<4>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+    for (; j0 + 32 <= dv; j0 += 32) substitute_columns<2>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+    for (; j0 < dv; j0 += 16) substitute_columns<1>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+  } else {
+    for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
+      float* ut = u + t * dv;
+      const float to_t = decay[t * L] * to_0;  // exp(G_t)
+      for (int64_t j = 0; j < dv; ++j) ut[j] = beta[t] * (v[t * dv + j] - to_t * ks[t * dv + j]);
+      for (int64_t s = 0; s < t; ++s) {
+        const float a = -beta[t] * decay[t * L + s] * kk[t * L + s];
+        const float* us = u + s * dv;
+        for (int64_t j = 0; j < dv; ++j) ut[j] += a * us[j];
+      }
     }
   }
   for (int64_t t = 0; t < L; ++t)
     for (int64_t s = 0; s < L; ++s) qk[t * L + s] = s <= t ? qk[t * L + s] * decay[t * L + s] : 0.f;
-  small_gemm(qk, L, u, dv, o, dv, L, dv, L, false);
+  for (int64_t r0 = 0; r0 < L; r0 += kTriangleRows) {  // row t of the scores is 0 past s = t
+    const int64_t rows = std::min(kTriangleRows, L - r0), columns = std::min(L, r0 + kTriangleRows);
+    small_gemm(qk + r0 * L, L, u, dv, o + r0 * ldo, ldo, rows, dv, columns, false);
+  }
   for (int64_t t = 0; t < L; ++t) {
     const float to_t = std::exp(gsum[t]);
-    for (int64_t j = 0; j < dv; ++j) o[t * dv + j] += to_t * qs[t * dv + j];
+    for (int64_t j = 0; j < dv; ++j) o[t * ldo + j] += to_t * qs[t * dv + j];
   }
   const float last = gsum[L - 1];
-  for (int64_t s = 0; s < L; ++s) {
-    const float w = std::exp(last - gsum[s]);
-    for (int64_t i = 0; i < dk; ++i) kt[i * L + s] *= w;
-  }
+  float* to_last = qs;  // exp(G_L - G_s); Q S0 is used up
+  for (int64_t s = 0; s < L; ++s) to_last[s] = std::exp(last - gsum[s]);
+  for (int64_t i = 0; i < dk; ++i)
+    for (int64_t s = 0; s < L; ++s) kt[i * L + s] *= to_last[s];
   const float total = std::exp(last);
   for (int64_t i = 0; i < dk * dv; ++i) state[i] *= total;
   small_gemm(kt, L, u, dv, state, dv, dk, dv, L, true);
@@ -275,7 +373,9 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   }
 
   // 1. causal conv + SiLU, per sequence and block of channels. Position i of the window is the state's
-  // input i for i < K-1, else this call's token i - (K-1).
+  // input i for i < K-1, else this call's token i - (K-1). The results are stored head-major, each head's
+  // T rows together ([q heads][k heads][v heads], each [T, width]), so step 2 reads every head's q, k and v
+  // as contiguous rows where it used to copy them out of T rows of all C channels.
   // Decode-sized scratch is kept per thread (a decode step of a small model spent a tenth of its time in malloc
   // and free); a prefill's conv rows (T x C floats, 512 MB for 64K tokens of the small preset) are allocated
   // for the call only, uninitialised: every element is written below.
@@ -286,6 +386,13 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   float* conv_wt = grow(conv_wt_buffer, K * C);  // the conv weights as [K, C]
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];
+  const int64_t qk_channels = 2 * s.nk * s.dk;
+  // the first channel and the width of the head that holds channel c (q and k heads are dk wide, v heads dv)
+  const auto head_of = [&](int64_t c) -> std::pair<int64_t, int64_t> {
+    if (c < qk_channels) return {c / s.dk * s.dk, s.dk};
+    return {qk_channels + (c - qk_channels) / s.dv * s.dv, s.dv};
+  };
+  const auto head_rows = [&](int64_t b, int64_t first) { return conv + b * T * C + first * T; };
   const float q_scale = 1.f / std::sqrt(static_cast<float>(s.dk));
   // blocks of whole key heads (q and k lead the channels), so each head's l2 norm is in one task
   const int64_t per_task = std::max(s.dk, 512 / s.dk * s.dk);
@@ -295,16 +402,22 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     const int64_t c1 = std::min(C, c0 + per_task);
     const float* state = past_conv + (b * C + c0) * keep;
     const float* x = proj + b * T * W + c0;
-    for (int64_t t = 0; t < T; ++t) {
-      float* out = conv + (b * T + t) * C + c0;
-      conv_token(conv_wt + c0, C, K, state, keep, x, W, t, c1 - c0, out);
-      silu_inplace(out, c1 - c0);
+    for (int64_t c = c0; c < c1;) {  // the block's part of each head
+      const auto [first, width] = head_of(c);
+      const int64_t n = std::min(c1, first + width) - c;
+      float* rows = head_rows(b, first) + (c - first);
+      conv_tokens(conv_wt + c, C, K, state + (c - c0) * keep, keep, x + (c - c0), W, T, n, rows, width);
+      if (n == width) {
+        silu_inplace(rows, T * width);
+      } else {
+        for (int64_t t = 0; t < T; ++t) silu_inplace(rows + t * width, n);
+      }
+      c += n;
     }
     // q and k l2-normed per key head (q also scaled by 1/sqrt(dk)), once for all value heads that read them
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = conv + (b * T + t) * C;
-      for (int64_t head = c0 / s.dk; head < std::min(c1, 2 * s.nk * s.dk) / s.dk; ++head)
-        l2norm(row + head * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
+    for (int64_t head = c0 / s.dk; head < std::min(c1, qk_channels) / s.dk; ++head) {
+      float* rows = head_rows(b, head * s.dk);
+      for (int64_t t = 0; t < T; ++t) l2norm(rows + t * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
     }
     float* next = present_conv + (b * C + c0) * keep;
     for (int64_t c = 0; c < c1 - c0; ++c)
@@ -323,36 +436,37 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     const int64_t b = task / s.nv, h = task % s.nv, hk = h / group;
     float* state = present_state + (b * s.nv + h) * s.dk * s.dv;
     const float* from = past_state + (b * s.nv + h) * s.dk * s.dv;
+    const float* q = head_rows(b, hk * s.dk);
+    const float* k = head_rows(b, (s.nk + hk) * s.dk);
+    const float* v = head_rows(b, qk_channels + h * s.dv);
     thread_local std::vector<float> head_buffer;
     const int64_t work_size = chunked ? 4 * L * s.dv + s.dk * L + 3 * L * L : 0;
-    float* q = grow(head_buffer, 2 * L * s.dk + 2 * L * s.dv + 2 * L + s.dv + work_size);
-    float *k = q + L * s.dk, *v = k + L * s.dk, *o = v + L * s.dv, *beta = o + L * s.dv, *g = beta + L;
-    float *kv = g + L, *work = kv + s.dv;
+    float* beta = grow(head_buffer, 2 * L + s.dv + work_size);
+    float *g = beta + L, *kv = g + L, *work = kv + s.dv;
     if (chunked && from != state) std::copy_n(from, s.dk * s.dv, state);  // the chunks update S in place
     for (int64_t t0 = 0; t0 < T; t0 += L) {
       const int64_t n = std::min(L, T - t0);
-      for (int64_t i = 0; i < n; ++i) {  // the chunk's q, k (l2-normed), v, beta and log decay
-        const int64_t t = t0 + i;
-        const float* c = conv + (b * T + t) * C;
-        const float* p = proj + (b * T + t) * W;
-        std::copy_n(c + hk * s.dk, s.dk, q + i * s.dk);
-        std::copy_n(c + s.nk * s.dk + hk * s.dk, s.dk, k + i * s.dk);
-        std::copy_n(c + 2 * s.nk * s.dk + h * s.dv, s.dv, v + i * s.dv);
+      for (int64_t i = 0; i < n; ++i) {  // the chunk's beta and log decay
+        const float* p = proj + (b * T + t0 + i) * W;
         beta[i] = sigmoid(p[C + s.nv * s.dv + h]);
         g[i] = neg_exp_a[h] * softplus(p[C + s.nv * s.dv + s.nv + h] + dt_bias[h]);
       }
+      const float *qt = q + t0 * s.dk, *kt = k + t0 * s.dk, *vt = v + t0 * s.dv;
+      float* o = out + (b * T + t0) * s.nv * s.dv + h * s.dv;  // the heads' outputs, normed in step 3
       if (chunked) {
-        delta_chunk(state, q, k, v, beta, g, n, s.dk, s.dv, o, work);
+        delta_chunk(state, qt, kt, vt, beta, g, n, s.dk, s.dv, o, s.nv * s.dv, work);
       } else {
-        delta_step(t0 == 0 ? from : state, state, q, k, v, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
-      }
-      for (int64_t i = 0; i < n; ++i) {  // gated RMSNorm of each output
-        const int64_t t = t0 + i;
-        float* y = out + (b * T + t) * s.nv * s.dv + h * s.dv;
-        rms_norm(o + i * s.dv, s.dv, s.epsilon, norm_w, y);
-        mul_silu(y, proj + (b * T + t) * W + C + h * s.dv, y, s.dv);  // * silu(z)
+        delta_step(t0 == 0 ? from : state, state, qt, kt, vt, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
       }
     }
+  });
+
+  // 3. the gated RMSNorm of each head's output, a token at a time: its heads and its z are contiguous rows
+  const int64_t row = s.nv * s.dv;
+  for_work(parallel_for, B * T * row)(B * T, [&](int64_t bt) {
+    float* y = out + bt * row;
+    for (int64_t h = 0; h < s.nv; ++h) rms_norm(y + h * s.dv, s.dv, s.epsilon, norm_w, y + h * s.dv);
+    mul_silu(y, proj + bt * W + C, y, row);  // * silu(z)
   });
 }
 

@@ -117,22 +117,18 @@ void attend(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, int6
       const int64_t t = t0 + r / G;
       float* sr = scores.data() + r * block;
       const int64_t visible = std::clamp<int64_t>(P + t + 1 - jb, 0, n);  // causal limit in this block
-      if (p.bias != nullptr) {
-        const float* br = p.bias + (b * (s.bias_per_token ? s.tokens : 1) + (s.bias_per_token ? t : 0)) * S + jb;
-        for (int64_t j = 0; j < visible; ++j) sr[j] += br[j];
-      }
       if (visible == 0) {
         std::fill(sr, sr + n, 0.f);
         continue;
       }
-      float block_max = kNegInf;
-      for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, sr[j]);
+      const float* br = p.bias == nullptr ? nullptr
+                        : p.bias + (b * (s.bias_per_token ? s.tokens : 1) + (s.bias_per_token ? t : 0)) * S + jb;
+      const float block_max = f.add_bias_max(sr, br, visible);
       const float m_new = std::max(run.m[r], block_max);
       if (run.m[r] != kNegInf && run.m[r] != m_new) {  // rescale what was summed under the old max
         const float alpha = std::exp(run.m[r] - m_new);
         run.l[r] *= alpha;
-        float* a = run.acc.data() + r * hd;
-        for (int64_t d = 0; d < hd; ++d) a[d] *= alpha;
+        f.scale(run.acc.data() + r * hd, hd, alpha);
       }
       run.m[r] = m_new;
       run.l[r] += f.exp_sum(sr, visible, m_new);

@@ -65,8 +65,12 @@ struct AttentionLoops {
                       int64_t ld);
   bool (*accumulate_half)(const float* p, int64_t rows, int64_t ld, const Half* values, int64_t count,
                           int64_t hd, float* acc);
+  // s += bias (where bias is not null), returns the largest of the n values.
+  float (*add_bias_max)(float* s, const float* bias, int64_t n);
   // p = exp(s - max) in place, returns the sum (n values).
   float (*exp_sum)(float* s, int64_t n, float max);
+  // x *= alpha (n values).
+  void (*scale)(float* x, int64_t n, float alpha);
   void (*half_to_float)(const Half* x, float* y, int64_t n);
   void (*float_to_half)(const float* x, Half* y, int64_t n);
   // dst = src, bytes a multiple of 4; non-temporal stores where the ISA has them and dst is aligned (the

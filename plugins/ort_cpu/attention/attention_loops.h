@@ -131,23 +131,23 @@ bool accumulate_half(const float* p, int64_t rows, int64_t ld, const Half* value
   return rows < 8 && accumulate_tiles(p, rows, ld, values, count, hd, acc);
 }
 
-// Many rows (prefill tiles) against a key block transposed to [hd][kBlockKeys]: four rows x four vectors of
-// keys in registers across the head dims (an array the compiler kept on the stack, reloading it for every
+// Many rows (prefill tiles) against a key block transposed to [hd][kBlockKeys]: kAccRows rows x four vectors
+// of keys in registers across the head dims (an array the compiler kept on the stack, reloading it for every
 // multiply-add, ran at half the speed). Each score sums over d in order, as the portable loop does. Returns
-// the rows done (a multiple of four).
+// the rows done (a multiple of kAccRows).
 int64_t scores_tiles(const float* q, int64_t rows, const float* kt, int64_t hd, float* s) {
   constexpr int64_t kKeyChunk = 4 * kLanes;
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4)
+  for (; r + kAccRows <= rows; r += kAccRows)
     for (int64_t j0 = 0; j0 < kBlockKeys; j0 += kKeyChunk) {
-      Lanes a[4][4];
-      for (int i = 0; i < 4; ++i)
+      Lanes a[kAccRows][4];
+      for (int i = 0; i < kAccRows; ++i)
         for (int x = 0; x < 4; ++x) a[i][x] = lanes_zero();
       for (int64_t d = 0; d < hd; ++d) {
         const float* kd = kt + d * kBlockKeys + j0;
         const Lanes k0 = lanes_load(kd), k1 = lanes_load(kd + kLanes), k2 = lanes_load(kd + 2 * kLanes),
                     k3 = lanes_load(kd + 3 * kLanes);
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < kAccRows; ++i) {
           const Lanes w = lanes_set(q[(r + i) * hd + d]);
           a[i][0] = lanes_fmadd(w, k0, a[i][0]);
           a[i][1] = lanes_fmadd(w, k1, a[i][1]);
@@ -155,7 +155,7 @@ int64_t scores_tiles(const float* q, int64_t rows, const float* kt, int64_t hd, 
           a[i][3] = lanes_fmadd(w, k3, a[i][3]);
         }
       }
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kAccRows; ++i)
         for (int x = 0; x < 4; ++x) lanes_store(s + (r + i) * kBlockKeys + j0 + x * kLanes, a[i][x]);
     }
   return r;
@@ -176,7 +176,7 @@ void scores_blocked(const float* q, int64_t rows, const float* keys, int64_t cou
   for (int64_t d = 0; d < hd; ++d)
     for (int64_t j = 0; j < kBlockKeys; ++j) kt[d * kBlockKeys + j] = j < count ? keys[j * hd + d] : 0.f;
   int64_t r = scores_tiles(q, rows, kt, hd, s);
-  for (; r + 4 <= rows; r += 4) {
+  for (; r + 4 <= rows; r += 4) {  // the portable build
     alignas(64) float acc[4][kBlockKeys] = {};
     const float *q0 = q + r * hd, *q1 = q0 + hd, *q2 = q1 + hd, *q3 = q2 + hd;
     for (int64_t d = 0; d < hd; ++d) {
@@ -262,6 +262,26 @@ void accumulate(const float* p, int64_t rows, int64_t ld, const float* values, i
   }
 }
 
+float add_bias_max(float* s, const float* bias, int64_t n) {
+  float max = -__builtin_inff();
+  if (bias != nullptr) {
+#pragma omp simd reduction(max : max)
+    for (int64_t i = 0; i < n; ++i) {
+      s[i] += bias[i];
+      max = s[i] > max ? s[i] : max;
+    }
+  } else {
+#pragma omp simd reduction(max : max)
+    for (int64_t i = 0; i < n; ++i) max = s[i] > max ? s[i] : max;
+  }
+  return max;
+}
+
+void scale(float* x, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+}
+
 float exp_sum(float* s, int64_t n, float max) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -328,5 +348,5 @@ void store_fence() {
 #endif
 }
 
-constexpr AttentionLoops kLoops = {scores,        accumulate,    scores_half, accumulate_half, exp_sum,
-                                  half_to_float, float_to_half, stream_copy, store_fence};
+constexpr AttentionLoops kLoops = {scores,      accumulate,    scores_half,   accumulate_half, add_bias_max, exp_sum,
+                                  scale,       half_to_float, float_to_half, stream_copy,     store_fence};

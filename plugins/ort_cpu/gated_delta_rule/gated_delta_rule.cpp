@@ -23,7 +23,35 @@ namespace {
 #define QWEN_CPU_CLONES
 #endif
 
-using Vec16 = float __attribute__((vector_size(64)));  // GCC vector type: one zmm, two ymm or four xmm
+// GCC vector types of W floats (spelled out: GCC ignores a vector_size that depends on a template argument)
+template <int W>
+struct VectorOf;
+template <>
+struct VectorOf<16> {
+  using type = float __attribute__((vector_size(64)));
+};
+template <>
+struct VectorOf<8> {
+  using type = float __attribute__((vector_size(32)));
+};
+template <int W>
+using VecF = typename VectorOf<W>::type;
+
+// The loops below run on vectors of 16 floats (one zmm) where the CPU has AVX-512, else of 8 (one ymm with
+// AVX2, two xmm without). GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers and
+// the stack: the AVX2 clone of these loops ran a 2048-token prefill 8x and a decode step 5x slower than the
+// AVX-512 one. Each output is computed by the same operations in the same order at either width.
+bool wide_vectors() {
+#if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
 constexpr int64_t kChunkFromTokens = 16;  // calls with fewer tokens run the recurrence
@@ -42,22 +70,29 @@ bool use_chunks(int64_t tokens) {
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
-// sum x^2, in 16 partial sums when n is a multiple of 16 (so it vectorises)
+// sum x^2, in 16 partial sums (16 / W vectors) when n is a multiple of 16, so it vectorises
+template <int W>
 __attribute__((always_inline)) inline float sum_squares(const float* x, int64_t n) {
   if (n % 16) {
     float sum = 0.f;
     for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
     return sum;
   }
-  Vec16 acc{};
-  for (int64_t i = 0; i < n; i += 16) {
-    Vec16 v;
-    std::memcpy(&v, x + i, sizeof v);
-    acc += v * v;
-  }
+  VecF<W> acc[16 / W] = {};
+  for (int64_t i = 0; i < n; i += 16)
+    for (int h = 0; h < 16 / W; ++h) {
+      VecF<W> v;
+      std::memcpy(&v, x + i + W * h, sizeof v);
+      acc[h] += v * v;
+    }
   float sum = 0.f;
-  for (int j = 0; j < 16; ++j) sum += acc[j];
+  for (int h = 0; h < 16 / W; ++h)
+    for (int j = 0; j < W; ++j) sum += acc[h][j];
   return sum;
+}
+
+__attribute__((always_inline)) inline float sum_squares(const float* x, int64_t n) {
+  return wide_vectors() ? sum_squares<16>(x, n) : sum_squares<8>(x, n);
 }
 
 // x / sqrt(sum x^2 + 1e-6) * scale, in place
@@ -73,55 +108,61 @@ QWEN_CPU_CLONES void rms_norm(const float* x, int64_t n, float eps, const float*
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv_rms * w[j];
 }
 
-// Columns [j0, j0 + 16 * NB) of one delta_step (the columns of S are independent): the sums over S's rows stay in
+// Columns [j0, j0 + W * NB) of one delta_step (the columns of S are independent): the sums over S's rows stay in
 // registers, in the same order (row 0 first) as the scalar loop's, so both give the same bits.
-template <int NB>
+template <int W, int NB>
 __attribute__((always_inline)) inline void delta_columns(const float* from, float* state, const float* q,
                                                          const float* k, const float* v, float decay, float beta,
                                                          int64_t dk, int64_t dv, int64_t j0, float* o) {
-  Vec16 acc[NB] = {};
+  VecF<W> acc[NB] = {};
   for (int64_t i = 0; i < dk; ++i) {  // S = decay * S; kv = S^T k
     const float ki = k[i];
     for (int b = 0; b < NB; ++b) {
-      Vec16 row;
-      std::memcpy(&row, from + i * dv + j0 + 16 * b, sizeof row);
+      VecF<W> row;
+      std::memcpy(&row, from + i * dv + j0 + W * b, sizeof row);
       row *= decay;
-      std::memcpy(state + i * dv + j0 + 16 * b, &row, sizeof row);
+      std::memcpy(state + i * dv + j0 + W * b, &row, sizeof row);
       acc[b] += row * ki;
     }
   }
   for (int b = 0; b < NB; ++b) {  // delta
-    Vec16 vb;
-    std::memcpy(&vb, v + j0 + 16 * b, sizeof vb);
+    VecF<W> vb;
+    std::memcpy(&vb, v + j0 + W * b, sizeof vb);
     acc[b] = (vb - acc[b]) * beta;
   }
-  Vec16 out[NB] = {};
+  VecF<W> out[NB] = {};
   for (int64_t i = 0; i < dk; ++i) {  // S += k delta^T; o = S^T q
     const float ki = k[i], qi = q[i];
     for (int b = 0; b < NB; ++b) {
-      Vec16 row;
-      std::memcpy(&row, state + i * dv + j0 + 16 * b, sizeof row);
+      VecF<W> row;
+      std::memcpy(&row, state + i * dv + j0 + W * b, sizeof row);
       row += ki * acc[b];
-      std::memcpy(state + i * dv + j0 + 16 * b, &row, sizeof row);
+      std::memcpy(state + i * dv + j0 + W * b, &row, sizeof row);
       out[b] += row * qi;
     }
   }
-  for (int b = 0; b < NB; ++b) std::memcpy(o + j0 + 16 * b, &out[b], sizeof out[b]);
+  for (int b = 0; b < NB; ++b) std::memcpy(o + j0 + W * b, &out[b], sizeof out[b]);
+}
+
+// delta_step where dv is a multiple of W: 4, 2 or 1 vectors of columns at a time
+template <int W>
+__attribute__((always_inline)) inline void delta_step_columns(const float* from, float* state, const float* q,
+                                                              const float* k, const float* v, float decay,
+                                                              float beta, int64_t dk, int64_t dv, float* o) {
+  int64_t j0 = 0;
+  for (; j0 + 4 * W <= dv; j0 += 4 * W) delta_columns<W, 4>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
+  for (; j0 + 2 * W <= dv; j0 += 2 * W) delta_columns<W, 2>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
+  for (; j0 < dv; j0 += W) delta_columns<W, 1>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
 }
 
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
 // reading `from` (the past state, or S itself after the first token) and writing S. Cloned for AVX-512 and AVX2
-// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of 16 the sums stay in registers
+// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of the vector the sums stay in registers
 // (kept in memory they made a step 2-3x slower: `kv` and `o` may alias S, so every row reloaded them).
 QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q, const float* k, const float* v,
                                 float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {
-  if (dv % 16 == 0) {
-    int64_t j0 = 0;
-    for (; j0 + 64 <= dv; j0 += 64) delta_columns<4>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
-    for (; j0 + 32 <= dv; j0 += 32) delta_columns<2>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
-    for (; j0 < dv; j0 += 16) delta_columns<1>(from, state, q, k, v, decay, beta, dk, dv, j0, o);
-    return;
-  }
+  if (wide_vectors() && dv % 16 == 0) return delta_step_columns<16>(from, state, q, k, v, decay, beta, dk, dv, o);
+  if (!wide_vectors() && dv % 8 == 0) return delta_step_columns<8>(from, state, q, k, v, decay, beta, dk, dv, o);
   std::fill(kv, kv + dv, 0.f);
   for (int64_t i = 0; i < dk; ++i) {  // S = decay * S; kv = S^T k
     const float* in = from + i * dv;
@@ -165,10 +206,11 @@ QWEN_CPU_CLONES void conv_token(const float* wt, int64_t wt_stride, int64_t kern
 }
 
 // conv_token for tokens [0, T) of n channels, token t's outputs at out + t * out_stride. From token keep on the
-// window lies in x alone, and 16 channels at a time sum in a register (in conv_token's order: the same bits);
+// window lies in x alone, and W channels at a time sum in a register (in conv_token's order: the same bits);
 // one call per token cost more than the conv itself.
-QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,
-                                 int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
+template <int W>
+__attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel,
+                                                       const float* state, int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
                                  int64_t out_stride) {
   for (int64_t t = 0; t < std::min(T, keep); ++t)
     conv_token(wt, wt_stride, kernel, state, keep, x, stride, t, n, out + t * out_stride);
@@ -176,10 +218,10 @@ QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t ker
     const float* window = x + (t - keep) * stride;
     float* row = out + t * out_stride;
     int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      Vec16 acc{};
+    for (; c + W <= n; c += W) {
+      VecF<W> acc{};
       for (int64_t j = 0; j < kernel; ++j) {
-        Vec16 w, in;
+        VecF<W> w, in;
         std::memcpy(&w, wt + j * wt_stride + c, sizeof w);
         std::memcpy(&in, window + j * stride + c, sizeof in);
         acc += w * in;
@@ -194,60 +236,68 @@ QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t ker
   }
 }
 
-// C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Register
-// tiles of 4 rows x 64 columns (16 accumulators: enough to keep both FMA pipes busy), then 4 x 48, 32 or 16, in GCC
-// vector types (one zmm per 16 columns in the AVX-512 clone, two ymm in the AVX2 one); ragged edges run a
-// scalar loop. Every element sums over p in order, whatever its tile. The tile is always inlined so it is
-// compiled inside each clone.
-template <int ROWS, int NB>
+QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,
+                                 int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
+                                 int64_t out_stride) {
+  if (wide_vectors()) return conv_tokens<16>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);
+  conv_tokens<8>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);
+}
+
+// A register tile of small_gemm: ROWS rows x W NB columns of C in W-float vectors. Always inlined, so it is
+// compiled for the caller's instruction set.
+template <int W, int ROWS, int NB>
 __attribute__((always_inline)) inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                                      int64_t ldc, int64_t p_count, bool accumulate) {
-  Vec16 acc[ROWS][NB];
+  using V = VecF<W>;
+  V acc[ROWS][NB];
   for (int r = 0; r < ROWS; ++r)
     for (int n = 0; n < NB; ++n) {
       if (accumulate) {
-        std::memcpy(&acc[r][n], c + r * ldc + 16 * n, sizeof(Vec16));
+        std::memcpy(&acc[r][n], c + r * ldc + W * n, sizeof(V));
       } else {
-        acc[r][n] = Vec16{};
+        acc[r][n] = V{};
       }
     }
   for (int64_t p = 0; p < p_count; ++p) {
-    Vec16 bp[NB];
-    for (int n = 0; n < NB; ++n) std::memcpy(&bp[n], b + p * ldb + 16 * n, sizeof(Vec16));
+    V bp[NB];
+    for (int n = 0; n < NB; ++n) std::memcpy(&bp[n], b + p * ldb + W * n, sizeof(V));
     for (int r = 0; r < ROWS; ++r) {
       const float ar = a[r * lda + p];
       for (int n = 0; n < NB; ++n) acc[r][n] += ar * bp[n];
     }
   }
   for (int r = 0; r < ROWS; ++r)
-    for (int n = 0; n < NB; ++n) std::memcpy(c + r * ldc + 16 * n, &acc[r][n], sizeof(Vec16));
+    for (int n = 0; n < NB; ++n) std::memcpy(c + r * ldc + W * n, &acc[r][n], sizeof(V));
 }
 
-// Columns [j0, j0 + 16 NB) of small_gemm, 4 rows at a time.
-template <int NB>
-__attribute__((always_inline)) inline void small_gemm_columns(const float* a, int64_t lda, const float* b, int64_t ldb,
-                                                              float* c, int64_t ldc, int64_t m, int64_t p,
-                                                              bool accumulate, int64_t j0) {
+// Columns [j0, j0 + W NB) of small_gemm, ROWS rows at a time.
+template <int W, int ROWS, int NB>
+__attribute__((always_inline)) inline void gemm_columns(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                        float* c, int64_t ldc, int64_t m, int64_t p, bool accumulate,
+                                                        int64_t j0) {
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) gemm_tile<4, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
-  for (; i < m; ++i) gemm_tile<1, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+  for (; i + ROWS <= m; i += ROWS)
+    gemm_tile<W, ROWS, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
+  for (; i < m; ++i) gemm_tile<W, 1, NB>(a + i * lda, lda, b + j0, ldb, c + i * ldc + j0, ldc, p, accumulate);
 }
 
-QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                                int64_t m, int64_t n, int64_t p, bool accumulate) {
+// small_gemm in tiles of ROWS rows x up to W NB columns (ROWS x NB accumulators), then the last n % W columns
+// in a scalar loop.
+template <int W, int ROWS, int NB>
+__attribute__((always_inline)) inline void gemm_tiles(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                      float* c, int64_t ldc, int64_t m, int64_t n, int64_t p,
+                                                      bool accumulate) {
   int64_t j0 = 0;
-  for (; j0 + 64 <= n; j0 += 64) small_gemm_columns<4>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
-  if (n - j0 >= 48) {
-    small_gemm_columns<3>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
-    j0 += 48;
-  } else if (n - j0 >= 32) {
-    small_gemm_columns<2>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
-    j0 += 32;
-  } else if (n - j0 >= 16) {
-    small_gemm_columns<1>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
-    j0 += 16;
+  for (; j0 + W * NB <= n; j0 += W * NB) gemm_columns<W, ROWS, NB>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+  if (NB == 4 && n - j0 >= 3 * W) {
+    gemm_columns<W, ROWS, 3>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+    j0 += 3 * W;
+  } else if (NB >= 3 && n - j0 >= 2 * W) {
+    gemm_columns<W, ROWS, 2>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+    j0 += 2 * W;
   }
-  for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % 16 columns
+  for (; j0 + W <= n; j0 += W) gemm_columns<W, ROWS, 1>(a, lda, b, ldb, c, ldc, m, p, accumulate, j0);
+  for (int64_t i = 0; i < m && j0 < n; ++i)  // the last n % W columns
     for (int64_t j = j0; j < n; ++j) {
       float sum = accumulate ? c[i * ldc + j] : 0.f;
       for (int64_t k = 0; k < p; ++k) sum += a[i * lda + k] * b[k * ldb + j];
@@ -255,32 +305,52 @@ QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int
     }
 }
 
-// Columns [j0, j0 + 16 * NB) of the chunk's forward substitution (the columns of U are independent): row t of U
+// C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Tiles of 4 rows
+// x 64 columns with AVX-512 (16 accumulators in its 32 registers, enough to keep the FMA pipes busy), 4 x 16
+// elsewhere (8 ymm of AVX2's 16). Every element sums over p in order whatever its tile: the same bits.
+QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                int64_t m, int64_t n, int64_t p, bool accumulate) {
+  if (wide_vectors()) return gemm_tiles<16, 4, 4>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+  gemm_tiles<8, 4, 2>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+}
+
+// Columns [j0, j0 + W * NB) of the chunk's forward substitution (the columns of U are independent): row t of U
 // sums in registers, in the scalar loop's order (s = 0 first), so both give the same bits.
-template <int NB>
+template <int W, int NB>
 __attribute__((always_inline)) inline void substitute_columns(float* u, const float* v, const float* ks,
                                                               const float* beta, const float* decay,
                                                               const float* kk, float to_0, int64_t L, int64_t dv,
                                                               int64_t j0) {
   for (int64_t t = 0; t < L; ++t) {
     const float to_t = decay[t * L] * to_0;  // exp(G_t)
-    Vec16 acc[NB];
+    VecF<W> acc[NB];
     for (int b = 0; b < NB; ++b) {
-      Vec16 vt, kst;
-      std::memcpy(&vt, v + t * dv + j0 + 16 * b, sizeof vt);
-      std::memcpy(&kst, ks + t * dv + j0 + 16 * b, sizeof kst);
+      VecF<W> vt, kst;
+      std::memcpy(&vt, v + t * dv + j0 + W * b, sizeof vt);
+      std::memcpy(&kst, ks + t * dv + j0 + W * b, sizeof kst);
       acc[b] = beta[t] * (vt - to_t * kst);
     }
     for (int64_t s = 0; s < t; ++s) {
       const float a = -beta[t] * decay[t * L + s] * kk[t * L + s];
       for (int b = 0; b < NB; ++b) {
-        Vec16 us;
-        std::memcpy(&us, u + s * dv + j0 + 16 * b, sizeof us);
+        VecF<W> us;
+        std::memcpy(&us, u + s * dv + j0 + W * b, sizeof us);
         acc[b] += a * us;
       }
     }
-    for (int b = 0; b < NB; ++b) std::memcpy(u + t * dv + j0 + 16 * b, &acc[b], sizeof acc[b]);
+    for (int b = 0; b < NB; ++b) std::memcpy(u + t * dv + j0 + W * b, &acc[b], sizeof acc[b]);
   }
+}
+
+// The forward substitution where dv is a multiple of W: 4, 2 or 1 vectors of columns at a time.
+template <int W>
+__attribute__((always_inline)) inline void substitute(float* u, const float* v, const float* ks, const float* beta,
+                                                      const float* decay, const float* kk, float to_0, int64_t L,
+                                                      int64_t dv) {
+  int64_t j0 = 0;
+  for (; j0 + 4 * W <= dv; j0 += 4 * W) substitute_columns<W, 4>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+  for (; j0 + 2 * W <= dv; j0 += 2 * W) substitute_columns<W, 2>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+  for (; j0 < dv; j0 += W) substitute_columns<W, 1>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
 }
 
 // One chunk of L tokens of one value head in the WY form of the GPU kernels (plugins/gated_deltanet,
@@ -316,11 +386,11 @@ QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, c
   for (int64_t t = 0; t < L; ++t)
     for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = exp_nonpositive(gsum[t] - gsum[s]);
   const float to_0 = std::exp(gsum[0]);
-  if (dv % 16 == 0) {  // forward substitution, in column blocks that stay in registers
-    int64_t j0 = 0;
-    for (; j0 + 64 <= dv; j0 += 64) substitute_columns<4>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
-    for (; j0 + 32 <= dv; j0 += 32) substitute_columns<2>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
-    for (; j0 < dv; j0 += 16) substitute_columns<1>(u, v, ks, beta, decay, kk, to_0, L, dv, j0);
+  // forward substitution, in column blocks that stay in registers
+  if (wide_vectors() && dv % 16 == 0) {
+    substitute<16>(u, v, ks, beta, decay, kk, to_0, L, dv);
+  } else if (!wide_vectors() && dv % 8 == 0) {
+    substitute<8>(u, v, ks, beta, decay, kk, to_0, L, dv);
   } else {
     for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
       float* ut = u + t * dv;

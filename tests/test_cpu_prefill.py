@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cpu_kernel_support import json_per_kernel_mode
 from onnx import helper
 from passes_support import golden
 from test_cpu_kernels import _session, _x, linear_case
@@ -130,6 +131,30 @@ def test_decode_steps_match_the_reference_at_every_column_blocking(dv, monkeypat
     assert np.abs(y - expected[0]).max() / np.abs(expected[0]).max() < CHUNKED_VS_RECURRENT
     assert np.abs(state - expected[2]).max() / np.abs(expected[2]).max() < CHUNKED_VS_RECURRENT
     np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
+
+
+_WIDTH_CASE = """
+import hashlib, json, os
+import numpy as np
+from test_cpu_prefill import delta_rule_case
+digests = {}
+cases = [("chunked-48", 2, 150, 48, "chunked"), ("chunked-64", 1, 100, 64, "chunked"),
+         ("decode-24", 2, 3, 24, "recurrent"), ("decode-64", 1, 1, 64, "recurrent")]
+for name, batch, tokens, dv, form in cases:
+    os.environ["QWEN_CPU_DELTA_RULE"] = form
+    session, inputs, _ = delta_rule_case(batch, tokens, seed=dv, dv=dv)
+    digests[name] = hashlib.sha256(b"".join(o.tobytes() for o in session.run(None, inputs))).hexdigest()
+print(json.dumps(digests))
+"""
+
+
+def test_delta_rule_gives_the_same_bits_with_8_and_16_float_vectors():
+    """GatedDeltaRule runs 16-float vectors where the CPU has AVX-512 and 8-float ones elsewhere (forced by
+    QWEN_CPU_KERNELS=avx2|portable): the same operations in the same order per output, so the same bits.
+    dv = 24 takes the vector paths at 8 floats and the scalar ones at 16; dv = 48 a 32 + 16 column split at
+    16 floats and 4 x 8 + 2 x 8 at 8."""
+    digests = json_per_kernel_mode(_WIDTH_CASE)
+    assert digests["avx2"] == digests["portable"] == digests["default"]
 
 
 def test_chunked_delta_rule_carries_state_across_calls(monkeypatch):

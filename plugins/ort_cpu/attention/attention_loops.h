@@ -16,6 +16,11 @@ constexpr int64_t kMaxHeadDim = 512;
 using Lanes = __m512;
 constexpr int64_t kLanes = 16;
 constexpr int kAccRows = 4;  // rows x 4 sums in registers (32 zmm)
+// Decode: rows x 8 vectors (a 128-dim row of values) of sums, so each pass over a block reads whole rows of
+// values from memory. In passes of 4 rows x 64 dims, each pass read half of every 512-byte row (the
+// streams the hardware prefetchers follow); one 64K-key layer of the small preset, 2 threads: 6.3-7.0 ms
+// -> 5.1-5.5 ms. 16 zmm of sums.
+constexpr int kDecodeRows = 2;
 inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
 inline Lanes lanes_load(const float* x) { return _mm512_loadu_ps(x); }
 inline Lanes lanes_load(const Half* x) {
@@ -32,6 +37,7 @@ inline __m256 to_256(Lanes x) {
 using Lanes = __m256;
 constexpr int64_t kLanes = 8;
 constexpr int kAccRows = 2;  // rows x 4 sums in registers (16 ymm)
+constexpr int kDecodeRows = 1;  // 8 ymm of sums: one 64-dim row of values
 inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
 inline Lanes lanes_load(const float* x) { return _mm256_loadu_ps(x); }
 inline Lanes lanes_load(const Half* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
@@ -81,28 +87,25 @@ bool scores_few_rows(const float* q, int64_t rows, const T* keys, int64_t count,
   return true;
 }
 
-// acc[r] += sum_j p[r * ld + j] * values[j] for R rows, four vectors of head dims at a time (R x 4 sums in
+// acc[r] += sum_j p[r * ld + j] * values[j] for R rows, C vectors of head dims at a time (R x C sums in
 // registers across the block's keys); float16 values are converted as they are loaded.
-template <int R, typename T>
+template <int R, int C, typename T>
 void accumulate_rows(const float* p, int64_t ld, const T* values, int64_t count, int64_t hd, float* acc) {
-  for (int64_t d0 = 0; d0 < hd; d0 += 4 * kLanes) {
-    Lanes a[R][4];
+  for (int64_t d0 = 0; d0 < hd; d0 += C * kLanes) {
+    Lanes a[R][C];
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) a[r][i] = lanes_load(acc + r * hd + d0 + i * kLanes);
+      for (int i = 0; i < C; ++i) a[r][i] = lanes_load(acc + r * hd + d0 + i * kLanes);
     for (int64_t j = 0; j < count; ++j) {
       const T* v = values + j * hd + d0;
-      const Lanes v0 = lanes_load(v), v1 = lanes_load(v + kLanes), v2 = lanes_load(v + 2 * kLanes),
-                  v3 = lanes_load(v + 3 * kLanes);
+      Lanes vc[C];
+      for (int i = 0; i < C; ++i) vc[i] = lanes_load(v + i * kLanes);
       for (int r = 0; r < R; ++r) {
         const Lanes w = lanes_set(p[r * ld + j]);
-        a[r][0] = lanes_fmadd(w, v0, a[r][0]);
-        a[r][1] = lanes_fmadd(w, v1, a[r][1]);
-        a[r][2] = lanes_fmadd(w, v2, a[r][2]);
-        a[r][3] = lanes_fmadd(w, v3, a[r][3]);
+        for (int i = 0; i < C; ++i) a[r][i] = lanes_fmadd(w, vc[i], a[r][i]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) lanes_store(acc + r * hd + d0 + i * kLanes, a[r][i]);
+      for (int i = 0; i < C; ++i) lanes_store(acc + r * hd + d0 + i * kLanes, a[r][i]);
   }
 }
 
@@ -120,9 +123,15 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
                       float* acc) {
   if (hd % (4 * kLanes) != 0) return false;
   int64_t r = 0;
+  if (rows < 8 && hd % (8 * kLanes) == 0) {  // few rows (decode): whole rows of values, see kDecodeRows
+    for (; r + kDecodeRows <= rows; r += kDecodeRows)
+      accumulate_rows<kDecodeRows, 8>(p + r * ld, ld, values, count, hd, acc + r * hd);
+    for (; r < rows; ++r) accumulate_rows<1, 8>(p + r * ld, ld, values, count, hd, acc + r * hd);
+    return true;
+  }
   for (; r + kAccRows <= rows; r += kAccRows)
-    accumulate_rows<kAccRows>(p + r * ld, ld, values, count, hd, acc + r * hd);
-  for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, values, count, hd, acc + r * hd);
+    accumulate_rows<kAccRows, 4>(p + r * ld, ld, values, count, hd, acc + r * hd);
+  for (; r < rows; ++r) accumulate_rows<1, 4>(p + r * ld, ld, values, count, hd, acc + r * hd);
   return true;
 }
 

@@ -39,8 +39,8 @@ struct VectorOf<8> {
 template <int W>
 using VecF = typename VectorOf<W>::type;
 
-// The loops below run on vectors of 16 floats (one zmm) where the CPU has AVX-512 (x86-64-v4), else of 8 (one ymm with
-// AVX2, two xmm without). GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers and
+// The loops below run on vectors of 16 floats (one zmm) where the CPU has AVX-512 (x86-64-v4), else of 8
+// (one ymm with AVX2, two xmm without). GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers and
 // the stack: the AVX2 clone of these loops ran a 2048-token prefill 8x and a decode step 5x slower than the
 // AVX-512 one. Each output is computed by the same operations in the same order at either width.
 // QWEN_CPU_KERNELS=avx2|portable (tests) takes the 8-float vectors on any CPU.
@@ -164,8 +164,8 @@ __attribute__((always_inline)) inline void delta_step_columns(const float* from,
 
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
 // reading `from` (the past state, or S itself after the first token) and writing S. Cloned for AVX-512 and AVX2
-// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of the vector the sums stay in registers
-// (kept in memory they made a step 2-3x slower: `kv` and `o` may alias S, so every row reloaded them).
+// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of the vector the sums stay in
+// registers (kept in memory they made a step 2-3x slower: `kv` and `o` may alias S, so every row reloaded them).
 QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q, const float* k, const float* v,
                                 float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {
   if (wide_vectors() && dv % 16 == 0) return delta_step_columns<16>(from, state, q, k, v, decay, beta, dk, dv, o);
@@ -217,8 +217,9 @@ QWEN_CPU_CLONES void conv_token(const float* wt, int64_t wt_stride, int64_t kern
 // one call per token cost more than the conv itself.
 template <int W>
 __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel,
-                                                       const float* state, int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
-                                 int64_t out_stride) {
+                                                       const float* state, int64_t keep, const float* x,
+                                                       int64_t stride, int64_t T, int64_t n, float* out,
+                                                       int64_t out_stride) {
   for (int64_t t = 0; t < std::min(T, keep); ++t)
     conv_token(wt, wt_stride, kernel, state, keep, x, stride, t, n, out + t * out_stride);
   for (int64_t t = keep; t < T; ++t) {
@@ -367,9 +368,11 @@ __attribute__((always_inline)) inline void substitute(float* u, const float* v, 
 //   O = diag(exp G) Q S0 + (exp(G_t - G_s) q_t.k_s)_{s <= t} U
 //   S = exp(G_L) S0 + sum_s exp(G_L - G_s) k_s u_s^T
 // U (the delta rule's corrections, one per token) comes by forward substitution; the rest are matrix products.
-// Equal to L steps of delta_step up to float rounding. Row t of O goes to o + t * ldo. `work` holds 4 L dv + dk L + 3 L L floats.
+// Equal to L steps of delta_step up to float rounding. Row t of O goes to o + t * ldo. `work` holds
+// 4 L dv + dk L + 3 L L floats.
 QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta,
-                                 const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo, float* work) {
+                                 const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo,
+                                 float* work) {
   float* ks = work;            // [L, dv]  K S0
   float* qs = ks + L * dv;     // [L, dv]  Q S0
   float* u = qs + L * dv;      // [L, dv]

@@ -134,27 +134,34 @@ def test_decode_steps_match_the_reference_at_every_column_blocking(dv, monkeypat
 
 
 _WIDTH_CASE = """
-import hashlib, json, os
+import json, os
 import numpy as np
-from test_cpu_prefill import delta_rule_case
-digests = {}
+from test_cpu_prefill import delta_rule_case, reference_delta_rule
+errors = {}
 cases = [("chunked-48", 2, 150, 48, "chunked"), ("chunked-64", 1, 100, 64, "chunked"),
          ("decode-24", 2, 3, 24, "recurrent"), ("decode-64", 1, 1, 64, "recurrent")]
 for name, batch, tokens, dv, form in cases:
     os.environ["QWEN_CPU_DELTA_RULE"] = form
-    session, inputs, _ = delta_rule_case(batch, tokens, seed=dv, dv=dv)
-    digests[name] = hashlib.sha256(b"".join(o.tobytes() for o in session.run(None, inputs))).hexdigest()
-print(json.dumps(digests))
+    session, inputs, weights = delta_rule_case(batch, tokens, seed=dv, dv=dv)
+    y, conv, state = session.run(None, inputs)
+    want = reference_delta_rule(**inputs, **weights)
+    pairs = zip((y, state), want[::2])
+    errors[name] = [float(np.abs(got - ref).max() / np.abs(ref).max()) for got, ref in pairs]
+    errors[name].append(bool(np.array_equal(conv, want[1].astype(np.float32))))
+print(json.dumps(errors))
 """
 
 
-def test_delta_rule_gives_the_same_bits_with_8_and_16_float_vectors():
-    """GatedDeltaRule runs 16-float vectors where the CPU has AVX-512 and 8-float ones elsewhere (forced by
-    QWEN_CPU_KERNELS=avx2|portable): the same operations in the same order per output, so the same bits.
-    dv = 24 takes the vector paths at 8 floats and the scalar ones at 16; dv = 48 a 32 + 16 column split at
-    16 floats and 4 x 8 + 2 x 8 at 8."""
-    digests = json_per_kernel_mode(_WIDTH_CASE)
-    assert digests["avx2"] == digests["portable"] == digests["default"]
+def test_delta_rule_matches_the_reference_with_8_and_16_float_vectors():
+    """GatedDeltaRule runs 16-float vectors where the CPU has AVX-512 and 8-float ones elsewhere (forced
+    here by QWEN_CPU_KERNELS=avx2|portable on any CPU): both against the float64 reference, chunked and
+    decode calls. dv = 24 takes the vector paths at 8 floats and the scalar ones at 16; dv = 48 a 32 + 16
+    column split at 16 floats and 4 x 8 + 2 x 8 at 8. (Not bit for bit: in the AVX-512 clone the 8-float
+    vectors round each product before the add.)"""
+    for mode, errors in json_per_kernel_mode(_WIDTH_CASE).items():
+        for name, (y_error, state_error, conv_equal) in errors.items():
+            assert y_error < CHUNKED_VS_RECURRENT and state_error < CHUNKED_VS_RECURRENT, (mode, name)
+            assert conv_equal, (mode, name)
 
 
 def test_chunked_delta_rule_carries_state_across_calls(monkeypatch):

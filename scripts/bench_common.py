@@ -52,6 +52,25 @@ def write_results(folder: Path, name: str, result: dict[str, Any], render: Calla
     print(render(result))
 
 
+def baseline_sides(rev: str, folder: Path) -> dict[str, Path]:
+    """The Python of each side of a this-tree-against-`rev` benchmark: "before" (a venv at `rev`, in `folder`)
+    and "after" (this one)."""
+    return {"before": baseline_python(rev, folder / "baseline"), "after": Path(sys.executable)}
+
+
+def alternating_rounds(
+    sides: dict[str, Path], rounds: int, measure: Callable[[str, Path], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """`rounds` rounds in which each side is measured in turn (`measure(name, python)`, a fresh process),
+    so the two sides see the same moments of a shared machine; side -> its results, in round order."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, python in sides.items():
+            results[name].append(measure(name, python))
+            print(name, json.dumps(results[name][-1]), file=sys.stderr)
+    return results
+
+
 def baseline_python(rev: str, folder: Path) -> Path:
     """A venv with the code at `rev` installed (editable, no dependencies: it borrows this venv's)."""
     checkout, venv = folder / "checkout", folder / "venv"

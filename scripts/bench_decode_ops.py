@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, baseline_python, produced_by, provenance, write_results
+from bench_common import REPO, alternating_rounds, baseline_sides, produced_by, provenance, write_results
 
 BASELINE = "7a2106d"  # before the decode recurrence kept its sums in registers and FloatMoE read 8 rows
 # One measurement, run by each side's Python: per case, the median of `calls` timed calls after 20 warm ones.
@@ -159,15 +159,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-decode-ops-") as tmp:
-        sides = {
-            "before": baseline_python(args.baseline, Path(tmp) / "baseline"),
-            "after": Path(sys.executable),
-        }
-        rounds: dict[str, list[dict]] = {"before": [], "after": []}
-        for _ in range(args.rounds):
-            for name, python in sides.items():
-                rounds[name].append(measure(python, args.calls, Path(tmp)))
-                print(name, json.dumps(rounds[name][-1]["us"]), file=sys.stderr)
+        sides = baseline_sides(args.baseline, Path(tmp))
+        folder = Path(tmp)
+        rounds = alternating_rounds(sides, args.rounds, lambda _, python: measure(python, args.calls, folder))
     cases = {}
     for case in rounds["after"][0]["us"]:
         before = [r["us"][case] for r in rounds["before"]]

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, baseline_python, produced_by, provenance, write_results
+from bench_common import REPO, alternating_rounds, baseline_sides, produced_by, provenance, write_results
 
 PRESET = "small-qwen3.5-moe"
 TARGET = "ort-cpu-int4"
@@ -135,13 +135,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-prefill-") as tmp:
         tmp = Path(tmp)
-        sides = {"before": baseline_python(args.baseline, tmp / "baseline"), "after": Path(sys.executable)}
+        sides = baseline_sides(args.baseline, tmp)
         artifacts = {name: build(python, tmp / f"{name}-int4") for name, python in sides.items()}
-        rounds: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
-        for _ in range(args.rounds):
-            for name, python in sides.items():
-                rounds[name].append(measure(python, artifacts[name], args.tokens, args.repeats))
-                print(name, rounds[name][-1], file=sys.stderr)
+
+        def measure_side(name: str, python: Path) -> dict[str, float]:
+            return measure(python, artifacts[name], args.tokens, args.repeats)
+
+        rounds = alternating_rounds(sides, args.rounds, measure_side)
         ops = {name: per_op(python, artifacts[name], args.tokens) for name, python in sides.items()}
     pairs = list(zip(rounds["after"], rounds["before"], strict=True))
     paired = [a["ttft_ms"] / b["ttft_ms"] for a, b in pairs]

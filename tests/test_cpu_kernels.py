@@ -259,9 +259,9 @@ def test_float_moe_matches_onnxruntime_moe_and_numpy(k, normalize):
 
 
 def test_float_moe_decode_rows_give_a_batchs_bits():
-    """One token runs eight weight rows at a time (and four at a ragged end: hidden 68 leaves 4 rows of a
-    64-row block), summing each output in the order the batched tiles use: the same bits as its row in a
-    batch, and right against NumPy."""
+    """One token runs its weight rows one after another (hidden 68: a 64-row block, then 4 rows), summing
+    each output in the order the batched tiles use: the same bits as its row in a batch, and right against
+    NumPy."""
     from test_quantize_weights import numpy_moe
 
     _, ours, (fc1, fc2) = float_moe_case(hidden=68, inter=36)

@@ -57,8 +57,8 @@ __attribute__((always_inline)) inline void dot_tile(const float* const* a, const
 // multiple of 4), four, two or one activation rows at a time. One row alone (decode) reads each weight float
 // once, so the loop is bound by the memory stream: it takes the weight rows one after another, a single
 // sequential stream the hardware prefetcher follows. One core of an AVX-512 EPYC, four of the small preset's
-// experts: 25.4 GB/s, where eight rows a pass (eight streams at once) read 17.8 and NumPy sums the same bytes
-// at 23.8 (benchmarks/decode_ops.md). Every output sums in the same order whatever the tile, so a token gets
+// experts: 25.1 GB/s, where eight rows a pass (eight streams at once) read 18.6 and NumPy sums the same bytes
+// at 24.0 (benchmarks/decode_ops.md). Every output sums in the same order whatever the tile, so a token gets
 // the same bits alone or in a batch.
 QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
                               int64_t n1, float* out, int64_t ldo) {

@@ -259,17 +259,20 @@ def test_float_moe_matches_onnxruntime_moe_and_numpy(k, normalize):
 
 
 def test_float_moe_decode_rows_give_a_batchs_bits():
-    """One token runs its weight rows one after another (hidden 68: a 64-row block, then 4 rows), summing
-    each output in the order the batched tiles use: the same bits as its row in a batch, and right against
-    NumPy."""
+    """One token runs its weight rows one after another (hidden 68: a 64-row block, then 4 rows), as do the
+    experts of a batch that up to 6 tokens chose; experts more tokens chose run 4 x 4 tiles. Every output
+    sums in the same order either way: each token alone gives the same bits as its row in a batch of 40
+    (about 10 tokens an expert), and the batch is right against NumPy."""
     from test_quantize_weights import numpy_moe
 
     _, ours, (fc1, fc2) = float_moe_case(hidden=68, inter=36)
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((9, 68)).astype(np.float32)
-    logits = rng.standard_normal((9, 8)).astype(np.float32)
+    x = rng.standard_normal((40, 68)).astype(np.float32)
+    logits = rng.standard_normal((40, 8)).astype(np.float32)
+    chosen = np.argsort(-logits, axis=1)[:, :2]
+    assert np.bincount(chosen.ravel(), minlength=8).max() > 6  # some expert runs the 4 x 4 tiles
     batch = ours.run(None, {"x": x, "r": logits})[0]
-    for t in range(9):
+    for t in range(40):
         alone = ours.run(None, {"x": x[t : t + 1], "r": logits[t : t + 1]})[0]
         np.testing.assert_array_equal(alone[0], batch[t])
     want = numpy_moe(x.astype(np.float64), logits.astype(np.float64), fc1, fc2, 2, True)

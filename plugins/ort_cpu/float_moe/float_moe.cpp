@@ -53,20 +53,33 @@ __attribute__((always_inline)) inline void dot_tile(const float* const* a, const
     }
 }
 
+// Up to this many activation rows take each weight row once, against all of them (below).
+constexpr int64_t kOneStreamRows = 6;
+
 // out[i][n - n0] = a[i] . w[n] for the `rows` activation rows a[i] and weight rows n in [n0, n1) (n1 - n0 a
-// multiple of 4), four, two or one activation rows at a time. One row alone (decode) reads each weight float
-// once, so the loop is bound by the memory stream: it takes the weight rows one after another, a single
-// sequential stream the hardware prefetcher follows. One core of an AVX-512 EPYC, four of the small preset's
-// experts: 25.1 GB/s, where eight rows a pass (eight streams at once) read 18.6 and NumPy sums the same bytes
-// at 24.0 (benchmarks/decode_ops.md). Every output sums in the same order whatever the tile, so a token gets
-// the same bits alone or in a batch.
+// multiple of 4).
+// - Up to kOneStreamRows rows (decode, and the experts of short prompts): the weight rows one after another,
+//   each against every activation row. Each weight is read once, so the loop is bound by the memory stream,
+//   and one sequential stream is what the hardware prefetcher follows best. One core of an AVX-512 EPYC,
+//   one token on four of the small preset's experts: 25.1 GB/s, where eight weight rows a pass (eight
+//   streams at once) read 18.6 and NumPy sums the same bytes at 24.0 (benchmarks/decode_ops.md).
+// - More rows: four weight rows against four activation rows at a time (16 accumulators: the FMAs, not
+//   the stream, bound it). With 7 or 8 rows an expert the one-stream loop was already slower.
+// Every output sums in the same order whatever the tile, so a token gets the same bits alone or in a batch.
 QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
                               int64_t n1, float* out, int64_t ldo) {
-  if (rows == 1) {
+  if (rows <= kOneStreamRows) {
     for (int64_t n = n0; n < n1; ++n) {
-      float dot[1][1];
-      dot_tile<1, 1>(a, w + n * k, k, dot);
-      out[n - n0] = dot[0][0];
+      float dot[kOneStreamRows][1];
+      switch (rows) {
+        case 6: dot_tile<6, 1>(a, w + n * k, k, dot); break;
+        case 5: dot_tile<5, 1>(a, w + n * k, k, dot); break;
+        case 4: dot_tile<4, 1>(a, w + n * k, k, dot); break;
+        case 3: dot_tile<3, 1>(a, w + n * k, k, dot); break;
+        case 2: dot_tile<2, 1>(a, w + n * k, k, dot); break;
+        default: dot_tile<1, 1>(a, w + n * k, k, dot); break;
+      }
+      for (int64_t i = 0; i < rows; ++i) out[i * ldo + (n - n0)] = dot[i][0];
     }
     return;
   }

@@ -7,9 +7,9 @@
 
 The same weights in the same layout (fc1 [E, 2I, H] with interleaved gate/up rows, fc2 [E, H, I]) and the
 same routing; only the kernel changes. Why: at decode ONNX Runtime's MoE reads the chosen experts at about
-half the memory bandwidth; FloatMoE reads each chosen expert once for all the tokens that chose it, four
-weight rows against up to four tokens at a time (plugins/ort_cpu/float_moe/README.md has the measurements,
-including the long prompts where ORT's MoE is faster).
+half the memory bandwidth; FloatMoE reads each chosen expert once for all the tokens that chose it, one
+weight row at a time against up to six tokens, four against four beyond (plugins/ort_cpu/float_moe/README.md
+has the measurements, including the long prompts where ORT's MoE is faster).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 //   a_i = silu(h_{2i}) * h_{2i+1}
 //   y[t] = sum_{j < top_k} w_j * (a fc2_e^T)   fc2 [E, H, I], summed in the order of the chosen experts
 // The weights are com.microsoft MoE's fp32 layout, unchanged. Only experts some token chose are read, each
-// once for all the tokens that chose it (up to four tokens at a time against four weight rows).
+// once for all the tokens that chose it (one weight row at a time against up to six tokens, four against
+// four beyond that).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,6 @@
 #include "attention/attention.h"
 #include "common/exp_nonpositive.h"
+#include "common/forced_kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -38,9 +39,9 @@ const detail::AttentionLoops& choose_loops() {
 #ifdef QWEN_CPU_PORTABLE_ONLY  // built without the x86 files (another architecture)
   return detail::kLoopsPortable;
 #else
-  const char* forced = std::getenv("QWEN_CPU_KERNELS");
-  const bool portable = forced != nullptr && std::strcmp(forced, "portable") == 0;
-  const bool avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
+  const ForcedKernels forced = forced_kernels();
+  const bool portable = forced == ForcedKernels::kPortable;
+  const bool avx2 = forced == ForcedKernels::kAvx2;
   if (portable) return detail::kLoopsPortable;
   if (!avx2 && detail::attention_cpu_has_avx512()) return detail::kLoopsAvx512;
   return detail::attention_cpu_has_avx2() ? detail::kLoopsAvx2 : detail::kLoopsPortable;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/exp_nonpositive.h"
+#include "common/forced_kernels.h"
 #include "common/scratch.h"
 #include "common/vector_math.h"
 
@@ -48,8 +49,7 @@ using VecF = typename VectorOf<W>::type;
 bool wide_vectors() {
 #if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
   static const bool wide = [] {
-    const char* forced = std::getenv("QWEN_CPU_KERNELS");
-    if (forced != nullptr && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "portable") == 0)) return false;
+    if (forced_kernels() != ForcedKernels::kNone) return false;
     __builtin_cpu_init();  // as the clones are picked
     return __builtin_cpu_supports("avx512f") != 0;
   }();

@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/forced_kernels.h"
+
 namespace qwen_cpu {
 
 namespace detail {
@@ -104,9 +106,9 @@ detail::TileFn choose_tile() {
 #ifdef QWEN_CPU_PORTABLE_ONLY  // built without the x86 tiles (another architecture)
   return detail::tile_portable;
 #else
-  const char* forced = std::getenv("QWEN_CPU_KERNELS");
-  const bool portable = forced != nullptr && std::strcmp(forced, "portable") == 0;
-  const bool avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
+  const ForcedKernels forced = forced_kernels();
+  const bool portable = forced == ForcedKernels::kPortable;
+  const bool avx2 = forced == ForcedKernels::kAvx2;
   if (portable) return detail::tile_portable;
   if (!avx2 && detail::cpu_has_avx512_vnni()) return detail::tile_avx512_vnni;
   return detail::cpu_has_avx2() ? detail::tile_avx2 : detail::tile_portable;

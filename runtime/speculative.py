@@ -12,6 +12,9 @@ be rewound. Two ways are kept, measured by scripts/bench_speculative.py (benchma
   twice as a separate step; a verify step just grows by the re-fed tokens. After a round that accepts
   everything, the verify step's states are kept.
 - "recompute": a round that rejects part of its draft runs the main graph again on the accepted tokens.
+A verify or recompute step stays under STEP_TOKENS wide (refeed gives way to a recompute before that): on the
+qwen.cpu graphs such a step gives each token the bits of a one-token step, so even on ort-cpu-int4, whose
+int8 activations can turn a last-bit difference into a flipped near-tie, the tokens are plain decoding's.
 
 The MTP layer's own KV cache always holds the pairs (main hidden state at position t, token t+1) of the
 accepted tokens only: each round first feeds the previous round's accepted pairs (true main hidden states
@@ -44,7 +47,16 @@ from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
 
 MAX_SPECULATIVE = 8
 REFEED_ROUNDS = 3  # re-fed tokens past this many rounds' worth are committed by a recompute step
+# The qwen.cpu kernels compute each token of a call narrower than this as a one-token call would, bit for bit
+# (plugins/ort_cpu/common/step_tokens.h): verify and recompute steps stay under it, so on those graphs the
+# tokens are exactly plain decoding's even where a near-tie would flip on the last bit.
+STEP_TOKENS = 16
 ROLLBACKS = ("refeed", "recompute")
+
+
+def max_refeed(k: int) -> int:
+    """The most decided tokens a round may leave to ride along with the next verify step (k + 1 wide)."""
+    return min(REFEED_ROUNDS * (k + 1), STEP_TOKENS - 1 - (k + 1))
 
 
 def check_speculative(k: int) -> None:
@@ -249,7 +261,7 @@ class SpeculativeDecoder:
                 if accepted == k:
                     scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
                     states, committed = verify_states, committed + kept
-                elif self.rollback == "recompute" or kept > REFEED_ROUNDS * (k + 1):
+                elif self.rollback == "recompute" or kept > max_refeed(k):
                     states = self._before_verify(states, verify_states)
                     t2 = time.perf_counter()
                     _, states = run_main(

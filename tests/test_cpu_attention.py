@@ -118,7 +118,7 @@ def _relative(a, b):
 CASES = {
     "decode": (1, 1, 37, 8, 2, 128, ()),
     "decode-long-split": (2, 1, 3000, 8, 2, 64, (0, 700)),  # several key ranges per head, combined
-    "decode-ranges-of-blocks": (1, 1, 40000, 4, 1, 16, (9,)),  # ranges of 626 keys: 512-key blocks + rest
+    "decode-ranges-of-blocks": (1, 1, 40000, 4, 1, 16, (9,)),  # 40 ranges of 1024 keys: two 512-key blocks
     "decode-mha": (1, 1, 20, 4, 4, 32, ()),
     "decode-one-kv-head": (3, 1, 65, 6, 1, 16, (5, 0, 64)),
     "no-past-prompt": (2, 7, 0, 8, 2, 64, (3, 0)),
@@ -254,6 +254,56 @@ def test_spare_rows_and_one_buffer_for_past_and_present(name, half):
         after = buffer.numpy()
         np.testing.assert_array_equal(after[:, :, : p + t], want)
         np.testing.assert_array_equal(after[:, :, p + t :], before[:, :, p + t :])
+
+
+def one_token_calls(session, f, t):
+    """Outputs and caches of `t` one-token calls, each over the caches the one before returned."""
+    outs, ck, cv = [], f["pk"], f["pv"]
+    p = f["pk"].shape[2]
+    for i in range(t):
+        step = {n: f[n][:, i : i + 1] for n in ("q", "k", "v")} | {"pk": ck, "pv": cv}
+        step["bias"] = np.ascontiguousarray(f["bias"][:, :, i : i + 1, : p + i + 1])
+        o, ck, cv = session.run(None, step)
+        outs.append(o)
+    return np.concatenate(outs, axis=1), ck, cv
+
+
+# (B, T, P, nh, kv, hd, padding per row): T below kStepTokens (common/step_tokens.h)
+STEP_CASES = {
+    "verify-3": (1, 3, 37, 8, 2, 128, ()),
+    "verify-15-padded": (2, 15, 3000, 8, 2, 64, (0, 700)),
+    "verify-across-a-split-change": (1, 6, 32765, 4, 1, 16, (9,)),  # 512-key ranges, then 1024
+    "first-tokens": (1, 4, 0, 4, 2, 32, ()),
+}
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float", "kv16"])
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_few_tokens_give_the_bits_of_one_token_calls(name, half):
+    """A call of fewer than kStepTokens tokens (a speculative verify step) gives each token the output a
+    one-token call at its position gives, bit for bit, and the same caches: separate buffers and one
+    buffer for past and present."""
+    b, t, p, nh, kv, hd, pad = STEP_CASES[name]
+    f, _ = case(b, t, p, nh, kv, hd, pad, seed=11)
+    if half:
+        f = {**f, "pk": f["pk"].astype(np.float16), "pv": f["pv"].astype(np.float16)}
+    session = ours(nh, kv, 1 / np.sqrt(hd), half=half)
+    want, want_k, want_v = one_token_calls(session, f, t)
+    o, ck, cv = session.run(None, f)
+    np.testing.assert_array_equal(o, want)
+    np.testing.assert_array_equal(ck, want_k)
+    np.testing.assert_array_equal(cv, want_v)
+    spare = with_spare_rows(f, t + 3)
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in spare.items()}
+    binding = session.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_output("o", "cpu")
+    binding.bind_ortvalue_output("ck", values["pk"])
+    binding.bind_ortvalue_output("cv", values["pv"])
+    session.run_with_iobinding(binding)
+    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), want)
+    np.testing.assert_array_equal(values["pk"].numpy()[:, :, : p + t], want_k)
 
 
 def test_bad_input_fails_with_the_kernels_reason():

@@ -321,6 +321,82 @@ def test_speculative_decoding_updates_the_states_in_place(tmp_path, monkeypatch,
         assert tokens == plain == speculative(rollback), rollback
 
 
+def test_step_tokens_is_the_kernels_width():
+    """runtime/speculative.py's STEP_TOKENS is kStepTokens of plugins/ort_cpu/common/step_tokens.h."""
+    import re
+
+    from qwen_export import cpu_kernels
+    from qwen_export.runtime.speculative import STEP_TOKENS, max_refeed
+
+    header = (cpu_kernels.SOURCE_DIR / "common" / "step_tokens.h").read_text()
+    assert int(re.search(r"kStepTokens = (\d+);", header).group(1)) == STEP_TOKENS
+    assert all(max_refeed(k) + k + 1 < STEP_TOKENS for k in range(1, 9)), "a verify step stays under it"
+
+
+@pytest.fixture(scope="module")
+def trained_cpu_builds(tmp_path_factory):
+    from qwen_export.build import build
+
+    root = tmp_path_factory.mktemp("trained-cpu")
+    return {t: build(root / t, preset=TRAINED, target=t).out_dir for t in ("ort-cpu-int4", "ort-cpu")}
+
+
+@pytest.mark.parametrize("target", ["ort-cpu-int4", "ort-cpu"])
+def test_a_few_token_step_gives_the_bits_of_one_token_steps(trained_cpu_builds, heldout_prompts, target):
+    """On the qwen.cpu graphs a step of up to STEP_TOKENS - 1 tokens (a verify step) gives every token the
+    logits, hidden state and states that one-token steps give, bit for bit (the attention decode loops and
+    the delta rule's recurrence per token; the int4 and fp32 products are the same per row)."""
+    from qwen_export.runtime.speculative import STEP_TOKENS
+
+    decoder = OrtDecoder(trained_cpu_builds[target] / MODEL_FILE, optimize=True)
+    prompt = np.array([heldout_prompts[1]])
+    width, new = prompt.shape[1], np.array([heldout_prompts[3][: STEP_TOKENS - 1]])
+
+    def prefilled():
+        mask = np.ones_like(prompt)
+        return decoder.step_all_bound(
+            {"input_ids": prompt, "attention_mask": mask, "position_ids": positions_from_mask(mask)},
+            decoder.empty_bound_states(1),
+        )[1]
+
+    def feeds(first: int, count: int) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": new[:, first : first + count],
+            "attention_mask": np.ones((1, width + first + count), np.int64),
+            "position_ids": np.arange(width + first, width + first + count)[None],
+        }
+
+    whole, whole_states = decoder.step_all_bound(feeds(0, new.shape[1]), prefilled())
+    states, steps = prefilled(), []
+    for i in range(new.shape[1]):
+        out, states = decoder.step_all_bound(feeds(i, 1), states)
+        steps.append(out)
+    for name in ("logits", "hidden_states"):
+        np.testing.assert_array_equal(whole[name], np.concatenate([o[name] for o in steps], axis=1), name)
+    for suffix, value in whole_states.items():
+        np.testing.assert_array_equal(value.numpy(), states[suffix].numpy(), suffix)
+
+
+def test_int4_speculative_decoding_gives_plain_tokens_at_every_k(trained_cpu_builds):
+    """ort-cpu-int4 (int8 activations, where a near-tie flips on the last bit): 128 tokens of greedy
+    speculative decoding, k = 1, 2 and 3 and both rollbacks, equal plain decoding's, on the prompts of
+    scripts/bench_speculative.py (before the few-token steps gave one-token bits, k = 3 left them on one)."""
+    from qwen_export.runtime.session import Session
+
+    session = Session.load(trained_cpu_builds["ort-cpu-int4"])
+    ids = session.encode((materialize(TRAINED) / "heldout.txt").read_text())
+    stride = (len(ids) - 64) // 4
+    for prompt in (ids[i * stride : i * stride + 64] for i in range(4)):
+        plain = session.generate([prompt], 128).tokens
+        for k in (1, 2, 3):
+            for rollback in ("refeed", "recompute"):
+                steps = session.speculative_decoder(k, rollback=rollback).stream(
+                    np.array([prompt]), np.ones((1, 64), np.int64), 128
+                )
+                tokens = [int(t[0]) for t in steps]
+                assert [tokens] == plain, (k, rollback)
+
+
 def test_trained_mtp_first_draft_is_accepted_at_least_half_the_time_on_held_out_text(
     trained_export, heldout_prompts
 ):

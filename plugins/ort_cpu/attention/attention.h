@@ -12,10 +12,11 @@
 // The caches hold float or float16 (AttentionKv16); the arithmetic is fp32 either way. The G query heads
 // of one kv head share one pass over its keys.
 //
-// Decode (T == 1) splits each (sequence, kv head)'s keys into ranges, one task each (partial max, sum and
-// output per range, combined after: flash decoding); with separate buffers each task copies its range of
-// the past cache into the present one as it reads it. Prefill copies first (separate buffers), then runs
-// tiles of queries over blocks of keys.
+// Decode (T < kStepTokens, common/step_tokens.h) splits each (sequence, kv head)'s keys into ranges, one task
+// each (partial max, sum and output per range, combined after: flash decoding), every token as a one-token
+// call at its position would, bit for bit; with separate buffers the tasks copy their range of the past
+// cache into the present one as they read it. Prefill copies first (separate buffers), then runs tiles of
+// queries over blocks of keys.
 #pragma once
 
 #include <cstdint>

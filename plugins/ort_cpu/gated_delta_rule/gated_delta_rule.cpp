@@ -11,6 +11,7 @@
 #include "common/exp_nonpositive.h"
 #include "common/forced_kernels.h"
 #include "common/scratch.h"
+#include "common/step_tokens.h"
 #include "common/vector_math.h"
 
 namespace qwen_cpu {
@@ -60,17 +61,16 @@ bool wide_vectors() {
 }
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
-constexpr int64_t kChunkFromTokens = 16;  // calls with fewer tokens run the recurrence
 constexpr int64_t kTriangleRows = 16;   // a chunk's causal products skip the blocks above the diagonal
 constexpr int64_t kKeptScratchFloats = 1 << 18;  // scratch up to 1 MB stays allocated per thread
 
-// Whether a call of T tokens runs the chunked form: from kChunkFromTokens on, unless QWEN_CPU_DELTA_RULE says
+// Whether a call of T tokens runs the chunked form: from kStepTokens on (common/step_tokens.h), unless QWEN_CPU_DELTA_RULE says
 // "recurrent" or "chunked" (tests and benchmarks compare the two).
 bool use_chunks(int64_t tokens) {
   const char* forced = std::getenv("QWEN_CPU_DELTA_RULE");
   if (forced != nullptr && std::strcmp(forced, "recurrent") == 0) return false;
   if (forced != nullptr && std::strcmp(forced, "chunked") == 0) return true;
-  return tokens >= kChunkFromTokens;
+  return tokens >= kStepTokens;
 }
 
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
@@ -191,53 +191,41 @@ QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q,
   }
 }
 
-// out[c] = sum_j w[c, j] * window(c, t + j) for channels [0, n) of a block, where window position i is
-// state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. The weights come transposed,
-// wt[j * wt_stride + c], so every loop runs over contiguous channels and vectorises.
-QWEN_CPU_CLONES void conv_token(const float* wt, int64_t wt_stride, int64_t kernel,
-                                                                     const float* state, int64_t keep,
-                                                                     const float* x, int64_t stride, int64_t t,
-                                                                     int64_t n, float* out) {
-  std::fill(out, out + n, 0.f);
-  for (int64_t j = 0; j < kernel; ++j) {
-    const int64_t i = t + j;
-    const float* wj = wt + j * wt_stride;
-    if (i < keep) {
-      for (int64_t c = 0; c < n; ++c) out[c] += wj[c] * state[c * keep + i];
-    } else {
-      const float* xi = x + (i - keep) * stride;
-      for (int64_t c = 0; c < n; ++c) out[c] += wj[c] * xi[c];
-    }
-  }
-}
-
-// conv_token for tokens [0, T) of n channels, token t's outputs at out + t * out_stride. From token keep on the
-// window lies in x alone, and W channels at a time sum in a register (in conv_token's order: the same bits);
-// one call per token cost more than the conv itself.
+// out[t * out_stride + c] = sum_j w[c, j] * window(c, t + j) for tokens [0, T) and channels [0, n) of a block,
+// where window position i is state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. The
+// weights come transposed, wt[j * wt_stride + c]. W channels at a time sum in a register, the rest one by one;
+// every token takes the same operations, wherever its window lies, so a token's outputs do not depend on how
+// many tokens the call has (common/step_tokens.h). (A separate auto-vectorised loop for the tokens whose window
+// reaches into the state rounded each product in the avx512f clone, where the register loop fused them.)
 template <int W>
 __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel,
                                                        const float* state, int64_t keep, const float* x,
                                                        int64_t stride, int64_t T, int64_t n, float* out,
                                                        int64_t out_stride) {
-  for (int64_t t = 0; t < std::min(T, keep); ++t)
-    conv_token(wt, wt_stride, kernel, state, keep, x, stride, t, n, out + t * out_stride);
-  for (int64_t t = keep; t < T; ++t) {
-    const float* window = x + (t - keep) * stride;
+  for (int64_t t = 0; t < T; ++t) {
     float* row = out + t * out_stride;
     int64_t c = 0;
     for (; c + W <= n; c += W) {
       VecF<W> acc{};
       for (int64_t j = 0; j < kernel; ++j) {
+        const int64_t i = t + j;
         VecF<W> w, in;
         std::memcpy(&w, wt + j * wt_stride + c, sizeof w);
-        std::memcpy(&in, window + j * stride + c, sizeof in);
+        if (i < keep) {
+          for (int l = 0; l < W; ++l) in[l] = state[(c + l) * keep + i];
+        } else {
+          std::memcpy(&in, x + (i - keep) * stride + c, sizeof in);
+        }
         acc += w * in;
       }
       std::memcpy(row + c, &acc, sizeof acc);
     }
     for (; c < n; ++c) {
       float acc = 0.f;
-      for (int64_t j = 0; j < kernel; ++j) acc += wt[j * wt_stride + c] * window[j * stride + c];
+      for (int64_t j = 0; j < kernel; ++j) {
+        const int64_t i = t + j;
+        acc += wt[j * wt_stride + c] * (i < keep ? state[c * keep + i] : x[(i - keep) * stride + c]);
+      }
       row[c] = acc;
     }
   }

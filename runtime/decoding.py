@@ -10,8 +10,9 @@ import numpy as np
 
 from qwen_export.runtime.sampling import GREEDY, Sampler, SamplingConfig
 
-# One decode step: (new tokens [B, 1], attention mask [B, T] with them, states) -> (logits [B, V], states)
-StepFn = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
+# One decode step: (new tokens [B, 1], attention mask [B, T] with them, their positions [B, 1] (the count of
+# real tokens before them), states) -> (logits [B, V], states)
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
 
 
 def sample_stream(
@@ -25,8 +26,15 @@ def sample_stream(
 ) -> Iterator[np.ndarray]:
     """The decode loop every backend shares: `prefill()` gives the last-position logits [B, V] and states,
     then each step samples a token per row ([B], yielded) and feeds it back with the mask grown by one.
-    Rows that hit a stop token repeat it until all rows are done."""
-    batch = mask.shape[0]
+    Rows that hit a stop token repeat it until all rows are done.
+
+    Every step's mask is a view of one buffer and the positions count on from the prompt's, so a step's own
+    cost does not grow with the context (a concatenated mask and its cumsum took 1 ms a step at 64K tokens,
+    4.4 ms at 256K)."""
+    batch, width = mask.shape
+    columns = np.ones((batch, width + max_new_tokens), np.int64)
+    columns[:, :width] = mask
+    positions = mask.sum(axis=1, keepdims=True) - 1  # the last real token's, per row (left padding)
     sampler = Sampler(sampling)
     stops = np.array(list(stop_tokens), np.int64)
     done = np.zeros(batch, bool)
@@ -42,8 +50,8 @@ def sample_stream(
         yield token
         if done.all() or index == max_new_tokens - 1:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits, states = step(token[:, None], mask, states)
+        positions = positions + 1
+        logits, states = step(token[:, None], columns[:, : width + index + 1], positions, states)
     if timings is not None:
         timings["decode_end"] = time.perf_counter()
 

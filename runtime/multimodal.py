@@ -38,7 +38,6 @@ from qwen_export.runtime.multimodal_inputs import (
 from qwen_export.runtime.ort_decoder import (
     OrtDecoder,
     StepOutput,
-    positions_from_mask,
     session_options,
 )
 from qwen_export.runtime.sampling import GREEDY, SamplingConfig
@@ -287,10 +286,10 @@ class MultimodalRunner:
             return out.logits[:, -1], out.states
 
         def step(
-            tokens: np.ndarray, mask: np.ndarray, states: dict[str, np.ndarray]
+            tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray, states: dict[str, np.ndarray]
         ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             # After the prompt, positions are text positions shifted by each row's mRoPE delta.
-            position = decode_positions(positions_from_mask(mask)[:, -1] + inputs.rope_delta[:, 0])
+            position = decode_positions(positions[:, 0] + inputs.rope_delta[:, 0])
             out = self.decoder.step_embeds(self.embed_tokens(tokens), mask, position, states)
             return out.logits[:, -1], out.states
 

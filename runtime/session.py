@@ -175,8 +175,10 @@ class Session:
         def prefill() -> tuple[np.ndarray, Any]:
             return backend.step_bound(ids, mask, positions_from_mask(mask), backend.empty_bound_states(batch))
 
-        def step(tokens: np.ndarray, step_mask: np.ndarray, states: Any) -> tuple[np.ndarray, Any]:
-            return backend.step_bound(tokens, step_mask, positions_from_mask(step_mask)[:, -1:], states)
+        def step(
+            tokens: np.ndarray, step_mask: np.ndarray, positions: np.ndarray, states: Any
+        ) -> tuple[np.ndarray, Any]:
+            return backend.step_bound(tokens, step_mask, positions, states)
 
         yield from sample_stream(prefill, step, mask, max_new_tokens, sampling, stop_tokens, timings)
 

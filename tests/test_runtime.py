@@ -132,3 +132,28 @@ def test_engine_artifact_without_gpu_says_so(tmp_path):
     )
     with pytest.raises(QwenExportError, match="GPU|tensorrt_rtx"):
         Session.load(folder)
+
+
+def test_decode_loop_feeds_the_mask_and_positions_of_a_grown_prompt():
+    """Each step of the shared decode loop gets the mask the prompt's grows to and its new tokens' positions,
+    as positions_from_mask counts them over that mask (left padding), without concatenating: every step's
+    mask is a view of one buffer."""
+    from qwen_export.runtime.decoding import sample_stream
+    from qwen_export.runtime.ort_decoder import positions_from_mask
+
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], np.int64)
+    vocab, masks, positions_fed = 7, [], []
+
+    def step(tokens, step_mask, positions, states):
+        masks.append(step_mask)
+        positions_fed.append(positions.copy())
+        return np.eye(vocab)[tokens[:, 0] + 1], states
+
+    steps = list(sample_stream(lambda: (np.eye(vocab)[[0, 1, 2]], None), step, mask, 5))
+    assert len(steps) == 5 and len(masks) == 4
+    assert all(np.shares_memory(m, masks[-1]) for m in masks)
+    grown = mask
+    for step_mask, positions in zip(masks, positions_fed, strict=True):
+        grown = np.concatenate([grown, np.ones((3, 1), np.int64)], axis=1)
+        np.testing.assert_array_equal(step_mask, grown)
+        np.testing.assert_array_equal(positions, positions_from_mask(grown)[:, -1:])

@@ -524,14 +524,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runtime.json")
     args = parser.parse_args()
 
+    from qwen_export import cpu_kernels
     from qwen_export.exporter.export import export_model, load_model_source
     from qwen_export.presets import materialize
 
     model_dir = materialize(args.preset)
     _, spec, _ = load_model_source(model_dir)
     prov = provenance()
+    forced = os.environ.get("QWEN_CPU_KERNELS")  # the run's qwen.cpu loops, part of its command
     results: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(
+            ([f"QWEN_CPU_KERNELS={forced}"] if forced else []) + [Path(sys.executable).name, *sys.argv]
+        ),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": prov["commit"],
         "machine": {
@@ -578,6 +582,11 @@ def main() -> None:
             results["int4_artifact"] = str(args.int4_artifact)
         if args.cpu_int4_artifact:
             results["cpu_int4_artifact"] = str(args.cpu_int4_artifact)
+            # the qwen.cpu loops (QWEN_CPU_KERNELS=avx2 takes the AVX2 ones on an AVX-512 machine; FloatMoE's
+            # clones, the SiLU loop and ONNX Runtime's own kernels pick theirs by CPUID regardless)
+            results["machine"]["qwen_cpu_kernels"] = cpu_kernels.backend(
+                cpu_kernels.library_for(args.cpu_int4_artifact / "model.onnx")
+            )
         if args.int8_artifact:
             results["int8_artifact"] = str(args.int8_artifact)
         ggufs: dict[str, str] = {}
@@ -771,6 +780,12 @@ def render_markdown(r: dict[str, Any]) -> str:
             if "load_average_at_start" in r["machine"]
             else ""
         )
+        + (
+            f"qwen.cpu loops {r['machine']['qwen_cpu_kernels']} (FloatMoE and ONNX Runtime's own kernels by "
+            "CPUID), "
+            if "qwen_cpu_kernels" in r["machine"]
+            else ""
+        )
         + f"{r['threads']} threads, prompt {r['prompt_len']} tokens, "
         f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
         "(weight-only, block 32, int8 activations on CPU: ours `ort-int4` on ONNX Runtime's kernels, ours "
@@ -836,6 +851,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llama_isa(info: dict[str, Any]) -> str:
+    """How the llama.cpp peer was built, read off its own CPU features (it lists only those it was built
+    with)."""
+    if "AVX512" not in info.get("system_info", "AVX512"):
+        return "AVX2 only (--isa avx2: GGML_NATIVE=OFF, GGML_AVX2=ON, no AVX-512)"
+    return "GGML_NATIVE=ON"
+
+
 def render_llama(r: dict[str, Any]) -> list[str]:
     """The llama.cpp sections: cold/warm table, ratios, the GGUF check and the profiles."""
     rows = [row for row in r["speed"] if "vs_llama" in row]
@@ -846,7 +869,7 @@ def render_llama(r: dict[str, Any]) -> list[str]:
         "## Against llama.cpp (batch 1)",
         "",
         f"llama-cpp-python {info.get('llama_cpp_python')} built from source (scripts/setup_llama_env.sh: "
-        f"CPU, GGML_NATIVE=ON, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
+        f"CPU, {llama_isa(info)}, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
         f"{info.get('conversion')}. Every runtime runs in a fresh process per round, rounds alternate; "
         "cold = the first generation after loading, warm = the second; the median round by decode rate. "
         "Precisions differ in detail: llama-quantize's Q4_0 keeps output.weight (lm_head) at Q6_K and the "

@@ -222,6 +222,20 @@ def with_spare_rows(f, spare, seed=7):
     return grown
 
 
+def run_in_one_buffer(session, feeds):
+    """Run with each cache bound to one buffer as past and present (IOBinding): the output, and the buffers
+    (OrtValues over copies of the feeds' caches) as the call left them."""
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in feeds.items()}
+    binding = session.io_binding()
+    for n, v in values.items():
+        binding.bind_ortvalue_input(n, v)
+    binding.bind_output("o", "cpu")
+    binding.bind_ortvalue_output("ck", values["pk"])
+    binding.bind_ortvalue_output("cv", values["pv"])
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy(), values
+
+
 @pytest.mark.parametrize("half", [False, True], ids=["float", "kv16"])
 @pytest.mark.parametrize("name", ["decode", "decode-long-split", "no-past-prompt", "prefill-with-past"])
 def test_spare_rows_and_one_buffer_for_past_and_present(name, half):
@@ -241,15 +255,8 @@ def test_spare_rows_and_one_buffer_for_past_and_present(name, half):
         np.testing.assert_array_equal(got[:, :, : p + t], want)
         assert not got[:, :, p + t :].any()
     # one buffer bound to both: the new rows written over it, the rest untouched
-    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in spare.items()}
-    binding = session.io_binding()
-    for n, v in values.items():
-        binding.bind_ortvalue_input(n, v)
-    binding.bind_output("o", "cpu")
-    binding.bind_ortvalue_output("ck", values["pk"])
-    binding.bind_ortvalue_output("cv", values["pv"])
-    session.run_with_iobinding(binding)
-    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), o)
+    o_shared, values = run_in_one_buffer(session, spare)
+    np.testing.assert_array_equal(o_shared, o)
     for buffer, want, before in ((values["pk"], ck, spare["pk"]), (values["pv"], cv, spare["pv"])):
         after = buffer.numpy()
         np.testing.assert_array_equal(after[:, :, : p + t], want)
@@ -294,15 +301,8 @@ def test_few_tokens_give_the_bits_of_one_token_calls(name, half):
     np.testing.assert_array_equal(ck, want_k)
     np.testing.assert_array_equal(cv, want_v)
     spare = with_spare_rows(f, t + 3)
-    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in spare.items()}
-    binding = session.io_binding()
-    for n, v in values.items():
-        binding.bind_ortvalue_input(n, v)
-    binding.bind_output("o", "cpu")
-    binding.bind_ortvalue_output("ck", values["pk"])
-    binding.bind_ortvalue_output("cv", values["pv"])
-    session.run_with_iobinding(binding)
-    np.testing.assert_array_equal(binding.get_outputs()[0].numpy(), want)
+    o_shared, values = run_in_one_buffer(session, spare)
+    np.testing.assert_array_equal(o_shared, want)
     np.testing.assert_array_equal(values["pk"].numpy()[:, :, : p + t], want_k)
 
 

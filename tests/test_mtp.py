@@ -380,7 +380,8 @@ def test_a_few_token_step_gives_the_bits_of_one_token_steps(trained_cpu_builds, 
 def test_int4_speculative_decoding_gives_plain_tokens_at_every_k(trained_cpu_builds):
     """ort-cpu-int4 (int8 activations, where a near-tie flips on the last bit): 128 tokens of greedy
     speculative decoding, k = 1, 2 and 3 and both rollbacks, equal plain decoding's, on the prompts of
-    scripts/bench_speculative.py (before the few-token steps gave one-token bits, k = 3 left them on one)."""
+    scripts/bench_speculative.py (before the few-token steps gave one-token bits, k = 3 left plain decoding's
+    tokens on one of these prompts)."""
     from qwen_export.runtime.session import Session
 
     session = Session.load(trained_cpu_builds["ort-cpu-int4"])

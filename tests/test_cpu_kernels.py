@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -137,9 +138,17 @@ def test_every_tile_gives_the_same_bits():
         pytest.skip(f"this CPU runs the {native} tile: the VNNI tile was not exercised (the others agreed)")
 
 
-def test_portable_only_build_gives_the_same_bits(tmp_path):
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory) -> tuple[Path, Path]:
+    """A kernel cache of its own and the library built into it without the x86 files (one compile, which
+    two tests share)."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    return cache, cpu_kernels.library_path(cache=cache, portable_only=True)
+
+
+def test_portable_only_build_gives_the_same_bits(portable_library):
     """Off x86-64 the library builds without the AVX files (-DQWEN_CPU_PORTABLE_ONLY); forced here."""
-    portable = cpu_kernels.library_path(cache=tmp_path, portable_only=True)
+    _, portable = portable_library
     assert cpu_kernels.backend(portable) == "portable"
     x = np.random.default_rng(5).standard_normal((9, 256)).astype(np.float32)
     _, native, _ = linear_case(256, 48, 32)
@@ -357,11 +366,12 @@ def test_ort_cpu_int4_artifact_checks_runs_elsewhere_and_diffs(tmp_path):
         Session.load(moved)
 
 
-def test_library_is_built_once_per_fingerprint(tmp_path):
-    first = cpu_kernels.library_path(cache=tmp_path)
-    assert first.is_file() and first.parent.parent == tmp_path / "kernels"
+def test_library_is_built_once_per_fingerprint(portable_library, tmp_path):
+    cache, first = portable_library
+    assert first.is_file() and first.parent.parent == cache / "kernels"
     mtime = first.stat().st_mtime_ns
-    assert cpu_kernels.library_path(cache=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    again = cpu_kernels.library_path(cache=cache, portable_only=True)
+    assert again == first and first.stat().st_mtime_ns == mtime
     # without a compiler: one line that says what to install, or which target needs none
     code = "from pathlib import Path; "
     code += "from qwen_export import cpu_kernels; cpu_kernels.library_path(cache=Path(%r))"

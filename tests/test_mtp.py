@@ -281,18 +281,25 @@ def test_trained_model_speculative_decoding_gives_transformers_greedy_tokens(
         assert session.generate(prompts, 64, speculative=k).tokens == expected, k
 
 
-def test_speculative_decoding_updates_the_states_in_place(tmp_path, monkeypatch, heldout_prompts):
+@pytest.fixture(scope="module")
+def trained_cpu_builds(tmp_path_factory):
+    from qwen_export.build import build
+
+    root = tmp_path_factory.mktemp("trained-cpu")
+    return {t: build(root / t, preset=TRAINED, target=t).out_dir for t in ("ort-cpu-int4", "ort-cpu")}
+
+
+def test_speculative_decoding_updates_the_states_in_place(trained_cpu_builds, monkeypatch, heldout_prompts):
     """On a graph whose ops update states in place (qwen.cpu), the verify step writes the DeltaNet states
     into a second set of buffers and its KV rows over the cache, and the draft steps write the MTP layer's
     KV cache in place (runtime/speculative.py). On the trained model's held-out text rounds both accept
     every draft (the buffers swap) and reject some; buffers are regrown every 3 rows here, so rounds cross
     regrowths. The tokens equal the copying path's and plain decoding's, for both rollbacks."""
-    from qwen_export.build import build
     from qwen_export.runtime import in_place
     from qwen_export.runtime.session import Session
     from qwen_export.runtime.speculative import SpeculativeStats
 
-    session = Session.load(build(tmp_path / "art", preset=TRAINED, target="ort-cpu-int4").out_dir)
+    session = Session.load(trained_cpu_builds["ort-cpu-int4"])
     main, draft = session.backend, session.draft
     assert any(grows is False for grows in main.in_place.values()), "DeltaNet states in place"
     assert draft.in_place and all(draft.in_place.values()), "the MTP layer's KV cache in place"
@@ -331,14 +338,6 @@ def test_step_tokens_is_the_kernels_width():
     header = (cpu_kernels.SOURCE_DIR / "common" / "step_tokens.h").read_text()
     assert int(re.search(r"kStepTokens = (\d+);", header).group(1)) == STEP_TOKENS
     assert all(max_refeed(k) + k + 1 < STEP_TOKENS for k in range(1, 9)), "a verify step stays under it"
-
-
-@pytest.fixture(scope="module")
-def trained_cpu_builds(tmp_path_factory):
-    from qwen_export.build import build
-
-    root = tmp_path_factory.mktemp("trained-cpu")
-    return {t: build(root / t, preset=TRAINED, target=t).out_dir for t in ("ort-cpu-int4", "ort-cpu")}
 
 
 @pytest.mark.parametrize("target", ["ort-cpu-int4", "ort-cpu"])

@@ -64,8 +64,8 @@ constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta
 constexpr int64_t kTriangleRows = 16;   // a chunk's causal products skip the blocks above the diagonal
 constexpr int64_t kKeptScratchFloats = 1 << 18;  // scratch up to 1 MB stays allocated per thread
 
-// Whether a call of T tokens runs the chunked form: from kStepTokens on (common/step_tokens.h), unless QWEN_CPU_DELTA_RULE says
-// "recurrent" or "chunked" (tests and benchmarks compare the two).
+// Whether a call of T tokens runs the chunked form: from kStepTokens on (common/step_tokens.h), unless
+// QWEN_CPU_DELTA_RULE says "recurrent" or "chunked" (tests and benchmarks compare the two).
 bool use_chunks(int64_t tokens) {
   const char* forced = std::getenv("QWEN_CPU_DELTA_RULE");
   if (forced != nullptr && std::strcmp(forced, "recurrent") == 0) return false;

@@ -144,8 +144,11 @@ class LaunchReplay:
     def reset(self) -> None:
         self.driver.qwenRecordReset()
 
-    def replay(self, buffers: Sequence[Any]) -> list[Launch]:
-        """Run and clear the record on `buffers` (every tensor the launcher was given, workspace included)."""
+    def replay(self, buffers: Sequence[Any], run: bool = True) -> list[Launch]:
+        """Run and clear the record on `buffers` (every tensor the launcher was given, workspace included).
+        `run=False` checks each launch as a run would (its cubin and kernel spec, its parameter count, every
+        pointer argument inside a buffer) and skips the interpreted kernel: for launches whose results
+        nothing compares (a timing-only case), where the interpreter would take minutes."""
         from qwen_export.plugins.triton_support import upcast_bf16_dots
 
         upcast_bf16_dots()
@@ -154,7 +157,7 @@ class LaunchReplay:
         launches = []
         for record in records:
             if record.kind == LAUNCH:
-                launches.append(self._launch(record, buffers))
+                launches.append(self._launch(record, buffers, run))
             elif record.kind == COPY_2D:
                 for row in range(record.height):
                     dst, src = record.dst + row * record.dstPitch, record.src + row * record.srcPitch
@@ -166,7 +169,7 @@ class LaunchReplay:
                 ctypes.memset(record.dst, record.src, record.widthBytes)
         return launches
 
-    def _launch(self, record: Record, buffers: Sequence[Any]) -> Launch:
+    def _launch(self, record: Record, buffers: Sequence[Any], run: bool = True) -> Launch:
         image = self.images.get(record.cubin)
         if image is None:
             raise ReplayError(f"launch of {record.entry.decode()} from a cubin not in the library's table")
@@ -189,7 +192,8 @@ class LaunchReplay:
                 fmt = _SCALAR_FORMATS[t]
                 args.append(struct.unpack_from(fmt, raw)[0])
         grid = tuple(int(g) for g in record.grid)
-        spec.kernel[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
+        if run:
+            spec.kernel[grid](*args, **constexprs, num_warps=warps, num_stages=stages)
         return Launch(kernel, variant, sm, grid)
 
 

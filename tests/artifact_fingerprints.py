@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,43 @@ def folder_fingerprint(
     return out
 
 
-def _cli(*args: str, env: dict[str, str]) -> None:
-    cmd = [sys.executable, "-m", "qwen_export.cli", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+def _cli(*args: str) -> None:
+    """`qwen-export ARGS` in this process, as the console script runs it (its output kept for the error)."""
+    import contextlib
+    import io
+
+    import click
+
+    from qwen_export.cli import app
+
+    out = io.StringIO()
+    code: int | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            app(args=list(args), prog_name="qwen-export", standalone_mode=False)
+        except click.exceptions.Exit as done:
+            code = done.exit_code
+        except (click.ClickException, click.exceptions.Abort) as failed:
+            code = getattr(failed, "exit_code", 1)
+            out.write(str(failed))
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+    if code:
+        raise RuntimeError(f"{' '.join(args)} failed ({code}): {out.getvalue().strip()[-2000:]}")
+
+
+def _worker_start(cache: str) -> None:
+    # Each worker imports the toolkit once for all its cases (a process per case spent about 4 s of its
+    # CPU on imports alone, 42 times).
+    os.environ["QWEN_EXPORT_CACHE"] = cache
+
+
+def _run_case(kind: str, args: tuple[str, ...]) -> None:
+    if kind == "cli":
+        _cli(*args)
+    else:
+        preset, target, out = args
+        _engine_graph(preset, target, Path(out))
 
 
 def _engine_graph(preset: str, target: str, out: Path) -> None:
@@ -117,37 +149,31 @@ def fingerprints(cases: list[str] | None = None, jobs: int = 2) -> dict[str, dic
 def _fingerprints(cases: list[str] | None, jobs: int) -> dict[str, dict[str, str]]:
     with tempfile.TemporaryDirectory(prefix="qwen-fingerprints-") as scratch:
         root = Path(scratch)
-        env = {**os.environ, "QWEN_EXPORT_CACHE": str(root / "cache")}
-        os.environ["QWEN_EXPORT_CACHE"] = env["QWEN_EXPORT_CACHE"]
-        work: dict[str, Any] = {}
-        for preset in PRESETS:
-            work[f"{preset}/golden"] = lambda p=preset, o=root: _cli(
-                "golden", "-p", p, "-o", f"{o}/{p}-golden", env=env
-            )
-            work[f"{preset}/export"] = lambda p=preset, o=root: _cli(
-                "export", "-p", p, "-o", f"{o}/{p}-export", env=env
-            )
-            for target in ONNX_BUILD_TARGETS:
-                work[f"{preset}/build-{target}"] = lambda p=preset, t=target, o=root: _cli(
-                    "build", "-p", p, "-t", t, "-o", f"{o}/{p}-build-{t}", env=env
-                )
-            for target in AOT_ENGINE_TARGETS:
-                work[f"{preset}/engine-{target}"] = lambda p=preset, t=target, o=root: _cli(
-                    "build", "-p", p, "-t", t, *ENGINE_LIMITS, "-o", f"{o}/{p}-engine-{t}", env=env
-                )
-            for target in ENGINE_TARGETS:
-                work[f"{preset}/graph-{target}"] = lambda p=preset, t=target, o=root: _engine_graph(
-                    p, t, o / f"{p}-graph-{t}"
-                )
+        cache = str(root / "cache")
+        os.environ["QWEN_EXPORT_CACHE"] = cache
+        work: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for p in PRESETS:
+            work[f"{p}/golden"] = ("cli", ("golden", "-p", p, "-o", f"{root}/{p}-golden"))
+            work[f"{p}/export"] = ("cli", ("export", "-p", p, "-o", f"{root}/{p}-export"))
+            for t in ONNX_BUILD_TARGETS:
+                work[f"{p}/build-{t}"] = ("cli", ("build", "-p", p, "-t", t, "-o", f"{root}/{p}-build-{t}"))
+            for t in AOT_ENGINE_TARGETS:
+                out = f"{root}/{p}-engine-{t}"
+                work[f"{p}/engine-{t}"] = ("cli", ("build", "-p", p, "-t", t, *ENGINE_LIMITS, "-o", out))
+            for t in ENGINE_TARGETS:
+                work[f"{p}/graph-{t}"] = ("graph", (p, t, f"{root}/{p}-graph-{t}"))
         chosen = [c for c in work if cases is None or c in cases]
+        from qwen_export.presets import materialize
+
         for preset in PRESETS:  # materialise each preset once, before the parallel builds share the cache
             if any(c.startswith(preset) for c in chosen):
-                _cli("presets", env=env)
-                from qwen_export.presets import materialize
-
                 materialize(preset, quiet=True)
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(lambda c: work[c](), chosen))
+        # `jobs` fresh processes (spawn: none of this one's torch or ONNX Runtime state inherited), each
+        # importing the toolkit once and running cases until none is left
+        spawn = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_start, initargs=(cache,))
+        with pool:
+            list(pool.map(_run_case, *zip(*(work[c] for c in chosen), strict=True)))
         result = {}
         for case in chosen:
             folder = root / case.replace("/", "-")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from plugin_library import DTYPES, QWEN_STATUS_LAUNCH, QWEN_STATUS_UNSUPPORTED
 
+from qwen_export.plugins.launch_replay import ReplayError
 from qwen_export.plugins.triton_support import Guarded, guard_problems
 from qwen_export.tolerances import tolerance_for
 
@@ -49,6 +50,23 @@ def test_rms_norm_launcher(plugin_replay, gpu_check, dtype, rows, dim, kernel):
     assert not guard_problems(x=x, scale=scale, y=y)
     reference = gpu_check.ref_rms_norm(x.tensor, scale.tensor, 1e-6)
     assert gpu_check.rel_error(y.tensor, reference) <= tolerance_for(dtype)["layer_rel"]
+
+
+def test_a_replay_without_running_checks_the_launch_and_leaves_the_outputs(plugin_replay, gpu_check):
+    """`replay(run=False)` (gpu_check's dry run, timing-only cases): the launch is resolved and its
+    pointers checked against the buffers, and no kernel writes anything."""
+    x = Guarded(torch.randn(4, 64), DTYPES["fp16"])
+    scale = Guarded(torch.rand(64) + 0.5)
+    y = nan_guarded((4, 64), DTYPES["fp16"])
+    p = gpu_check.make_params("RMSNorm", (x.tensor, scale.tensor), (y.tensor,), dict(rows=4, dim=64),
+                              {"epsilon": 1e-6}, "fp16")  # fmt: skip
+    launch(plugin_replay, "RMSNorm", p)
+    launches = plugin_replay.replay([x.buffer, scale.buffer, y.buffer], run=False)
+    assert [la.kernel for la in launches] == ["rms_norm.rms_norm_n256_a16"]
+    assert torch.isnan(y.tensor.float()).all()
+    launch(plugin_replay, "RMSNorm", p)
+    with pytest.raises(ReplayError, match="outside every buffer"):  # y left out of the buffers
+        plugin_replay.replay([x.buffer, scale.buffer], run=False)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

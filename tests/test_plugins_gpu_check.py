@@ -40,7 +40,8 @@ def test_cpu_reference_only(tmp_path):
 
 
 def test_dry_run_covers_every_case_and_writes_the_report(tmp_path, plugin_library):
-    """Every case through the library's launchers, their launches replayed under Triton's interpreter."""
+    """Every case through the library's launchers, their launches replayed under Triton's interpreter (the
+    timing-only attention prefill bench's launches checked against its buffers, not interpreted)."""
     proc, report = run("--dry-run", "--library", str(plugin_library.library), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ops = {c["op"] for c in report["cases"]}

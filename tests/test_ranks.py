@@ -3,7 +3,8 @@ loopback collective, against the unsharded build and the transformers reference.
 
 Tolerance: FP32_MAX_ABS (2e-4) on logits, as for every fp32 export. The ranks sum partial products in
 another order than one graph does, so they are held to the reference tolerance, not to equal bits; greedy
-tokens must be identical to the unsharded build's over 32 steps (through the carried, sharded states).
+tokens must be identical to transformers' and to the unsharded build's over 32 steps (through the carried,
+sharded states). small-qwen3.5-moe's ranks are held to transformers alone (WITH_UNSHARDED below).
 
 `--ep M` splits the experts into M groups of the tp ranks (M divides tp; qwen_export/layout.py): "ep 2" is
 `--tp 2 --ep 2`. tp 4 needs 4 linear-attention key heads: the tiny presets have 2, small-qwen3.5-moe has 8.
@@ -41,6 +42,10 @@ SPLITS = {  # source -> (tp, ep) splits its heads allow
     "small-qwen3.5-moe": [(4, 1), (4, 4)],  # 8 linear key heads, 2 kv heads: tp 4 copies each kv head
 }
 CASES = [(preset, tp, ep) for preset, splits in SPLITS.items() for tp, ep in splits]
+# The presets whose ranks are also held to their unsharded build. small-qwen3.5-moe's ranks are held to
+# transformers alone (the same tolerance, the same greedy tokens): its unsharded fp32 build took 18 s of the
+# suite's budget and would add nothing the reference does not check.
+WITH_UNSHARDED = {"tiny-qwen3.5-moe", "tiny-qwen3-next", "tiny-qwen3.5"}
 
 
 def _build(out, tp: int, ep: int, target: str = "onnx", **source):
@@ -55,22 +60,23 @@ class Expected:
 
     prompts: dict[int, np.ndarray]
     reference_logits: dict[int, np.ndarray]
-    whole_logits: dict[int, np.ndarray]
     greedy_prompt: np.ndarray
     reference_tokens: np.ndarray
-    whole_tokens: np.ndarray
+    whole_logits: dict[int, np.ndarray] | None  # None: held to the reference alone
+    whole_tokens: np.ndarray | None
 
 
-def expected_outputs(whole: OrtDecoder, reference) -> Expected:
-    prompts = {length: make_prompt(whole.vocab_size, length, seed=length) for length in LENGTHS}
-    prompt = make_prompt(whole.vocab_size, 12, seed=4)
+def expected_outputs(whole: OrtDecoder | None, reference) -> Expected:
+    vocab = reference.config.get_text_config().vocab_size  # a multimodal config keeps it in text_config
+    prompts = {length: make_prompt(vocab, length, seed=length) for length in LENGTHS}
+    prompt = make_prompt(vocab, 12, seed=4)
     return Expected(
         prompts=prompts,
         reference_logits={n: reference_forward(reference, ids)[0] for n, ids in prompts.items()},
-        whole_logits={n: whole.prefill(ids).logits for n, ids in prompts.items()},
         greedy_prompt=prompt,
         reference_tokens=reference_greedy(reference, prompt, 32)[0],
-        whole_tokens=whole.greedy(prompt, 32)[0],
+        whole_logits=None if whole is None else {n: whole.prefill(ids).logits for n, ids in prompts.items()},
+        whole_tokens=None if whole is None else whole.greedy(prompt, 32)[0],
     )
 
 
@@ -80,10 +86,13 @@ def _compare(ranked: OrtDecoder, expected: Expected) -> None:
         assert np.abs(ours - expected.reference_logits[length]).max() <= TOL, (
             f"prefill {length} vs transformers"
         )
-        assert np.abs(ours - expected.whole_logits[length]).max() <= TOL, f"prefill {length} vs unsharded"
+        if expected.whole_logits is not None:
+            whole = expected.whole_logits[length]
+            assert np.abs(ours - whole).max() <= TOL, f"prefill {length} vs unsharded"
     tokens, _ = ranked.greedy(expected.greedy_prompt, 32)
-    np.testing.assert_array_equal(tokens, expected.whole_tokens)
     np.testing.assert_array_equal(tokens, expected.reference_tokens)
+    if expected.whole_tokens is not None:
+        np.testing.assert_array_equal(tokens, expected.whole_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +101,12 @@ def expected(tmp_path_factory):
 
     def get(preset: str) -> Expected:
         if preset not in built:
-            out = tmp_path_factory.mktemp("whole") / preset
-            _build(out, 1, 1, preset=preset)
-            built[preset] = expected_outputs(
-                OrtDecoder(out / "model.onnx"), load_reference(materialize(preset))
-            )
+            whole = None
+            if preset in WITH_UNSHARDED:
+                out = tmp_path_factory.mktemp("whole") / preset
+                _build(out, 1, 1, preset=preset)
+                whole = OrtDecoder(out / "model.onnx")
+            built[preset] = expected_outputs(whole, load_reference(materialize(preset)))
         return built[preset]
 
     return get

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qwen_export.runtime import huge_pages
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
 from qwen_export.runtime.in_place import GrowingCache, StepBinding, in_place_states, with_room
 
@@ -69,6 +70,7 @@ class OrtDecoder:
         # (runtime/emulation.py). `emulated` says so to every report.
         self.emulated = providers == ["CPUExecutionProvider"] and _stores_low_precision(model_path)
         copy = EmulatedCopy(model_path) if self.emulated else None
+        before = huge_pages.snapshot()
         try:
             self.session = ort.InferenceSession(
                 str(copy.path if copy else model_path),
@@ -78,6 +80,9 @@ class OrtDecoder:
         finally:
             if copy is not None:
                 copy.close()
+        # the weights ONNX Runtime prepacked into memory of its own, in 2 MiB pages (runtime/huge_pages.py)
+        on_cpu = providers == ["CPUExecutionProvider"]
+        self.huge_page_bytes = huge_pages.collapse_new_regions(before) if on_cpu else 0
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # passes/logits_to_keep.py: the graph can skip the vocabulary projection of all but the last rows
         overridable = {i.name for i in self.session.get_overridable_initializers()}

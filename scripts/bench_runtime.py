@@ -111,7 +111,8 @@ def bench_ours(
             "decode_tokens_per_s": first.decode_tokens_per_s,
         }
         out["tokens"] = result.tokens[0]
-        out["load_s"] = load_s
+        out["load_s"] = load_s  # with the prepacked weights' move into 2 MiB pages (runtime/huge_pages.py)
+        out["huge_page_mib"] = getattr(session.backend, "huge_page_bytes", 0) >> 20
     return out
 
 
@@ -534,11 +535,11 @@ def main() -> None:
     model_dir = materialize(args.preset)
     _, spec, _ = load_model_source(model_dir)
     prov = provenance()
-    forced = os.environ.get("QWEN_CPU_KERNELS")  # the run's qwen.cpu loops, part of its command
+    # settings from the environment that change what ours runs, part of its command
+    knobs = ("QWEN_CPU_KERNELS", "QWEN_EXPORT_HUGE_PAGES")
+    settings = [f"{k}={os.environ[k]}" for k in knobs if k in os.environ]
     results: dict[str, Any] = {
-        "command": " ".join(
-            ([f"QWEN_CPU_KERNELS={forced}"] if forced else []) + [Path(sys.executable).name, *sys.argv]
-        ),
+        "command": " ".join(settings + [Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": prov["commit"],
         "machine": {

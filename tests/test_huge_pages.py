@@ -1,0 +1,99 @@
+"""runtime/huge_pages.py: after a session loads, the anonymous memory it filled (ONNX Runtime's prepacked
+MatMul weights) is backed by 2 MiB pages, and nothing else is."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qwen_export.runtime import huge_pages
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _why_not() -> str | None:
+    if not huge_pages.SMAPS.is_file():
+        return "needs Linux's /proc/self/smaps"
+    if not THP.is_file() or "[never]" in THP.read_text():
+        return "transparent huge pages are off on this kernel (runs where THP is `madvise` or `always`)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+
+
+def huge_bytes_in(start: int, end: int) -> int:
+    """AnonHugePages of the mappings that overlap [start, end)."""
+    total, inside = 0, False
+    for line in huge_pages.SMAPS.read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":") and "-" in fields[0]:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            inside = lo < end and start < hi
+        elif inside and fields[0] == "AnonHugePages:":
+            total += int(fields[1]) << 10
+    return total
+
+
+def private_anonymous(size: int) -> tuple[mmap.mmap, int]:
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return region, ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+def test_a_filled_new_region_is_collapsed_and_a_sparse_one_is_not():
+    size = 16 << 20
+    before = huge_pages.snapshot()
+    filled, start = private_anonymous(size)
+    filled.write(b"\1" * size)
+    collapsed = huge_pages.collapse_new_regions(before)
+    assert collapsed >= size - 2 * huge_pages.HUGE_PAGE
+    assert huge_bytes_in(start, start + size) >= size - 2 * huge_pages.HUGE_PAGE
+    assert filled[: 1 << 20] == b"\1" * (1 << 20)  # the contents move with the pages
+
+    before = huge_pages.snapshot()
+    sparse, start = private_anonymous(4 * size)
+    sparse[0] = 1  # one page resident of 16384: committing the rest would waste memory
+    huge_pages.collapse_new_regions(before)
+    assert huge_bytes_in(start, start + 4 * size) == 0
+    filled.close()
+    sparse.close()
+
+
+def test_a_sessions_prepacked_weights_get_huge_pages_and_the_same_results(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    # 48 MiB, prepacked by the MatMul kernel: above malloc's largest mmap threshold (32 MiB), so it is a
+    # new mapping whatever this process freed before
+    weight = rng.standard_normal((1024, 12288), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12288])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    x = rng.standard_normal((1, 1024), dtype=np.float32)
+
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the runtime loads
+
+    def load() -> tuple[ort.InferenceSession, int]:
+        before = huge_pages.snapshot()
+        path = str(tmp_path / "model.onnx")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return session, huge_pages.collapse_new_regions(before)
+
+    session, collapsed = load()
+    assert collapsed >= 40 << 20
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv(huge_pages.ENV, "0")
+    assert load()[1] == 0

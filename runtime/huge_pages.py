@@ -1,4 +1,5 @@
-"""2 MiB pages for the memory an ONNX Runtime session fills while it loads.
+"""2 MiB pages for the memory an ONNX Runtime session fills while it loads (opt-in:
+QWEN_EXPORT_HUGE_PAGES=1).
 
 ONNX Runtime prepacks the dense MatMul weights of an fp32 graph into memory of its own: anonymous memory,
 which Linux backs with 4 KiB pages unless asked (transparent huge pages in `madvise` mode, the usual
@@ -6,13 +7,17 @@ default). Every decode step streams those weights once, and with 4 KiB pages the
 every 4 KiB. Weights ONNX Runtime reads straight from the mapped data file (the experts, the int4 weights)
 sit in the page cache's large folios already (smaps: FilePmdMapped).
 
-So after a session loads, the anonymous regions it added and filled are collapsed into 2 MiB pages
-(madvise MADV_HUGEPAGE, then MADV_COLLAPSE: Linux 6.1 or later). On this project's machine (2 cores, AVX-512,
-small-qwen3.5-moe `ort-cpu`, 8 alternating pairs of fresh processes): a 64-token prompt 118 -> 104 ms, a
-decode step 14.9 -> 14.1 ms (medians); about 280 MiB collapsed in 0.5-0.8 s at load.
+With QWEN_EXPORT_HUGE_PAGES=1, the anonymous regions a session added and filled while loading are collapsed
+into 2 MiB pages after it loads (madvise MADV_HUGEPAGE, then MADV_COLLAPSE: Linux 6.1 or later). On this
+project's machine (2 cores, AVX-512, small-qwen3.5-moe `ort-cpu`, 8 alternating pairs of fresh processes):
+a 64-token prompt 118 -> 104 ms, a decode step 14.9 -> 14.1 ms (medians; ONNX Runtime's MatMul time per
+profiled step 11.6 -> 10.1 ms). It is off by default because the collapse copies: about 280 MiB took 1.3 s
+(load 0.35 -> 1.7 s; ort-int8, 570 MiB: 0.7 -> 3.4 s). Started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+a process gets the same pages with no copy (malloc asks for them as it maps: load 0.30 s, 250 MiB in huge
+pages), and then this step finds nothing left to do.
 
 Regions less than 7/8 resident are left alone (thread stacks, reserved arena space: collapsing them would
-commit memory nothing uses). QWEN_EXPORT_HUGE_PAGES=0 turns it off; elsewhere than Linux it does nothing.
+commit memory nothing uses). Elsewhere than Linux it does nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ Region = tuple[int, int]  # [start, end) addresses
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0" and SMAPS.is_file()
+    return os.environ.get(ENV, "0") == "1" and SMAPS.is_file()
 
 
 def _anonymous(header: list[str]) -> Region | None:
@@ -81,7 +86,7 @@ def snapshot() -> frozenset[Region]:
 def collapse_new_regions(before: frozenset[Region]) -> int:
     """Collapse into 2 MiB pages every anonymous region that is not in `before` and is at least 7/8
     resident (its 2 MiB-aligned interior). Returns the bytes collapsed; 0 where the kernel cannot (THP
-    `never`, a kernel before 6.1) or it is turned off."""
+    `never`, a kernel before 6.1) or QWEN_EXPORT_HUGE_PAGES is not 1."""
     if not enabled():
         return 0
     new = frozenset(r for r in anonymous_regions() - before if _interior(r)[1] > _interior(r)[0])

@@ -80,7 +80,7 @@ class OrtDecoder:
         finally:
             if copy is not None:
                 copy.close()
-        # the weights ONNX Runtime prepacked into memory of its own, in 2 MiB pages (runtime/huge_pages.py)
+        # QWEN_EXPORT_HUGE_PAGES=1: what ONNX Runtime prepacked, into 2 MiB pages (runtime/huge_pages.py)
         on_cpu = providers == ["CPUExecutionProvider"]
         self.huge_page_bytes = huge_pages.collapse_new_regions(before) if on_cpu else 0
         self.inputs = {i.name: i for i in self.session.get_inputs()}

@@ -1,5 +1,5 @@
-"""runtime/huge_pages.py: after a session loads, the anonymous memory it filled (ONNX Runtime's prepacked
-MatMul weights) is backed by 2 MiB pages, and nothing else is."""
+"""runtime/huge_pages.py (QWEN_EXPORT_HUGE_PAGES=1): after a session loads, the anonymous memory it filled
+(ONNX Runtime's prepacked MatMul weights) is backed by 2 MiB pages, and nothing else is."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def huge_bytes_in(start: int, end: int) -> int:
 def private_anonymous(size: int) -> tuple[mmap.mmap, int]:
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return region, ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+@pytest.fixture(autouse=True)
+def turned_on(monkeypatch):
+    monkeypatch.setenv(huge_pages.ENV, "1")
 
 
 def test_a_filled_new_region_is_collapsed_and_a_sparse_one_is_not():
@@ -95,5 +100,5 @@ def test_a_sessions_prepacked_weights_get_huge_pages_and_the_same_results(tmp_pa
     assert collapsed >= 40 << 20
     (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ weight, rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv(huge_pages.ENV, "0")
+    monkeypatch.delenv(huge_pages.ENV)  # off by default
     assert load()[1] == 0

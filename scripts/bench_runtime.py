@@ -536,7 +536,7 @@ def main() -> None:
     _, spec, _ = load_model_source(model_dir)
     prov = provenance()
     # settings from the environment that change what ours runs, part of its command
-    knobs = ("QWEN_CPU_KERNELS", "QWEN_EXPORT_HUGE_PAGES")
+    knobs = ("QWEN_CPU_KERNELS", "QWEN_EXPORT_HUGE_PAGES", "GLIBC_TUNABLES")
     settings = [f"{k}={os.environ[k]}" for k in knobs if k in os.environ]
     results: dict[str, Any] = {
         "command": " ".join(settings + [Path(sys.executable).name, *sys.argv]),

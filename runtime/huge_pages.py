@@ -10,11 +10,11 @@ sit in the page cache's large folios already (smaps: FilePmdMapped).
 With QWEN_EXPORT_HUGE_PAGES=1, the anonymous regions a session added and filled while loading are collapsed
 into 2 MiB pages after it loads (madvise MADV_HUGEPAGE, then MADV_COLLAPSE: Linux 6.1 or later). On this
 project's machine (2 cores, AVX-512, small-qwen3.5-moe `ort-cpu`, 8 alternating pairs of fresh processes):
-a 64-token prompt 118 -> 104 ms, a decode step 14.9 -> 14.1 ms (medians; ONNX Runtime's MatMul time per
-profiled step 11.6 -> 10.1 ms). It is off by default because the collapse copies: about 280 MiB took 1.3 s
-(load 0.35 -> 1.7 s; ort-int8, 570 MiB: 0.7 -> 3.4 s). Started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-a process gets the same pages with no copy (malloc asks for them as it maps: load 0.30 s, 250 MiB in huge
-pages), and then this step finds nothing left to do.
+a 64-token prompt 118 -> 104 ms (medians; faster in every pair), a decode step 14.9 -> 14.1 ms (faster
+in 5 pairs of 8: within the shared host's noise). It is off by default because the collapse copies: 280 MiB
+took 1.3 s (load 0.35 -> 1.7 s; ort-int8, 570 MiB: 0.7 -> 3.4 s). Started with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, a process gets the same pages with no copy (malloc asks for them as
+it maps: load 0.30 s, 250 MiB in huge pages), and then this step finds nothing left to do.
 
 Regions less than 7/8 resident are left alone (thread stacks, reserved arena space: collapsing them would
 commit memory nothing uses). Elsewhere than Linux it does nothing.

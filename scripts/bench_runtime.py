@@ -111,7 +111,7 @@ def bench_ours(
             "decode_tokens_per_s": first.decode_tokens_per_s,
         }
         out["tokens"] = result.tokens[0]
-        out["load_s"] = load_s  # with the prepacked weights' move into 2 MiB pages (runtime/huge_pages.py)
+        out["load_s"] = load_s  # includes, with QWEN_EXPORT_HUGE_PAGES=1, the move into 2 MiB pages
         out["huge_page_mib"] = getattr(session.backend, "huge_page_bytes", 0) >> 20
     return out
 

@@ -173,7 +173,7 @@ def _fingerprints(cases: list[str] | None, jobs: int) -> dict[str, dict[str, str
         spawn = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_start, initargs=(cache,))
         with pool:
-            list(pool.map(_run_case, *zip(*(work[c] for c in chosen), strict=True)))
+            list(pool.map(_run_case, [work[c][0] for c in chosen], [work[c][1] for c in chosen]))
         result = {}
         for case in chosen:
             folder = root / case.replace("/", "-")

@@ -288,6 +288,43 @@ def test_float_moe_decode_rows_give_a_batchs_bits():
     assert _relative(batch, want) < FLOAT_MOE
 
 
+def test_float_moe_loops_follow_qwen_cpu_kernels_and_agree():
+    """FloatMoE's three compiled copies (x86-64-v4, AVX2, baseline) are picked by CPUID or narrowed by
+    QWEN_CPU_KERNELS like every other kernel's (the AVX2 rows of benchmarks/runtime_llama_avx2.md rely on it),
+    and give the same results: float sums in the same order, fused or not (x86-64-v4 has FMA)."""
+    from cpu_kernel_support import json_per_kernel_mode
+
+    code = "import json, test_cpu_kernels as t; print(json.dumps(t.float_moe_loops_and_outputs()))"
+    outputs = json_per_kernel_mode(code)
+    loops = {mode: out[0] for mode, out in outputs.items()}
+    assert loops["portable"] == "baseline"
+    assert loops["avx2"] in ("avx2", "baseline") and loops["default"] in ("x86-64-v4", "avx2", "baseline")
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= cpu_flags():
+        assert loops == {"portable": "baseline", "avx2": "avx2", "default": "x86-64-v4"}
+    for mode in ("avx2", "default"):
+        for got, want in zip(outputs[mode][1], outputs["portable"][1], strict=True):
+            assert _relative(np.array(got), np.array(want)) < 1e-6, mode
+
+
+def float_moe_loops_and_outputs() -> list:
+    """(in a child per kernel mode) the loops FloatMoE runs, and its output for one token (the one-stream
+    rows) and for 40 (4 x 4 tiles too)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(cpu_kernels.library_path()))
+    lib.QwenCpuFloatMoeLoops.restype = ctypes.c_char_p
+    _, ours, _ = float_moe_case(hidden=68, inter=36)
+    rng = np.random.default_rng(8)
+    x, r = rng.standard_normal((40, 68)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    y = [ours.run(None, {"x": x[:n], "r": r[:n]})[0].tolist() for n in (1, 40)]
+    return [lib.QwenCpuFloatMoeLoops().decode(), y]
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
 def test_bad_input_fails_with_the_kernels_reason():
     _, ours, _ = linear_case(64, 40, 32)
     with pytest.raises(Exception, match="Int4Linear: the last dimension of X must be K"):

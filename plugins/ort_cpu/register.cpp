@@ -3,6 +3,7 @@
 // Each op's wrapper is in its folder (int4_linear/, int4_moe/, float_moe/, gated_delta_rule/, attention/,
 // dist_collective/).
 #include "common/ort_op.h"
+#include "float_moe/float_moe.h"
 #include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu::ort {
@@ -22,6 +23,11 @@ const CustomOp& attention_kv16_op();
 // Which int4 tile runs on this CPU ("avx512-vnni", "avx2" or "portable"), for tools and tests (ctypes).
 extern "C" __attribute__((visibility("default"))) const char* QwenCpuKernelsBackend() {
   return qwen_cpu::int4_gemm_backend();
+}
+
+// Which dot loops FloatMoE runs ("x86-64-v4", "avx2" or "baseline"), for tools and tests (ctypes).
+extern "C" __attribute__((visibility("default"))) const char* QwenCpuFloatMoeLoops() {
+  return qwen_cpu::float_moe_loops();
 }
 
 extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* RegisterCustomOps(

@@ -3,16 +3,17 @@
 // Compiled with -mavx512f; run only where the CPU has it.
 #include <immintrin.h>
 
+#include "common/forced_kernels.h"
 #include "common/vector_math.h"
 
 namespace qwen_cpu::detail {
 
 namespace {
 
-bool has_avx512f() {
+bool has_avx512f() {  // and not narrowed by QWEN_CPU_KERNELS=avx2|portable
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
+    return __builtin_cpu_supports("avx512f") != 0 && forced_kernels() == ForcedKernels::kNone;
   }();
   return has;
 }

@@ -4,17 +4,17 @@
 #include <cstring>
 #include <vector>
 
+#include "common/forced_kernels.h"
 #include "common/vector_math.h"
 
 namespace qwen_cpu {
 
 namespace {
 
-// x86: one copy per instruction set, picked at load time; elsewhere the plain build
+// x86: one copy of the dot loops per instruction set (x86-64-v4, AVX2, the baseline), picked on first use by
+// CPUID or narrowed by QWEN_CPU_KERNELS=avx2|portable (common/forced_kernels.h); elsewhere the plain build
 #if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
-#define QWEN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define QWEN_CPU_CLONES
+#define QWEN_CPU_X86_COPIES 1
 #endif
 
 // Eight floats: one ymm (AVX2, and AVX-512 cores that run 512-bit FMAs as two 256-bit halves anyway).
@@ -66,8 +66,9 @@ constexpr int64_t kOneStreamRows = 6;
 // - More rows: four weight rows against four activation rows at a time (16 accumulators: the FMAs, not
 //   the stream, bound it). With 7 or 8 rows an expert the one-stream loop was already slower.
 // Every output sums in the same order whatever the tile, so a token gets the same bits alone or in a batch.
-QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0,
-                              int64_t n1, float* out, int64_t ldo) {
+__attribute__((always_inline)) inline void dot_rows_body(const float* const* a, int64_t rows, const float* w,
+                                                        int64_t k, int64_t n0, int64_t n1, float* out,
+                                                        int64_t ldo) {
   if (rows <= kOneStreamRows) {
     for (int64_t n = n0; n < n1; ++n) {
       float dot[kOneStreamRows][1];
@@ -97,6 +98,47 @@ QWEN_CPU_CLONES void dot_rows(const float* const* a, int64_t rows, const float* 
     }
     i += r;
   }
+}
+
+using DotRows = void (*)(const float* const*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+
+// Each copy compiles the always-inlined body for its instruction set (the flags of the target_clones they
+// replace: the bits of every copy are unchanged).
+#define QWEN_DOT_ROWS_COPY(name, attributes)                                                                  \
+  attributes void name(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0, int64_t n1, \
+                       float* out, int64_t ldo) {                                                             \
+    dot_rows_body(a, rows, w, k, n0, n1, out, ldo);                                                           \
+  }
+#ifdef QWEN_CPU_X86_COPIES
+QWEN_DOT_ROWS_COPY(dot_rows_v4, __attribute__((target("arch=x86-64-v4"))))
+QWEN_DOT_ROWS_COPY(dot_rows_avx2, __attribute__((target("avx2"))))
+#endif
+QWEN_DOT_ROWS_COPY(dot_rows_baseline, )
+#undef QWEN_DOT_ROWS_COPY
+
+struct DotRowsChoice {
+  DotRows run;
+  const char* name;
+};
+
+DotRowsChoice choose_dot_rows() {
+#ifdef QWEN_CPU_X86_COPIES
+  const ForcedKernels forced = forced_kernels();
+  __builtin_cpu_init();
+  if (forced == ForcedKernels::kNone && __builtin_cpu_supports("x86-64-v4")) return {dot_rows_v4, "x86-64-v4"};
+  if (forced != ForcedKernels::kPortable && __builtin_cpu_supports("avx2")) return {dot_rows_avx2, "avx2"};
+#endif
+  return {dot_rows_baseline, "baseline"};
+}
+
+const DotRowsChoice& dot_rows_choice() {
+  static const DotRowsChoice chosen = choose_dot_rows();
+  return chosen;
+}
+
+void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0, int64_t n1, float* out,
+              int64_t ldo) {
+  dot_rows_choice().run(a, rows, w, k, n0, n1, out, ldo);
 }
 
 // One pass over `tokens` tokens (x, logits and y start at the pass's first token).
@@ -163,6 +205,8 @@ void moe_pass(const float* x, const float* logits, const float* fc1, const float
 }
 
 }  // namespace
+
+const char* float_moe_loops() { return dot_rows_choice().name; }
 
 const char* float_moe_shape_error(const MoeShape& s) {
   if (s.top_k < 1 || s.top_k > s.experts) return "top_k must be in [1, experts]";

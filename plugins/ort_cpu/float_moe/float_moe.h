@@ -21,6 +21,9 @@ namespace qwen_cpu {
 void float_moe(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& shape,
                float* y, const ParallelFor& parallel_for);
 
+// The dot loops this process runs: "x86-64-v4", "avx2" or "baseline" (CPUID, or QWEN_CPU_KERNELS=avx2|portable).
+const char* float_moe_loops();
+
 // Checks what float_moe needs of a shape; returns an empty string or why not.
 const char* float_moe_shape_error(const MoeShape& shape);
 

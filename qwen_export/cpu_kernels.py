@@ -161,6 +161,16 @@ def backend(library: Path | None = None) -> str:
     return lib.QwenCpuKernelsBackend().decode()
 
 
+def float_moe_loops(library: Path | None = None) -> str:
+    """The dot loops FloatMoE runs on this CPU: "x86-64-v4", "avx2" or "baseline" (or the narrower one
+    QWEN_CPU_KERNELS=avx2|portable asks for)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(library or library_path()))
+    lib.QwenCpuFloatMoeLoops.restype = ctypes.c_char_p
+    return lib.QwenCpuFloatMoeLoops().decode()
+
+
 def warn_if_portable(library: Path) -> None:
     """Say once per process when the int4 products will run on the portable tile (correct, but several
     times slower than ort-int4 on ONNX Runtime's kernels)."""

@@ -586,11 +586,11 @@ def main() -> None:
             results["int4_artifact"] = str(args.int4_artifact)
         if args.cpu_int4_artifact:
             results["cpu_int4_artifact"] = str(args.cpu_int4_artifact)
-            # the qwen.cpu loops (QWEN_CPU_KERNELS=avx2 takes the AVX2 ones on an AVX-512 machine; FloatMoE's
-            # clones, the SiLU loop and ONNX Runtime's own kernels pick theirs by CPUID regardless)
-            results["machine"]["qwen_cpu_kernels"] = cpu_kernels.backend(
-                cpu_kernels.library_for(args.cpu_int4_artifact / "model.onnx")
-            )
+            # the qwen.cpu loops (QWEN_CPU_KERNELS=avx2 takes the AVX2 ones on an AVX-512 machine;
+            # GatedDeltaRule's clones and ONNX Runtime's own kernels pick theirs by CPUID regardless)
+            library = cpu_kernels.library_for(args.cpu_int4_artifact / "model.onnx")
+            results["machine"]["qwen_cpu_kernels"] = cpu_kernels.backend(library)
+            results["machine"]["qwen_cpu_float_moe"] = cpu_kernels.float_moe_loops(library)
         if args.int8_artifact:
             results["int8_artifact"] = str(args.int8_artifact)
         ggufs: dict[str, str] = {}
@@ -785,8 +785,13 @@ def render_markdown(r: dict[str, Any]) -> str:
             else ""
         )
         + (
-            f"qwen.cpu loops {r['machine']['qwen_cpu_kernels']} (FloatMoE and ONNX Runtime's own kernels by "
-            "CPUID), "
+            f"qwen.cpu loops {r['machine']['qwen_cpu_kernels']}"
+            + (
+                f", FloatMoE {r['machine']['qwen_cpu_float_moe']} (GatedDeltaRule's and ONNX Runtime's own "
+                "kernels by CPUID), "
+                if "qwen_cpu_float_moe" in r["machine"]
+                else " (FloatMoE and ONNX Runtime's own kernels by CPUID), "
+            )
             if "qwen_cpu_kernels" in r["machine"]
             else ""
         )

@@ -291,7 +291,7 @@ def test_float_moe_decode_rows_give_a_batchs_bits():
 def test_float_moe_loops_follow_qwen_cpu_kernels_and_agree():
     """FloatMoE's three compiled copies (x86-64-v4, AVX2, baseline) are picked by CPUID or narrowed by
     QWEN_CPU_KERNELS like every other kernel's (the AVX2 rows of benchmarks/runtime_llama_avx2.md rely on it),
-    and give the same results: float sums in the same order, fused or not (x86-64-v4 has FMA)."""
+    and give the same results: float sums in the same order, fused or not (x86-64-v4 and AVX2 fuse)."""
     from cpu_kernel_support import json_per_kernel_mode
 
     code = "import json, test_cpu_kernels as t; print(json.dumps(t.float_moe_loops_and_outputs()))"

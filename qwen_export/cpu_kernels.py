@@ -151,24 +151,25 @@ def _run(command: list[str]) -> None:
         raise QwenExportError(f"building the CPU kernels failed: {' '.join(command)}\n{detail}")
 
 
+def _library_says(symbol: str, library: Path | None) -> str:
+    """The string a `const char* symbol()` entry point of the library returns (ctypes)."""
+    import ctypes
+
+    entry = getattr(ctypes.CDLL(str(library or library_path())), symbol)
+    entry.restype = ctypes.c_char_p
+    return entry().decode()
+
+
 def backend(library: Path | None = None) -> str:
     """The int4 tile the library runs on this CPU: "avx512-vnni", else "avx2", else "portable" (or the one
     QWEN_CPU_KERNELS=avx2|portable asks for)."""
-    import ctypes
-
-    lib = ctypes.CDLL(str(library or library_path()))
-    lib.QwenCpuKernelsBackend.restype = ctypes.c_char_p
-    return lib.QwenCpuKernelsBackend().decode()
+    return _library_says("QwenCpuKernelsBackend", library)
 
 
 def float_moe_loops(library: Path | None = None) -> str:
     """The dot loops FloatMoE runs on this CPU: "x86-64-v4", "avx2" or "baseline" (or the narrower one
     QWEN_CPU_KERNELS=avx2|portable asks for)."""
-    import ctypes
-
-    lib = ctypes.CDLL(str(library or library_path()))
-    lib.QwenCpuFloatMoeLoops.restype = ctypes.c_char_p
-    return lib.QwenCpuFloatMoeLoops().decode()
+    return _library_says("QwenCpuFloatMoeLoops", library)
 
 
 def warn_if_portable(library: Path) -> None:

@@ -68,7 +68,8 @@ class OrtDecoder:
         # ONNX Runtime's CPU provider has no bf16 kernels (and fp16 ones for some ops only): a bf16/fp16
         # graph runs emulated in fp32, each low-precision result rounded through its dtype
         # (runtime/emulation.py). `emulated` says so to every report.
-        self.emulated = providers == ["CPUExecutionProvider"] and _stores_low_precision(model_path)
+        on_cpu = providers == ["CPUExecutionProvider"]
+        self.emulated = on_cpu and _stores_low_precision(model_path)
         copy = EmulatedCopy(model_path) if self.emulated else None
         before = huge_pages.snapshot()
         try:
@@ -81,7 +82,6 @@ class OrtDecoder:
             if copy is not None:
                 copy.close()
         # QWEN_EXPORT_HUGE_PAGES=1: what ONNX Runtime prepacked, into 2 MiB pages (runtime/huge_pages.py)
-        on_cpu = providers == ["CPUExecutionProvider"]
         self.huge_page_bytes = huge_pages.collapse_new_regions(before) if on_cpu else 0
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # passes/logits_to_keep.py: the graph can skip the vocabulary projection of all but the last rows

@@ -26,6 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cpu_kernel_support import cpu_flags
+
 from qwen_export.targets import TARGETS, names
 
 RECORD = Path(__file__).resolve().parent / "data" / "artifact_fingerprints.json"
@@ -185,12 +187,7 @@ def _fingerprints(cases: list[str] | None, jobs: int) -> dict[str, dict[str, str
 def machine() -> dict[str, str]:
     """What the reference's float results depend on: the CPU's widest vector ISA. A golden regenerated on
     another ISA differs in the last bits (about 1e-6 on logits), so goldens compare only on the same one."""
-    flags = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
     isa = next((name for name in ("avx512_vnni", "avx512f", "avx2") if name in flags), "other")
     return {"isa": isa}
 

@@ -11,6 +11,14 @@ from typing import Any
 KERNEL_MODES = ("portable", "avx2", "default")  # QWEN_CPU_KERNELS values; "default" = what CPUID picks
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty elsewhere than Linux)."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
 def json_per_kernel_mode(code: str) -> dict[str, Any]:
     """`code` (Python that prints one JSON line last) run in a child process per QWEN_CPU_KERNELS mode (the
     library picks its loops once per process); mode -> the decoded line. The tests' folder is importable."""

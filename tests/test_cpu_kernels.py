@@ -292,7 +292,7 @@ def test_float_moe_loops_follow_qwen_cpu_kernels_and_agree():
     """FloatMoE's three compiled copies (x86-64-v4, AVX2, baseline) are picked by CPUID or narrowed by
     QWEN_CPU_KERNELS like every other kernel's (the AVX2 rows of benchmarks/runtime_llama_avx2.md rely on it),
     and give the same results: float sums in the same order, fused or not (x86-64-v4 and AVX2 fuse)."""
-    from cpu_kernel_support import json_per_kernel_mode
+    from cpu_kernel_support import cpu_flags, json_per_kernel_mode
 
     code = "import json, test_cpu_kernels as t; print(json.dumps(t.float_moe_loops_and_outputs()))"
     outputs = json_per_kernel_mode(code)
@@ -309,20 +309,11 @@ def test_float_moe_loops_follow_qwen_cpu_kernels_and_agree():
 def float_moe_loops_and_outputs() -> list:
     """(in a child per kernel mode) the loops FloatMoE runs, and its output for one token (the one-stream
     rows) and for 40 (4 x 4 tiles too)."""
-    import ctypes
-
-    lib = ctypes.CDLL(str(cpu_kernels.library_path()))
-    lib.QwenCpuFloatMoeLoops.restype = ctypes.c_char_p
     _, ours, _ = float_moe_case(hidden=68, inter=36)
     rng = np.random.default_rng(8)
     x, r = rng.standard_normal((40, 68)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
     y = [ours.run(None, {"x": x[:n], "r": r[:n]})[0].tolist() for n in (1, 40)]
-    return [lib.QwenCpuFloatMoeLoops().decode(), y]
-
-
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    return [cpu_kernels.float_moe_loops(), y]
 
 
 def test_bad_input_fails_with_the_kernels_reason():

@@ -20,13 +20,14 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def _why_not() -> str | None:
     if not huge_pages.SMAPS.is_file():
-        return "needs Linux's /proc/self/smaps"
+        return "needs Linux's /proc/self/smaps: runs on Linux with transparent huge pages (this project's CI)"
     if not THP.is_file() or "[never]" in THP.read_text():
-        return "transparent huge pages are off on this kernel (runs where THP is `madvise` or `always`)"
+        return "transparent huge pages are off on this kernel: runs where THP is `madvise` or `always` (CI)"
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
+WHY_NOT = _why_not()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 
 def huge_bytes_in(start: int, end: int) -> int:

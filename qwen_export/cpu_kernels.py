@@ -172,6 +172,12 @@ def float_moe_loops(library: Path | None = None) -> str:
     return _library_says("QwenCpuFloatMoeLoops", library)
 
 
+def delta_rule_loops(library: Path | None = None) -> str:
+    """The copy of its loops GatedDeltaRule runs on this CPU: "avx512f", "avx2" (x86-64-v3) or "baseline" (or
+    the narrower one QWEN_CPU_KERNELS=avx2|portable asks for)."""
+    return _library_says("QwenCpuDeltaRuleLoops", library)
+
+
 def warn_if_portable(library: Path) -> None:
     """Say once per process when the int4 products will run on the portable tile (correct, but several
     times slower than ort-int4 on ONNX Runtime's kernels)."""

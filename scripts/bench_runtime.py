@@ -587,10 +587,11 @@ def main() -> None:
         if args.cpu_int4_artifact:
             results["cpu_int4_artifact"] = str(args.cpu_int4_artifact)
             # the qwen.cpu loops (QWEN_CPU_KERNELS=avx2 takes the AVX2 ones on an AVX-512 machine;
-            # GatedDeltaRule's clones and ONNX Runtime's own kernels pick theirs by CPUID regardless)
+            # ONNX Runtime's own kernels pick theirs by CPUID regardless)
             library = cpu_kernels.library_for(args.cpu_int4_artifact / "model.onnx")
             results["machine"]["qwen_cpu_kernels"] = cpu_kernels.backend(library)
             results["machine"]["qwen_cpu_float_moe"] = cpu_kernels.float_moe_loops(library)
+            results["machine"]["qwen_cpu_delta_rule"] = cpu_kernels.delta_rule_loops(library)
         if args.int8_artifact:
             results["int8_artifact"] = str(args.int8_artifact)
         ggufs: dict[str, str] = {}
@@ -770,6 +771,20 @@ def llama_ratios(row: dict) -> list[dict]:
     return out
 
 
+def kernel_loops(machine: dict[str, Any]) -> str:
+    """Which qwen.cpu loops ran, for the header; older results name fewer (the rest picked by CPUID)."""
+    if "qwen_cpu_kernels" not in machine:
+        return ""
+    named = [f"qwen.cpu loops {machine['qwen_cpu_kernels']}"]
+    by_cpuid = ["FloatMoE's", "GatedDeltaRule's", "ONNX Runtime's own"]
+    for key, op in (("qwen_cpu_float_moe", "FloatMoE"), ("qwen_cpu_delta_rule", "GatedDeltaRule")):
+        if key in machine:
+            named.append(f"{op} {machine[key]}")
+            by_cpuid.remove(f"{op}'s")
+    others = " and ".join([", ".join(by_cpuid[:-1]), by_cpuid[-1]] if len(by_cpuid) > 1 else by_cpuid)
+    return ", ".join(named) + f" ({others} kernels by CPUID), "
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Runtime benchmark: {r['preset']}",
@@ -784,17 +799,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             if "load_average_at_start" in r["machine"]
             else ""
         )
-        + (
-            f"qwen.cpu loops {r['machine']['qwen_cpu_kernels']}"
-            + (
-                f", FloatMoE {r['machine']['qwen_cpu_float_moe']} (GatedDeltaRule's and ONNX Runtime's own "
-                "kernels by CPUID), "
-                if "qwen_cpu_float_moe" in r["machine"]
-                else " (FloatMoE and ONNX Runtime's own kernels by CPUID), "
-            )
-            if "qwen_cpu_kernels" in r["machine"]
-            else ""
-        )
+        + kernel_loops(r["machine"])
         + f"{r['threads']} threads, prompt {r['prompt_len']} tokens, "
         f"{r['new_tokens']} new tokens, greedy; fp32 unless the runtime says int4 "
         "(weight-only, block 32, int8 activations on CPU: ours `ort-int4` on ONNX Runtime's kernels, ours "

@@ -137,6 +137,7 @@ _WIDTH_CASE = """
 import json, os
 import numpy as np
 from test_cpu_prefill import delta_rule_case, reference_delta_rule
+from qwen_export import cpu_kernels
 errors = {}
 cases = [("chunked-48", 2, 150, 48, "chunked"), ("chunked-64", 1, 100, 64, "chunked"),
          ("decode-24", 2, 3, 24, "recurrent"), ("decode-64", 1, 1, 64, "recurrent")]
@@ -148,17 +149,25 @@ for name, batch, tokens, dv, form in cases:
     pairs = zip((y, state), want[::2])
     errors[name] = [float(np.abs(got - ref).max() / np.abs(ref).max()) for got, ref in pairs]
     errors[name].append(bool(np.array_equal(conv, want[1].astype(np.float32))))
-print(json.dumps(errors))
+print(json.dumps([cpu_kernels.delta_rule_loops(), errors]))
 """
 
 
-def test_delta_rule_matches_the_reference_with_8_and_16_float_vectors():
-    """GatedDeltaRule runs 16-float vectors where the CPU has AVX-512 and 8-float ones elsewhere (forced
-    here by QWEN_CPU_KERNELS=avx2|portable on any CPU): both against the float64 reference, chunked and
-    decode calls. dv = 24 takes the vector paths at 8 floats and the scalar ones at 16; dv = 48 a 32 + 16
-    column split at 16 floats and 4 x 8 + 2 x 8 at 8. (Not bit for bit: in the AVX-512 clone the 8-float
-    vectors round each product before the add.)"""
-    for mode, errors in json_per_kernel_mode(_WIDTH_CASE).items():
+def test_delta_rule_copies_follow_qwen_cpu_kernels_and_match_the_reference():
+    """GatedDeltaRule's three compiled copies (AVX-512F with 16-float vectors; x86-64-v3, AVX2 with FMA, and
+    the baseline with 8-float ones) are picked by CPUID or narrowed by QWEN_CPU_KERNELS=avx2|portable, like
+    every other kernel's (the AVX2 rows of benchmarks/runtime_llama_avx2.md rely on it). Each copy against the
+    float64 reference, chunked and decode calls. dv = 24 takes the vector paths at 8 floats and the scalar
+    ones at 16; dv = 48 a 32 + 16 column split at 16 floats and 4 x 8 + 2 x 8 at 8. (Not bit for bit: the
+    baseline rounds each product before the add.)"""
+    from cpu_kernel_support import cpu_flags
+
+    outputs = json_per_kernel_mode(_WIDTH_CASE)
+    loops = {mode: out[0] for mode, out in outputs.items()}
+    assert loops["portable"] == "baseline"
+    if {"avx512f", "avx2", "fma"} <= cpu_flags():
+        assert loops == {"portable": "baseline", "avx2": "avx2", "default": "avx512f"}
+    for mode, (_, errors) in outputs.items():
         for name, (y_error, state_error, conv_equal) in errors.items():
             assert y_error < CHUNKED_VS_RECURRENT and state_error < CHUNKED_VS_RECURRENT, (mode, name)
             assert conv_equal, (mode, name)

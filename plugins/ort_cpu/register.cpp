@@ -4,6 +4,7 @@
 // dist_collective/).
 #include "common/ort_op.h"
 #include "float_moe/float_moe.h"
+#include "gated_delta_rule/gated_delta_rule.h"
 #include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu::ort {
@@ -28,6 +29,11 @@ extern "C" __attribute__((visibility("default"))) const char* QwenCpuKernelsBack
 // Which dot loops FloatMoE runs ("x86-64-v4", "avx2" or "baseline"), for tools and tests (ctypes).
 extern "C" __attribute__((visibility("default"))) const char* QwenCpuFloatMoeLoops() {
   return qwen_cpu::float_moe_loops();
+}
+
+// Which copy of its loops GatedDeltaRule runs ("avx512f", "avx2" or "baseline"), for tools and tests (ctypes).
+extern "C" __attribute__((visibility("default"))) const char* QwenCpuDeltaRuleLoops() {
+  return qwen_cpu::delta_rule_loops();
 }
 
 extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* RegisterCustomOps(

@@ -18,13 +18,14 @@ namespace qwen_cpu {
 
 namespace {
 
-// x86: one copy per instruction set, picked at load time; elsewhere the plain build. The AVX2 copy is x86-64-v3's
-// (AVX2 with FMA; a bare "avx2" clone has no FMA). Not x86-64-v4 for AVX-512: GCC prefers 256-bit vectors for
-// it, which changed the last bits of the auto-vectorised loops, and a 5% slower prefill layer.
+// x86: one copy of the loops per instruction set (AVX-512F, x86-64-v3, the baseline), picked on first use by
+// CPUID or narrowed by QWEN_CPU_KERNELS=avx2|portable (common/forced_kernels.h), as the other kernels pick
+// theirs; elsewhere the plain build. The AVX2 copy is x86-64-v3's (AVX2 with FMA; a bare "avx2" target has no
+// FMA). Not x86-64-v4 for AVX-512: GCC prefers 256-bit vectors for it, which changed the last bits of the
+// auto-vectorised loops, and a 5% slower prefill layer. (These were target_clones, resolved when the library
+// loaded: QWEN_CPU_KERNELS=avx2 then ran the 8-float loops inside the AVX-512 clone, without FMA.)
 #if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
-#define QWEN_CPU_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
-#else
-#define QWEN_CPU_CLONES
+#define QWEN_CPU_X86_COPIES 1
 #endif
 
 // GCC vector types of W floats (spelled out: GCC ignores a vector_size that depends on a template argument)
@@ -41,24 +42,11 @@ struct VectorOf<8> {
 template <int W>
 using VecF = typename VectorOf<W>::type;
 
-// The loops below run on vectors of 16 floats (one zmm) where the CPU has AVX-512, else of 8 (one ymm with
-// AVX2, two xmm without). GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers and
-// the stack: the AVX2 clone of these loops ran a 2048-token prefill 8x and a decode step 5x slower than the
-// AVX-512 one. Each output is computed by the same operations in the same order at either width.
-// QWEN_CPU_KERNELS=avx2|portable (tests) takes the 8-float vectors on any CPU; in the avx512f clone they round
-// each product before the add (no FMA for 8-float vectors there), so the last bits differ.
-bool wide_vectors() {
-#if defined(__x86_64__) && !defined(QWEN_CPU_PORTABLE_ONLY)
-  static const bool wide = [] {
-    if (forced_kernels() != ForcedKernels::kNone) return false;
-    __builtin_cpu_init();  // as the clones are picked
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return wide;
-#else
-  return false;
-#endif
-}
+// The loops below run on vectors of W floats: 16 (one zmm) in the AVX-512 copy, 8 (one ymm with AVX2, two xmm
+// in the baseline) in the others. GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers
+// and the stack: the AVX2 copy of these loops ran a 2048-token prefill 8x and a decode step 5x slower than the
+// AVX-512 one. Each output is computed by the same operations in the same order at either width; the copies
+// differ in whether a product and its add are fused (not in the baseline).
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
 constexpr int64_t kTriangleRows = 16;   // a chunk's causal products skip the blocks above the diagonal
@@ -97,19 +85,18 @@ __attribute__((always_inline)) inline float sum_squares(const float* x, int64_t 
   return sum;
 }
 
-__attribute__((always_inline)) inline float sum_squares(const float* x, int64_t n) {
-  return wide_vectors() ? sum_squares<16>(x, n) : sum_squares<8>(x, n);
-}
-
 // x / sqrt(sum x^2 + 1e-6) * scale, in place
-QWEN_CPU_CLONES void l2norm(float* x, int64_t n, float scale) {
-  const float factor = scale / std::sqrt(sum_squares(x, n) + 1e-6f);
+template <int W>
+__attribute__((always_inline)) inline void l2norm_body(float* x, int64_t n, float scale) {
+  const float factor = scale / std::sqrt(sum_squares<W>(x, n) + 1e-6f);
   for (int64_t i = 0; i < n; ++i) x[i] *= factor;
 }
 
 // y = x / sqrt(mean x^2 + eps) * w
-QWEN_CPU_CLONES void rms_norm(const float* x, int64_t n, float eps, const float* w, float* y) {
-  const float power = sum_squares(x, n);
+template <int W>
+__attribute__((always_inline)) inline void rms_norm_body(const float* x, int64_t n, float eps, const float* w,
+                                                         float* y) {
+  const float power = sum_squares<W>(x, n);
   const float inv_rms = 1.f / std::sqrt(power / static_cast<float>(n) + eps);
   for (int64_t j = 0; j < n; ++j) y[j] = x[j] * inv_rms * w[j];
 }
@@ -162,13 +149,14 @@ __attribute__((always_inline)) inline void delta_step_columns(const float* from,
 }
 
 // One value head for one token: the state update and read-out in two passes over S [dk, dv], the first
-// reading `from` (the past state, or S itself after the first token) and writing S. Cloned for AVX-512 and AVX2
-// so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of the vector the sums stay in
+// reading `from` (the past state, or S itself after the first token) and writing S. One copy per instruction
+// set so the dv-wide rows vectorise where the CPU has it; where dv is a multiple of the vector the sums stay in
 // registers (kept in memory they made a step 2-3x slower: `kv` and `o` may alias S, so every row reloaded them).
-QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q, const float* k, const float* v,
-                                float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {
-  if (wide_vectors() && dv % 16 == 0) return delta_step_columns<16>(from, state, q, k, v, decay, beta, dk, dv, o);
-  if (!wide_vectors() && dv % 8 == 0) return delta_step_columns<8>(from, state, q, k, v, decay, beta, dk, dv, o);
+template <int W>
+__attribute__((always_inline)) inline void delta_step_body(const float* from, float* state, const float* q,
+                                                           const float* k, const float* v, float decay, float beta,
+                                                           int64_t dk, int64_t dv, float* kv, float* o) {
+  if (dv % W == 0) return delta_step_columns<W>(from, state, q, k, v, decay, beta, dk, dv, o);
   std::fill(kv, kv + dv, 0.f);
   for (int64_t i = 0; i < dk; ++i) {  // S = decay * S; kv = S^T k
     const float* in = from + i * dv;
@@ -196,7 +184,7 @@ QWEN_CPU_CLONES void delta_step(const float* from, float* state, const float* q,
 // weights come transposed, wt[j * wt_stride + c]. W channels at a time sum in a register, the rest one by one;
 // every token takes the same operations, wherever its window lies, so a token's outputs do not depend on how
 // many tokens the call has (common/step_tokens.h). (A separate auto-vectorised loop for the tokens whose window
-// reaches into the state rounded each product in the avx512f clone, where the register loop fused them.)
+// reaches into the state rounded each product in the AVX-512 copy, where the register loop fused them.)
 template <int W>
 __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel,
                                                        const float* state, int64_t keep, const float* x,
@@ -229,13 +217,6 @@ __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t 
       row[c] = acc;
     }
   }
-}
-
-QWEN_CPU_CLONES void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,
-                                 int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,
-                                 int64_t out_stride) {
-  if (wide_vectors()) return conv_tokens<16>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);
-  conv_tokens<8>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);
 }
 
 // A register tile of small_gemm: ROWS rows x W NB columns of C in W-float vectors. Always inlined, so it is
@@ -303,11 +284,20 @@ __attribute__((always_inline)) inline void gemm_tiles(const float* a, int64_t ld
 // C [M, N] = (accumulate ? C : 0) + A [M, P] B [P, N], all row-major with the given row strides. Tiles of 4 rows
 // x 64 columns with AVX-512 (16 accumulators in its 32 registers, enough to keep the FMA pipes busy), 4 x 16
 // elsewhere (8 ymm of AVX2's 16). Every element sums over p in order whatever its tile: the same bits.
-QWEN_CPU_CLONES void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                                int64_t m, int64_t n, int64_t p, bool accumulate) {
-  if (wide_vectors()) return gemm_tiles<16, 4, 4>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
-  gemm_tiles<8, 4, 2>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+template <int W>
+__attribute__((always_inline)) inline void small_gemm_body(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                           float* c, int64_t ldc, int64_t m, int64_t n, int64_t p,
+                                                           bool accumulate) {
+  if constexpr (W == 16) {
+    gemm_tiles<16, 4, 4>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+  } else {
+    gemm_tiles<8, 4, 2>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+  }
 }
+
+// The small products of delta_chunk go through the chosen copy (below): one call each, not inlined five times.
+void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                int64_t n, int64_t p, bool accumulate);
 
 // Columns [j0, j0 + W * NB) of the chunk's forward substitution (the columns of U are independent): row t of U
 // sums in registers, in the scalar loop's order (s = 0 first), so both give the same bits.
@@ -357,9 +347,11 @@ __attribute__((always_inline)) inline void substitute(float* u, const float* v, 
 // U (the delta rule's corrections, one per token) comes by forward substitution; the rest are matrix products.
 // Equal to L steps of delta_step up to float rounding. Row t of O goes to o + t * ldo. `work` holds
 // 4 L dv + dk L + 3 L L floats.
-QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta,
-                                 const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo,
-                                 float* work) {
+template <int W>
+__attribute__((always_inline)) inline void delta_chunk_body(float* state, const float* q, const float* k,
+                                                            const float* v, const float* beta, const float* g,
+                                                            int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo,
+                                                            float* work) {
   float* ks = work;            // [L, dv]  K S0
   float* qs = ks + L * dv;     // [L, dv]  Q S0
   float* u = qs + L * dv;      // [L, dv]
@@ -384,10 +376,8 @@ QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, c
     for (int64_t s = 0; s <= t; ++s) decay[t * L + s] = exp_nonpositive(gsum[t] - gsum[s]);
   const float to_0 = std::exp(gsum[0]);
   // forward substitution, in column blocks that stay in registers
-  if (wide_vectors() && dv % 16 == 0) {
-    substitute<16>(u, v, ks, beta, decay, kk, to_0, L, dv);
-  } else if (!wide_vectors() && dv % 8 == 0) {
-    substitute<8>(u, v, ks, beta, decay, kk, to_0, L, dv);
+  if (dv % W == 0) {
+    substitute<W>(u, v, ks, beta, decay, kk, to_0, L, dv);
   } else {
     for (int64_t t = 0; t < L; ++t) {  // forward substitution, one row of U at a time
       float* ut = u + t * dv;
@@ -420,7 +410,77 @@ QWEN_CPU_CLONES void delta_chunk(float* state, const float* q, const float* k, c
   small_gemm(kt, L, u, dv, state, dv, dk, dv, L, true);
 }
 
+// The six entry points of one copy, compiled for its instruction set (the bodies above are always inlined).
+struct DeltaRuleLoops {
+  void (*l2norm)(float* x, int64_t n, float scale);
+  void (*rms_norm)(const float* x, int64_t n, float eps, const float* w, float* y);
+  void (*delta_step)(const float* from, float* state, const float* q, const float* k, const float* v, float decay,
+                     float beta, int64_t dk, int64_t dv, float* kv, float* o);
+  void (*conv_tokens)(const float* wt, int64_t wt_stride, int64_t kernel, const float* state, int64_t keep,
+                      const float* x, int64_t stride, int64_t T, int64_t n, float* out, int64_t out_stride);
+  void (*small_gemm)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                     int64_t n, int64_t p, bool accumulate);
+  void (*delta_chunk)(float* state, const float* q, const float* k, const float* v, const float* beta,
+                      const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo, float* work);
+  const char* name;
+};
+
+#define QWEN_DELTA_RULE_COPY(copy, W, attributes, label)                                                          \
+  namespace copy {                                                                                               \
+  attributes void l2norm(float* x, int64_t n, float scale) { l2norm_body<W>(x, n, scale); }                      \
+  attributes void rms_norm(const float* x, int64_t n, float eps, const float* w, float* y) {                     \
+    rms_norm_body<W>(x, n, eps, w, y);                                                                           \
+  }                                                                                                              \
+  attributes void delta_step(const float* from, float* state, const float* q, const float* k, const float* v,    \
+                             float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {             \
+    delta_step_body<W>(from, state, q, k, v, decay, beta, dk, dv, kv, o);                                        \
+  }                                                                                                              \
+  attributes void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,            \
+                              int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,     \
+                              int64_t out_stride) {                                                              \
+    qwen_cpu::conv_tokens<W>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);              \
+  }                                                                                                              \
+  attributes void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,    \
+                             int64_t m, int64_t n, int64_t p, bool accumulate) {                                 \
+    small_gemm_body<W>(a, lda, b, ldb, c, ldc, m, n, p, accumulate);                                             \
+  }                                                                                                              \
+  attributes void delta_chunk(float* state, const float* q, const float* k, const float* v, const float* beta,   \
+                              const float* g, int64_t L, int64_t dk, int64_t dv, float* o, int64_t ldo,          \
+                              float* work) {                                                                     \
+    delta_chunk_body<W>(state, q, k, v, beta, g, L, dk, dv, o, ldo, work);                                       \
+  }                                                                                                              \
+  const DeltaRuleLoops loops = {l2norm, rms_norm, delta_step, conv_tokens, small_gemm, delta_chunk, label};     \
+  }
+#ifdef QWEN_CPU_X86_COPIES
+QWEN_DELTA_RULE_COPY(avx512, 16, __attribute__((target("avx512f"))), "avx512f")
+QWEN_DELTA_RULE_COPY(v3, 8, __attribute__((target("arch=x86-64-v3"))), "avx2")
+#endif
+QWEN_DELTA_RULE_COPY(baseline, 8, , "baseline")
+#undef QWEN_DELTA_RULE_COPY
+
+const DeltaRuleLoops& choose_loops() {
+#ifdef QWEN_CPU_X86_COPIES
+  const ForcedKernels forced = forced_kernels();
+  __builtin_cpu_init();
+  if (forced == ForcedKernels::kNone && __builtin_cpu_supports("avx512f")) return avx512::loops;
+  if (forced != ForcedKernels::kPortable && __builtin_cpu_supports("x86-64-v3")) return v3::loops;
+#endif
+  return baseline::loops;
+}
+
+const DeltaRuleLoops& loops() {
+  static const DeltaRuleLoops& chosen = choose_loops();
+  return chosen;
+}
+
+void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                int64_t n, int64_t p, bool accumulate) {
+  loops().small_gemm(a, lda, b, ldb, c, ldc, m, n, p, accumulate);
+}
+
 }  // namespace
+
+const char* delta_rule_loops() { return loops().name; }
 
 const char* delta_rule_shape_error(const DeltaRuleShape& s) {
   if (s.nk <= 0 || s.nv <= 0 || s.nv % s.nk) return "value heads must be a multiple of key heads";
@@ -432,6 +492,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
                       const float* dt_bias, const float* neg_exp_a, const float* norm_w, const DeltaRuleShape& s,
                       float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for) {
   const int64_t B = s.batch, T = s.tokens, C = s.channels(), K = s.kernel, W = s.proj_width();
+  const DeltaRuleLoops& f = loops();
   const int64_t keep = K - 1;
   if (T == 0) {  // no tokens: the states pass through
     std::copy_n(past_conv, B * C * keep, present_conv);
@@ -473,7 +534,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
       const auto [first, width] = head_of(c);
       const int64_t n = std::min(c1, first + width) - c;
       float* rows = head_rows(b, first) + (c - first);
-      conv_tokens(conv_wt + c, C, K, state + (c - c0) * keep, keep, x + (c - c0), W, T, n, rows, width);
+      f.conv_tokens(conv_wt + c, C, K, state + (c - c0) * keep, keep, x + (c - c0), W, T, n, rows, width);
       if (n == width) {
         silu_inplace(rows, T * width);
       } else {
@@ -484,7 +545,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
     // q and k l2-normed per key head (q also scaled by 1/sqrt(dk)), once for all value heads that read them
     for (int64_t head = c0 / s.dk; head < std::min(c1, qk_channels) / s.dk; ++head) {
       float* rows = head_rows(b, head * s.dk);
-      for (int64_t t = 0; t < T; ++t) l2norm(rows + t * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
+      for (int64_t t = 0; t < T; ++t) f.l2norm(rows + t * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
     }
     float* next = present_conv + (b * C + c0) * keep;
     for (int64_t c = 0; c < c1 - c0; ++c)
@@ -521,9 +582,9 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
       const float *qt = q + t0 * s.dk, *kt = k + t0 * s.dk, *vt = v + t0 * s.dv;
       float* o = out + (b * T + t0) * s.nv * s.dv + h * s.dv;  // the heads' outputs, normed in step 3
       if (chunked) {
-        delta_chunk(state, qt, kt, vt, beta, g, n, s.dk, s.dv, o, s.nv * s.dv, work);
+        f.delta_chunk(state, qt, kt, vt, beta, g, n, s.dk, s.dv, o, s.nv * s.dv, work);
       } else {
-        delta_step(t0 == 0 ? from : state, state, qt, kt, vt, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
+        f.delta_step(t0 == 0 ? from : state, state, qt, kt, vt, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
       }
     }
   });
@@ -532,7 +593,7 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   const int64_t row = s.nv * s.dv;
   for_work(parallel_for, B * T * row)(B * T, [&](int64_t bt) {
     float* y = out + bt * row;
-    for (int64_t h = 0; h < s.nv; ++h) rms_norm(y + h * s.dv, s.dv, s.epsilon, norm_w, y + h * s.dv);
+    for (int64_t h = 0; h < s.nv; ++h) f.rms_norm(y + h * s.dv, s.dv, s.epsilon, norm_w, y + h * s.dv);
     mul_silu(y, proj + bt * W + C, y, row);  // * silu(z)
   });
 }

@@ -34,4 +34,8 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
                       const float* dt_bias, const float* neg_exp_a, const float* norm_w, const DeltaRuleShape& shape,
                       float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for);
 
+// Which copy of the loops runs: "avx512f", "avx2" (x86-64-v3: AVX2 with FMA) or "baseline" (CPUID, narrowed by
+// QWEN_CPU_KERNELS=avx2|portable).
+const char* delta_rule_loops();
+
 }  // namespace qwen_cpu

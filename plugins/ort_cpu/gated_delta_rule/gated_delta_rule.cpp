@@ -46,7 +46,7 @@ using VecF = typename VectorOf<W>::type;
 // in the baseline) in the others. GCC 12 compiles arrays of 16-float vectors for AVX2 through general registers
 // and the stack: the AVX2 copy of these loops ran a 2048-token prefill 8x and a decode step 5x slower than the
 // AVX-512 one. Each output is computed by the same operations in the same order at either width; the copies
-// differ in whether a product and its add are fused (not in the baseline).
+// differ in whether a product and its add are fused (x86-64's baseline has no FMA).
 
 constexpr int64_t kChunk = 64;          // tokens per chunk of the chunked delta rule (as on the GPU)
 constexpr int64_t kTriangleRows = 16;   // a chunk's causal products skip the blocks above the diagonal

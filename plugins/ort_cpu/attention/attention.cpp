@@ -40,12 +40,11 @@ const detail::AttentionLoops& choose_loops() {
 #ifdef QWEN_CPU_PORTABLE_ONLY  // built without the x86 files (another architecture)
   return detail::kLoopsPortable;
 #else
-  const ForcedKernels forced = forced_kernels();
-  const bool portable = forced == ForcedKernels::kPortable;
-  const bool avx2 = forced == ForcedKernels::kAvx2;
-  if (portable) return detail::kLoopsPortable;
-  if (!avx2 && detail::attention_cpu_has_avx512()) return detail::kLoopsAvx512;
-  return detail::attention_cpu_has_avx2() ? detail::kLoopsAvx2 : detail::kLoopsPortable;
+  switch (kernel_level(detail::attention_cpu_has_avx512(), detail::attention_cpu_has_avx2())) {
+    case KernelLevel::kWide: return detail::kLoopsAvx512;
+    case KernelLevel::kAvx2: return detail::kLoopsAvx2;
+    default: return detail::kLoopsPortable;
+  }
 #endif
 }
 

@@ -1,5 +1,5 @@
 // QWEN_CPU_KERNELS=avx2|portable: the narrower loops on any CPU (tests compare the instruction sets on one
-// machine). Each kernel reads it once, where it picks its loops by CPUID.
+// machine). Each kernel picks its loops once, through kernel_level below.
 #pragma once
 
 #include <cstdlib>
@@ -15,6 +15,18 @@ inline ForcedKernels forced_kernels() {
   if (std::strcmp(forced, "portable") == 0) return ForcedKernels::kPortable;
   if (std::strcmp(forced, "avx2") == 0) return ForcedKernels::kAvx2;
   return ForcedKernels::kNone;
+}
+
+enum class KernelLevel { kPortable, kAvx2, kWide };
+
+// The loops a kernel runs: its widest (`wide`: the CPU has the AVX-512 features that kernel's widest loops
+// need), else AVX2 (`avx2`: the CPU has what its AVX2 loops need), else the portable ones; narrowed by
+// QWEN_CPU_KERNELS. Every kernel that picks its loops by CPUID decides here.
+inline KernelLevel kernel_level(bool wide, bool avx2) {
+  const ForcedKernels forced = forced_kernels();
+  if (forced == ForcedKernels::kPortable) return KernelLevel::kPortable;
+  if (forced == ForcedKernels::kNone && wide) return KernelLevel::kWide;
+  return avx2 ? KernelLevel::kAvx2 : KernelLevel::kPortable;
 }
 
 }  // namespace qwen_cpu

@@ -13,7 +13,7 @@ namespace {
 bool has_avx512f() {  // and not narrowed by QWEN_CPU_KERNELS=avx2|portable
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && forced_kernels() == ForcedKernels::kNone;
+    return kernel_level(__builtin_cpu_supports("avx512f"), false) == KernelLevel::kWide;
   }();
   return has;
 }

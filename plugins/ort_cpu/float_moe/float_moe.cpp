@@ -126,11 +126,13 @@ struct DotRowsChoice {
 
 DotRowsChoice choose_dot_rows() {
 #ifdef QWEN_CPU_X86_COPIES
-  const ForcedKernels forced = forced_kernels();
   __builtin_cpu_init();
-  if (forced == ForcedKernels::kNone && __builtin_cpu_supports("x86-64-v4")) return {dot_rows_v4, "x86-64-v4"};
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (forced != ForcedKernels::kPortable && avx2) return {dot_rows_avx2, "avx2"};
+  switch (kernel_level(__builtin_cpu_supports("x86-64-v4"), avx2)) {
+    case KernelLevel::kWide: return {dot_rows_v4, "x86-64-v4"};
+    case KernelLevel::kAvx2: return {dot_rows_avx2, "avx2"};
+    default: break;
+  }
 #endif
   return {dot_rows_baseline, "baseline"};
 }

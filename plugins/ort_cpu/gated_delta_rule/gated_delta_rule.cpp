@@ -460,10 +460,12 @@ QWEN_DELTA_RULE_COPY(baseline, 8, , "baseline")
 
 const DeltaRuleLoops& choose_loops() {
 #ifdef QWEN_CPU_X86_COPIES
-  const ForcedKernels forced = forced_kernels();
   __builtin_cpu_init();
-  if (forced == ForcedKernels::kNone && __builtin_cpu_supports("avx512f")) return avx512::loops;
-  if (forced != ForcedKernels::kPortable && __builtin_cpu_supports("x86-64-v3")) return v3::loops;
+  switch (kernel_level(__builtin_cpu_supports("avx512f"), __builtin_cpu_supports("x86-64-v3"))) {
+    case KernelLevel::kWide: return avx512::loops;
+    case KernelLevel::kAvx2: return v3::loops;
+    default: break;
+  }
 #endif
   return baseline::loops;
 }

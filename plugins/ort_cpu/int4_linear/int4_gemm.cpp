@@ -106,12 +106,11 @@ detail::TileFn choose_tile() {
 #ifdef QWEN_CPU_PORTABLE_ONLY  // built without the x86 tiles (another architecture)
   return detail::tile_portable;
 #else
-  const ForcedKernels forced = forced_kernels();
-  const bool portable = forced == ForcedKernels::kPortable;
-  const bool avx2 = forced == ForcedKernels::kAvx2;
-  if (portable) return detail::tile_portable;
-  if (!avx2 && detail::cpu_has_avx512_vnni()) return detail::tile_avx512_vnni;
-  return detail::cpu_has_avx2() ? detail::tile_avx2 : detail::tile_portable;
+  switch (kernel_level(detail::cpu_has_avx512_vnni(), detail::cpu_has_avx2())) {
+    case KernelLevel::kWide: return detail::tile_avx512_vnni;
+    case KernelLevel::kAvx2: return detail::tile_avx2;
+    default: return detail::tile_portable;
+  }
 #endif
 }
 

@@ -39,11 +39,12 @@ def needs_emulation(model: ir.Model) -> bool:
 
 
 class EmulatedCopy:
-    """An fp32-emulated copy of a low-precision model file, in a temporary folder that lives as long as
-    this object (ONNX Runtime reads it once, at session creation)."""
+    """An fp32-emulated copy of a low-precision model file (or of a model in memory whose weights are in
+    files), in a temporary folder that lives as long as this object (ONNX Runtime reads it once, at session
+    creation)."""
 
-    def __init__(self, model_path: str | Path) -> None:
-        model = ir.external_data.load_to_model(ir.load(model_path))
+    def __init__(self, model: str | Path | ir.Model) -> None:
+        model = ir.external_data.load_to_model(model if isinstance(model, ir.Model) else ir.load(model))
         emulate_in_fp32(model)
         self._folder = tempfile.TemporaryDirectory(prefix="qwen-emulated-")
         self.path = Path(self._folder.name) / "model.onnx"

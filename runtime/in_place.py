@@ -29,20 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qwen_export.cpu_kernels import DOMAIN, STATE_UPDATES
 
 GROW_ROWS = 1024  # KV buffers grow in steps of this many rows
+_BUFFER_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}  # outputs kept in numpy buffers
 
 
-def in_place_states(model_path: str | Path, past_prefix: str, present_prefix: str) -> dict[str, bool]:
+def in_place_states(
+    model: str | Path | onnx.ModelProto, past_prefix: str, present_prefix: str
+) -> dict[str, bool]:
     """State suffix -> whether it grows (a KV cache), for the states this graph lets its ops update in
     place: read by one qwen.cpu op of STATE_UPDATES only (at a version that allows it), whose matching
     output is the graph's present state."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
     version = next((o.version for o in model.opset_import if o.domain == DOMAIN), 0)
     graph_outputs = {o.name for o in model.graph.output}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -139,14 +142,15 @@ class StepBinding:
         self._allocated.add(name)
 
     def buffer_output(self, name: str, batch: int, sequence: int) -> np.ndarray | None:
-        """Bind `name` to a kept float32 buffer of its shape at this batch and sequence length; None where
-        its shape has another symbolic dim or it is not float32 (then bound to allocated memory)."""
+        """Bind `name` to a kept float32 or int64 buffer of its shape at this batch and sequence length;
+        None where its shape has another symbolic dim or another dtype (then bound to allocated memory)."""
         key = (name, batch, sequence)
         if key not in self._buffers:
             sizes = {"batch": batch, "sequence": sequence}
             out = self._outputs[name]
             shape = tuple(d if isinstance(d, int) else sizes.get(d, -1) for d in out.shape)
-            array = np.empty(shape, np.float32) if -1 not in shape and out.type == "tensor(float)" else None
+            dtype = _BUFFER_DTYPES.get(out.type)
+            array = np.empty(shape, dtype) if -1 not in shape and dtype is not None else None
             self._buffers[key] = None if array is None else (array, ort.OrtValue.ortvalue_from_numpy(array))
         kept = self._buffers[key]
         if kept is None:

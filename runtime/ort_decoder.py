@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qwen_export.runtime import huge_pages
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
 from qwen_export.runtime.in_place import GrowingCache, StepBinding, in_place_states, with_room
 
+KEPT_BINDINGS = 3  # the plain step's and a verify step's two
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
@@ -38,10 +40,8 @@ def session_options(
     return so
 
 
-def _stores_low_precision(model_path: str | Path) -> bool:
-    import onnx_ir as ir
-
-    return needs_emulation(ir.load(model_path))
+def _stores_low_precision(model: str | Path | ir.Model) -> bool:
+    return needs_emulation(model if isinstance(model, ir.Model) else ir.load(model))
 
 
 @dataclass
@@ -62,22 +62,29 @@ class OrtDecoder:
         optimize: bool = False,
         providers: list[str] | None = None,
         threads: int | None = None,
+        graph: ir.Model | None = None,
     ):
+        """`graph`: a model held in memory that stands for `model_path`, its weights in the .data files
+        beside that path (the verify graph of speculative decoding, runtime/verify_graph.py)."""
         providers = providers or ["CPUExecutionProvider"]
         self.model_path = Path(model_path)
         # ONNX Runtime's CPU provider has no bf16 kernels (and fp16 ones for some ops only): a bf16/fp16
         # graph runs emulated in fp32, each low-precision result rounded through its dtype
         # (runtime/emulation.py). `emulated` says so to every report.
         on_cpu = providers == ["CPUExecutionProvider"]
-        self.emulated = on_cpu and _stores_low_precision(model_path)
-        copy = EmulatedCopy(model_path) if self.emulated else None
+        self.emulated = on_cpu and _stores_low_precision(graph or model_path)
+        copy = EmulatedCopy(graph or model_path) if self.emulated else None
+        proto = ir.to_proto(graph) if graph is not None else None
+        options = session_options(optimize, threads, model_path)
+        source: str | bytes = str(copy.path if copy else model_path)
+        if proto is not None and copy is None:
+            source = proto.SerializeToString()
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.model_path.parent)
+            )
         before = huge_pages.snapshot()
         try:
-            self.session = ort.InferenceSession(
-                str(copy.path if copy else model_path),
-                session_options(optimize, threads, model_path),
-                providers=providers,
-            )
+            self.session = ort.InferenceSession(source, options, providers=providers)
         finally:
             if copy is not None:
                 copy.close()
@@ -93,9 +100,13 @@ class OrtDecoder:
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         # states the graph's ops update in place (runtime/in_place.py): suffix -> grows (a KV cache)
         self.in_place = (
-            in_place_states(self.model_path, PAST_PREFIX, PRESENT_PREFIX) if self.device == "cpu" else {}
+            in_place_states(proto or self.model_path, PAST_PREFIX, PRESENT_PREFIX)
+            if self.device == "cpu"
+            else {}
         )
-        self._binding: StepBinding | None = None  # kept across in-place steps (run_in_place)
+        # kept across in-place steps (run_in_place), one per buffer set the fixed-size states are written
+        # into: a speculative verify step alternates two, and re-binding its states cost 20-40 us a step
+        self._bindings: dict[int | None, StepBinding] = {}
         # suffix -> (updated in place: None / False / True if it grows, past input, present output)
         self._state_names = {
             s: (self.in_place.get(s), PAST_PREFIX + s, PRESENT_PREFIX + s) for s in self.state_suffixes
@@ -218,9 +229,12 @@ class OrtDecoder:
 
         Returns every output that is not a state, as numpy arrays of their own, and the present states
         (the states passed in are consumed, except those written `into` other buffers)."""
-        binding = self._binding
+        key = id(next(iter(into.values()))) if into else None
+        binding = self._bindings.get(key)
         if binding is None:
-            binding = self._binding = StepBinding(self.session)
+            binding = self._bindings[key] = StepBinding(self.session)
+            while len(self._bindings) > KEPT_BINDINGS:  # the oldest go (a finished loop's buffers)
+                del self._bindings[next(iter(self._bindings))]
         for name, array in feeds.items():
             binding.input(name, array)
         batch, tokens = feeds["input_ids"].shape

@@ -5,27 +5,30 @@ keeps the longest accepted prefix plus the main model's own next token, so the t
 plain greedy decoding. A batch advances by the shortest accepted prefix over its live rows (a row whose
 draft ran further gets the same tokens: its next token equals the draft it accepted).
 
+The prompt and every verify step run the verify graph (runtime/verify_graph.py): the main graph and the MTP
+layer in one ONNX Runtime run, which also drafts the next round's first token. A round of k = 1 is thus one
+run; k > 1 adds k - 1 steps of mtp.onnx, each drafting from the one before.
+
 Rolling back a rejected draft: the KV cache could be cut, but the DeltaNet conv and recurrent states cannot
 be rewound. Two ways are kept, measured by scripts/bench_speculative.py (benchmarks/speculative.md):
 - "refeed" (the default, the faster): a round that rejects part of its draft keeps the states from before
   its verify step, and the accepted tokens ride along at the front of the next verify step. Nothing runs
   twice as a separate step; a verify step just grows by the re-fed tokens. After a round that accepts
   everything, the verify step's states are kept.
-- "recompute": a round that rejects part of its draft runs the main graph again on the accepted tokens.
+- "recompute": a round that rejects part of its draft runs the verify graph again on the accepted tokens.
 A verify or recompute step stays under STEP_TOKENS wide (refeed gives way to a recompute before that): on the
 qwen.cpu graphs such a step gives each token the bits of a one-token step, so even on ort-cpu-int4, whose
 int8 activations can turn a last-bit difference into a flipped near-tie, the tokens are plain decoding's.
 
-The MTP layer's own KV cache always holds the pairs (main hidden state at position t, token t+1) of the
-accepted tokens only: each round first feeds the previous round's accepted pairs (true main hidden states
-from the verify step) and keeps that cache; the draft steps beyond the first run on a copy, or, where the
-graph updates its KV cache in place, on rows past the accepted ones that the next round rewrites.
+The MTP layer's KV cache is a state of the verify graph like the main graph's, kept or rolled back with
+them: its valid rows are the pairs (main hidden state at column t, token t+1) of the decided columns, the
+prompt's first. The draft steps beyond the first run on a copy of it (cut to the valid rows where a re-fed
+round left rows past them), or, where the graphs update their KV caches in place, on rows past the valid
+ones, which the next verify run rewrites.
 
 On graphs whose ops update states in place (runtime/in_place.py) nothing is copied: the verify step writes
-its KV rows over the cache and its DeltaNet states into a second set of buffers, swapped in when every
-draft is accepted. On the trained model (ort-cpu-int4, batch 1, k = 2) the in-place steps and a loop that
-slices its masks, positions and tokens out of per-column buffers took speculative decoding from 1.00x to
-1.11-1.15x plain decoding, which got faster too (benchmarks/speculative.md).
+its KV rows over the caches and its DeltaNet states into a second set of buffers, swapped in when every
+draft is accepted.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from qwen_export.errors import QwenExportError
 from qwen_export.exporter.model import HIDDEN_STATES
 from qwen_export.exporter.mtp import DRAFT_HIDDEN_STATES
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
+from qwen_export.runtime.verify_graph import DRAFT_LOGITS, MTP_STATES, NEXT_IDS, PREDICTED_IDS
 
 MAX_SPECULATIVE = 8
 REFEED_ROUNDS = 3  # re-fed tokens past this many rounds' worth are committed by a recompute step
@@ -103,19 +107,22 @@ class SpeculativeStats:
 
 
 class SpeculativeDecoder:
-    """Greedy decoding of a main graph (with a `hidden_states` output) checked against k MTP drafts."""
+    """Greedy decoding checked against k MTP drafts a round: the prompt and every round run through
+    `verify` (runtime/verify_graph.py: the main graph and the MTP layer in one run), and, for k > 1, k - 1
+    further steps of `draft` (mtp.onnx)."""
 
-    def __init__(self, main: OrtDecoder, draft: OrtDecoder, k: int, rollback: str = "refeed"):
+    def __init__(self, verify: OrtDecoder, draft: OrtDecoder, k: int, rollback: str = "refeed"):
         check_speculative(k)
         if rollback not in ROLLBACKS:
             raise QwenExportError(f"rollback {rollback!r} is not one of {', '.join(ROLLBACKS)}")
-        if HIDDEN_STATES not in main.output_names:
-            raise QwenExportError("the main graph has no hidden_states output; re-export the checkpoint")
-        self.main, self.draft, self.k, self.rollback = main, draft, k, rollback
-        # the draft steps run in place only where every draft state is a KV cache (runtime/in_place.py)
-        self._draft_in_place = bool(draft.in_place) and all(draft.in_place.values())
+        self.verify, self.draft, self.k, self.rollback = verify, draft, k, rollback
+        # the draft steps run in place only where every draft state is a KV cache (runtime/in_place.py) that
+        # the verify graph updates in place too (both come from one target's passes)
+        self._draft_in_place = bool(draft.in_place) and all(
+            draft.in_place.get(s) and verify.in_place.get(MTP_STATES + s) for s in draft.state_suffixes
+        )
         # ONNX Runtime's GroupQueryAttention takes several new tokens over a cache at batch 1 only.
-        self.row_by_row = _runs_op(main.model_path, "GroupQueryAttention")
+        self.row_by_row = _runs_op(verify.model_path, "GroupQueryAttention")
 
     def stream(
         self,
@@ -159,10 +166,6 @@ class SpeculativeDecoder:
         done = np.zeros(batch, bool)
         start = time.perf_counter()
         positions = positions_from_mask(mask)
-        outs, states = self.main.step_all_bound(
-            _feeds(ids, mask, positions), self.main.empty_bound_states(batch)
-        )
-        run_main, run_draft, scratch = self._runners(states)
         # Every token by its column: the prompt's, then one per decoded token (drafts are written ahead of
         # their verification and overwritten when rejected). Rows advance together, so past the prompt a
         # column's mask is 1 and each row's position is its last prompt position plus the columns since;
@@ -175,61 +178,65 @@ class SpeculativeDecoder:
         column_positions = np.empty((batch, columns), np.int64)
         column_positions[:, :width] = positions
         column_positions[:, width:] = positions[:, -1:] + np.arange(1, columns - width + 1)[None]
+        # the token after each column where it is decided (the MTP pairs' tokens); -1: not yet
+        next_ids = np.full((batch, columns), -1, np.int64)
+        next_ids[:, : width - 1] = ids[:, 1:]
 
-        last = outs["logits"][:, -1].argmax(-1)
+        # The prompt through the verify graph: the first token, and the MTP layer's pairs of the prompt,
+        # (hidden c, token c+1) at column c, which give the first draft. Only the last position's
+        # vocabulary projections are needed (the pairs' tokens are the prompt's).
+        feeds = {**_feeds(ids, mask, positions), NEXT_IDS: next_ids[:, :width]}
+        if self.verify.keeps_logits:
+            feeds["logits_to_keep"] = np.array(1, np.int64)
+        outs, states = self.verify.step_all_bound(feeds, self.verify.empty_bound_states(batch))
+        last = outs[PREDICTED_IDS][:, -1]
         tokens[:, width] = last
+        next_ids[:, width - 1] = last
         emitted = 1
         if timings is not None:
             timings["time_to_first_token_s"] = time.perf_counter() - start
             timings["decode_start"] = time.perf_counter()
         done |= np.isin(last, stops)
         yield last
+        first_draft, draft_hidden = outs[DRAFT_LOGITS][:, -1].argmax(-1), outs[DRAFT_HIDDEN_STATES][:, -1:]
+        draft_suffixes = self.draft.state_suffixes
+        run_draft = self.draft.run_in_place if self._draft_in_place else self.draft.step_all_bound
+        run_verify, scratch = self._verify_runner(states)
         committed = width  # columns inside the main graph's states
         last_column = width  # the newest decided token, not yet fed to the main graph
-        draft_rows = 0  # columns inside the MTP layer's cache: its pair at column c is (hidden c, token c+1)
-        pair_hidden = outs[HIDDEN_STATES]  # the main hidden states of columns draft_rows .. last_column - 1
-        draft_states = self.draft.empty_bound_states(batch)
         accepted_sum = np.zeros(k, np.int64)
+        pairs = None  # where the MTP cache in `states` lacks decided pairs: one that holds exactly those
         try:
             while emitted < max_new_tokens and not done.all():
                 t0 = time.perf_counter()
-                out, draft_states = run_draft(
-                    {
-                        "input_ids": tokens[:, draft_rows + 1 : last_column + 1],
-                        HIDDEN_STATES: pair_hidden,
-                        "attention_mask": full_mask[:, :last_column],
-                        "position_ids": column_positions[:, draft_rows:last_column],
-                    },
-                    draft_states,
-                )
-                draft_rows = last_column
-                tokens[:, last_column + 1] = out["logits"][:, -1].argmax(-1)
-                spec_states, spec_hidden = draft_states, out[DRAFT_HIDDEN_STATES][:, -1:]
+                tokens[:, last_column + 1] = first_draft
+                spec_states = pairs or {s: states[MTP_STATES + s] for s in draft_suffixes}
                 for j in range(1, k):  # draft j+1 from draft j, at draft j's column - 1 (as a pair sits)
                     column = last_column + j
                     spec, spec_states = run_draft(
                         {
                             "input_ids": tokens[:, column : column + 1],
-                            HIDDEN_STATES: spec_hidden,
+                            HIDDEN_STATES: draft_hidden,
                             "attention_mask": full_mask[:, :column],
                             "position_ids": column_positions[:, column - 1 : column],
                         },
                         spec_states,
                     )
-                    spec_hidden = spec[DRAFT_HIDDEN_STATES]
+                    draft_hidden = spec[DRAFT_HIDDEN_STATES]
                     tokens[:, column + 1] = spec["logits"][:, -1].argmax(-1)
-                if self._draft_in_place:  # the same buffers, perhaps regrown; the rows past draft_rows
-                    draft_states = spec_states  # are rewritten by the next round's first draft step
-                stats.draft_steps += k
+                if self._draft_in_place:  # the same buffers, perhaps regrown; the rows they wrote past the
+                    states.update({MTP_STATES + s: v for s, v in spec_states.items()})  # valid ones are
+                stats.draft_steps += k - 1  # rewritten by the verify run
                 t1 = time.perf_counter()
                 stats.draft_s += t1 - t0
 
                 end = last_column + k + 1  # verify columns: re-fed ones, the last token, the drafts
-                outs, verify_states = run_main(
+                outs, verify_states = run_verify(
                     {
                         "input_ids": tokens[:, committed:end],
                         "attention_mask": full_mask[:, :end],
                         "position_ids": column_positions[:, committed:end],
+                        NEXT_IDS: next_ids[:, committed:end],
                     },
                     states,
                     scratch,
@@ -237,7 +244,7 @@ class SpeculativeDecoder:
                 stats.verify_steps += 1
                 stats.verify_s += time.perf_counter() - t1
                 offset = last_column - committed
-                predicted = outs["logits"][:, offset:].argmax(-1)  # [B, k + 1]: after last, d_1, ..., d_k
+                predicted = outs[PREDICTED_IDS][:, offset:]  # [B, k + 1]: after last, d_1, ..., d_k
                 drafted = tokens[:, last_column + 1 : end]
                 matches = np.cumprod(drafted == predicted[:, :-1], axis=1)  # leading run of accepted drafts
                 live = ~done
@@ -246,6 +253,10 @@ class SpeculativeDecoder:
                 stats.row_rounds += int(live.sum())
                 accepted_sum += matches[live].sum(0)
                 tokens[:, last_column + accepted + 1] = predicted[:, accepted]
+                next_ids[:, last_column : last_column + accepted + 1] = predicted[:, : accepted + 1]
+                # the MTP pair at the last decided column: (its hidden state, the token just decided)
+                first_draft = outs[DRAFT_LOGITS][:, offset + accepted].argmax(-1)
+                draft_hidden = outs[DRAFT_HIDDEN_STATES][:, offset + accepted : offset + accepted + 1]
 
                 for column in range(last_column + 1, last_column + accepted + 2):
                     if emitted >= max_new_tokens or done.all():
@@ -258,17 +269,19 @@ class SpeculativeDecoder:
                     yield token
 
                 kept = offset + accepted + 1  # verify columns now decided: re-fed, last, accepted drafts
+                pairs = None
                 if accepted == k:
                     scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
                     states, committed = verify_states, committed + kept
                 elif self.rollback == "recompute" or kept > max_refeed(k):
                     states = self._before_verify(states, verify_states)
                     t2 = time.perf_counter()
-                    _, states = run_main(
+                    _, states = run_verify(
                         {
                             "input_ids": tokens[:, committed : committed + kept],
                             "attention_mask": full_mask[:, : committed + kept],
                             "position_ids": column_positions[:, committed : committed + kept],
+                            NEXT_IDS: next_ids[:, committed : committed + kept],
                         },
                         states,
                     )
@@ -277,7 +290,11 @@ class SpeculativeDecoder:
                     stats.recompute_s += time.perf_counter() - t2
                 else:  # refeed: the decided columns ride along at the front of the next verify step
                     states = self._before_verify(states, verify_states)
-                pair_hidden = outs[HIDDEN_STATES][:, offset:kept]
+                    if k > 1 and not self._draft_in_place:  # the draft steps read the re-fed columns' pairs
+                        pairs = {
+                            s: _first_rows(verify_states[MTP_STATES + s], last_column + accepted + 1)
+                            for s in draft_suffixes
+                        }
                 last_column += accepted + 1
         finally:
             for j in range(k):
@@ -285,33 +302,34 @@ class SpeculativeDecoder:
         if timings is not None:
             timings["decode_end"] = time.perf_counter()
 
-    def _runners(self, states: dict[str, Any]) -> tuple[Callable, Callable, dict[str, ort.OrtValue]]:
-        """The step functions of the main and draft graphs, and the verify step's second buffers.
+    def _verify_runner(self, states: dict[str, Any]) -> tuple[Callable, dict[str, ort.OrtValue]]:
+        """The verify graph's step function, and its second buffers.
 
-        Where the graphs update states in place (runtime/in_place.py), the verify step writes the DeltaNet
-        states into the second buffers (swapped in when every draft is accepted) and its KV rows over the
-        cache; the draft steps write the MTP layer's KV cache in place (so only where every draft state is
-        a KV cache: the drafts beyond the first run on rows the next round rewrites)."""
-        main, draft = self.main, self.draft
+        Where the graph updates states in place (runtime/in_place.py), the verify step writes the DeltaNet
+        states into the second buffers (swapped in when every draft is accepted) and its KV rows, the MTP
+        layer's included, over the caches."""
+        verify = self.verify
         scratch = {
             s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")
             for s, v in states.items()
-            if main.in_place.get(s) is False
+            if verify.in_place.get(s) is False
         }
-        run_main = (
-            main.run_in_place
-            if main.in_place
-            else lambda feeds, past, into=None: main.step_all_bound(feeds, past)
-        )
-        run_draft = draft.run_in_place if self._draft_in_place else draft.step_all_bound
-        return run_main, run_draft, scratch
+        if verify.in_place:
+            return verify.run_in_place, scratch
+        return (lambda feeds, past, into=None: verify.step_all_bound(feeds, past)), scratch
 
     def _before_verify(self, states: dict[str, Any], verify_states: dict[str, Any]) -> dict[str, Any]:
         """The states from before a verify step whose drafts were not all accepted: the DeltaNet states as
         they were (the verify step wrote its own elsewhere), the KV caches as the verify step left them
         where it wrote them in place (the buffer may have been regrown; the rows it added past the
         accepted ones are rewritten by the next step, whose bias says how many rows are valid)."""
-        return {s: verify_states[s] if self.main.in_place.get(s) else v for s, v in states.items()}
+        return {s: verify_states[s] if self.verify.in_place.get(s) else v for s, v in states.items()}
+
+
+def _first_rows(cache: ort.OrtValue, rows: int) -> ort.OrtValue:
+    """A copy of a KV cache [B, kv, S, hd] cut to its first `rows` rows (on the copying path a verify step's
+    cache holds its rejected drafts' rows at the end)."""
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(cache.numpy()[:, :, :rows]))
 
 
 def _feeds(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:

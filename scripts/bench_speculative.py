@@ -59,6 +59,13 @@ def run_config(session, prompts, new_tokens: int, k: int, rollback: str | None) 
     return result
 
 
+def _median_over(results: list[dict], key: str, plain_step_ms: float) -> float | None:
+    """The median of a step cost over the rounds, relative to a plain step; None where no round ran one
+    (k = 1 runs no separate draft step: its draft comes out of the verify run)."""
+    values = [r["speculative"][key] for r in results if r["speculative"][key] is not None]
+    return float(np.median(values)) / plain_step_ms if values else None
+
+
 def bench_target(source: dict, target: str, work: Path, args) -> dict:
     from qwen_export.build import BuildRequest, build_artifact
     from qwen_export.metrics import agreement_length
@@ -101,8 +108,7 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             row |= {
                 "acceptance_per_position": spec["acceptance_per_position"],
                 "mean_accepted_per_round": spec["mean_accepted_per_round"],
-                "draft_step_vs_plain": float(np.median([r["speculative"]["draft_step_ms"] for r in results]))
-                / plain_step_ms,
+                "draft_step_vs_plain": _median_over(results, "draft_step_ms", plain_step_ms),
                 "verify_step_vs_plain": float(
                     np.median([r["speculative"]["verify_step_ms"] for r in results])
                 )
@@ -111,12 +117,23 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             }
         table.append(row)
     best = max((r for r in table if r["k"]), key=lambda r: r["speedup_vs_plain"])
+    drafts = [r["draft_step_vs_plain"] for r in table if r.get("draft_step_vs_plain") is not None]
+    threads = {
+        name: decoder.session.get_session_options().intra_op_num_threads
+        for name, decoder in (("main", session.backend), ("verify", session.verify), ("draft", session.draft))
+    }
     return {
         "target": target,
+        "threads": threads,
         "plain_step_ms": 1e3 / table[0]["decode_tokens_per_s"],
+        "draft_step_vs_plain": float(np.median(drafts)) if drafts else None,
         "rows": table,
         "best": best,
     }
+
+
+def _cost(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def render(result: dict) -> str:
@@ -137,9 +154,12 @@ def render(result: dict) -> str:
     ]
     for t in result["targets"]:
         best = t["best"]
+        threads = ", ".join(f"{name} {n}" for name, n in t["threads"].items())
         lines += [
             f"## `{t['target']}`: plain decode step {t['plain_step_ms']:.2f} ms; best k = {best['k']} "
             f"({best['rollback']}): {best['speedup_vs_plain']:.2f}x plain",
+            "",
+            f"Intra-op threads per graph (0: ONNX Runtime's default): {threads}.",
             "",
             "| k | rollback | tokens/s | vs plain | same tokens | acceptance per position "
             "| accepted per round | draft step / plain | verify step / plain | recompute steps |",
@@ -154,19 +174,21 @@ def render(result: dict) -> str:
                 f"| {row['k']} | {row['rollback']} | {row['decode_tokens_per_s']:.1f} | "
                 f"{row['speedup_vs_plain']:.2f} | {row['tokens_equal_to_plain']:.0%} | {acc} | "
                 f"{row['mean_accepted_per_round']:.2f} | "
-                f"{row['draft_step_vs_plain']:.2f} | {row['verify_step_vs_plain']:.2f} | "
+                f"{_cost(row['draft_step_vs_plain'])} | {row['verify_step_vs_plain']:.2f} | "
                 f"{row['recompute_steps']} |"
             )
         lines.append("")
         tokens = 1 + best["mean_accepted_per_round"]
-        cost = best["k"] * best["draft_step_vs_plain"] + best["verify_step_vs_plain"]
+        draft = t["draft_step_vs_plain"]
+        cost = (best["k"] - 1) * (best["draft_step_vs_plain"] or 0.0) + best["verify_step_vs_plain"]
         lines += [
-            f"A round of the best configuration yields {tokens:.2f} tokens for k = {best['k']} draft steps "
-            f"and one verify step, {cost:.2f} plain steps of work: {tokens / cost:.2f}x before the loop's "
-            "own Python. On this model a verify step of k+1 tokens costs well over one plain step, because "
-            "a 5M-parameter model on a CPU is bound by per-op overhead and arithmetic, not by reading its "
-            f"weights; a one-layer draft step costs {best['draft_step_vs_plain']:.2f} of a plain step for "
-            "the same reason.",
+            f"A round of the best configuration yields {tokens:.2f} tokens for one verify run (the main "
+            f"graph over k+1 tokens and the MTP layer beside it, which drafts the next round's first token) "
+            f"and k - 1 = {best['k'] - 1} draft steps: {cost:.2f} plain steps of work, {tokens / cost:.2f}x "
+            "before the loop's own Python. A draft step of mtp.onnx (the k >= 2 rows) costs "
+            f"{_cost(draft)} of a plain step. On this model a verify run costs well over one plain step, "
+            "because a 5M-parameter model on a CPU is bound by per-op overhead and arithmetic, not by "
+            "reading its weights.",
             "",
         ]
     return "\n".join(lines)

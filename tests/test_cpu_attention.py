@@ -120,6 +120,7 @@ CASES = {
     "decode-long-split": (2, 1, 3000, 8, 2, 64, (0, 700)),  # several key ranges per head, combined
     "decode-ranges-of-blocks": (1, 1, 40000, 4, 1, 16, (9,)),  # 40 ranges of 1024 keys: two 512-key blocks
     "decode-mha": (1, 1, 20, 4, 4, 32, ()),
+    "decode-narrow-heads": (1, 1, 37, 4, 2, 32, ()),  # 32 dims, two query heads a kv head (trained model's)
     "decode-one-kv-head": (3, 1, 65, 6, 1, 16, (5, 0, 64)),
     "no-past-prompt": (2, 7, 0, 8, 2, 64, (3, 0)),
     "prefill-tiles": (1, 40, 0, 8, 2, 32, ()),  # 16 tokens per 64-row tile: three tiles

@@ -102,6 +102,66 @@ def _check_draft(folder, model_dir, split: int) -> None:
     np.testing.assert_allclose(logits[1][:, 0], draft_logits_ref[:, -1], atol=FP32_MAX_ABS, rtol=0)
 
 
+@pytest.mark.parametrize("split", [1, 20])
+def test_verify_graph_matches_the_reference(preset_export, split):
+    """The verify graph (runtime/verify_graph.py: the main graph and the MTP layer in one run) against
+    transformers and the MTP reference, run in two pieces through its states: the first piece's pairs take
+    the prompt's next tokens (`next_ids`), the second's the main model's greedy tokens (next_ids -1)."""
+    import torch
+
+    from qwen_export.runtime.verify_graph import NEXT_IDS, PREDICTED_IDS, compose_verify_graph
+
+    preset, folder = preset_export
+    model = load_reference(materialize(preset))
+    mtp = load_mtp_reference(materialize(preset), model)
+    ids, mask = _prompts(model.config.vocab_size, 40)
+    positions = positions_from_mask(mask)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_hidden_states=True
+        )
+        greedy = out.logits.argmax(-1).numpy()
+        pair_ids = np.concatenate([ids[:, 1 : split + 1], greedy[:, split:]], axis=1)
+        draft_hidden_ref, draft_logits_ref = (
+            t.float().numpy()
+            for t in mtp(model, torch.as_tensor(pair_ids), out.hidden_states[-1], torch.as_tensor(positions),
+                         torch.as_tensor(mask))
+        )  # fmt: skip
+
+    graph = compose_verify_graph(folder / MODEL_FILE, folder / DRAFT_FILE)
+    verify = OrtDecoder(folder / MODEL_FILE, graph=graph)
+    states, pieces = verify.empty_bound_states(2), []
+    for lo, hi, next_ids in ((0, split, ids[:, 1 : split + 1]), (split, ids.shape[1], None)):
+        feeds = {
+            "input_ids": ids[:, lo:hi],
+            "attention_mask": mask[:, :hi],
+            "position_ids": positions[:, lo:hi],
+            NEXT_IDS: np.full((2, hi - lo), -1) if next_ids is None else next_ids,
+        }
+        piece, states = verify.step_all_bound(feeds, states)
+        pieces.append(piece)
+    real = mask.astype(bool)  # padded positions attend to nothing: not compared
+    for name, ref in (("draft_hidden_states", draft_hidden_ref), ("draft_logits", draft_logits_ref)):
+        got = np.concatenate([p[name] for p in pieces], axis=1)
+        np.testing.assert_allclose(got[real], ref[real], atol=FP32_MAX_ABS, rtol=0, err_msg=name)
+    logits = out.logits.float().numpy()
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    clear = real & (top2[..., 1] - top2[..., 0] > 2 * FP32_MAX_ABS)  # no near-tie to flip
+    assert clear.mean() > 0.9
+    predicted = np.concatenate([p[PREDICTED_IDS] for p in pieces], axis=1)
+    np.testing.assert_array_equal(predicted[clear], logits.argmax(-1)[clear])
+
+
+def test_verify_graph_needs_the_main_hidden_states(tmp_path):
+    from qwen_export.errors import QwenExportError
+    from qwen_export.runtime.verify_graph import compose_verify_graph
+
+    with_mtp = export_model(tmp_path / "mtp", preset="tiny-qwen3.5-moe").out_dir
+    without = export_model(tmp_path / "plain", model_dir=_without_mtp(tmp_path)).out_dir
+    with pytest.raises(QwenExportError, match="no hidden_states output; re-export"):
+        compose_verify_graph(without / MODEL_FILE, with_mtp / DRAFT_FILE)
+
+
 def test_an_incomplete_mtp_layer_is_named(tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -291,17 +351,20 @@ def trained_cpu_builds(tmp_path_factory):
 
 def test_speculative_decoding_updates_the_states_in_place(trained_cpu_builds, monkeypatch, heldout_prompts):
     """On a graph whose ops update states in place (qwen.cpu), the verify step writes the DeltaNet states
-    into a second set of buffers and its KV rows over the cache, and the draft steps write the MTP layer's
-    KV cache in place (runtime/speculative.py). On the trained model's held-out text rounds both accept
-    every draft (the buffers swap) and reject some; buffers are regrown every 3 rows here, so rounds cross
-    regrowths. The tokens equal the copying path's and plain decoding's, for both rollbacks."""
+    into a second set of buffers and its KV rows, the MTP layer's included, over the caches, and the draft
+    steps write the MTP layer's KV cache in place (runtime/speculative.py). On the trained model's held-out
+    text rounds both accept every draft (the buffers swap) and reject some; buffers are regrown every 3
+    rows here, so rounds cross regrowths. The tokens equal the copying path's and plain decoding's, for
+    both rollbacks."""
     from qwen_export.runtime import in_place
     from qwen_export.runtime.session import Session
     from qwen_export.runtime.speculative import SpeculativeStats
 
     session = Session.load(trained_cpu_builds["ort-cpu-int4"])
-    main, draft = session.backend, session.draft
-    assert any(grows is False for grows in main.in_place.values()), "DeltaNet states in place"
+    session.speculative_decoder(2)  # composes the verify graph
+    verify, draft = session.verify, session.draft
+    assert any(grows is False for grows in verify.in_place.values()), "DeltaNet states in place"
+    assert verify.in_place["mtp.0.key"] and verify.in_place["mtp.0.value"], "the MTP layer's KV cache too"
     assert draft.in_place and all(draft.in_place.values()), "the MTP layer's KV cache in place"
     monkeypatch.setattr(in_place, "GROW_ROWS", 3)
     prompts = heldout_prompts
@@ -322,7 +385,7 @@ def test_speculative_decoding_updates_the_states_in_place(trained_cpu_builds, mo
 
     plain = [session.generate([prompt], 24).tokens[0] for prompt in prompts]
     fast = {rollback: speculative(rollback) for rollback in ("refeed", "recompute")}
-    monkeypatch.setattr(main, "in_place", {})
+    monkeypatch.setattr(verify, "in_place", {})
     monkeypatch.setattr(draft, "in_place", {})
     for rollback, tokens in fast.items():
         assert tokens == plain == speculative(rollback), rollback

@@ -204,101 +204,96 @@ class SpeculativeDecoder:
         run_verify, scratch = self._verify_runner(states)
         committed = width  # columns inside the main graph's states
         last_column = width  # the newest decided token, not yet fed to the main graph
-        accepted_sum = np.zeros(k, np.int64)
         pairs = None  # where the MTP cache in `states` lacks decided pairs: one that holds exactly those
-        try:
-            while emitted < max_new_tokens and not done.all():
-                t0 = time.perf_counter()
-                tokens[:, last_column + 1] = first_draft
-                spec_states = pairs or {s: states[MTP_STATES + s] for s in draft_suffixes}
-                for j in range(1, k):  # draft j+1 from draft j, at draft j's column - 1 (as a pair sits)
-                    column = last_column + j
-                    spec, spec_states = run_draft(
-                        {
-                            "input_ids": tokens[:, column : column + 1],
-                            HIDDEN_STATES: draft_hidden,
-                            "attention_mask": full_mask[:, :column],
-                            "position_ids": column_positions[:, column - 1 : column],
-                        },
-                        spec_states,
-                    )
-                    draft_hidden = spec[DRAFT_HIDDEN_STATES]
-                    tokens[:, column + 1] = spec["logits"][:, -1].argmax(-1)
-                if self._draft_in_place:  # the same buffers, perhaps regrown; the rows they wrote past the
-                    states.update({MTP_STATES + s: v for s, v in spec_states.items()})  # valid ones are
-                stats.draft_steps += k - 1  # rewritten by the verify run
-                t1 = time.perf_counter()
-                stats.draft_s += t1 - t0
-
-                end = last_column + k + 1  # verify columns: re-fed ones, the last token, the drafts
-                outs, verify_states = run_verify(
+        while emitted < max_new_tokens and not done.all():
+            t0 = time.perf_counter()
+            tokens[:, last_column + 1] = first_draft
+            spec_states = pairs or {s: states[MTP_STATES + s] for s in draft_suffixes}
+            for j in range(1, k):  # draft j+1 from draft j, at draft j's column - 1 (as a pair sits)
+                column = last_column + j
+                spec, spec_states = run_draft(
                     {
-                        "input_ids": tokens[:, committed:end],
-                        "attention_mask": full_mask[:, :end],
-                        "position_ids": column_positions[:, committed:end],
-                        NEXT_IDS: next_ids[:, committed:end],
+                        "input_ids": tokens[:, column : column + 1],
+                        HIDDEN_STATES: draft_hidden,
+                        "attention_mask": full_mask[:, :column],
+                        "position_ids": column_positions[:, column - 1 : column],
+                    },
+                    spec_states,
+                )
+                draft_hidden = spec[DRAFT_HIDDEN_STATES]
+                tokens[:, column + 1] = spec["logits"][:, -1].argmax(-1)
+            if self._draft_in_place:  # the same buffers, perhaps regrown; the rows they wrote past the
+                states.update({MTP_STATES + s: v for s, v in spec_states.items()})  # valid ones are
+            stats.draft_steps += k - 1  # rewritten by the verify run
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
+
+            end = last_column + k + 1  # verify columns: re-fed ones, the last token, the drafts
+            outs, verify_states = run_verify(
+                {
+                    "input_ids": tokens[:, committed:end],
+                    "attention_mask": full_mask[:, :end],
+                    "position_ids": column_positions[:, committed:end],
+                    NEXT_IDS: next_ids[:, committed:end],
+                },
+                states,
+                scratch,
+            )
+            stats.verify_steps += 1
+            stats.verify_s += time.perf_counter() - t1
+            offset = last_column - committed
+            predicted = outs[PREDICTED_IDS][:, offset:]  # [B, k + 1]: after last, d_1, ..., d_k
+            live = (~done).tolist()
+            accepted, per_position = _accepted(tokens[:, last_column + 1 : end], predicted[:, :-1], live)
+            stats.rounds += 1
+            stats.row_rounds += sum(live)
+            for j, count in enumerate(per_position):
+                stats.accepted[j] += count
+            tokens[:, last_column + accepted + 1] = predicted[:, accepted]
+            next_ids[:, last_column : last_column + accepted + 1] = predicted[:, : accepted + 1]
+            # the MTP pair at the last decided column: (its hidden state, the token just decided)
+            first_draft = outs[DRAFT_LOGITS][:, offset + accepted].argmax(-1)
+            draft_hidden = outs[DRAFT_HIDDEN_STATES][:, offset + accepted : offset + accepted + 1]
+
+            for column in range(last_column + 1, last_column + accepted + 2):
+                if emitted >= max_new_tokens or not any(live):
+                    break
+                token = tokens[:, column].copy()  # not a view: a caller may keep or change it
+                if stops.size:
+                    token = np.where(done, stops[0], token)
+                    done |= np.isin(token, stops)
+                    live = (~done).tolist()
+                emitted += 1
+                yield token
+
+            kept = offset + accepted + 1  # verify columns now decided: re-fed, last, accepted drafts
+            pairs = None
+            if accepted == k:
+                scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
+                states, committed = verify_states, committed + kept
+            elif self.rollback == "recompute" or kept > max_refeed(k):
+                states = self._before_verify(states, verify_states)
+                t2 = time.perf_counter()
+                _, states = run_verify(
+                    {
+                        "input_ids": tokens[:, committed : committed + kept],
+                        "attention_mask": full_mask[:, : committed + kept],
+                        "position_ids": column_positions[:, committed : committed + kept],
+                        NEXT_IDS: next_ids[:, committed : committed + kept],
                     },
                     states,
-                    scratch,
                 )
-                stats.verify_steps += 1
-                stats.verify_s += time.perf_counter() - t1
-                offset = last_column - committed
-                predicted = outs[PREDICTED_IDS][:, offset:]  # [B, k + 1]: after last, d_1, ..., d_k
-                drafted = tokens[:, last_column + 1 : end]
-                matches = np.cumprod(drafted == predicted[:, :-1], axis=1)  # leading run of accepted drafts
-                live = ~done
-                accepted = int(matches[live].sum(1).min())
-                stats.rounds += 1
-                stats.row_rounds += int(live.sum())
-                accepted_sum += matches[live].sum(0)
-                tokens[:, last_column + accepted + 1] = predicted[:, accepted]
-                next_ids[:, last_column : last_column + accepted + 1] = predicted[:, : accepted + 1]
-                # the MTP pair at the last decided column: (its hidden state, the token just decided)
-                first_draft = outs[DRAFT_LOGITS][:, offset + accepted].argmax(-1)
-                draft_hidden = outs[DRAFT_HIDDEN_STATES][:, offset + accepted : offset + accepted + 1]
-
-                for column in range(last_column + 1, last_column + accepted + 2):
-                    if emitted >= max_new_tokens or done.all():
-                        break
-                    token = tokens[:, column].copy()  # not a view: a caller may keep or change it
-                    if stops.size:
-                        token = np.where(done, stops[0], token)
-                        done |= np.isin(token, stops)
-                    emitted += 1
-                    yield token
-
-                kept = offset + accepted + 1  # verify columns now decided: re-fed, last, accepted drafts
-                pairs = None
-                if accepted == k:
-                    scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
-                    states, committed = verify_states, committed + kept
-                elif self.rollback == "recompute" or kept > max_refeed(k):
-                    states = self._before_verify(states, verify_states)
-                    t2 = time.perf_counter()
-                    _, states = run_verify(
-                        {
-                            "input_ids": tokens[:, committed : committed + kept],
-                            "attention_mask": full_mask[:, : committed + kept],
-                            "position_ids": column_positions[:, committed : committed + kept],
-                            NEXT_IDS: next_ids[:, committed : committed + kept],
-                        },
-                        states,
-                    )
-                    committed += kept
-                    stats.recompute_steps += 1
-                    stats.recompute_s += time.perf_counter() - t2
-                else:  # refeed: the decided columns ride along at the front of the next verify step
-                    states = self._before_verify(states, verify_states)
-                    if k > 1 and not self._draft_in_place:  # the draft steps read the re-fed columns' pairs
-                        pairs = {
-                            s: _first_rows(verify_states[MTP_STATES + s], last_column + accepted + 1)
-                            for s in draft_suffixes
-                        }
-                last_column += accepted + 1
-        finally:
-            for j in range(k):
-                stats.accepted[j] += int(accepted_sum[j])
+                committed += kept
+                stats.recompute_steps += 1
+                stats.recompute_s += time.perf_counter() - t2
+            else:  # refeed: the decided columns ride along at the front of the next verify step
+                states = self._before_verify(states, verify_states)
+                if k > 1 and not self._draft_in_place:  # the draft steps read the re-fed columns' pairs
+                    pairs = {
+                        s: _first_rows(verify_states[MTP_STATES + s], last_column + accepted + 1)
+                        for s in draft_suffixes
+                    }
+            last_column += accepted + 1
         if timings is not None:
             timings["decode_end"] = time.perf_counter()
 
@@ -309,6 +304,7 @@ class SpeculativeDecoder:
         states into the second buffers (swapped in when every draft is accepted) and its KV rows, the MTP
         layer's included, over the caches."""
         verify = self.verify
+        self._caches_in_place = [s for s, grows in verify.in_place.items() if grows]
         scratch = {
             s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")
             for s, v in states.items()
@@ -322,8 +318,27 @@ class SpeculativeDecoder:
         """The states from before a verify step whose drafts were not all accepted: the DeltaNet states as
         they were (the verify step wrote its own elsewhere), the KV caches as the verify step left them
         where it wrote them in place (the buffer may have been regrown; the rows it added past the
-        accepted ones are rewritten by the next step, whose bias says how many rows are valid)."""
-        return {s: verify_states[s] if self.verify.in_place.get(s) else v for s, v in states.items()}
+        accepted ones are rewritten by the next step, whose bias says how many rows are valid). Updates
+        and returns `states`, which the verify step did not keep."""
+        for suffix in self._caches_in_place:
+            states[suffix] = verify_states[suffix]
+        return states
+
+
+def _accepted(drafted: np.ndarray, predicted: np.ndarray, live: list[bool]) -> tuple[int, list[int]]:
+    """The shortest run of leading drafts equal to the main graph's predictions over the live rows, and per
+    draft position how many live rows accepted it (in Python: a round's few tokens cost less so than
+    through numpy's calls, a few microseconds each)."""
+    k = drafted.shape[1]
+    shortest, per_position = k, [0] * k
+    for row_drafts, row_predicted, alive in zip(drafted.tolist(), predicted.tolist(), live, strict=True):
+        if alive:
+            run = 0
+            while run < k and row_drafts[run] == row_predicted[run]:
+                per_position[run] += 1
+                run += 1
+            shortest = min(shortest, run)
+    return shortest, per_position
 
 
 def _first_rows(cache: ort.OrtValue, rows: int) -> ort.OrtValue:

@@ -148,8 +148,9 @@ def render(result: dict) -> str:
         "difference, equal to the plain run's.",
         "",
         "Acceptance per position is vLLM's: the fraction of rounds whose j-th draft token was accepted. "
-        "Draft and verify step costs are one MTP step and one verify step of the main graph (k+1 tokens, "
-        "plus any re-fed ones), each over one plain decode step.",
+        "Draft and verify step costs are one step of mtp.onnx (the drafts after the first) and one run of "
+        "the verify graph (the main graph over k+1 tokens plus any re-fed ones, and the MTP layer beside "
+        "it: runtime/verify_graph.py), each over one plain decode step.",
         "",
     ]
     for t in result["targets"]:

@@ -97,7 +97,10 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.state_suffixes = [n.removeprefix(PAST_PREFIX) for n in self.inputs if n.startswith(PAST_PREFIX)]
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        # the last dim of the logits (the verify graph's are draft_logits: its first output is token ids)
+        outputs = self.session.get_outputs()
+        logits = next((o for o in outputs if o.name.endswith("logits")), outputs[0])
+        self.vocab_size = logits.shape[-1]
         # states the graph's ops update in place (runtime/in_place.py): suffix -> grows (a KV cache)
         self.in_place = (
             in_place_states(proto or self.model_path, PAST_PREFIX, PRESENT_PREFIX)

@@ -219,6 +219,10 @@ class OrtDecoder:
         outputs, present = self.run_in_place(feeds, states)
         return outputs["logits"][:, -1], present
 
+    def forget_bindings(self) -> None:
+        """Drop the kept IOBindings and the buffers they hold (a finished loop's): the next step binds."""
+        self._bindings.clear()
+
     def run_in_place(
         self,
         feeds: Mapping[str, np.ndarray],

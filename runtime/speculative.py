@@ -304,6 +304,7 @@ class SpeculativeDecoder:
         states into the second buffers (swapped in when every draft is accepted) and its KV rows, the MTP
         layer's included, over the caches."""
         verify = self.verify
+        verify.forget_bindings()  # a previous loop's, which hold its buffers
         self._caches_in_place = [s for s, grows in verify.in_place.items() if grows]
         scratch = {
             s: ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), v.numpy().dtype.type, "cpu")

@@ -144,8 +144,8 @@ def render(result: dict) -> str:
         f"{produced_by(r)} Model: {r['source']}; {r['prompts']} prompts "
         f"of {r['prompt_tokens']} tokens from {r['text']}, {r['new_tokens']} new tokens each, greedy; "
         f"median of {r['rounds']} alternating rounds. ONNX Runtime CPU, graph optimizations on, one "
-        "session per artifact. 'same tokens' is the share of each prompt's tokens, up to the first "
-        "difference, equal to the plain run's.",
+        "session per graph (main, verify, draft). 'same tokens' is the share of each prompt's tokens, up "
+        "to the first difference, equal to the plain run's.",
         "",
         "Acceptance per position is vLLM's: the fraction of rounds whose j-th draft token was accepted. "
         "Draft and verify step costs are one step of mtp.onnx (the drafts after the first) and one run of "

@@ -152,6 +152,18 @@ def test_verify_graph_matches_the_reference(preset_export, split):
     np.testing.assert_array_equal(predicted[clear], logits.argmax(-1)[clear])
 
 
+def test_speculative_decoding_on_a_bf16_export_runs_its_verify_graph_emulated(tmp_path):
+    """A bf16 graph runs in fp32 emulation on the CPU (runtime/emulation.py); the verify graph, composed in
+    memory, goes through the same emulation and gives plain decoding's tokens."""
+    from qwen_export.runtime.session import Session
+
+    session = Session.load(export_model(tmp_path / "bf16", preset="tiny-qwen3.5-moe", dtype="bf16").out_dir)
+    prompts = _batch_prompts(session.backend.vocab_size, 1)
+    plain = session.generate(prompts, 32).tokens
+    assert session.generate(prompts, 32, speculative=2).tokens == plain
+    assert session.backend.emulated and session.verify.emulated
+
+
 def test_verify_graph_needs_the_main_hidden_states(tmp_path):
     from qwen_export.errors import QwenExportError
     from qwen_export.runtime.verify_graph import compose_verify_graph

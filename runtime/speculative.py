@@ -123,6 +123,7 @@ class SpeculativeDecoder:
         )
         # ONNX Runtime's GroupQueryAttention takes several new tokens over a cache at batch 1 only.
         self.row_by_row = _runs_op(verify.model_path, "GroupQueryAttention")
+        self._caches_in_place: list[str] = []  # the KV caches a verify step writes in place (per loop)
 
     def stream(
         self,

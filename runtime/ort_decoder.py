@@ -14,7 +14,6 @@ from qwen_export.runtime import huge_pages
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
 from qwen_export.runtime.in_place import GrowingCache, StepBinding, in_place_states, with_room
 
-KEPT_BINDINGS = 3  # the plain step's and a verify step's two
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 
@@ -72,9 +71,10 @@ class OrtDecoder:
         # graph runs emulated in fp32, each low-precision result rounded through its dtype
         # (runtime/emulation.py). `emulated` says so to every report.
         on_cpu = providers == ["CPUExecutionProvider"]
+        # before emulation, which loads the graph's weights into it: the proto keeps them as file references
+        proto = ir.to_proto(graph) if graph is not None else None
         self.emulated = on_cpu and _stores_low_precision(graph or model_path)
         copy = EmulatedCopy(graph or model_path) if self.emulated else None
-        proto = ir.to_proto(graph) if graph is not None else None
         options = session_options(optimize, threads, model_path)
         source: str | bytes = str(copy.path if copy else model_path)
         if proto is not None and copy is None:
@@ -109,6 +109,7 @@ class OrtDecoder:
         )
         # kept across in-place steps (run_in_place), one per buffer set the fixed-size states are written
         # into: a speculative verify step alternates two, and re-binding its states cost 20-40 us a step
+        # (forget_bindings drops them when a loop ends)
         self._bindings: dict[int | None, StepBinding] = {}
         # suffix -> (updated in place: None / False / True if it grows, past input, present output)
         self._state_names = {
@@ -240,8 +241,6 @@ class OrtDecoder:
         binding = self._bindings.get(key)
         if binding is None:
             binding = self._bindings[key] = StepBinding(self.session)
-            while len(self._bindings) > KEPT_BINDINGS:  # the oldest go (a finished loop's buffers)
-                del self._bindings[next(iter(self._bindings))]
         for name, array in feeds.items():
             binding.input(name, array)
         batch, tokens = feeds["input_ids"].shape

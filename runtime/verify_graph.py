@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qwen_export.errors import QwenExportError
+from qwen_export.exporter.builder import GraphBuilder
 from qwen_export.exporter.model import HIDDEN_STATES
 from qwen_export.exporter.mtp import DRAFT_HIDDEN_STATES
 from qwen_export.runtime.ort_decoder import PAST_PREFIX, PRESENT_PREFIX
@@ -55,15 +57,16 @@ def compose_verify_graph(main_path: Path, draft_path: Path) -> ir.Model:
     main_inputs = {v.name: v for v in graph.inputs}
     # the vocabulary projection: the nodes between the final norm and the logits, run again on the draft's
     head_input, head = _head(graph, outputs[HIDDEN_STATES], outputs["logits"])
-    predicted = _append(graph, "ArgMax", [outputs["logits"]], PREDICTED_IDS, axis=-1, keepdims=0)
     next_ids = ir.Value(
         name=NEXT_IDS, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "sequence"])
     )
     graph.inputs.append(next_ids)
-    known = _append(
-        graph, "GreaterOrEqual", [next_ids, _scalar(graph, "next_ids_known_from", 0)], "next_ids_known"
-    )
-    pair_tokens = _append(graph, "Where", [known, next_ids, predicted], "pair_ids")
+    gb = GraphBuilder(graph)
+    with gb.scope("verify"):  # the MTP pairs' tokens: next_ids where given, else the greedy ones
+        predicted = gb.op("ArgMax", outputs["logits"], axis=-1, keepdims=0)
+        predicted.name = PREDICTED_IDS
+        zero = gb.initializer("verify/next_ids_known_from", ir.tensor(np.int64(0)))
+        pair_tokens = gb.op("Where", gb.op("GreaterOrEqual", next_ids, zero), next_ids, predicted)
 
     for name, version in draft.opset_imports.items():
         graph.opset_imports.setdefault(name, version)
@@ -167,16 +170,3 @@ def _take_draft_nodes(draft: ir.Graph, graph: ir.Graph) -> None:
             if value.name:  # an unused optional output keeps its empty name
                 value.name = MTP_STATES + value.name
     graph.extend(nodes)
-
-
-def _scalar(graph: ir.Graph, name: str, value: int) -> ir.Value:
-    constant = ir.Value(name=name, const_value=ir.tensor(value, dtype=ir.DataType.INT64, name=name))
-    graph.register_initializer(constant)
-    return constant
-
-
-def _append(graph: ir.Graph, op_type: str, inputs: list[ir.Value], output: str, **attributes) -> ir.Value:
-    node = ir.node(op_type, inputs, attributes=attributes, name=output)
-    node.outputs[0].name = output
-    graph.append(node)
-    return node.outputs[0]

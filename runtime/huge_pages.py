@@ -23,6 +23,7 @@ commit memory nothing uses). Elsewhere than Linux it does nothing.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 MAPS, SMAPS = Path("/proc/self/maps"), Path("/proc/self/smaps")
 ENV = "QWEN_EXPORT_HUGE_PAGES"
+COLLAPSE_TRIES = 3
 
 Region = tuple[int, int]  # [start, end) addresses
 
@@ -100,8 +102,18 @@ def collapse_new_regions(before: frozenset[Region]) -> int:
             continue
         first, last = _interior((start, end))
         # a failure (EINVAL: THP off or a kernel without MADV_COLLAPSE, or a region it cannot take;
-        # EAGAIN/ENOMEM: no huge page free now) leaves the region as it was
-        if libc.madvise(first, last - first, MADV_HUGEPAGE) == 0:
-            if libc.madvise(first, last - first, MADV_COLLAPSE) == 0:
-                collapsed += last - first
+        # ENOMEM: no huge page to be had) leaves the region as it was
+        if libc.madvise(first, last - first, MADV_HUGEPAGE) == 0 and _collapse(libc, first, last - first):
+            collapsed += last - first
     return collapsed
+
+
+def _collapse(libc: ctypes.CDLL, start: int, length: int) -> bool:
+    """MADV_COLLAPSE, tried again where the kernel says EAGAIN (a page it had to move was locked or in use
+    for a moment: seen under a loaded machine's memory pressure)."""
+    for _ in range(COLLAPSE_TRIES):
+        if libc.madvise(start, length, MADV_COLLAPSE) == 0:
+            return True
+        if ctypes.get_errno() != errno.EAGAIN:
+            return False
+    return False

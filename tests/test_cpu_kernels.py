@@ -114,19 +114,32 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
         assert _relative(y, x.astype(np.float64) @ dequantized.T) < INT8_ACTIVATIONS, shape
 
 
+# (rows, block): 11 = a tile of 8 plus 3 (block 32, the default); 1 and 2 rows (decode, and a k = 1
+# speculative verify step, whose tokens must be a one-token step's: the VNNI tile keeps two chains there);
+# 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block)
+TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64)]
+
+
 def test_every_tile_gives_the_same_bits():
     """The AVX-512 VNNI, AVX2 and portable tiles do the same integer sums and the same fma per block, so
-    their outputs are identical (each forced in a child process; rows 11 = a tile of 8 plus 3)."""
+    their outputs are identical (each forced in a child process)."""
     from cpu_kernel_support import json_per_kernel_mode
 
     code = (
-        "import json, numpy as np; import test_cpu_kernels as t; _, ours, _ = t.linear_case(1024, 200, 32);"
-        "x = np.random.default_rng(3).standard_normal((11, 1024)).astype(np.float32);"
-        "print(json.dumps(ours.run(None, {'x': x})[0].tolist()))"
+        "import json, numpy as np; import test_cpu_kernels as t; out = []\n"
+        "for rows, block in t.TILE_CASES:\n"
+        "    _, ours, _ = t.linear_case(1024, 200, block)\n"
+        "    x = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float32)\n"
+        "    out.append(ours.run(None, {'x': x})[0].tolist())\n"
+        "print(json.dumps(out))"
     )
-    outputs = {m: np.array(o, np.float32) for m, o in json_per_kernel_mode(code).items()}
-    np.testing.assert_array_equal(outputs["avx2"], outputs["portable"])
-    np.testing.assert_array_equal(outputs["default"], outputs["portable"])
+    outputs = json_per_kernel_mode(code)
+    for case, (rows, block) in enumerate(TILE_CASES):
+        portable = np.array(outputs["portable"][case], np.float32)
+        assert portable.shape == (rows, 200)
+        for mode in ("avx2", "default"):
+            ours = np.array(outputs[mode][case], np.float32)
+            np.testing.assert_array_equal(ours, portable, f"{mode}: {rows=} {block=}")
     # the runtime says when the slow tile runs
     warn = "from qwen_export import cpu_kernels as c; c.warn_if_portable(c.library_path())"
     env = {**os.environ, "QWEN_CPU_KERNELS": "portable"}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 from pathlib import Path
 
@@ -103,3 +104,31 @@ def test_a_sessions_prepacked_weights_get_huge_pages_and_the_same_results(tmp_pa
     np.testing.assert_allclose(y, x @ weight, rtol=1e-4, atol=1e-4)
     monkeypatch.delenv(huge_pages.ENV)  # off by default
     assert load()[1] == 0
+
+
+class _BusyThenFreeLibc:
+    """madvise as the kernel answers it when the pages to move are busy for a moment: EAGAIN `busy` times,
+    then success (or `errno_then` for good)."""
+
+    def __init__(self, busy: int, errno_then: int | None = None) -> None:
+        self.busy, self.errno_then, self.calls = busy, errno_then, 0
+
+    def madvise(self, start: int, length: int, advice: int) -> int:
+        self.calls += 1
+        if self.calls <= self.busy:
+            ctypes.set_errno(errno.EAGAIN)
+            return -1
+        if self.errno_then is not None:
+            ctypes.set_errno(self.errno_then)
+            return -1
+        return 0
+
+
+def test_collapse_is_tried_again_on_eagain_only():
+    busy_once = _BusyThenFreeLibc(busy=1)
+    assert huge_pages._collapse(busy_once, 0, huge_pages.HUGE_PAGE) and busy_once.calls == 2
+    always_busy = _BusyThenFreeLibc(busy=100)
+    assert not huge_pages._collapse(always_busy, 0, huge_pages.HUGE_PAGE)
+    assert always_busy.calls == huge_pages.COLLAPSE_TRIES
+    no_memory = _BusyThenFreeLibc(busy=0, errno_then=errno.ENOMEM)
+    assert not huge_pages._collapse(no_memory, 0, huge_pages.HUGE_PAGE) and no_memory.calls == 1

@@ -42,8 +42,9 @@ def sample_stream(
     logits, states = prefill()
     for index in range(max_new_tokens):
         token = sampler(logits)
-        token = np.where(done, stops[0] if stops.size else token, token)
-        done |= np.isin(token, stops)
+        if stops.size:  # (np.isin costs a few microseconds a step even against no stop tokens)
+            token = np.where(done, stops[0], token)
+            done |= np.isin(token, stops)
         if timings is not None and index == 0:
             timings["time_to_first_token_s"] = time.perf_counter() - start
             timings["decode_start"] = time.perf_counter()

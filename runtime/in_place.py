@@ -20,10 +20,13 @@ wrote past the valid length are harmless: the next step's bias says how many row
 `StepBinding` keeps one IOBinding across the steps of a loop. On a small model a step's Python-side binding
 (a call per input, state and output, and a wrapper per output fetched) cost 60-80 us of a 450 us step;
 kept, a step re-binds only the token inputs and what changed, and the logits land in a buffer kept per shape.
+A step passed the very state objects of the binding's last step, with room in its KV buffers, binds its
+token inputs and outputs alone (`SteadyStep`): it does not walk the states at all.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,21 @@ def with_room(cache: GrowingCache | ort.OrtValue, valid: int, rows: int) -> Grow
     return GrowingCache.holding(cache.numpy(), rows)
 
 
+@dataclass
+class SteadyStep:
+    """What a step bound, for a next step that passes the same state objects (OrtDecoder.run_in_place):
+    then every state binding stands as it is, and only the token inputs and the outputs are bound again."""
+
+    states: tuple[Any, ...]  # the states passed in, then the `into` buffers, in order
+    room: int  # the fewest rows of any KV cache buffer (a step past it regrows one)
+    present: dict[str, Any]
+
+    def holds(self, states: tuple[Any, ...], total: int) -> bool:
+        """`states` are the very objects of this step, and `total` rows fit every KV buffer."""
+        same = len(states) == len(self.states) and all(map(operator.is_, states, self.states))
+        return same and total <= self.room
+
+
 class StepBinding:
     """One ONNX Runtime IOBinding kept across the steps of a decode loop. A name is re-bound only when the
     value bound to it changes (what is bound is held here, so its memory outlives the binding); outputs
@@ -108,6 +126,7 @@ class StepBinding:
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self.binding = session.io_binding()
+        self.steady: SteadyStep | None = None  # set by OrtDecoder.run_in_place
         self._bound: dict[str, Any] = {}  # name -> the OrtValue or array bound to it (None: allocated)
         self._allocated: set[str] = set()  # outputs bound to memory ONNX Runtime allocates
         self._order: list[str] = []  # outputs in the order first bound: get_outputs() returns them so

@@ -110,7 +110,7 @@ def collapse_new_regions(before: frozenset[Region]) -> int:
 
 def _collapse(libc: ctypes.CDLL, start: int, length: int) -> bool:
     """MADV_COLLAPSE, tried again where the kernel says EAGAIN (a page it had to move was locked or in use
-    for a moment: seen under a loaded machine's memory pressure)."""
+    for a moment; tests/test_huge_pages.py once saw 0 bytes collapsed while the suite loaded both cores)."""
     for _ in range(COLLAPSE_TRIES):
         if libc.madvise(start, length, MADV_COLLAPSE) == 0:
             return True

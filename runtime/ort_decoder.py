@@ -6,6 +6,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -259,7 +260,7 @@ class OrtDecoder:
             # model the walk over them cost about 10 us of a 300 us step)
             present = dict(steady.present)
         else:
-            present = self._bind_states(binding, states, into, tokens, total)
+            present = self._bind_states(binding, states, into, passed, tokens, total)
         kept = {}  # the outputs that are not states, in buffers kept per shape
         for name in self._other_outputs:
             if (array := binding.buffer_output(name, batch, tokens)) is not None:
@@ -278,6 +279,7 @@ class OrtDecoder:
         binding: StepBinding,
         states: Mapping[str, ort.OrtValue | GrowingCache],
         into: Mapping[str, ort.OrtValue] | None,
+        passed: tuple[Any, ...],
         tokens: int,
         total: int,
     ) -> dict[str, ort.OrtValue | GrowingCache]:
@@ -300,7 +302,6 @@ class OrtDecoder:
                 steady = False
             binding.value_input(past_name, value)
         if steady:
-            passed = (*states.values(), *(into.values() if into else ()))
             caches = [c.capacity for c in present.values() if isinstance(c, GrowingCache)]
             binding.steady = SteadyStep(passed, min(caches, default=sys.maxsize), dict(present))
         else:

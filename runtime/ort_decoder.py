@@ -237,14 +237,16 @@ class OrtDecoder:
         feeds: Mapping[str, np.ndarray],
         states: Mapping[str, ort.OrtValue | GrowingCache],
         into: Mapping[str, ort.OrtValue] | None = None,
+        copy_outputs: bool = True,
     ) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue | GrowingCache]]:
         """A step of any width through the kept binding (runtime/in_place.py), with the states of
         `self.in_place` updated in place: each KV cache in a buffer grown to fit, bound as past and present;
         each fixed-size state bound as past and present, or, where `into` has it, written into that buffer
         and the past left as it was. Other states are copied as on the copying path.
 
-        Returns every output that is not a state, as numpy arrays of their own, and the present states
-        (the states passed in are consumed, except those written `into` other buffers)."""
+        Returns every output that is not a state, as numpy arrays of their own (`copy_outputs` False: as
+        the binding's buffers, which its next run overwrites), and the present states (the states passed
+        in are consumed, except those written `into` other buffers)."""
         key = id(next(iter(into.values()))) if into else None
         binding = self._bindings.get(key)
         if binding is None:
@@ -266,7 +268,7 @@ class OrtDecoder:
             if (array := binding.buffer_output(name, batch, tokens)) is not None:
                 kept[name] = array
         allocated = binding.run()
-        outputs = {name: array.copy() for name, array in kept.items()}
+        outputs = {name: array.copy() for name, array in kept.items()} if copy_outputs else kept
         for name, value in allocated.items():
             if name.startswith(PRESENT_PREFIX):
                 present[name.removeprefix(PRESENT_PREFIX)] = value

@@ -198,6 +198,7 @@ class SpeculativeDecoder:
             timings["time_to_first_token_s"] = time.perf_counter() - start
             timings["decode_start"] = time.perf_counter()
         done |= np.isin(last, stops)
+        live = (~done).tolist()  # changes only where a row meets a stop token (below)
         yield last
         first_draft, draft_hidden = outs[DRAFT_LOGITS][:, -1].argmax(-1), outs[DRAFT_HIDDEN_STATES][:, -1:]
         draft_suffixes = self.draft.state_suffixes
@@ -206,7 +207,7 @@ class SpeculativeDecoder:
         committed = width  # columns inside the main graph's states
         last_column = width  # the newest decided token, not yet fed to the main graph
         pairs = None  # where the MTP cache in `states` lacks decided pairs: one that holds exactly those
-        while emitted < max_new_tokens and not done.all():
+        while emitted < max_new_tokens and any(live):
             t0 = time.perf_counter()
             tokens[:, last_column + 1] = first_draft
             spec_states = pairs or {s: states[MTP_STATES + s] for s in draft_suffixes}
@@ -244,7 +245,6 @@ class SpeculativeDecoder:
             stats.verify_s += time.perf_counter() - t1
             offset = last_column - committed
             predicted = outs[PREDICTED_IDS][:, offset:]  # [B, k + 1]: after last, d_1, ..., d_k
-            live = (~done).tolist()
             accepted, per_position = _accepted(tokens[:, last_column + 1 : end], predicted[:, :-1], live)
             stats.rounds += 1
             stats.row_rounds += sum(live)
@@ -254,7 +254,7 @@ class SpeculativeDecoder:
             next_ids[:, last_column : last_column + accepted + 1] = predicted[:, : accepted + 1]
             # the MTP pair at the last decided column: (its hidden state, the token just decided)
             first_draft = outs[DRAFT_LOGITS][:, offset + accepted].argmax(-1)
-            draft_hidden = outs[DRAFT_HIDDEN_STATES][:, offset + accepted : offset + accepted + 1]
+            draft_hidden = outs[DRAFT_HIDDEN_STATES][:, offset + accepted : offset + accepted + 1].copy()
 
             for column in range(last_column + 1, last_column + accepted + 2):
                 if emitted >= max_new_tokens or not any(live):
@@ -312,8 +312,8 @@ class SpeculativeDecoder:
             for s, v in states.items()
             if verify.in_place.get(s) is False
         }
-        if verify.in_place:
-            return verify.run_in_place, scratch
+        if verify.in_place:  # its outputs are read before its next run: no copies of them
+            return functools.partial(verify.run_in_place, copy_outputs=False), scratch
         return (lambda feeds, past, into=None: verify.step_all_bound(feeds, past)), scratch
 
     def _before_verify(self, states: dict[str, Any], verify_states: dict[str, Any]) -> dict[str, Any]:

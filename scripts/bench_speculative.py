@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,24 +35,66 @@ def prompts_from_text(session, text_file: Path, count: int, length: int) -> list
     return [ids[i * stride : i * stride + length] for i in range(count)]
 
 
+class OrtRunClock:
+    """The start and duration of every ONNX Runtime run (both calls the runtime runs its graphs through),
+    so that a decode loop's own Python is its decode time less the runs inside it."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[float, float]] = []
+
+    def __enter__(self) -> OrtRunClock:
+        import onnxruntime as ort
+
+        self._originals = {
+            n: getattr(ort.InferenceSession, n) for n in ("run_with_iobinding", "run_with_ort_values")
+        }
+        for name, original in self._originals.items():
+            setattr(ort.InferenceSession, name, self._timed(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import onnxruntime as ort
+
+        for name, original in self._originals.items():
+            setattr(ort.InferenceSession, name, original)
+
+    def _timed(self, original):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.runs.append((start, time.perf_counter() - start))
+
+        return run
+
+    def seconds_between(self, begin: float, end: float) -> float:
+        return sum(d for s, d in self.runs if begin <= s and s + d <= end)
+
+
 def run_config(session, prompts, new_tokens: int, k: int, rollback: str | None) -> dict:
     from qwen_export.runtime.speculative import SpeculativeStats
 
     stats = SpeculativeStats(k) if k else None
-    tokens, decode_s, steps = [], 0.0, 0
+    tokens, decode_s, run_s, steps = [], 0.0, 0.0, 0
     for prompt in prompts:
         timings: dict[str, float] = {}
         ids = np.array([prompt])
-        if k:
-            decoder = session.speculative_decoder(k, rollback=rollback)
-            out = list(decoder.stream(ids, np.ones_like(ids), new_tokens, timings=timings, stats=stats))
-        else:
-            out = list(session.stream([prompt], new_tokens, timings=timings))
+        with OrtRunClock() as clock:
+            if k:
+                decoder = session.speculative_decoder(k, rollback=rollback)
+                out = list(decoder.stream(ids, np.ones_like(ids), new_tokens, timings=timings, stats=stats))
+            else:
+                out = list(session.stream([prompt], new_tokens, timings=timings))
         tokens.append([int(t[0]) for t in out])
         decode_s += timings["decode_end"] - timings["decode_start"]
+        run_s += clock.seconds_between(timings["decode_start"], timings["decode_end"])
         steps += len(out) - 1
     # The runtime's definition: the tokens after the first (which the prefill gives) over the decode time.
     result = {"tokens": tokens, "decode_tokens_per_s": steps / decode_s, "decode_s": decode_s}
+    # the loop's own Python (binding, bookkeeping): per step of plain decoding, per round of speculative
+    loops = stats.rounds if stats is not None else steps
+    result["python_us_per_loop"] = 1e6 * (decode_s - run_s) / loops
     if stats is not None:
         result["speculative"] = stats.to_json()
         steps_run = stats.recompute_steps
@@ -101,6 +144,7 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             "decode_tokens_per_s": float(np.median(rates)),
             "speedup_vs_plain": float(np.median([a / b for a, b in zip(rates, plain_rates, strict=True)])),
             "tokens_equal_to_plain": float(np.mean(same)),
+            "python_us_per_loop": float(np.median([r["python_us_per_loop"] for r in results])),
         }
         if int(k):
             plain_step_ms = 1e3 / float(np.median(plain_rates))
@@ -150,7 +194,9 @@ def render(result: dict) -> str:
         "Acceptance per position is vLLM's: the fraction of rounds whose j-th draft token was accepted. "
         "Draft and verify step costs are one step of mtp.onnx (the drafts after the first) and one run of "
         "the verify graph (the main graph over k+1 tokens plus any re-fed ones, and the MTP layer beside "
-        "it: runtime/verify_graph.py), each over one plain decode step.",
+        "it: runtime/verify_graph.py), each over one plain decode step. 'loop Python' is the decode time "
+        "spent outside ONNX Runtime's runs (binding inputs and states, the loop's bookkeeping), per step of "
+        "plain decoding and per round of speculative decoding.",
         "",
     ]
     for t in result["targets"]:
@@ -163,12 +209,14 @@ def render(result: dict) -> str:
             f"Intra-op threads per graph (0: ONNX Runtime's default): {threads}.",
             "",
             "| k | rollback | tokens/s | vs plain | same tokens | acceptance per position "
-            "| accepted per round | draft step / plain | verify step / plain | recompute steps |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| accepted per round | draft step / plain | verify step / plain | recompute steps "
+            "| loop Python (us) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in t["rows"]:
+            python = f"{row['python_us_per_loop']:.0f}"
             if not row["k"]:
-                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | 100% | | | | | |")
+                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | 100% | | | | | | {python} |")
                 continue
             acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"])
             lines.append(
@@ -176,7 +224,7 @@ def render(result: dict) -> str:
                 f"{row['speedup_vs_plain']:.2f} | {row['tokens_equal_to_plain']:.0%} | {acc} | "
                 f"{row['mean_accepted_per_round']:.2f} | "
                 f"{_cost(row['draft_step_vs_plain'])} | {row['verify_step_vs_plain']:.2f} | "
-                f"{row['recompute_steps']} |"
+                f"{row['recompute_steps']} | {python} |"
             )
         lines.append("")
         tokens = 1 + best["mean_accepted_per_round"]

@@ -114,7 +114,11 @@ def test_a_prefill_split_in_two_launches_matches_one_launch(plugin_replay, gpu_c
     assert not problems
     split = [torch.cat([head[0], tail[0]], 1), tail[1], tail[2]]
     bound = tolerance_for(dtype)["layer_rel"]
-    assert torch.equal(split[1], whole[1])  # the conv state is the last K-1 inputs, exactly
+    # The conv state is the last K-1 projected inputs: within one unit in the last place of the activation
+    # dtype. (Under the interpreter tl.dot is NumPy's matmul, whose BLAS may round a row differently at
+    # another row position in its tile: seen on an AVX2 CPU, one bf16 element of 1536 one ulp apart.)
+    eps = torch.finfo(DTYPES[dtype]).eps
+    torch.testing.assert_close(split[1].float(), whole[1].float(), rtol=eps, atol=0)
     assert max(errors(gpu_check, split, whole).values()) <= bound
     assert_close(gpu_check, split, gpu_check.ref_gated_deltanet(ins, attrs, DTYPES[dtype]), dtype)
 

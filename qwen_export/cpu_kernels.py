@@ -24,7 +24,11 @@ LIBRARY_NAME = "libqwen_ort_cpu.so"
 DOMAIN = "qwen.cpu"
 # The version of the domain a graph imports. 2: Attention's past caches may be longer than their valid rows
 # (a buffer with room to grow) and may be the present caches' buffer (plugins/ort_cpu/attention/README.md).
-DOMAIN_VERSION = 2
+# 3: GatedDeltaRule's optional per-token states (POSITION_STATES).
+DOMAIN_VERSION = 3
+# Calls narrower than this compute each token as a one-token call would, bit for bit
+# (plugins/ort_cpu/common/step_tokens.h, kStepTokens; equal by tests/test_mtp.py).
+STEP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,28 @@ STATE_UPDATES = {
     "Attention": StateUpdate({3: 1, 4: 2}, since=2, grows=True),
     "AttentionKv16": StateUpdate({3: 1, 4: 2}, since=2, grows=True),
 }
+
+
+@dataclass(frozen=True)
+class PositionStates:
+    """A qwen.cpu op's optional outputs of its states after every token of a call narrower than
+    STEP_TOKENS ([B, T, ...], the state's dims after T), along POSITIONS_DIM: `positions(T)` of them, none
+    for a wider call (a prompt). A speculative verify step that rejects a draft keeps the states after its
+    last accepted token (runtime/speculative.py, rollback "snapshot")."""
+
+    output_of_past: dict[int, int]  # past input index -> output index of its per-token states
+    since: int
+
+
+POSITION_STATES = {"GatedDeltaRule": PositionStates({2: 3, 3: 4}, since=3)}
+POSITIONS_DIM = "state_positions"
+
+
+def positions(tokens: int) -> int:
+    """How many per-token states a call of `tokens` tokens outputs (PositionStates)."""
+    return tokens if tokens < STEP_TOKENS else 0
+
+
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "plugins" / "ort_cpu"
 # GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_undefined_ps)
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]

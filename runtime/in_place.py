@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qwen_export.cpu_kernels import DOMAIN, STATE_UPDATES
+from qwen_export.cpu_kernels import DOMAIN, POSITIONS_DIM, STATE_UPDATES, positions
 
 GROW_ROWS = 1024  # KV buffers grow in steps of this many rows
 _BUFFER_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64}  # outputs kept in numpy buffers
@@ -132,6 +132,8 @@ class StepBinding:
         self._order: list[str] = []  # outputs in the order first bound: get_outputs() returns them so
         self._buffers: dict[tuple[str, int, int], tuple[np.ndarray, ort.OrtValue] | None] = {}
         self._outputs = {o.name: o for o in session.get_outputs()}
+        # buffer_outputs' last answer, while every name it bound has a kept buffer: (batch, sequence), arrays
+        self._buffered: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
     def input(self, name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
@@ -165,7 +167,7 @@ class StepBinding:
         None where its shape has another symbolic dim or another dtype (then bound to allocated memory)."""
         key = (name, batch, sequence)
         if key not in self._buffers:
-            sizes = {"batch": batch, "sequence": sequence}
+            sizes = {"batch": batch, "sequence": sequence, POSITIONS_DIM: positions(sequence)}
             out = self._outputs[name]
             shape = tuple(d if isinstance(d, int) else sizes.get(d, -1) for d in out.shape)
             dtype = _BUFFER_DTYPES.get(out.type)
@@ -177,6 +179,19 @@ class StepBinding:
             return None
         self.value_output(name, kept[1])
         return kept[0]
+
+    def buffer_outputs(self, names: list[str], batch: int, sequence: int) -> dict[str, np.ndarray]:
+        """buffer_output for each of `names` (the same names every call), the kept buffers by name; a call
+        at the last call's batch and sequence length, all of whose outputs had buffers, binds nothing (the
+        verify graph of speculative decoding has 15 such outputs)."""
+        if self._buffered is not None and self._buffered[0] == (batch, sequence):
+            return self._buffered[1]
+        kept = {}
+        for name in names:
+            if (array := self.buffer_output(name, batch, sequence)) is not None:
+                kept[name] = array
+        self._buffered = ((batch, sequence), kept) if len(kept) == len(names) else None
+        return kept
 
     def run(self) -> dict[str, ort.OrtValue]:
         """Run; the outputs ONNX Runtime allocated, by name."""

@@ -263,12 +263,9 @@ class OrtDecoder:
             present = dict(steady.present)
         else:
             present = self._bind_states(binding, states, into, passed, tokens, total)
-        kept = {}  # the outputs that are not states, in buffers kept per shape
-        for name in self._other_outputs:
-            if (array := binding.buffer_output(name, batch, tokens)) is not None:
-                kept[name] = array
+        kept = binding.buffer_outputs(self._other_outputs, batch, tokens)  # the outputs that are not states
         allocated = binding.run()
-        outputs = {name: array.copy() for name, array in kept.items()} if copy_outputs else kept
+        outputs = {name: array.copy() for name, array in kept.items()} if copy_outputs else dict(kept)
         for name, value in allocated.items():
             if name.startswith(PRESENT_PREFIX):
                 present[name.removeprefix(PRESENT_PREFIX)] = value

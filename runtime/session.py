@@ -139,7 +139,7 @@ class Session:
             )
 
     # --- generation -----------------------------------------------------------------------------------
-    def speculative_decoder(self, k: int, sampling: SamplingConfig = GREEDY, rollback: str = "refeed"):
+    def speculative_decoder(self, k: int, sampling: SamplingConfig = GREEDY, rollback: str | None = None):
         """The MTP speculative decoder over this session's graphs; a one-line error where it cannot run."""
         from qwen_export.runtime.speculative import SpeculativeDecoder, check_speculative
 

@@ -10,8 +10,12 @@ layer in one ONNX Runtime run, which also drafts the next round's first token. A
 run; k > 1 adds k - 1 steps of mtp.onnx, each drafting from the one before.
 
 Rolling back a rejected draft: the KV cache could be cut, but the DeltaNet conv and recurrent states cannot
-be rewound. Two ways are kept, measured by scripts/bench_speculative.py (benchmarks/speculative.md):
-- "refeed" (the default, the faster): a round that rejects part of its draft keeps the states from before
+be rewound. Three ways are kept, measured by scripts/bench_speculative.py (benchmarks/speculative.md):
+- "snapshot" (the default where the verify graph allows it): the verify step's DeltaNet ops also output their
+  states after every column (qwen.cpu GatedDeltaRule, runtime/verify_graph.py), and a round that rejects
+  part of its draft copies those after its last accepted column into the verify step's state buffers,
+  which it then keeps as a round that accepts everything does. Every verify step is k + 1 wide.
+- "refeed" (the default elsewhere): a round that rejects part of its draft keeps the states from before
   its verify step, and the accepted tokens ride along at the front of the next verify step. Nothing runs
   twice as a separate step; a verify step just grows by the re-fed tokens. After a round that accepts
   everything, the verify step's states are kept.
@@ -43,19 +47,25 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qwen_export.cpu_kernels import STEP_TOKENS
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.model import HIDDEN_STATES
 from qwen_export.exporter.mtp import DRAFT_HIDDEN_STATES
 from qwen_export.runtime.ort_decoder import OrtDecoder, positions_from_mask
-from qwen_export.runtime.verify_graph import DRAFT_LOGITS, MTP_STATES, NEXT_IDS, PREDICTED_IDS
+from qwen_export.runtime.verify_graph import (
+    DRAFT_LOGITS,
+    MTP_STATES,
+    NEXT_IDS,
+    POSITION_PREFIX,
+    PREDICTED_IDS,
+)
 
 MAX_SPECULATIVE = 8
 REFEED_ROUNDS = 3  # re-fed tokens past this many rounds' worth are committed by a recompute step
-# The qwen.cpu kernels compute each token of a call narrower than this as a one-token call would, bit for bit
-# (plugins/ort_cpu/common/step_tokens.h): verify and recompute steps stay under it, so on those graphs the
-# tokens are exactly plain decoding's even where a near-tie would flip on the last bit.
-STEP_TOKENS = 16
-ROLLBACKS = ("refeed", "recompute")
+# The qwen.cpu kernels compute each token of a call narrower than STEP_TOKENS as a one-token call would, bit
+# for bit (plugins/ort_cpu/common/step_tokens.h): verify and recompute steps stay under it, so on those graphs
+# the tokens are exactly plain decoding's even where a near-tie would flip on the last bit.
+ROLLBACKS = ("snapshot", "refeed", "recompute")
 
 
 def max_refeed(k: int) -> int:
@@ -111,16 +121,35 @@ class SpeculativeDecoder:
     `verify` (runtime/verify_graph.py: the main graph and the MTP layer in one run), and, for k > 1, k - 1
     further steps of `draft` (mtp.onnx)."""
 
-    def __init__(self, verify: OrtDecoder, draft: OrtDecoder, k: int, rollback: str = "refeed"):
+    def __init__(self, verify: OrtDecoder, draft: OrtDecoder, k: int, rollback: str | None = None):
+        """`rollback`: one of ROLLBACKS; None: "snapshot" where the verify graph allows it, else "refeed"."""
         check_speculative(k)
-        if rollback not in ROLLBACKS:
+        if rollback is not None and rollback not in ROLLBACKS:
             raise QwenExportError(f"rollback {rollback!r} is not one of {', '.join(ROLLBACKS)}")
-        self.verify, self.draft, self.k, self.rollback = verify, draft, k, rollback
+        # the fixed-size states (DeltaNet's) -> the verify graph's output of them after every column
+        self._position_states = {
+            s: POSITION_PREFIX + s for s in verify.state_suffixes if verify.in_place.get(s) is not True
+        }
         # the draft steps run in place only where every draft state is a KV cache (runtime/in_place.py) that
-        # the verify graph updates in place too (both come from one target's passes)
+        # the verify graph updates in place too (both come from one target's passes); a snapshot rollback
+        # needs that for k > 1, since a kept verify step's MTP cache holds rejected columns' rows at its end
         self._draft_in_place = bool(draft.in_place) and all(
             draft.in_place.get(s) and verify.in_place.get(MTP_STATES + s) for s in draft.state_suffixes
         )
+        snapshots = (
+            bool(verify.in_place)
+            and all(s in verify.in_place for s in verify.state_suffixes)
+            and all(name in verify.output_names for name in self._position_states.values())
+            and (k == 1 or self._draft_in_place)
+        )
+        if rollback == "snapshot" and not snapshots:
+            raise QwenExportError(
+                "rollback 'snapshot' needs a verify graph whose DeltaNet ops give their states after every "
+                "token and update them in place (qwen.cpu GatedDeltaRule, domain version 3: an ort-cpu or "
+                "ort-cpu-int4 artifact built by this version); use 'refeed'"
+            )
+        rollback = rollback or ("snapshot" if snapshots else "refeed")
+        self.verify, self.draft, self.k, self.rollback = verify, draft, k, rollback
         # ONNX Runtime's GroupQueryAttention takes several new tokens over a cache at batch 1 only.
         self.row_by_row = _runs_op(verify.model_path, "GroupQueryAttention")
         self._caches_in_place: list[str] = []  # the KV caches a verify step writes in place (per loop)
@@ -269,7 +298,11 @@ class SpeculativeDecoder:
 
             kept = offset + accepted + 1  # verify columns now decided: re-fed, last, accepted drafts
             pairs = None
-            if accepted == k:
+            if accepted < k and self.rollback == "snapshot":
+                # the states after the last decided column, into the buffers the verify step wrote
+                for suffix, name in self._position_states.items():
+                    np.copyto(verify_states[suffix].numpy(), outs[name][:, kept - 1])
+            if accepted == k or self.rollback == "snapshot":
                 scratch = {s: states[s] for s in scratch}  # the verify step's buffers hold the states now
                 states, committed = verify_states, committed + kept
             elif self.rollback == "recompute" or kept > max_refeed(k):

@@ -21,7 +21,10 @@ as `past_key_values.mtp.<suffix>`. A prompt thus runs through this graph too, it
 
 Outputs: `predicted_ids` [B, T] (the main graph's greedy token at each position), `draft_logits`
 [B, T, vocab] (the MTP layer's, for the position after that), `draft_hidden_states` [B, T, hidden] (what a
-further draft step of mtp.onnx takes), the main graph's present states, and `present.mtp.<suffix>`.
+further draft step of mtp.onnx takes), the main graph's present states, and `present.mtp.<suffix>`. Where
+the main graph's DeltaNet ops can give their states after every token (qwen.cpu GatedDeltaRule from domain
+version 3, cpu_kernels.POSITION_STATES), also `position.<suffix>` [B, T, ...] for each of those states: a
+round that rejects a draft keeps the states after its last accepted token (rollback "snapshot").
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qwen_export.cpu_kernels import DOMAIN, POSITION_STATES, POSITIONS_DIM
 from qwen_export.errors import QwenExportError
 from qwen_export.exporter.builder import GraphBuilder
 from qwen_export.exporter.model import HIDDEN_STATES
@@ -42,6 +46,7 @@ MTP_STATES = "mtp."  # the MTP layer's states in the verify graph: past_key_valu
 PREDICTED_IDS = "predicted_ids"
 NEXT_IDS = "next_ids"  # the token after each position where it is decided, -1 where predicted_ids stands in
 DRAFT_LOGITS = "draft_logits"
+POSITION_PREFIX = "position."  # a state after each column of the step: position.0.recurrent_state, ...
 _SHARED_INPUTS = ("attention_mask", "position_ids")  # the pair at column t sits at the main token's position
 
 
@@ -88,6 +93,7 @@ def compose_verify_graph(main_path: Path, draft_path: Path) -> ir.Model:
         elif not value.is_initializer():  # an overridable initializer (logits_to_keep) stays one
             raise QwenExportError(f"{draft_path}: the draft graph's input {value.name!r} has no source here")
     kept = [v for v in graph.outputs if v.name.startswith(PRESENT_PREFIX)]
+    kept += _position_state_outputs(graph)
     draft_hidden = None
     for value, name in [(v, v.name.removeprefix(MTP_STATES)) for v in draft_outputs]:
         if name.startswith(PRESENT_PREFIX):
@@ -107,6 +113,40 @@ def compose_verify_graph(main_path: Path, draft_path: Path) -> ir.Model:
     draft_hidden.name, draft_logits.name = DRAFT_HIDDEN_STATES, DRAFT_LOGITS
     RemoveUnusedNodesPass()(main)  # the draft's last-position lm_head, the main graph's hidden output
     return main
+
+
+def _position_state_outputs(graph: ir.Graph) -> list[ir.Value]:
+    """The states after every token of the ops that can give them (cpu_kernels.POSITION_STATES, at the
+    domain version the graph imports), for each state the op reads straight from a graph input: each op
+    takes its optional outputs, named POSITION_PREFIX + the state's suffix, [B, positions, ...]."""
+    version = graph.opset_imports.get(DOMAIN, 0)
+    outputs = []
+    for node in list(graph):
+        spec = POSITION_STATES.get(node.op_type) if node.domain == DOMAIN else None
+        if spec is None or version < spec.since:
+            continue
+        with_positions = ir.Node(
+            node.domain,
+            node.op_type,
+            list(node.inputs),
+            attributes=list(node.attributes.values()),
+            num_outputs=max(spec.output_of_past.values()) + 1,
+            version=node.version,
+            name=node.name,
+        )
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [with_positions], node.outputs, with_positions.outputs[: len(node.outputs)]
+        )
+        for past_index, output_index in spec.output_of_past.items():
+            past = with_positions.inputs[past_index]
+            if past is None or not past.is_graph_input() or not past.name.startswith(PAST_PREFIX):
+                continue
+            value = with_positions.outputs[output_index]
+            value.name = POSITION_PREFIX + past.name.removeprefix(PAST_PREFIX)
+            value.type = past.type
+            value.shape = ir.Shape([past.shape[0], POSITIONS_DIM, *past.shape[1:]])
+            outputs.append(value)
+    return outputs
 
 
 def _head(graph: ir.Graph, hidden: ir.Value, logits: ir.Value) -> tuple[ir.Value, list[ir.Node]]:

@@ -5,7 +5,7 @@ trained reference model in golden/, on its held-out text).
 
 Every configuration decodes the same prompts in the same process, configurations alternating within each
 round (this machine is shared and noisy); the tokens of every speculative run are checked equal to the
-plain run's. Both rollbacks (runtime/speculative.py) are measured at every k. Writes
+plain run's. Every rollback the artifact allows (runtime/speculative.py) is measured at every k. Writes
 benchmarks/speculative.json and benchmarks/speculative.md.
 
     .venv/bin/python scripts/bench_speculative.py [--model golden/trained-qwen3.5-moe] [--rounds 3]
@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 from bench_common import REPO, produced_by, provenance, shown, write_results
 
-CONFIGS = [(0, None)] + [(k, rollback) for k in (1, 2, 3) for rollback in ("refeed", "recompute")]
+
+def configs(session) -> list[tuple[int, str | None]]:
+    """Plain decoding, then k = 1, 2 and 3 with every rollback the session's graphs allow ("snapshot", the
+    default where it runs, needs per-token DeltaNet states: the qwen.cpu graphs)."""
+    from qwen_export.runtime.speculative import ROLLBACKS
+
+    default = session.speculative_decoder(1).rollback
+    rollbacks = [r for r in ROLLBACKS if r != "snapshot" or default == "snapshot"]
+    return [(0, None)] + [(k, rollback) for k in (1, 2, 3) for rollback in rollbacks]
 
 
 def prompts_from_text(session, text_file: Path, count: int, length: int) -> list[list[int]]:
@@ -119,8 +127,9 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
     session = Session.load(folder, threads=os.cpu_count())
     prompts = prompts_from_text(session, args.text, args.prompts, args.prompt_tokens)
     runs: dict[str, list[dict]] = {}
+    measured = configs(session)
     for _ in range(args.rounds):
-        for k, rollback in CONFIGS:
+        for k, rollback in measured:
             runs.setdefault(f"{k}:{rollback}", []).append(
                 run_config(session, prompts, args.new_tokens, k, rollback)
             )

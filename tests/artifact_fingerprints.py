@@ -7,6 +7,7 @@ cache folder, the pass records' timings) removed first. `passes.json` is a per-p
 and pass statistics, not part of the artifact's contract, and is left out.
 
     python tests/artifact_fingerprints.py --write     # record tests/data/artifact_fingerprints.json
+                                                      # (--case: those only; goldens: on the record's ISA)
     python tests/artifact_fingerprints.py             # compare against it; exit 1 on any difference
 
 The recorded file comes from the code before the refactor it guards; it is a regression fence, not a
@@ -217,7 +218,14 @@ def main() -> int:
     now = fingerprints(args.case)
     if args.write:
         RECORD.parent.mkdir(parents=True, exist_ok=True)
-        record = {"machine": machine(), "artifacts": now}
+        empty = {"machine": machine(), "artifacts": {}}
+        record = json.loads(RECORD.read_text()) if RECORD.exists() else empty
+        if record["machine"] != machine():  # the goldens, and the record's machine, stay the recording ISA's
+            now = {case: files for case, files in now.items() if not case.endswith("/golden")}
+            print(f"goldens not written: recorded on {record['machine']}, this is {machine()}")
+        elif not args.case:  # everything anew (a case no longer made leaves the record)
+            record["artifacts"] = {}
+        record["artifacts"].update(now)
         RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         print(f"wrote {RECORD} ({len(now)} artifacts)")
         return 0

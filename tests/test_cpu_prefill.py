@@ -6,6 +6,8 @@
 - Int4Linear and Int4MoE at prefill sizes give the same bits as the same rows run a few at a time (the
   decode-sized paths): the M tiling, the fused expert blocks and the vectorised activation quantization
   change no result.
+- The per-token states a speculative verify step asks for equal the states of calls that stop at each
+  token.
 - An ort-cpu-int4 build of a tiny preset, its delta rule forced onto the chunked path, still decodes the
   golden's greedy tokens as far as the recurrence does, and the same tokens as the recurrence.
 """
@@ -70,7 +72,9 @@ def reference_delta_rule(proj, conv_w, past_conv, past_state, dt_bias, neg_exp_a
     return out.reshape(b_, t_, NV * dv), present_conv, state
 
 
-def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV):
+def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV, positions: bool = False):
+    """A one-node GatedDeltaRule session and its inputs; `positions`: with the optional per-token states
+    (outputs 3 and 4, domain version 3)."""
     rng = np.random.default_rng(seed)
     f = np.float32
     c_ = 2 * NK * DK + NV * dv
@@ -85,16 +89,16 @@ def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV):
         "neg_exp_a": -np.exp(rng.standard_normal(NV) * 0.5).astype(f),
         "norm_w": (1 + 0.1 * rng.standard_normal(dv)).astype(f),
     }
+    outputs = ("y", "present_conv", "present_state")
+    outputs += ("position_conv", "position_state") if positions else ()
     node = helper.make_node(
         "GatedDeltaRule",
         ["proj", "conv_w", "past_conv", "past_state", "dt_bias", "neg_exp_a", "norm_w"],
-        ["y", "present_conv", "present_state"],
+        list(outputs),
         domain="qwen.cpu", num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=dv, conv_kernel=KERNEL,
         epsilon=1e-6,
     )  # fmt: skip
-    session = _session(
-        [node], [_x(n, None) for n in inputs], weights, outputs=("y", "present_conv", "present_state")
-    )
+    session = _session([node], [_x(n, None) for n in inputs], weights, outputs=outputs)
     return session, inputs, weights
 
 
@@ -171,6 +175,34 @@ def test_delta_rule_copies_follow_qwen_cpu_kernels_and_match_the_reference():
         for name, (y_error, state_error, conv_equal) in errors.items():
             assert y_error < CHUNKED_VS_RECURRENT and state_error < CHUNKED_VS_RECURRENT, (mode, name)
             assert conv_equal, (mode, name)
+
+
+@pytest.mark.parametrize("form", ["default", "chunked"])
+def test_delta_rule_gives_its_states_after_every_token(form, monkeypatch):
+    """Outputs 3 and 4 (a speculative verify step's, runtime/verify_graph.py) hold the states after each
+    token of a call narrower than STEP_TOKENS: bit for bit the present states of a call that stops there, as
+    a rejected draft's rollback needs; the call's own outputs are those of a node without them. Forcing the
+    chunked form changes nothing (the chunks keep no per-token states, so the node runs the recurrence);
+    a wider call (a prompt) gives none."""
+    from qwen_export.cpu_kernels import STEP_TOKENS
+
+    if form == "chunked":
+        monkeypatch.setenv("QWEN_CPU_DELTA_RULE", "chunked")
+    else:
+        monkeypatch.delenv("QWEN_CPU_DELTA_RULE", raising=False)
+    session, inputs, _ = delta_rule_case(2, 5, seed=7, positions=True)
+    plain, _, _ = delta_rule_case(2, 5, seed=7)
+    y, conv, state, position_conv, position_state = session.run(None, inputs)
+    assert position_conv.shape == (2, 5, *conv.shape[1:]) and position_state.shape == (2, 5, *state.shape[1:])
+    monkeypatch.setenv("QWEN_CPU_DELTA_RULE", "recurrent")  # what a call of t tokens runs anyway
+    for t in range(1, 6):
+        _, conv_t, state_t = plain.run(None, {**inputs, "proj": inputs["proj"][:, :t]})
+        np.testing.assert_array_equal(position_conv[:, t - 1], conv_t, f"conv state after token {t}")
+        np.testing.assert_array_equal(position_state[:, t - 1], state_t, f"recurrent state after token {t}")
+    for got, want in zip((y, conv, state), plain.run(None, inputs), strict=True):
+        np.testing.assert_array_equal(got, want)
+    wide, inputs, _ = delta_rule_case(1, STEP_TOKENS, seed=8, positions=True)
+    assert [o.shape[1] for o in wide.run(None, inputs)[3:]] == [0, 0]
 
 
 def test_chunked_delta_rule_carries_state_across_calls(monkeypatch):

@@ -367,15 +367,21 @@ def test_speculative_decoding_updates_the_states_in_place(trained_cpu_builds, mo
     steps write the MTP layer's KV cache in place (runtime/speculative.py). On the trained model's held-out
     text rounds both accept every draft (the buffers swap) and reject some; buffers are regrown every 3
     rows here, so rounds cross regrowths. The tokens equal the copying path's and plain decoding's, for
-    both rollbacks."""
+    every rollback (the copying path has no "snapshot": its states are not updated in place)."""
+    from qwen_export.errors import QwenExportError
     from qwen_export.runtime import in_place
     from qwen_export.runtime.session import Session
-    from qwen_export.runtime.speculative import SpeculativeStats
+    from qwen_export.runtime.speculative import ROLLBACKS, SpeculativeStats
+    from qwen_export.runtime.verify_graph import POSITION_PREFIX
 
     session = Session.load(trained_cpu_builds["ort-cpu-int4"])
-    session.speculative_decoder(2)  # composes the verify graph
+    assert session.speculative_decoder(2).rollback == "snapshot"  # composes the verify graph
     verify, draft = session.verify, session.draft
-    assert any(grows is False for grows in verify.in_place.values()), "DeltaNet states in place"
+    deltanet = [s for s, grows in verify.in_place.items() if grows is False]
+    assert len(deltanet) == 12, "DeltaNet states in place: six layers' conv and recurrent states"
+    assert {n for n in verify.output_names if n.startswith(POSITION_PREFIX)} == {
+        POSITION_PREFIX + s for s in deltanet
+    }, "each with its states after every column"
     assert verify.in_place["mtp.0.key"] and verify.in_place["mtp.0.value"], "the MTP layer's KV cache too"
     assert draft.in_place and all(draft.in_place.values()), "the MTP layer's KV cache in place"
     monkeypatch.setattr(in_place, "GROW_ROWS", 3)
@@ -396,15 +402,20 @@ def test_speculative_decoding_updates_the_states_in_place(trained_cpu_builds, mo
         return tokens
 
     plain = [session.generate([prompt], 24).tokens[0] for prompt in prompts]
-    fast = {rollback: speculative(rollback) for rollback in ("refeed", "recompute")}
+    fast = {rollback: speculative(rollback) for rollback in ROLLBACKS}
     monkeypatch.setattr(verify, "in_place", {})
     monkeypatch.setattr(draft, "in_place", {})
+    with pytest.raises(QwenExportError, match="rollback 'snapshot' needs"):
+        session.speculative_decoder(2, rollback="snapshot")
+    assert session.speculative_decoder(2).rollback == "refeed"
+    assert fast.pop("snapshot") == plain
     for rollback, tokens in fast.items():
         assert tokens == plain == speculative(rollback), rollback
 
 
 def test_step_tokens_is_the_kernels_width():
-    """runtime/speculative.py's STEP_TOKENS is kStepTokens of plugins/ort_cpu/common/step_tokens.h."""
+    """cpu_kernels.STEP_TOKENS (which runtime/speculative.py keeps its steps under) is kStepTokens of
+    plugins/ort_cpu/common/step_tokens.h."""
     import re
 
     from qwen_export import cpu_kernels
@@ -453,10 +464,11 @@ def test_a_few_token_step_gives_the_bits_of_one_token_steps(trained_cpu_builds, 
 
 def test_int4_speculative_decoding_gives_plain_tokens_at_every_k(trained_cpu_builds):
     """ort-cpu-int4 (int8 activations, where a near-tie flips on the last bit): 128 tokens of greedy
-    speculative decoding, k = 1, 2 and 3 and both rollbacks, equal plain decoding's, on the prompts of
+    speculative decoding, k = 1, 2 and 3 and every rollback, equal plain decoding's, on the prompts of
     scripts/bench_speculative.py (before the few-token steps gave one-token bits, k = 3 left plain decoding's
     tokens on one of these prompts)."""
     from qwen_export.runtime.session import Session
+    from qwen_export.runtime.speculative import ROLLBACKS
 
     session = Session.load(trained_cpu_builds["ort-cpu-int4"])
     ids = session.encode((materialize(TRAINED) / "heldout.txt").read_text())
@@ -464,7 +476,7 @@ def test_int4_speculative_decoding_gives_plain_tokens_at_every_k(trained_cpu_bui
     for prompt in (ids[i * stride : i * stride + 64] for i in range(4)):
         plain = session.generate([prompt], 128).tokens
         for k in (1, 2, 3):
-            for rollback in ("refeed", "recompute"):
+            for rollback in ROLLBACKS:
                 steps = session.speculative_decoder(k, rollback=rollback).stream(
                     np.array([prompt]), np.ones((1, 64), np.int64), 128
                 )

@@ -44,6 +44,7 @@ enum Slot : size_t {
   kKernelInfoGetAttributeInt64 = 86,
   kKernelInfoGetAttributeString = 87,
   kKernelContextGetInputCount = 88,
+  kKernelContextGetOutputCount = 89,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
   kReleaseStatus = 93,
@@ -134,6 +135,9 @@ struct Api {
   }
   Status* KernelContextGetInputCount(const KernelContext* context, size_t* out) const {
     return fn<Status* (*)(const KernelContext*, size_t*)>(kKernelContextGetInputCount)(context, out);
+  }
+  Status* KernelContextGetOutputCount(const KernelContext* context, size_t* out) const {
+    return fn<Status* (*)(const KernelContext*, size_t*)>(kKernelContextGetOutputCount)(context, out);
   }
   Status* KernelContextGetInput(const KernelContext* context, size_t index, const Value** out) const {
     return fn<Status* (*)(const KernelContext*, size_t, const Value**)>(kKernelContextGetInput)(context, index, out);

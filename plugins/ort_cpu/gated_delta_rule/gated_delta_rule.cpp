@@ -492,7 +492,8 @@ const char* delta_rule_shape_error(const DeltaRuleShape& s) {
 
 void gated_delta_rule(const float* proj, const float* conv_w, const float* past_conv, const float* past_state,
                       const float* dt_bias, const float* neg_exp_a, const float* norm_w, const DeltaRuleShape& s,
-                      float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for) {
+                      float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for,
+                      float* position_conv, float* position_state) {
   const int64_t B = s.batch, T = s.tokens, C = s.channels(), K = s.kernel, W = s.proj_width();
   const DeltaRuleLoops& f = loops();
   const int64_t keep = K - 1;
@@ -549,18 +550,24 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
       float* rows = head_rows(b, head * s.dk);
       for (int64_t t = 0; t < T; ++t) f.l2norm(rows + t * s.dk, s.dk, head < s.nk ? q_scale : 1.f);
     }
-    float* next = present_conv + (b * C + c0) * keep;
-    for (int64_t c = 0; c < c1 - c0; ++c)
-      for (int64_t i = 0; i < keep; ++i) {
-        const int64_t at = T + i;  // window position
-        next[c * keep + i] = at < keep ? state[c * keep + at] : x[(at - keep) * W + c];
-      }
+    // the conv state after token t - 1 holds window positions t .. t + keep - 1: the present one (t = T),
+    // and where asked, the one after every token (t = 1 .. T)
+    const auto window_after = [&](int64_t t, float* next) {
+      for (int64_t c = 0; c < c1 - c0; ++c)
+        for (int64_t i = 0; i < keep; ++i) {
+          const int64_t at = t + i;  // window position
+          next[c * keep + i] = at < keep ? state[c * keep + at] : x[(at - keep) * W + c];
+        }
+    };
+    window_after(T, present_conv + (b * C + c0) * keep);
+    if (position_conv != nullptr)
+      for (int64_t t = 0; t < T; ++t) window_after(t + 1, position_conv + ((b * T + t) * C + c0) * keep);
   });
 
   // 2. the delta rule and the gated norm, per sequence and value head: tokens in order one at a time for
   // short calls (decode), in chunks of kChunk tokens (matrix products) for long ones (prefill)
   const int64_t group = s.nv / s.nk;
-  const bool chunked = use_chunks(T);
+  const bool chunked = position_state == nullptr && use_chunks(T);  // the chunks keep no per-token states
   const int64_t L = chunked ? std::min(T, kChunk) : 1;
   for_work(parallel_for, B * s.nv * s.dk * s.dv * T)(B * s.nv, [&](int64_t task) {
     const int64_t b = task / s.nv, h = task % s.nv, hk = h / group;
@@ -587,6 +594,8 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
         f.delta_chunk(state, qt, kt, vt, beta, g, n, s.dk, s.dv, o, s.nv * s.dv, work);
       } else {
         f.delta_step(t0 == 0 ? from : state, state, qt, kt, vt, std::exp(g[0]), beta[0], s.dk, s.dv, kv, o);
+        if (position_state != nullptr)
+          std::copy_n(state, s.dk * s.dv, position_state + ((b * T + t0) * s.nv + h) * s.dk * s.dv);
       }
     }
   });

@@ -10,6 +10,9 @@
 //     out[b, t, h] = rmsnorm(o; eps) * norm_w * silu(z[h])
 //
 // States: conv [B, C, K-1] (oldest input first) and recurrent [B, nv, dk, dv]; past in, present out.
+// Where position_conv and position_state are not null (a call narrower than kStepTokens), they receive the
+// states after every token, [B, T, C, K-1] and [B, T, nv, dk, dv]: a speculative verify step that rejects a
+// draft keeps the states after its last accepted token (runtime/speculative.py, rollback "snapshot").
 #pragma once
 
 #include <cstdint>
@@ -32,7 +35,8 @@ const char* delta_rule_shape_error(const DeltaRuleShape& shape);
 
 void gated_delta_rule(const float* proj, const float* conv_w, const float* past_conv, const float* past_state,
                       const float* dt_bias, const float* neg_exp_a, const float* norm_w, const DeltaRuleShape& shape,
-                      float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for);
+                      float* out, float* present_conv, float* present_state, const ParallelFor& parallel_for,
+                      float* position_conv = nullptr, float* position_state = nullptr);
 
 // Which copy of the loops runs: "avx512f", "avx2" (x86-64-v3: AVX2 with FMA) or "baseline" (CPUID, narrowed by
 // QWEN_CPU_KERNELS=avx2|portable).

@@ -1,6 +1,7 @@
-// The ONNX Runtime wrapper of GatedDeltaRule: attribute and shape checks, the three outputs, ORT's pool.
-// The arithmetic is gated_delta_rule.
+// The ONNX Runtime wrapper of GatedDeltaRule: attribute and shape checks, the three outputs and the two
+// optional per-token states (domain version 3), ORT's pool. The arithmetic is gated_delta_rule.
 #include "common/ort_op.h"
+#include "common/step_tokens.h"
 #include "gated_delta_rule/gated_delta_rule.h"
 
 namespace qwen_cpu {
@@ -13,6 +14,7 @@ struct DeltaRuleKernel {
 };
 
 constexpr const char* kDeltaRule = "GatedDeltaRule";
+constexpr size_t kDeltaRuleRequiredOutputs = 3;  // Y and the present states; then the optional per-token states
 
 Status* create_delta_rule(const CustomOp*, ApiTable, const KernelInfo* info, void** kernel) {
   return guarded(kDeltaRule, [&] {
@@ -53,9 +55,20 @@ Status* compute_delta_rule(void* kernel, KernelContext* context) {
     float* out = output(context, {s.batch, s.tokens, s.nv * s.dv}, 0);
     float* present_conv = output(context, {s.batch, C, keep}, 1);
     float* present_state = output(context, {s.batch, s.nv, s.dk, s.dv}, 2);
+    // outputs 3 and 4, where the node has them: the states after every token of a call narrower than
+    // kStepTokens (a speculative verify step), none ([B, 0, ...]) for a wider one (a prompt)
+    size_t outputs = 0;
+    check(g_api.KernelContextGetOutputCount(context, &outputs));
+    float *position_conv = nullptr, *position_state = nullptr;
+    if (outputs > kDeltaRuleRequiredOutputs) {
+      const int64_t positions = s.tokens < kStepTokens ? s.tokens : 0;
+      position_conv = output(context, {s.batch, positions, C, keep}, 3);
+      position_state = output(context, {s.batch, positions, s.nv, s.dk, s.dv}, 4);
+      if (positions == 0) position_conv = position_state = nullptr;
+    }
     gated_delta_rule(proj.data<float>(), conv_w.data<float>(), past_conv.data<float>(), past_state.data<float>(),
                      dt_bias.data<float>(), neg_exp_a.data<float>(), norm_w.data<float>(), s, out, present_conv,
-                     present_state, pool(context));
+                     present_state, pool(context), position_conv, position_state);
   });
 }
 
@@ -64,8 +77,14 @@ constexpr ElementType kDeltaRuleInputs[] = {kFloat, kFloat, kFloat, kFloat, kFlo
 }  // namespace
 
 const CustomOp& gated_delta_rule_op() {
-  static const CustomOp op =
-      make_op<7, kDeltaRuleInputs, 3, kDeltaRule, create_delta_rule, compute_delta_rule, DeltaRuleKernel>();
+  static const CustomOp op = [] {
+    CustomOp o =
+        make_op<7, kDeltaRuleInputs, 5, kDeltaRule, create_delta_rule, compute_delta_rule, DeltaRuleKernel>();
+    o.GetOutputCharacteristic = [](const CustomOp*, size_t i) {
+      return i < kDeltaRuleRequiredOutputs ? kRequired : kOptional;
+    };
+    return o;
+  }();
   return op;
 }
 

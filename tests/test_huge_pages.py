@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -73,10 +75,26 @@ def test_a_filled_new_region_is_collapsed_and_a_sparse_one_is_not():
     sparse.close()
 
 
+# A session loaded in a process of its own: in a process that had run other test modules first (a
+# pytest-xdist worker, under both cores' load) the session's prepacked weights once collapsed 0 bytes.
+_LOAD = """
+import json, sys
+import numpy as np, onnxruntime as ort
+from qwen_export.runtime import huge_pages
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the runtime loads
+before = huge_pages.snapshot()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+collapsed = huge_pages.collapse_new_regions(before)
+np.save(sys.argv[3], session.run(None, {"x": np.load(sys.argv[2])})[0])
+print(json.dumps(collapsed))
+"""
+
+
 def test_a_sessions_prepacked_weights_get_huge_pages_and_the_same_results(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     # 48 MiB, prepacked by the MatMul kernel: above malloc's largest mmap threshold (32 MiB), so it is a
-    # new mapping whatever this process freed before
+    # new mapping
     weight = rng.standard_normal((1024, 12288), dtype=np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
@@ -87,23 +105,21 @@ def test_a_sessions_prepacked_weights_get_huge_pages_and_the_same_results(tmp_pa
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     x = rng.standard_normal((1, 1024), dtype=np.float32)
-
     onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx.data")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the runtime loads
+    np.save(tmp_path / "x.npy", x)
 
-    def load() -> tuple[ort.InferenceSession, int]:
-        before = huge_pages.snapshot()
-        path = str(tmp_path / "model.onnx")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return session, huge_pages.collapse_new_regions(before)
+    def load() -> tuple[int, np.ndarray]:
+        """(bytes collapsed, y) of a session loaded in a new process."""
+        args = [str(tmp_path / n) for n in ("model.onnx", "x.npy", "y.npy")]
+        run = subprocess.run([sys.executable, "-c", _LOAD, *args], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout), np.load(tmp_path / "y.npy")
 
-    session, collapsed = load()
+    collapsed, y = load()
     assert collapsed >= 40 << 20
-    (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ weight, rtol=1e-4, atol=1e-4)
     monkeypatch.delenv(huge_pages.ENV)  # off by default
-    assert load()[1] == 0
+    assert load()[0] == 0
 
 
 class _BusyThenFreeLibc:

@@ -15,19 +15,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import MULTIMODAL_CLASSES  # noqa: E402  (after the interpreter switch)
 
-# The fixture whose modules run on one worker together (scripts/test.sh: pytest-xdist, --dist loadgroup).
-_LIBRARY_FIXTURE = "plugin_library"
-
-
-def pytest_collection_modifyitems(config, items):
-    """Each module's tests on one worker (its module-scoped fixtures are made once), and every module that
-    drives the plugin library on the same worker: the library's first build (its Triton kernels for six
-    SMs, minutes on 2 cores) runs once while the other worker goes on with the rest."""
-    uses_library = {item.module.__name__ for item in items if _LIBRARY_FIXTURE in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(_LIBRARY_FIXTURE if module in uses_library else module))
-
 
 @pytest.fixture(scope="module")
 def verify_every_pass():

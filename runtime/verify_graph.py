@@ -117,14 +117,17 @@ def compose_verify_graph(main_path: Path, draft_path: Path) -> ir.Model:
 
 def _position_state_outputs(graph: ir.Graph) -> list[ir.Value]:
     """The states after every token of the ops that can give them (cpu_kernels.POSITION_STATES, at the
-    domain version the graph imports), for each state the op reads straight from a graph input: each op
-    takes its optional outputs, named POSITION_PREFIX + the state's suffix, [B, positions, ...]."""
+    domain version the graph imports) and read each of those states straight from a graph input: each
+    such op takes its optional outputs, named POSITION_PREFIX + the state's suffix, [B, positions, ...]."""
     version = graph.opset_imports.get(DOMAIN, 0)
     outputs = []
     for node in list(graph):
         spec = POSITION_STATES.get(node.op_type) if node.domain == DOMAIN else None
         if spec is None or version < spec.since:
             continue
+        pasts = [node.inputs[i] for i in spec.output_of_past]
+        if not all(p is not None and p.is_graph_input() and p.name.startswith(PAST_PREFIX) for p in pasts):
+            continue  # a state made inside the graph: no rollback by snapshot (runtime/speculative.py)
         with_positions = ir.Node(
             node.domain,
             node.op_type,
@@ -139,8 +142,6 @@ def _position_state_outputs(graph: ir.Graph) -> list[ir.Value]:
         )
         for past_index, output_index in spec.output_of_past.items():
             past = with_positions.inputs[past_index]
-            if past is None or not past.is_graph_input() or not past.name.startswith(PAST_PREFIX):
-                continue
             value = with_positions.outputs[output_index]
             value.name = POSITION_PREFIX + past.name.removeprefix(PAST_PREFIX)
             value.type = past.type

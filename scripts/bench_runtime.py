@@ -865,12 +865,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def llama_isa(info: dict[str, Any]) -> str:
+def llama_isa(info: dict[str, Any], machine_isa: str) -> str:
     """How the llama.cpp peer was built, read off its own CPU features (it lists only those it was built
-    with)."""
-    if "AVX512" not in info.get("system_info", "AVX512"):
+    with) and this machine's widest vector ISA: without AVX-512 on a machine that has it, --isa avx2."""
+    if "AVX512" in info.get("system_info", "AVX512"):
+        return "GGML_NATIVE=ON"
+    if machine_isa.startswith("avx512"):
         return "AVX2 only (--isa avx2: GGML_NATIVE=OFF, GGML_AVX2=ON, no AVX-512)"
-    return "GGML_NATIVE=ON"
+    return "GGML_NATIVE=ON: this machine's AVX2, no AVX-512"
 
 
 def render_llama(r: dict[str, Any]) -> list[str]:
@@ -879,11 +881,12 @@ def render_llama(r: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     info = r.get("llama", {})
+    built = llama_isa(info, r["machine"].get("vector_isa", "?"))
     lines = [
         "## Against llama.cpp (batch 1)",
         "",
         f"llama-cpp-python {info.get('llama_cpp_python')} built from source (scripts/setup_llama_env.sh: "
-        f"CPU, {llama_isa(info)}, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
+        f"CPU, {built}, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
         f"{info.get('conversion')}. Every runtime runs in a fresh process per round, rounds alternate; "
         "cold = the first generation after loading, warm = the second; the median round by decode rate. "
         "Precisions differ in detail: llama-quantize's Q4_0 keeps output.weight (lm_head) at Q6_K and the "

@@ -146,24 +146,29 @@ def _child(bench: str, encoded: str) -> None:
 
 
 def median_round(rounds: list[dict]) -> dict:
-    """The round with the median decode rate (errors propagate when every round failed); a round's `cold`
-    measurement, when there is one, is the median of the rounds' cold measurements."""
+    """The round with the median decode rate (errors propagate when every round failed), its time to first
+    token replaced by the median over the rounds (the two vary independently: the round whose decode was the
+    median one may have had any prompt time); a round's `cold` measurement, when there is one, likewise."""
     ok = sorted((r for r in rounds if "decode_tokens_per_s" in r), key=lambda r: r["decode_tokens_per_s"])
     if not ok:
         return rounds[-1]
+    in_order = [r for r in rounds if "decode_tokens_per_s" in r]
     out = {
         **ok[len(ok) // 2],
         "rounds": len(ok),
-        "decode_tokens_per_s_by_round": [
-            r["decode_tokens_per_s"] for r in rounds if "decode_tokens_per_s" in r
-        ],
+        "decode_tokens_per_s_by_round": [r["decode_tokens_per_s"] for r in in_order],
+        "time_to_first_token_s_by_round": [r["time_to_first_token_s"] for r in in_order],
+        "time_to_first_token_s": float(np.median([r["time_to_first_token_s"] for r in ok])),
     }
-    out["cold_decode_tokens_per_s_by_round"] = [
-        r["cold"]["decode_tokens_per_s"] for r in rounds if "decode_tokens_per_s" in r.get("cold", {})
-    ]
-    colds = sorted((r["cold"] for r in ok if "cold" in r), key=lambda c: c["decode_tokens_per_s"])
+    colds = [r["cold"] for r in in_order if "decode_tokens_per_s" in r.get("cold", {})]
+    out["cold_decode_tokens_per_s_by_round"] = [c["decode_tokens_per_s"] for c in colds]
     if colds:
-        out["cold"] = colds[len(colds) // 2]
+        out["cold_time_to_first_token_s_by_round"] = [c["time_to_first_token_s"] for c in colds]
+        by_rate = sorted(colds, key=lambda c: c["decode_tokens_per_s"])
+        out["cold"] = {
+            **by_rate[len(by_rate) // 2],
+            "time_to_first_token_s": float(np.median([c["time_to_first_token_s"] for c in colds])),
+        }
     return out
 
 
@@ -888,13 +893,14 @@ def render_llama(r: dict[str, Any]) -> list[str]:
         f"llama-cpp-python {info.get('llama_cpp_python')} built from source (scripts/setup_llama_env.sh: "
         f"CPU, {built}, OpenMP); its CPU features: `{info.get('system_info', '').strip()}`. GGUF: "
         f"{info.get('conversion')}. Every runtime runs in a fresh process per round, rounds alternate; "
-        "cold = the first generation after loading, warm = the second; the median round by decode rate. "
+        "cold = the first generation after loading, warm = the second; decode: the median round by decode "
+        "rate; time to first token: the median over the rounds. "
         "Precisions differ in detail: llama-quantize's Q4_0 keeps output.weight (lm_head) at Q6_K and the "
         "routers in f32, Q8_0 keeps the routers in f32; ours int4 quantizes lm_head to int4 too.",
         "",
         "| runtime | cold TTFT (ms) | cold decode tok/s | warm TTFT (ms) | warm decode tok/s | load (s) | "
-        "warm decode tok/s by round |",
-        "|---|---|---|---|---|---|---|",
+        "warm decode tok/s by round | cold TTFT (ms) by round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     row = rows[0]
     for name in ("ours", "ours_int8", "ours_int4", "ours_cpu_int4", "llama_f32", "llama_q8_0", "llama_q4_0"):
@@ -902,7 +908,7 @@ def render_llama(r: dict[str, Any]) -> list[str]:
         if not m:
             continue
         if "error" in m:
-            lines.append(f"| {name} | failed: {m['error']} | | | | | |")
+            lines.append(f"| {name} | failed: {m['error']} | | | | | | |")
             continue
         c = m.get("cold", {})
         lines.append(
@@ -910,6 +916,8 @@ def render_llama(r: dict[str, Any]) -> list[str]:
             f"{c.get('decode_tokens_per_s', float('nan')):.1f} | {m['time_to_first_token_s'] * 1e3:.1f} | "
             f"{m['decode_tokens_per_s']:.1f} | {m.get('load_s', float('nan')):.2f} | "
             + ", ".join(f"{v:.0f}" for v in m.get("decode_tokens_per_s_by_round", []))
+            + " | "
+            + ", ".join(f"{v * 1e3:.0f}" for v in m.get("cold_time_to_first_token_s_by_round", []))
             + " |"
         )
     lines += [

@@ -116,8 +116,9 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
 
 # (rows, block): 11 = a tile of 8 plus 3 (block 32, the default); 1 and 2 rows (decode, and a k = 1
 # speculative verify step, whose tokens must be a one-token step's: the VNNI tile keeps two chains there);
-# 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block)
-TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64)]
+# 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block); 1 row at block 128 (the AVX2
+# one-row tile sums 4 pairs at a time)
+TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64), (1, 128)]
 
 
 def test_every_tile_gives_the_same_bits():

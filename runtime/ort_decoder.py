@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qwen_export.runtime import huge_pages
+from qwen_export.runtime import huge_pages, prefault
 from qwen_export.runtime.emulation import EmulatedCopy, needs_emulation
 from qwen_export.runtime.in_place import (
     GrowingCache,
@@ -98,6 +98,9 @@ class OrtDecoder:
                 copy.close()
         # QWEN_EXPORT_HUGE_PAGES=1: what ONNX Runtime prepacked, into 2 MiB pages (runtime/huge_pages.py)
         self.huge_page_bytes = huge_pages.collapse_new_regions(before) if on_cpu else 0
+        # the weights it reads from the mapped data files, mapped in now rather than by the first prompt's
+        # page faults (runtime/prefault.py)
+        self.prefaulted_bytes = prefault.populate(self.model_path.parent) if on_cpu else 0
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         # passes/logits_to_keep.py: the graph can skip the vocabulary projection of all but the last rows
         overridable = {i.name for i in self.session.get_overridable_initializers()}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import tempfile
 import threading
 import time
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from bench_common import REPO, produced_by, provenance, write_results
+
+from qwen_export.memory import available_memory
 
 OLD, NEW = "old (GroupQueryAttention)", "new (qwen.cpu Attention)"
 TARGETS = {  # name -> (built from target, path, KV bytes per element)
@@ -70,18 +71,6 @@ def bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, float
     read = timed(lambda i: src[i].sum())
     size = threads * n * 4
     return {"copy_gbs": 2 * size / copy / 1e9, "read_gbs": size / read / 1e9}
-
-
-def available_memory() -> int:
-    """Bytes the kernel can hand out now: MemAvailable (free pages plus the page cache it can drop), else
-    the free pages alone."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # --- artifacts ----------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* 
 // One activation row (decode) against all 16 lanes in one pass: both 32-byte halves of a 64-byte pair share
 // the row's broadcasts, and 4 pairs sum in int16 before widening (each pair adds at most 2 * 2 * 15 * 127 =
 // 7620, so 4 stay below 32767: the same integer sums). Prefetching kPrefetchBytes ahead keeps the stream
-// from DRAM going (the hardware prefetcher alone fed it at 2/3 the rate; measured in README.md). More
+// from DRAM going (the hardware prefetcher alone fed it at 3/4 the rate; measured in README.md). More
 // rows keep the two-pass tile: their sums need the registers.
 constexpr int64_t kPrefetchBytes = 2048;
 

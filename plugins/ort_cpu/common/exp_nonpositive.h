@@ -1,5 +1,5 @@
 // exp(x) for x <= 0 (a softmax score minus its running max, a sum of log decays): vectorisable, where
-// std::exp is a call per element.
+// std::exp is a call per element (given -fno-trapping-math, as the library builds: qwen_export/cpu_kernels.py).
 #pragma once
 
 #include <cstdint>

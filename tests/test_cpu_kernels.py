@@ -283,9 +283,10 @@ def test_float_moe_matches_onnxruntime_moe_and_numpy(k, normalize):
 
 def test_float_moe_decode_rows_give_a_batchs_bits():
     """One token runs its weight rows one after another (hidden 68: a 64-row block, then 4 rows), as do the
-    experts of a batch that up to 6 tokens chose; experts more tokens chose run 4 x 4 tiles. Every output
-    sums in the same order either way: each token alone gives the same bits as its row in a batch of 40
-    (about 10 tokens an expert), and the batch is right against NumPy."""
+    experts of a batch that up to 6 tokens chose; experts more tokens chose run tiles of four tokens (against
+    four weight rows on AVX-512, one on AVX2). Every output sums in the same order either way: each token
+    alone gives the same bits as its row in a batch of 40 (about 10 tokens an expert), and the batch is
+    right against NumPy."""
     from test_quantize_weights import numpy_moe
 
     _, ours, (fc1, fc2) = float_moe_case(hidden=68, inter=36)
@@ -293,7 +294,7 @@ def test_float_moe_decode_rows_give_a_batchs_bits():
     x = rng.standard_normal((40, 68)).astype(np.float32)
     logits = rng.standard_normal((40, 8)).astype(np.float32)
     chosen = np.argsort(-logits, axis=1)[:, :2]
-    assert np.bincount(chosen.ravel(), minlength=8).max() > 6  # some expert runs the 4 x 4 tiles
+    assert np.bincount(chosen.ravel(), minlength=8).max() > 6  # some expert runs the tiles
     batch = ours.run(None, {"x": x, "r": logits})[0]
     for t in range(40):
         alone = ours.run(None, {"x": x[t : t + 1], "r": logits[t : t + 1]})[0]
@@ -322,7 +323,7 @@ def test_float_moe_loops_follow_qwen_cpu_kernels_and_agree():
 
 def float_moe_loops_and_outputs() -> list:
     """(in a child per kernel mode) the loops FloatMoE runs, and its output for one token (the one-stream
-    rows) and for 40 (4 x 4 tiles too)."""
+    rows) and for 40 (the tiles of four tokens too)."""
     _, ours, _ = float_moe_case(hidden=68, inter=36)
     rng = np.random.default_rng(8)
     x, r = rng.standard_normal((40, 68)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)

@@ -64,9 +64,14 @@ constexpr int64_t kOneStreamRows = 6;
 //   and one sequential stream is what the hardware prefetcher follows best. One core of an AVX-512 EPYC,
 //   one token on four of the small preset's experts: 25.1 GB/s, where eight weight rows a pass (eight
 //   streams at once) read 18.6 and NumPy sums the same bytes at 24.0 (benchmarks/decode_ops.md).
-// - More rows: four weight rows against four activation rows at a time (16 accumulators: the FMAs, not
-//   the stream, bound it). With 7 or 8 rows an expert the one-stream loop was already slower.
+// - More rows: four activation rows at a time against kTileCols weight rows: four (16 accumulators: the
+//   FMAs, not the stream, bound it) where AVX-512 gives 32 registers; with 7 or 8 rows an expert the
+//   one-stream loop was already slower there. The AVX2 copy takes one weight row at a time: 4 x 4 needs
+//   21 of its 16 registers, and spilled, ran at less than half the speed. One layer of the small preset's
+//   experts, 2 threads, AVX2-only EPYC: 64 tokens 10.4 -> 8.3-8.9 ms, 256 tokens 59 -> 26 ms, 2048 tokens
+//   454 -> 187 ms (4 x 2 measured the same as 4 x 1; 2 x 4 slower still than 4 x 4).
 // Every output sums in the same order whatever the tile, so a token gets the same bits alone or in a batch.
+template <int kTileCols>
 __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, int64_t rows, const float* w,
                                                         int64_t k, int64_t n0, int64_t n1, float* out,
                                                         int64_t ldo) {
@@ -87,14 +92,14 @@ __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, 
   }
   for (int64_t i = 0; i < rows;) {
     const int64_t r = rows - i >= 4 ? 4 : rows - i >= 2 ? 2 : 1;
-    for (int64_t n = n0; n < n1; n += 4) {
-      float tile[4][4];
+    for (int64_t n = n0; n < n1; n += kTileCols) {
+      float tile[4][kTileCols];
       if (r == 4)
-        dot_tile<4>(a + i, w + n * k, k, tile);
+        dot_tile<4, kTileCols>(a + i, w + n * k, k, tile);
       else if (r == 2)
-        dot_tile<2>(a + i, w + n * k, k, tile);
+        dot_tile<2, kTileCols>(a + i, w + n * k, k, tile);
       else
-        dot_tile<1>(a + i, w + n * k, k, tile);
+        dot_tile<1, kTileCols>(a + i, w + n * k, k, tile);
       for (int64_t q = 0; q < r; ++q) std::memcpy(out + (i + q) * ldo + (n - n0), tile[q], sizeof(tile[q]));
     }
     i += r;
@@ -103,20 +108,20 @@ __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, 
 
 using DotRows = void (*)(const float* const*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
 
-// Each copy compiles the always-inlined body for its instruction set. x86-64-v4 and the baseline have the
-// flags of the target_clones they replace (the same bits); the AVX2 copy adds FMA, which every AVX2 x86 core
-// has (Haswell, Zen): the clone without it rounded each product before its add, two instructions where one
-// does, in the 4 x 4 tiles that bound a prompt's experts.
-#define QWEN_DOT_ROWS_COPY(name, attributes)                                                                  \
+// Each copy compiles the always-inlined body for its instruction set and tile width. x86-64-v4 and the
+// baseline have the flags of the target_clones they replace (the same bits); the AVX2 copy adds FMA, which
+// every AVX2 x86 core has (Haswell, Zen): the clone without it rounded each product before its add, two
+// instructions where one does.
+#define QWEN_DOT_ROWS_COPY(name, cols, attributes)                                                            \
   attributes void name(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0, int64_t n1, \
                        float* out, int64_t ldo) {                                                             \
-    dot_rows_body(a, rows, w, k, n0, n1, out, ldo);                                                           \
+    dot_rows_body<cols>(a, rows, w, k, n0, n1, out, ldo);                                                     \
   }
 #ifdef QWEN_CPU_X86_COPIES
-QWEN_DOT_ROWS_COPY(dot_rows_v4, __attribute__((target("arch=x86-64-v4"))))
-QWEN_DOT_ROWS_COPY(dot_rows_avx2, __attribute__((target("avx2,fma"))))
+QWEN_DOT_ROWS_COPY(dot_rows_v4, 4, __attribute__((target("arch=x86-64-v4"))))
+QWEN_DOT_ROWS_COPY(dot_rows_avx2, 1, __attribute__((target("avx2,fma"))))
 #endif
-QWEN_DOT_ROWS_COPY(dot_rows_baseline, )
+QWEN_DOT_ROWS_COPY(dot_rows_baseline, 4, )
 #undef QWEN_DOT_ROWS_COPY
 
 struct DotRowsChoice {

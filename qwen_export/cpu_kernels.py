@@ -77,6 +77,7 @@ AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-Wno-maybe-uninitialized"]
 SOURCES = {
     "common/vector_math.cpp": [],
     "common/vector_math_avx512.cpp": AVX512,
+    "common/vector_math_avx2.cpp": ["-mavx2", "-mfma"],
     "int4_linear/int4_gemm.cpp": [],
     "int4_linear/int4_gemm_avx512.cpp": AVX512,
     "int4_linear/int4_gemm_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],

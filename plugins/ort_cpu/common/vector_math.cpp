@@ -5,17 +5,21 @@
 namespace qwen_cpu {
 
 void silu_inplace(float* x, int64_t n) {
+  int64_t done = 0;  // the elements a vector loop did (the AVX2 one leaves the last n % 8)
 #ifndef QWEN_CPU_PORTABLE_ONLY
   if (detail::silu_avx512(x, n)) return;
+  done = detail::silu_avx2(x, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+  for (int64_t i = done; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
 }
 
 void mul_silu(const float* a, const float* g, float* y, int64_t n) {
+  int64_t done = 0;
 #ifndef QWEN_CPU_PORTABLE_ONLY
   if (detail::mul_silu_avx512(a, g, y, n)) return;
+  done = detail::mul_silu_avx2(a, g, y, n);
 #endif
-  for (int64_t i = 0; i < n; ++i) y[i] = a[i] * (g[i] / (1.f + std::exp(-g[i])));
+  for (int64_t i = done; i < n; ++i) y[i] = a[i] * (g[i] / (1.f + std::exp(-g[i])));
 }
 
 }  // namespace qwen_cpu

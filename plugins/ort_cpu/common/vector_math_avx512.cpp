@@ -1,8 +1,8 @@
-// AVX-512 silu: exp by range reduction (x = n ln2 + r, |r| <= ln2/2) and a degree-7 Taylor polynomial
-// (relative error < 2e-8 before rounding, about 1 ulp after), scaled by 2^n with vscalefps.
-// Compiled with -mavx512f; run only where the CPU has it.
+// AVX-512 silu: the vector exp (common/exp_lanes.h: range reduction, a degree-7 Taylor polynomial, about
+// 1 ulp after rounding), scaled by 2^n with vscalefps. Compiled with -mavx512f; run only where the CPU has it.
 #include <immintrin.h>
 
+#include "common/exp_lanes.h"
 #include "common/forced_kernels.h"
 #include "common/vector_math.h"
 
@@ -18,27 +18,23 @@ bool has_avx512f() {  // and not narrowed by QWEN_CPU_KERNELS=avx2|portable
   return has;
 }
 
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split in two for exactness
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+struct Avx512 {  // exp_lanes' operations; vscalefps takes n down to -150 (denormal results)
+  using V = __m512;
+  static constexpr float kLowest = -103.9f, kHighest = 88.7f;
+  static V set(float c) { return _mm512_set1_ps(c); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }
+};
 
-inline __m512 silu512(__m512 g) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
+inline __m512 silu512(__m512 g) { return silu_lanes<Avx512>(g); }
 
 }  // namespace
 

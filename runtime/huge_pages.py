@@ -41,6 +41,12 @@ def enabled() -> bool:
     return os.environ.get(ENV, "0") == "1" and SMAPS.is_file()
 
 
+def region(address_range: str) -> Region:
+    """The region of a maps/smaps header's first field, `start-end` in hex."""
+    start, end = (int(x, 16) for x in address_range.split("-"))
+    return start, end
+
+
 def _anonymous(header: list[str]) -> Region | None:
     """The region of a maps/smaps header line if it is a private writable anonymous mapping (malloc's
     [heap] included: where a process's malloc takes large blocks from it, after frees raised its mmap
@@ -48,8 +54,7 @@ def _anonymous(header: list[str]) -> Region | None:
     perms, named = header[1], len(header) > 5 and header[5] != "[heap]"
     if not (perms.startswith("rw") and perms.endswith("p")) or named:
         return None
-    start, end = (int(x, 16) for x in header[0].split("-"))
-    return start, end
+    return region(header[0])
 
 
 def anonymous_regions() -> frozenset[Region]:
@@ -70,8 +75,8 @@ def resident_bytes(regions: frozenset[Region]) -> dict[Region, int]:
                 if current is not None:
                     resident[current] = int(fields[1]) << 10
             elif not fields[0].endswith(":") and "-" in fields[0]:  # a mapping's header line
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                current = (start, end) if (start, end) in regions else None
+                current = region(fields[0])
+                current = current if current in regions else None
     return resident
 
 

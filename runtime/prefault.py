@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from qwen_export.memory import available_memory
-from qwen_export.runtime.huge_pages import MAPS, Region
+from qwen_export.runtime.huge_pages import MAPS, Region, region
 
 MADV_POPULATE_READ = 22
 ENV = "QWEN_EXPORT_PREFAULT"
@@ -46,8 +46,7 @@ def data_regions(folder: Path) -> list[Region]:
             if len(fields) == 6:
                 path = fields[5].rstrip("\n")
                 if path.startswith(prefix) and os.sep not in path[len(prefix) :] and not _is_library(path):
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    regions.append((start, end))
+                    regions.append(region(fields[0]))
     return regions
 
 

@@ -1,5 +1,6 @@
 #include "attention/attention.h"
 #include "common/exp_nonpositive.h"
+#include "common/prefetch.h"
 #include "common/forced_kernels.h"
 #include "common/step_tokens.h"
 

@@ -6,6 +6,7 @@
 
 #include "attention/attention.h"
 #include "common/exp_nonpositive.h"
+#include "common/prefetch.h"
 
 namespace qwen_cpu::detail {
 namespace avx512 {

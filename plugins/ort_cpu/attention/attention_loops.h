@@ -5,8 +5,8 @@
 // decode loops (few query rows), the float16 conversions and the streaming copy use intrinsics, under the
 // ISA's own macros (AVX-512F or AVX2+FMA+F16C; the portable build runs the `omp simd` loops).
 //
-// Needs <cstring>, <cstdint>, "common/exp_nonpositive.h" and, on x86, <immintrin.h> included before the
-// namespace.
+// Needs <cstring>, <cstdint>, "common/exp_nonpositive.h", "common/prefetch.h" and, on x86, <immintrin.h>
+// included before the namespace.
 
 constexpr int64_t kBlockKeys = 64;  // = kKeyBlock in attention.cpp, the only `ld` the blocked paths take
 constexpr int64_t kMaxHeadDim = 512;
@@ -60,12 +60,6 @@ inline __m256 to_256(Lanes x) { return x; }
 template <typename T>
 inline Lanes lanes_fma(const float* a, const T* b, Lanes c) { return lanes_fmadd(lanes_load(a), lanes_load(b), c); }
 
-// Asks for the cache lines of [x + ahead, x + ahead + bytes) (prefetches do not fault past a buffer's end).
-inline void prefetch(const void* x, int64_t bytes, int64_t ahead) {
-  const char* from = static_cast<const char*>(x) + ahead;
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(from + o, _MM_HINT_T0);
-}
-
 // The four sums of four vectors, as one 128-bit vector (a shuffle tree, not four serial reductions).
 inline __m128 sum4(Lanes a, Lanes b, Lanes c, Lanes d) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(to_256(a), to_256(b)), _mm256_hadd_ps(to_256(c), to_256(d)));
@@ -83,7 +77,7 @@ bool scores_few_rows(const float* q, int64_t rows, const T* keys, int64_t count,
   int64_t j = 0;
   for (; j + 4 <= count; j += 4) {
     const T *k0 = keys + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
-    if (kPrefetchBytes > 0) prefetch(k0, 4 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
+    if (kPrefetchBytes > 0) prefetch_ahead(k0, 4 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
     for (int64_t r = 0; r < rows; ++r) {
       const float* qr = q + r * hd;
       Lanes a0 = lanes_zero(), a1 = lanes_zero(), a2 = lanes_zero(), a3 = lanes_zero();
@@ -117,7 +111,7 @@ void accumulate_rows(const float* p, int64_t ld, const T* values, int64_t count,
       for (int i = 0; i < C; ++i) a[r][i] = lanes_load(acc + r * hd + d0 + i * kLanes);
     for (int64_t j = 0; j < count; ++j) {
       const T* v = values + j * hd + d0;
-      if (ahead > 0) prefetch(v, C * kLanes * static_cast<int64_t>(sizeof(T)), ahead);
+      if (ahead > 0) prefetch_ahead(v, C * kLanes * static_cast<int64_t>(sizeof(T)), ahead);
       Lanes vc[C];
       for (int i = 0; i < C; ++i) vc[i] = lanes_load(v + i * kLanes);
       for (int r = 0; r < R; ++r) {

@@ -13,9 +13,11 @@ void silu_inplace(float* x, int64_t n);
 void mul_silu(const float* a, const float* g, float* y, int64_t n);
 
 namespace detail {
-bool silu_avx512(float* x, int64_t n);                                 // false: not run (no AVX-512)
-bool mul_silu_avx512(const float* a, const float* g, float* y, int64_t n);
-int64_t silu_avx2(float* x, int64_t n);  // the elements done (a multiple of 8; 0: not run, no AVX2 + FMA)
+// Each returns the elements it did from the start: 0 where the CPU lacks its instructions (or
+// QWEN_CPU_KERNELS narrows them away); AVX-512 all n, AVX2 a multiple of 8 (the caller does the rest).
+int64_t silu_avx512(float* x, int64_t n);
+int64_t mul_silu_avx512(const float* a, const float* g, float* y, int64_t n);
+int64_t silu_avx2(float* x, int64_t n);
 int64_t mul_silu_avx2(const float* a, const float* g, float* y, int64_t n);
 }  // namespace detail
 

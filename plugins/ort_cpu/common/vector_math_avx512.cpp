@@ -38,19 +38,19 @@ inline __m512 silu512(__m512 g) { return silu_lanes<Avx512>(g); }
 
 }  // namespace
 
-bool silu_avx512(float* x, int64_t n) {
-  if (!has_avx512f()) return false;
+int64_t silu_avx512(float* x, int64_t n) {
+  if (!has_avx512f()) return 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, silu512(_mm512_loadu_ps(x + i)));
   if (i < n) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
     _mm512_mask_storeu_ps(x + i, mask, silu512(_mm512_maskz_loadu_ps(mask, x + i)));
   }
-  return true;
+  return n;  // the tail too, masked
 }
 
-bool mul_silu_avx512(const float* a, const float* g, float* y, int64_t n) {
-  if (!has_avx512f()) return false;
+int64_t mul_silu_avx512(const float* a, const float* g, float* y, int64_t n) {
+  if (!has_avx512f()) return 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(a + i), silu512(_mm512_loadu_ps(g + i))));
@@ -60,7 +60,7 @@ bool mul_silu_avx512(const float* a, const float* g, float* y, int64_t n) {
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a + i), silu512(_mm512_maskz_loadu_ps(mask, g + i)));
     _mm512_mask_storeu_ps(y + i, mask, v);
   }
-  return true;
+  return n;  // the tail too, masked
 }
 
 }  // namespace qwen_cpu::detail

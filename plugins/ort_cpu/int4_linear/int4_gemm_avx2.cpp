@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "common/prefetch.h"
 #include "int4_linear/int4_gemm.h"
 
 namespace qwen_cpu::detail {
@@ -86,9 +87,7 @@ void row_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* p
     __m256i dot0 = _mm256_set1_epi32(x.zero_fix[b]), dot1 = dot0;
     const int8_t* xb = x.q + b * block;
     for (int64_t p0 = 0; p0 < pairs; p0 += 4) {
-      for (int line = 0; line < 4; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
-      }
+      prefetch_ahead(w, 4 * 64, kPrefetchBytes);  // the 4 pairs' lines, kPrefetchBytes on
       __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
       for (int64_t p = p0; p < p0 + 4; ++p, w += 64) {
         const __m256i a_lo = broadcast4(xb + 8 * p), a_hi = broadcast4(xb + 8 * p + 4);

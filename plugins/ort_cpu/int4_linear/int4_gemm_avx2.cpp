@@ -25,102 +25,92 @@ inline __m256i broadcast4(const int8_t* a) {
   return _mm256_set1_epi32(v);
 }
 
-// Eight of the group's 16 lanes (half 0: lanes 0-7, the first 32 bytes of each 64-byte pair; half 1: the
-// rest) against ROWS activation rows.
-template <int ROWS>
-void half_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
-               float* y, int64_t ldy, int lanes, int half) {
+// ROWS activation rows against all 16 lanes of a group in one pass: each row's broadcasts feed both 32-byte
+// halves of a 64-byte pair (a tile that took one half at a time broadcast every activation twice and ran
+// at 3/4 the speed: README.md). One row (decode) streams its weights from DRAM: prefetching kPrefetchBytes
+// ahead keeps that stream going (the hardware prefetcher alone fed it at 3/4 the rate); more rows read each
+// group from cache, once per tile.
+constexpr int64_t kPrefetchBytes = 2048;
+// Pairs whose int16 sums may add up before widening: a pair adds at most 2 * 2 * 15 * 127 = 7620 to a lane,
+// and 4 stay below 32767. The default block of 32 is 4 pairs.
+constexpr int64_t kPairsInInt16 = 4;
+
+// The products of the pair at w with ROWS rows (a: row 0's 8 activations of this pair; rows k apart), each
+// lane's low and high nibble products summed in int16, handed to add(m, half, products) as they come.
+template <int ROWS, typename Add>
+inline __attribute__((always_inline)) void pair_products(const uint8_t* w, const int8_t* a, int64_t k, Add add) {
+  if constexpr (ROWS == 1) prefetch_ahead(w, 64, kPrefetchBytes);
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+  const __m256i lo0 = _mm256_and_si256(w0, low_nibbles);
+  const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), low_nibbles);
+  const __m256i lo1 = _mm256_and_si256(w1, low_nibbles);
+  const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), low_nibbles);
+  for (int m = 0; m < ROWS; ++m) {
+    const __m256i a_lo = broadcast4(a + m * k), a_hi = broadcast4(a + m * k + 4);
+    add(m, 0, _mm256_add_epi16(_mm256_maddubs_epi16(lo0, a_lo), _mm256_maddubs_epi16(hi0, a_hi)));
+    add(m, 1, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, a_lo), _mm256_maddubs_epi16(hi1, a_hi)));
+  }
+}
+
+// SHORT_BLOCKS (blocks of at most kPairsInInt16 pairs, the default): a block's products sum in int16 and
+// widen once. Longer blocks widen every pair: a chunked widening inside the same loop made the compiler
+// spill the int16 sums (0.7x), so each kind is its own instantiation. Either way, the same integer sums as
+// the VNNI tile, then the same fma per block.
+template <int ROWS, bool SHORT_BLOCKS>
+void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales, float* y,
+          int64_t ldy, int lanes) {
   const int64_t blocks = k / block;
   const int64_t pairs = block / 8;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[ROWS];
-  for (int m = 0; m < ROWS; ++m) acc[m] = _mm256_setzero_ps();
-  const uint8_t* w = packed + 32 * half;
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i dot[ROWS];
-    for (int m = 0; m < ROWS; ++m) dot[m] = _mm256_set1_epi32(x.zero_fix[m * blocks + b]);
-    const int8_t* xb = x.q + b * block;
-    for (int64_t p = 0; p < pairs; ++p, w += 64) {
-      const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-      const __m256i lo = _mm256_and_si256(both, low_nibbles);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(both, 4), low_nibbles);
-      for (int m = 0; m < ROWS; ++m) {
-        const int8_t* a = xb + m * k + 8 * p;
-        const __m256i pairs16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(a)),
-                                                 _mm256_maddubs_epi16(hi, broadcast4(a + 4)));
-        dot[m] = _mm256_add_epi32(dot[m], _mm256_madd_epi16(pairs16, ones));
-      }
-    }
-    const __m256 sw =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * kGroupRows + 8 * half)));
-    for (int m = 0; m < ROWS; ++m) {
-      const __m256 s = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[m * blocks + b]));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m]), s, acc[m]);
-    }
-  }
-  const int valid = lanes - 8 * half;  // lanes of this half that are real rows
-  if (valid <= 0) return;
-  for (int m = 0; m < ROWS; ++m) {
-    float out[8];
-    _mm256_storeu_ps(out, acc[m]);
-    std::memcpy(y + m * ldy + 8 * half, out, sizeof(float) * (valid < 8 ? valid : 8));
-  }
-}
-
-// One activation row (decode) against all 16 lanes in one pass: both 32-byte halves of a 64-byte pair share
-// the row's broadcasts, and 4 pairs sum in int16 before widening (each pair adds at most 2 * 2 * 15 * 127 =
-// 7620, so 4 stay below 32767: the same integer sums). Prefetching kPrefetchBytes ahead keeps the stream
-// from DRAM going (the hardware prefetcher alone fed it at 3/4 the rate; measured in README.md). More
-// rows keep the two-pass tile: their sums need the registers.
-constexpr int64_t kPrefetchBytes = 2048;
-
-void row_tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
-              float* y, int lanes) {
-  const int64_t blocks = k / block;
-  const int64_t pairs = block / 8;  // a multiple of 4: block is a multiple of 32
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc[ROWS][2];
+  for (int m = 0; m < ROWS; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const uint8_t* w = packed;
   for (int64_t b = 0; b < blocks; ++b) {
-    __m256i dot0 = _mm256_set1_epi32(x.zero_fix[b]), dot1 = dot0;
     const int8_t* xb = x.q + b * block;
-    for (int64_t p0 = 0; p0 < pairs; p0 += 4) {
-      prefetch_ahead(w, 4 * 64, kPrefetchBytes);  // the 4 pairs' lines, kPrefetchBytes on
-      __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
-      for (int64_t p = p0; p < p0 + 4; ++p, w += 64) {
-        const __m256i a_lo = broadcast4(xb + 8 * p), a_hi = broadcast4(xb + 8 * p + 4);
-        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
-        sum0 = _mm256_add_epi16(
-            sum0, _mm256_add_epi16(
-                      _mm256_maddubs_epi16(_mm256_and_si256(w0, low_nibbles), a_lo),
-                      _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), low_nibbles), a_hi)));
-        sum1 = _mm256_add_epi16(
-            sum1, _mm256_add_epi16(
-                      _mm256_maddubs_epi16(_mm256_and_si256(w1, low_nibbles), a_lo),
-                      _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), low_nibbles), a_hi)));
+    __m256i dot[ROWS][2];
+    if constexpr (SHORT_BLOCKS) {
+      __m256i sum[ROWS][2];
+      for (int m = 0; m < ROWS; ++m) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int64_t p = 0; p < pairs; ++p, w += 64)
+        pair_products<ROWS>(w, xb + 8 * p, k, [&](int m, int half, __m256i products) {
+          sum[m][half] = _mm256_add_epi16(sum[m][half], products);
+        });
+      for (int m = 0; m < ROWS; ++m) {
+        const __m256i zero_fix = _mm256_set1_epi32(x.zero_fix[m * blocks + b]);
+        for (int half = 0; half < 2; ++half)
+          dot[m][half] = _mm256_add_epi32(zero_fix, _mm256_madd_epi16(sum[m][half], ones));
       }
-      dot0 = _mm256_add_epi32(dot0, _mm256_madd_epi16(sum0, ones));
-      dot1 = _mm256_add_epi32(dot1, _mm256_madd_epi16(sum1, ones));
+    } else {
+      for (int m = 0; m < ROWS; ++m) dot[m][0] = dot[m][1] = _mm256_set1_epi32(x.zero_fix[m * blocks + b]);
+      for (int64_t p = 0; p < pairs; ++p, w += 64)
+        pair_products<ROWS>(w, xb + 8 * p, k, [&](int m, int half, __m256i products) {
+          dot[m][half] = _mm256_add_epi32(dot[m][half], _mm256_madd_epi16(products, ones));
+        });
     }
-    const __m256 sx = _mm256_set1_ps(x.scale[b]);
     const __m128i* s = reinterpret_cast<const __m128i*>(scales + b * kGroupRows);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot0), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(s)), sx), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot1), _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(s + 1)), sx), acc1);
+    const __m256 sw[2] = {_mm256_cvtph_ps(_mm_loadu_si128(s)), _mm256_cvtph_ps(_mm_loadu_si128(s + 1))};
+    for (int m = 0; m < ROWS; ++m) {
+      const __m256 sx = _mm256_set1_ps(x.scale[m * blocks + b]);
+      for (int half = 0; half < 2; ++half)
+        acc[m][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][half]), _mm256_mul_ps(sw[half], sx), acc[m][half]);
+    }
   }
-  float out[kGroupRows];
-  _mm256_storeu_ps(out, acc0);
-  _mm256_storeu_ps(out + 8, acc1);
-  std::memcpy(y, out, sizeof(float) * lanes);
+  for (int m = 0; m < ROWS; ++m) {
+    float out[kGroupRows];
+    _mm256_storeu_ps(out, acc[m][0]);
+    _mm256_storeu_ps(out + 8, acc[m][1]);
+    std::memcpy(y + m * ldy, out, sizeof(float) * lanes);
+  }
 }
 
-template <int ROWS>
-void tile(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed, const Half* scales,
-          float* y, int64_t ldy, int lanes) {
-  for (int half = 0; half < 2; ++half) half_tile<ROWS>(x, k, block, packed, scales, y, ldy, lanes, half);
-}
+using RowsTile = void (*)(const QuantizedRows& x, int64_t k, int64_t block, const uint8_t* packed,
+                          const Half* scales, float* y, int64_t ldy, int lanes);
+template <bool SHORT_BLOCKS>
+constexpr RowsTile kTiles[4] = {tile<1, SHORT_BLOCKS>, tile<2, SHORT_BLOCKS>, tile<3, SHORT_BLOCKS>,
+                                tile<4, SHORT_BLOCKS>};
 
 }  // namespace
 
@@ -162,16 +152,12 @@ void quantize_avx2(const float* x, int64_t rows, int64_t k, int64_t block, int8_
 
 void tile_avx2(const QuantizedRows& x, int rows, int64_t k, int64_t block, const uint8_t* packed,
                const Half* scales, float* y, int64_t ldy, int lanes) {
-  // 16 ymm registers: at most 4 rows at a time (4 int32 sums, 4 float accumulators, temporaries)
+  // 4 rows at a time: their sums outgrow AVX2's 16 registers, but 3, 5 or 6 rows measured slower (README.md)
+  const RowsTile* tiles = block / 8 <= kPairsInInt16 ? kTiles<true> : kTiles<false>;
   QuantizedRows part = x;
   while (rows > 0) {
     const int now = rows < 4 ? rows : 4;
-    switch (now) {
-      case 1: row_tile(part, k, block, packed, scales, y, lanes); break;
-      case 2: tile<2>(part, k, block, packed, scales, y, ldy, lanes); break;
-      case 3: tile<3>(part, k, block, packed, scales, y, ldy, lanes); break;
-      default: tile<4>(part, k, block, packed, scales, y, ldy, lanes); break;
-    }
+    tiles[now - 1](part, k, block, packed, scales, y, ldy, lanes);
     const int64_t blocks = k / block;
     part = QuantizedRows{part.q + now * k, part.scale + now * blocks, part.zero_fix + now * blocks};
     y += now * ldy;

@@ -76,9 +76,18 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def linear_case(k: int, n: int, block: int, seed: int = 0, library=None):
+def extreme_weights(n: int, k: int, block: int) -> np.ndarray:
+    """Each block's first weight the most negative (code 0) and the rest 7/8 of its size, positive (code
+    15): with activations of one sign (all quantized to +-127) every product is 15 * 127, the largest int16
+    sums the AVX2 tile adds before widening."""
+    w = np.full((n, k), 7.0, np.float32)
+    w[:, ::block] = -8.0
+    return w * 0.01
+
+
+def linear_case(k: int, n: int, block: int, seed: int = 0, library=None, extreme: bool = False):
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    w = extreme_weights(n, k, block) if extreme else rng.standard_normal((n, k)).astype(np.float32) * 0.05
     q, s = quantize_blockwise(w, 4, block, fp16_scales=True)
     packed, packed_scales = pack_int4_groups(q, s, block)
     nbits = helper.make_node(
@@ -119,6 +128,8 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
 # 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block); 1 row at block 128 (the AVX2
 # one-row tile sums 4 pairs at a time)
 TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64), (1, 128)]
+# (rows, block) with extreme_weights and activations of +-1 (a row's sign alternating): 7 = 4 + 3 rows
+EXTREME_CASES = [(7, 32), (7, 64)]
 
 
 def test_every_tile_gives_the_same_bits():
@@ -132,10 +143,21 @@ def test_every_tile_gives_the_same_bits():
         "    _, ours, _ = t.linear_case(1024, 200, block)\n"
         "    x = np.random.default_rng(rows).standard_normal((rows, 1024)).astype(np.float32)\n"
         "    out.append(ours.run(None, {'x': x})[0].tolist())\n"
+        "for rows, block in t.EXTREME_CASES:\n"
+        "    _, ours, _ = t.linear_case(1024, 200, block, extreme=True)\n"
+        "    x = np.where(np.arange(rows)[:, None] % 2, -1, 1) * np.ones((rows, 1024), np.float32)\n"
+        "    out.append(ours.run(None, {'x': x.astype(np.float32)})[0].tolist())\n"
         "print(json.dumps(out))"
     )
     outputs = json_per_kernel_mode(code)
-    for case, (rows, block) in enumerate(TILE_CASES):
+    for case, (rows, block) in enumerate(EXTREME_CASES, len(TILE_CASES)):
+        # x = +-1 quantizes exactly, so the tile's sum is exact up to float rounding of the block sums
+        x = np.where(np.arange(rows)[:, None] % 2, -1.0, 1.0) * np.ones((rows, 1024))
+        expected = x @ dequantize_blockwise(*quantize_blockwise(extreme_weights(200, 1024, block), 4, block,
+                                                                 fp16_scales=True), 4, 1024).T  # fmt: skip
+        for mode in ("avx2", "default", "portable"):
+            assert _relative(np.array(outputs[mode][case]), expected) < SAME_ARITHMETIC, (mode, rows, block)
+    for case, (rows, block) in enumerate(TILE_CASES + EXTREME_CASES):
         portable = np.array(outputs["portable"][case], np.float32)
         assert portable.shape == (rows, 200)
         for mode in ("avx2", "default"):

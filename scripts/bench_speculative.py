@@ -117,44 +117,55 @@ def _median_over(results: list[dict], key: str, plain_step_ms: float) -> float |
     return float(np.median(values)) / plain_step_ms if values else None
 
 
-def run_costs(session, context: int = 64, runs: int = 400) -> dict[str, float]:
-    """Median microseconds of one ONNX Runtime run, as the decode loops bind it, after a `context`-token
-    prompt: the main graph over 1 and 2 tokens, and the verify graph over 2 (k = 1: the main graph and the
-    MTP layer beside it). Their differences are what the second token and the MTP layer cost."""
+def run_costs(main, verify, context: int = 64, rounds: int = 7, runs: int = 100) -> dict[str, float]:
+    """Microseconds of one ONNX Runtime run, as the decode loops bind it, after a `context`-token prompt:
+    the main graph's decoder `main` over 1 and 2 tokens, and the verify graph's over 2 (k = 1: the main
+    graph and the MTP layer beside it); the median over `rounds` alternating rounds of each one's median of
+    `runs` runs. Their differences are what the second token and the MTP layer cost, where `main` has the
+    verify graph's intra-op threads."""
     from qwen_export.runtime.verify_graph import NEXT_IDS
 
-    session.speculative_decoder(1)  # composes the verify graph
+    def feeds(width: int, start: int, total: int, pairs: bool) -> dict[str, np.ndarray]:
+        f = {
+            "input_ids": np.full((1, width), 7, np.int64),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, start + width)[None],
+        }
+        return f | ({NEXT_IDS: np.full((1, width), -1, np.int64)} if pairs else {})  # the MTP pairs' tokens
 
-    def median_run_us(decoder, tokens: int, verify: bool) -> float:
-        def feeds(width: int, start: int, total: int) -> dict[str, np.ndarray]:
-            f = {
-                "input_ids": np.full((1, width), 7, np.int64),
-                "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.arange(start, start + width)[None],
-            }
-            return f | ({NEXT_IDS: np.full((1, width), -1, np.int64)} if verify else {})
-
-        prompt = feeds(context, 0, context)
+    cases = {}  # name -> [decoder, the step's feeds, states after the prompt]
+    for name, decoder, tokens, pairs in (
+        ("main_1_token_us", main, 1, False),
+        ("main_2_tokens_us", main, 2, False),
+        ("verify_2_tokens_us", verify, 2, True),
+    ):
+        prompt = feeds(context, 0, context, pairs)
         if decoder.keeps_logits:
             prompt["logits_to_keep"] = np.array(1, np.int64)
         _, states = decoder.step_all_bound(prompt, decoder.empty_bound_states(1))
-        step = feeds(tokens, context, context + tokens)  # the same rows every run: in place, rewritten
+        # the same rows every run: in place, each run rewrites them
+        cases[name] = [decoder, feeds(tokens, context, context + tokens, pairs), states]
+
+    def median_run_us(case: list) -> float:  # a case after another on one decoder binds its states anew
+        decoder, step, states = case
         times = []
-        for i in range(runs + 20):  # the first 20 warm up
+        for _ in range(runs):
             start = time.perf_counter()
             if decoder.in_place:
                 states = decoder.run_in_place(step, states, copy_outputs=False)[1]
             else:  # the copying path: every run from the prompt's states
                 decoder.step_all_bound(step, states)
-            if i >= 20:
-                times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+        case[2] = states
         return 1e6 * float(np.median(times))
 
-    return {
-        "main_1_token_us": median_run_us(session.backend, 1, verify=False),
-        "main_2_tokens_us": median_run_us(session.backend, 2, verify=False),
-        "verify_2_tokens_us": median_run_us(session.verify, 2, verify=True),
-    }
+    for case in cases.values():
+        median_run_us(case)  # warm up
+    medians = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            medians[name].append(median_run_us(case))
+    return {name: float(np.median(m)) for name, m in medians.items()}
 
 
 def bench_target(source: dict, target: str, work: Path, args) -> dict:
@@ -215,10 +226,12 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
         name: decoder.session.get_session_options().intra_op_num_threads
         for name, decoder in (("main", session.backend), ("verify", session.verify), ("draft", session.draft))
     }
+    # the main graph with the verify graph's threads (session.py gives a small model's verify graph one)
+    alike = Session.load(folder, threads=threads["verify"] or None)
     return {
         "target": target,
         "threads": threads,
-        "run_costs": run_costs(session),
+        "run_costs": run_costs(alike.backend, session.verify),
         "plain_step_ms": 1e3 / table[0]["decode_tokens_per_s"],
         "draft_step_vs_plain": float(np.median(drafts)) if drafts else None,
         "rows": table,
@@ -294,8 +307,10 @@ def render(result: dict) -> str:
         main1, main2, verify2 = c["main_1_token_us"], c["main_2_tokens_us"], c["verify_2_tokens_us"]
         lines += [
             "Where a k = 1 verify run goes (one ONNX Runtime run as the loops bind it, 64 tokens of "
-            f"context, median of 400): the main graph over 1 token {main1:.0f} us, over 2 tokens "
-            f"{main2:.0f} us (the second token: {(main2 - main1) / main1:.2f} of a one-token run), the "
+            "context, the verify graph's threads; the median of 7 alternating rounds of 100 runs each): the "
+            "main graph over 1 token "
+            f"{main1:.0f} us, over 2 tokens {main2:.0f} us (the second token: {(main2 - main1) / main1:.2f} "
+            "of a one-token run), the "
             f"verify graph over 2 tokens {verify2:.0f} us (the MTP layer beside the main graph: "
             f"{(verify2 - main2) / main1:.2f}).",
             "",

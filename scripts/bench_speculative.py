@@ -5,8 +5,9 @@ trained reference model in golden/, on its held-out text).
 
 Every configuration decodes the same prompts in the same process, configurations alternating within each
 round (this machine is shared and noisy); the tokens of every speculative run are checked equal to the
-plain run's. Every rollback the artifact allows (runtime/speculative.py) is measured at every k. Writes
-benchmarks/speculative.json and benchmarks/speculative.md.
+plain run's. Every rollback the artifact allows (runtime/speculative.py) is measured at every k, and a k = 1
+verify run is taken apart: the main graph over 1 and 2 tokens against the verify graph over 2 (run_costs).
+Writes benchmarks/speculative.json and benchmarks/speculative.md.
 
     .venv/bin/python scripts/bench_speculative.py [--model golden/trained-qwen3.5-moe] [--rounds 3]
 """
@@ -146,8 +147,8 @@ def run_costs(main, verify, context: int = 64, rounds: int = 7, runs: int = 100)
         # the same rows every run: in place, each run rewrites them
         cases[name] = [decoder, feeds(tokens, context, context + tokens, pairs), states]
 
-    def median_run_us(case: list) -> float:  # a case after another on one decoder binds its states anew
-        decoder, step, states = case
+    def median_run_us(case: list) -> float:
+        decoder, step, states = case  # the first run after another case's on this decoder binds anew
         times = []
         for _ in range(runs):
             start = time.perf_counter()
@@ -307,12 +308,10 @@ def render(result: dict) -> str:
         main1, main2, verify2 = c["main_1_token_us"], c["main_2_tokens_us"], c["verify_2_tokens_us"]
         lines += [
             "Where a k = 1 verify run goes (one ONNX Runtime run as the loops bind it, 64 tokens of "
-            "context, the verify graph's threads; the median of 7 alternating rounds of 100 runs each): the "
-            "main graph over 1 token "
-            f"{main1:.0f} us, over 2 tokens {main2:.0f} us (the second token: {(main2 - main1) / main1:.2f} "
-            "of a one-token run), the "
-            f"verify graph over 2 tokens {verify2:.0f} us (the MTP layer beside the main graph: "
-            f"{(verify2 - main2) / main1:.2f}).",
+            "context, the verify graph's threads; the median of 7 alternating rounds of 100 runs each): "
+            f"the main graph over 1 token {main1:.0f} us, over 2 tokens {main2:.0f} us (the second token: "
+            f"{(main2 - main1) / main1:.2f} of a one-token run), the verify graph over 2 tokens "
+            f"{verify2:.0f} us (the MTP layer beside the main graph: {(verify2 - main2) / main1:.2f}).",
             "",
         ]
     return "\n".join(lines)

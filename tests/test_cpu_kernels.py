@@ -78,8 +78,8 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def extreme_weights(n: int, k: int, block: int) -> np.ndarray:
     """Each block's first weight the most negative (code 0) and the rest 7/8 of its size, positive (code
-    15): with activations of one sign (all quantized to +-127) every product is 15 * 127, the largest int16
-    sums the AVX2 tile adds before widening."""
+    15): with activations of one sign (all quantized to +-127) every other product is 15 * 127, about the
+    largest int16 sums the AVX2 tile adds before widening."""
     w = np.full((n, k), 7.0, np.float32)
     w[:, ::block] = -8.0
     return w * 0.01
@@ -125,8 +125,8 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
 
 # (rows, block): 11 = a tile of 8 plus 3 (block 32, the default); 1 and 2 rows (decode, and a k = 1
 # speculative verify step, whose tokens must be a one-token step's: the VNNI tile keeps two chains there);
-# 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block); 1 row at block 128 (the AVX2
-# one-row tile sums 4 pairs at a time)
+# 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block: the AVX2 tile's long-block
+# kind, which widens every pair); 1 row at block 128
 TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64), (1, 128)]
 # (rows, block) with extreme_weights and activations of +-1 (a row's sign alternating): 7 = 4 + 3 rows
 EXTREME_CASES = [(7, 32), (7, 64)]

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from bench_common import REPO, produced_by, provenance, write_results
 
-sys.path.insert(0, str(REPO))
-from qwen_export.cpu_kernels import COMMON_FLAGS, SOURCE_DIR, SOURCES  # noqa: E402
+from qwen_export.cpu_kernels import COMMON_FLAGS, SOURCE_DIR, SOURCES
 
 TILE = "int4_linear/int4_gemm_avx2.cpp"
 BASELINE = "0075552"  # the two-pass tile for 2-4 rows

@@ -85,6 +85,12 @@ def extreme_weights(n: int, k: int, block: int) -> np.ndarray:
     return w * 0.01
 
 
+def extreme_activations(rows: int, k: int) -> np.ndarray:
+    """+-1, a row's sign alternating: quantized exactly (to +-127), so the tiles' sums are exact."""
+    signs = np.where(np.arange(rows) % 2, -1.0, 1.0).astype(np.float32)
+    return np.repeat(signs[:, None], k, axis=1)
+
+
 def linear_case(k: int, n: int, block: int, seed: int = 0, library=None, extreme: bool = False):
     rng = np.random.default_rng(seed)
     w = extreme_weights(n, k, block) if extreme else rng.standard_normal((n, k)).astype(np.float32) * 0.05
@@ -128,7 +134,7 @@ def test_int4_linear_matches_matmul_nbits_and_the_dequantized_product(k, n, bloc
 # 10 rows (8 + 2) at block 128 and 5 rows at block 64 (more pairs per block: the AVX2 tile's long-block
 # kind, which widens every pair); 1 row at block 128
 TILE_CASES = [(11, 32), (1, 32), (2, 32), (10, 128), (5, 64), (1, 128)]
-# (rows, block) with extreme_weights and activations of +-1 (a row's sign alternating): 7 = 4 + 3 rows
+# (rows, block) with extreme_weights and extreme_activations: 7 = 4 + 3 rows
 EXTREME_CASES = [(7, 32), (7, 64)]
 
 
@@ -145,16 +151,14 @@ def test_every_tile_gives_the_same_bits():
         "    out.append(ours.run(None, {'x': x})[0].tolist())\n"
         "for rows, block in t.EXTREME_CASES:\n"
         "    _, ours, _ = t.linear_case(1024, 200, block, extreme=True)\n"
-        "    x = np.where(np.arange(rows)[:, None] % 2, -1, 1) * np.ones((rows, 1024), np.float32)\n"
-        "    out.append(ours.run(None, {'x': x.astype(np.float32)})[0].tolist())\n"
+        "    out.append(ours.run(None, {'x': t.extreme_activations(rows, 1024)})[0].tolist())\n"
         "print(json.dumps(out))"
     )
     outputs = json_per_kernel_mode(code)
     for case, (rows, block) in enumerate(EXTREME_CASES, len(TILE_CASES)):
-        # x = +-1 quantizes exactly, so the tile's sum is exact up to float rounding of the block sums
-        x = np.where(np.arange(rows)[:, None] % 2, -1.0, 1.0) * np.ones((rows, 1024))
-        expected = x @ dequantize_blockwise(*quantize_blockwise(extreme_weights(200, 1024, block), 4, block,
-                                                                 fp16_scales=True), 4, 1024).T  # fmt: skip
+        # exact integer sums: only float rounding of the block sums separates a tile from the exact product
+        q, s = quantize_blockwise(extreme_weights(200, 1024, block), 4, block, fp16_scales=True)
+        expected = extreme_activations(rows, 1024).astype(np.float64) @ dequantize_blockwise(q, s, 4, 1024).T
         for mode in ("avx2", "default", "portable"):
             assert _relative(np.array(outputs[mode][case]), expected) < SAME_ARITHMETIC, (mode, rows, block)
     for case, (rows, block) in enumerate(TILE_CASES + EXTREME_CASES):

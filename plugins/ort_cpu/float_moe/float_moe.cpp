@@ -30,25 +30,34 @@ __attribute__((always_inline)) inline float sum8(const Vec8& v) {  // a shuffle 
   return (half[0] + half[2]) + (half[1] + half[3]);
 }
 
-// out[r][j] = a[r] . b[j] for R activation rows and J weight rows j (k contiguous floats each). Always
-// inlined, so each clone of its caller compiles it for its instruction set.
-template <int R, int J = 4>
+// out[r][j] = a[r] . b[j] for R activation rows and J weight rows j (k contiguous floats each), each sum in
+// kChains chains: chunk c of 8 floats goes to chain c % kChains, the chains are added at the end. One chain
+// is one FMA a chunk, each behind the last one's latency (4 cycles), which caps a one-row pass at 8 bytes of
+// weights a cycle per core; the AVX2 copy's two chains lift that cap (below). Always inlined, so each clone
+// of its caller compiles it for its instruction set.
+template <int R, int J, int kChains>
 __attribute__((always_inline)) inline void dot_tile(const float* const* a, const float* b, int64_t k,
                                                     float out[][J]) {
-  Vec8 acc[R][J] = {};
-  const int64_t k8 = k - k % 8;
-  for (int64_t d = 0; d < k8; d += 8) {
+  static_assert(kChains == 1 || kChains == 2);
+  Vec8 acc[kChains][R][J] = {};
+  const auto chunk = [&](int64_t d, Vec8(&sums)[R][J]) __attribute__((always_inline)) {
     Vec8 w[J];
     for (int j = 0; j < J; ++j) std::memcpy(&w[j], b + j * k + d, sizeof(Vec8));
     for (int r = 0; r < R; ++r) {
       Vec8 x;
       std::memcpy(&x, a[r] + d, sizeof(Vec8));
-      for (int j = 0; j < J; ++j) acc[r][j] += x * w[j];
+      for (int j = 0; j < J; ++j) sums[r][j] += x * w[j];
     }
-  }
+  };
+  const int64_t k8 = k - k % 8, whole = k8 - k8 % (8 * kChains);
+  for (int64_t d = 0; d < whole; d += 8 * kChains)
+    for (int c = 0; c < kChains; ++c) chunk(d + 8 * c, acc[c]);
+  if (k8 > whole) chunk(whole, acc[0]);  // with two chains, one chunk at most: an odd count's last
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
-      float sum = sum8(acc[r][j]);
+      Vec8 total = acc[0][r][j];
+      if constexpr (kChains == 2) total += acc[1][r][j];
+      float sum = sum8(total);
       for (int64_t d = k8; d < k; ++d) sum += a[r][d] * b[j * k + d];
       out[r][j] = sum;
     }
@@ -71,7 +80,7 @@ constexpr int64_t kOneStreamRows = 6;
 //   experts, 2 threads, AVX2-only EPYC: 64 tokens 10.4 -> 8.3-8.9 ms, 256 tokens 59 -> 26 ms, 2048 tokens
 //   454 -> 187 ms (4 x 2 measured the same as 4 x 1; 2 x 4 slower still than 4 x 4).
 // Every output sums in the same order whatever the tile, so a token gets the same bits alone or in a batch.
-template <int kTileCols>
+template <int kTileCols, int kChains>
 __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, int64_t rows, const float* w,
                                                         int64_t k, int64_t n0, int64_t n1, float* out,
                                                         int64_t ldo) {
@@ -79,12 +88,12 @@ __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, 
     for (int64_t n = n0; n < n1; ++n) {
       float dot[kOneStreamRows][1];
       switch (rows) {
-        case 6: dot_tile<6, 1>(a, w + n * k, k, dot); break;
-        case 5: dot_tile<5, 1>(a, w + n * k, k, dot); break;
-        case 4: dot_tile<4, 1>(a, w + n * k, k, dot); break;
-        case 3: dot_tile<3, 1>(a, w + n * k, k, dot); break;
-        case 2: dot_tile<2, 1>(a, w + n * k, k, dot); break;
-        default: dot_tile<1, 1>(a, w + n * k, k, dot); break;
+        case 6: dot_tile<6, 1, kChains>(a, w + n * k, k, dot); break;
+        case 5: dot_tile<5, 1, kChains>(a, w + n * k, k, dot); break;
+        case 4: dot_tile<4, 1, kChains>(a, w + n * k, k, dot); break;
+        case 3: dot_tile<3, 1, kChains>(a, w + n * k, k, dot); break;
+        case 2: dot_tile<2, 1, kChains>(a, w + n * k, k, dot); break;
+        default: dot_tile<1, 1, kChains>(a, w + n * k, k, dot); break;
       }
       for (int64_t i = 0; i < rows; ++i) out[i * ldo + (n - n0)] = dot[i][0];
     }
@@ -95,11 +104,11 @@ __attribute__((always_inline)) inline void dot_rows_body(const float* const* a, 
     for (int64_t n = n0; n < n1; n += kTileCols) {
       float tile[4][kTileCols];
       if (r == 4)
-        dot_tile<4, kTileCols>(a + i, w + n * k, k, tile);
+        dot_tile<4, kTileCols, kChains>(a + i, w + n * k, k, tile);
       else if (r == 2)
-        dot_tile<2, kTileCols>(a + i, w + n * k, k, tile);
+        dot_tile<2, kTileCols, kChains>(a + i, w + n * k, k, tile);
       else
-        dot_tile<1, kTileCols>(a + i, w + n * k, k, tile);
+        dot_tile<1, kTileCols, kChains>(a + i, w + n * k, k, tile);
       for (int64_t q = 0; q < r; ++q) std::memcpy(out + (i + q) * ldo + (n - n0), tile[q], sizeof(tile[q]));
     }
     i += r;
@@ -112,16 +121,20 @@ using DotRows = void (*)(const float* const*, int64_t, const float*, int64_t, in
 // baseline have the flags of the target_clones they replace (the same bits); the AVX2 copy adds FMA, which
 // every AVX2 x86 core has (Haswell, Zen): the clone without it rounded each product before its add, two
 // instructions where one does.
-#define QWEN_DOT_ROWS_COPY(name, cols, attributes)                                                            \
+#define QWEN_DOT_ROWS_COPY(name, cols, chains, attributes)                                                    \
   attributes void name(const float* const* a, int64_t rows, const float* w, int64_t k, int64_t n0, int64_t n1, \
                        float* out, int64_t ldo) {                                                             \
-    dot_rows_body<cols>(a, rows, w, k, n0, n1, out, ldo);                                                     \
+    dot_rows_body<cols, chains>(a, rows, w, k, n0, n1, out, ldo);                                             \
   }
+// The AVX2 copy sums in two chains: one token on four of the small preset's experts (64 of H 1024, I 256,
+// fresh router logits every call, AVX2-only EPYC) took 396 -> 378 us on 2 threads and 726 -> 642 us on one,
+// the same on 64 and 256 tokens. With the x86-64-v4 copy's 4 x 4 tiles two chains need 32 accumulators of
+// its 32 registers; it keeps one (it is not measured here: this machine has no AVX-512).
 #ifdef QWEN_CPU_X86_COPIES
-QWEN_DOT_ROWS_COPY(dot_rows_v4, 4, __attribute__((target("arch=x86-64-v4"))))
-QWEN_DOT_ROWS_COPY(dot_rows_avx2, 1, __attribute__((target("avx2,fma"))))
+QWEN_DOT_ROWS_COPY(dot_rows_v4, 4, 1, __attribute__((target("arch=x86-64-v4"))))
+QWEN_DOT_ROWS_COPY(dot_rows_avx2, 1, 2, __attribute__((target("avx2,fma"))))
 #endif
-QWEN_DOT_ROWS_COPY(dot_rows_baseline, 4, )
+QWEN_DOT_ROWS_COPY(dot_rows_baseline, 4, 1, )
 #undef QWEN_DOT_ROWS_COPY
 
 struct DotRowsChoice {

@@ -5,8 +5,10 @@ trained reference model in golden/, on its held-out text).
 
 Every configuration decodes the same prompts in the same process, configurations alternating within each
 round (this machine is shared and noisy); the tokens of every speculative run are checked equal to the
-plain run's. Every rollback the artifact allows (runtime/speculative.py) is measured at every k, and a k = 1
-verify run is taken apart: the main graph over 1 and 2 tokens against the verify graph over 2 (run_costs).
+plain run's. Plain decoding runs at one thread and at all of them, and speculative decoding is held to the
+faster. Every rollback the artifact allows (runtime/speculative.py) is measured at every k, and a k = 1
+verify run is taken apart: the main graph over 1 and 2 tokens against the verify graph over 2, and the
+verify graph cut after each part of its MTP layer (run_costs, verify_cut).
 Writes benchmarks/speculative.json and benchmarks/speculative.md.
 
     .venv/bin/python scripts/bench_speculative.py [--model golden/trained-qwen3.5-moe] [--rounds 3]
@@ -118,12 +120,59 @@ def _median_over(results: list[dict], key: str, plain_step_ms: float) -> float |
     return float(np.median(values)) / plain_step_ms if values else None
 
 
-def run_costs(main, verify, context: int = 64, rounds: int = 7, runs: int = 100) -> dict[str, float]:
+# Where the verify graph is cut to time its MTP layer part by part (verify_cut): each cut keeps the graph
+# up to the output of the node named, the main graph and its states always.
+VERIFY_CUTS = {
+    "verify_main_us": None,  # predicted_ids and the main graph's states (and per-position states)
+    "verify_input_projection_us": "mtp./mtp/fc/MatMul_0",  # + the pairs' embedding, norms and mtp.fc
+    "verify_attention_us": "mtp./mtp/layers.0/self_attn/GatedAttention_0/MatMul_1",  # + its attention
+    "verify_layer_us": "draft_hidden_states",  # + its MoE and mtp.norm
+}
+
+
+def verify_cut(main_path: Path, draft_path: Path, node_name: str | None):
+    """The verify graph (runtime/verify_graph.py) cut after the node `node_name` of its MTP part (None: before
+    it; "draft_hidden_states": before the draft's vocabulary projection): the main graph's outputs and
+    states, and the cut's output; the MTP cache where the cut is past its attention."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from qwen_export.runtime.ort_decoder import PAST_PREFIX, PRESENT_PREFIX
+    from qwen_export.runtime.verify_graph import DRAFT_LOGITS, MTP_STATES, PREDICTED_IDS, compose_verify_graph
+
+    model = compose_verify_graph(main_path, draft_path)
+    graph = model.graph
+    outputs = {v.name: v for v in graph.outputs}
+    kept = [v for v in graph.outputs if v.name not in (DRAFT_LOGITS, "draft_hidden_states")]
+    if node_name not in ("draft_hidden_states", VERIFY_CUTS["verify_attention_us"]):
+        kept = [v for v in kept if not v.name.startswith(PRESENT_PREFIX + MTP_STATES)]
+    if node_name == "draft_hidden_states":
+        kept.append(outputs[node_name])
+    elif node_name is not None:
+        (node,) = [n for n in graph if n.name == node_name]
+        cut = node.outputs[0]
+        hidden = outputs["draft_hidden_states"].shape[-1]  # both cuts are [batch, sequence, hidden]
+        cut.dtype, cut.shape = ir.DataType.FLOAT, ir.Shape(["batch", "sequence", hidden])
+        kept.append(cut)
+    else:
+        assert PREDICTED_IDS in outputs
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    RemoveUnusedNodesPass()(model)
+    for value in list(graph.inputs):  # the MTP cache's inputs, where nothing reads them now
+        if value.name.startswith(PAST_PREFIX + MTP_STATES) and not value.uses():
+            graph.inputs.remove(value)
+    return model
+
+
+def run_costs(main, verify, draft_path: Path, context: int = 64, rounds: int = 7, runs: int = 100) -> dict:
     """Microseconds of one ONNX Runtime run, as the decode loops bind it, after a `context`-token prompt:
-    the main graph's decoder `main` over 1 and 2 tokens, and the verify graph's over 2 (k = 1: the main
-    graph and the MTP layer beside it); the median over `rounds` alternating rounds of each one's median of
-    `runs` runs. Their differences are what the second token and the MTP layer cost, where `main` has the
-    verify graph's intra-op threads."""
+    the main graph's decoder `main` over 1 and 2 tokens, the verify graph's over 2 (k = 1: the main graph
+    and the MTP layer beside it), and the verify graph cut before and inside its MTP layer (VERIFY_CUTS);
+    the median over `rounds` alternating rounds of each one's median of `runs` runs. Their differences are
+    what the second token, the verify graph's own ops and each part of the MTP layer cost, where `main` has
+    the verify graph's intra-op threads."""
+    from qwen_export.runtime.ort_decoder import OrtDecoder
     from qwen_export.runtime.verify_graph import NEXT_IDS
 
     def feeds(width: int, start: int, total: int, pairs: bool) -> dict[str, np.ndarray]:
@@ -134,10 +183,21 @@ def run_costs(main, verify, context: int = 64, rounds: int = 7, runs: int = 100)
         }
         return f | ({NEXT_IDS: np.full((1, width), -1, np.int64)} if pairs else {})  # the MTP pairs' tokens
 
+    threads = verify.session.get_session_options().intra_op_num_threads
+    cut_decoders = {
+        name: OrtDecoder(
+            verify.model_path,
+            optimize=True,
+            threads=threads,
+            graph=verify_cut(verify.model_path, draft_path, cut),
+        )
+        for name, cut in VERIFY_CUTS.items()
+    }
     cases = {}  # name -> [decoder, the step's feeds, states after the prompt]
     for name, decoder, tokens, pairs in (
         ("main_1_token_us", main, 1, False),
         ("main_2_tokens_us", main, 2, False),
+        *((name, decoder, 2, True) for name, decoder in cut_decoders.items()),
         ("verify_2_tokens_us", verify, 2, True),
     ):
         prompt = feeds(context, 0, context, pairs)
@@ -177,18 +237,32 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
     folder = work / target
     build_artifact(BuildRequest(out=folder, target=target, **source))
     session = Session.load(folder, threads=os.cpu_count())
+    # Plain decoding at every thread count worth trying: a small model's step can be faster on one thread
+    # than on two (the intra-op pool's hand-offs cost more than the second core gives), and speculative
+    # decoding is held to the faster of them.
+    plain_sessions = {os.cpu_count(): session}
+    if os.cpu_count() > 1:
+        plain_sessions[1] = Session.load(folder, threads=1)
     prompts = prompts_from_text(session, args.text, args.prompts, args.prompt_tokens)
     runs: dict[str, list[dict]] = {}
     measured = configs(session)
     for _ in range(args.rounds):
-        for k, rollback in measured:
+        for threads, plain_session in plain_sessions.items():
+            runs.setdefault(f"0:None:{threads}", []).append(
+                run_config(plain_session, prompts, args.new_tokens, 0, None)
+            )
+        for k, rollback in measured[1:]:
             runs.setdefault(f"{k}:{rollback}", []).append(
                 run_config(session, prompts, args.new_tokens, k, rollback)
             )
-    plain = runs["0:None"]
+    plain_key = max(
+        (key for key in runs if key.startswith("0:")),
+        key=lambda key: np.median([r["decode_tokens_per_s"] for r in runs[key]]),
+    )
+    plain = runs[plain_key]
     table = []
     for key, results in runs.items():
-        k, rollback = key.split(":")
+        k, rollback = key.split(":")[:2]
         # Leading tokens equal to the plain run's, over every prompt and round: exact on fp32 graphs; on a
         # quantized one, a k-token verify step can round an int8 activation differently from k one-token
         # steps, which may flip a near-tie.
@@ -207,7 +281,10 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             "tokens_equal_to_plain": float(np.mean(same)),
             "python_us_per_loop": float(np.median([r["python_us_per_loop"] for r in results])),
         }
-        if int(k):
+        if not int(k):
+            row["threads"] = int(key.split(":")[2])
+            row["baseline"] = key == plain_key
+        else:
             plain_step_ms = 1e3 / float(np.median(plain_rates))
             spec = results[-1]["speculative"]
             row |= {
@@ -232,8 +309,11 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
     return {
         "target": target,
         "threads": threads,
-        "run_costs": run_costs(alike.backend, session.verify),
-        "plain_step_ms": 1e3 / table[0]["decode_tokens_per_s"],
+        "run_costs": run_costs(alike.backend, session.verify, folder / "mtp.onnx"),
+        "verify_in_place": bool(session.verify.in_place),
+        "plain_step_ms": 1e3 / float(np.median([p["decode_tokens_per_s"] for p in plain])),
+        "plain_threads": int(plain_key.split(":")[2]),
+        "plain_thread_counts": sorted(plain_sessions),
         "draft_step_vs_plain": float(np.median(drafts)) if drafts else None,
         "rows": table,
         "best": best,
@@ -270,7 +350,9 @@ def render(result: dict) -> str:
             f"## `{t['target']}`: plain decode step {t['plain_step_ms']:.2f} ms; best k = {best['k']} "
             f"({best['rollback']}): {best['speedup_vs_plain']:.2f}x plain",
             "",
-            f"Intra-op threads per graph (0: ONNX Runtime's default): {threads}.",
+            f"Intra-op threads per graph (0: ONNX Runtime's default): {threads}. Plain decoding runs at "
+            f"{' and '.join(map(str, t['plain_thread_counts']))} threads; 'vs plain' is against the faster, "
+            f"{t['plain_threads']} thread{'s' if t['plain_threads'] > 1 else ''} (the same round's run).",
             "",
             "| k | rollback | tokens/s | vs plain | same tokens | acceptance per position "
             "| accepted per round | draft step / plain | verify step / plain | recompute steps "
@@ -280,7 +362,12 @@ def render(result: dict) -> str:
         for row in t["rows"]:
             python = f"{row['python_us_per_loop']:.0f}"
             if not row["k"]:
-                lines.append(f"| 0 | | {row['decode_tokens_per_s']:.1f} | 1.00 | 100% | | | | | | {python} |")
+                plain = f"plain, {row['threads']} thread{'s' if row['threads'] > 1 else ''}"
+                plain += " (the baseline)" if row["baseline"] else ""
+                lines.append(
+                    f"| 0 | {plain} | {row['decode_tokens_per_s']:.1f} | {row['speedup_vs_plain']:.2f} | "
+                    f"{row['tokens_equal_to_plain']:.0%} | | | | | | {python} |"
+                )
                 continue
             acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"])
             lines.append(
@@ -312,6 +399,30 @@ def render(result: dict) -> str:
             f"the main graph over 1 token {main1:.0f} us, over 2 tokens {main2:.0f} us (the second token: "
             f"{(main2 - main1) / main1:.2f} of a one-token run), the verify graph over 2 tokens "
             f"{verify2:.0f} us (the MTP layer beside the main graph: {(verify2 - main2) / main1:.2f}).",
+            "",
+        ]
+        steps = [main2] + [c[name] for name in VERIFY_CUTS] + [verify2]
+        parts = [
+            "the verify graph's own ops (the greedy tokens, the pairs' tokens; per-position states where the "
+            "rollback is snapshot)",
+            "the pairs' embedding, two norms and mtp.fc",
+            "the MTP layer's attention block",
+            "its MoE block and mtp.norm",
+            "the drafts' vocabulary projection",
+        ]
+        said = ", ".join(
+            f"{part} {after - before:.0f} us"
+            for part, before, after in zip(parts, steps[:-1], steps[1:], strict=True)
+        )
+        caveat = (
+            ""
+            if t.get("verify_in_place", True)
+            else " (these graphs run on the copying path, which copies every output of every run, and "
+            "the cuts differ in their outputs: differences of a few tens of us are within that)"
+        )
+        lines += [
+            f"The same rounds, the verify graph cut inside its MTP part (`verify_cut`), by difference: "
+            f"{said}{caveat}.",
             "",
         ]
     return "\n".join(lines)

@@ -278,6 +278,10 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
             "rollback": None if rollback == "None" else rollback,
             "decode_tokens_per_s": float(np.median(rates)),
             "speedup_vs_plain": float(np.median([a / b for a, b in zip(rates, plain_rates, strict=True)])),
+            # the same round's ratio, lowest and highest over the rounds: this host's load moves whole runs
+            "speedup_range": [
+                float(f([a / b for a, b in zip(rates, plain_rates, strict=True)])) for f in (np.min, np.max)
+            ],
             "tokens_equal_to_plain": float(np.mean(same)),
             "python_us_per_loop": float(np.median([r["python_us_per_loop"] for r in results])),
         }
@@ -320,6 +324,13 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
     }
 
 
+def _ratio(row: dict) -> str:
+    """The median ratio to plain decoding and, where recorded, its range over the rounds."""
+    low, high = row.get("speedup_range") or (None, None)
+    spread = f" ({low:.2f}-{high:.2f})" if low is not None else ""
+    return f"{row['speedup_vs_plain']:.2f}{spread}"
+
+
 def _cost(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}"
 
@@ -354,7 +365,7 @@ def render(result: dict) -> str:
             f"{' and '.join(map(str, t['plain_thread_counts']))} threads; 'vs plain' is against the faster, "
             f"{t['plain_threads']} thread{'s' if t['plain_threads'] > 1 else ''} (the same round's run).",
             "",
-            "| k | rollback | tokens/s | vs plain | same tokens | acceptance per position "
+            "| k | rollback | tokens/s | vs plain (rounds) | same tokens | acceptance per position "
             "| accepted per round | draft step / plain | verify step / plain | recompute steps "
             "| loop Python (us) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -365,14 +376,14 @@ def render(result: dict) -> str:
                 plain = f"plain, {row['threads']} thread{'s' if row['threads'] > 1 else ''}"
                 plain += " (the baseline)" if row["baseline"] else ""
                 lines.append(
-                    f"| 0 | {plain} | {row['decode_tokens_per_s']:.1f} | {row['speedup_vs_plain']:.2f} | "
+                    f"| 0 | {plain} | {row['decode_tokens_per_s']:.1f} | {_ratio(row)} | "
                     f"{row['tokens_equal_to_plain']:.0%} | | | | | | {python} |"
                 )
                 continue
             acc = ", ".join(f"{a:.2f}" for a in row["acceptance_per_position"])
             lines.append(
                 f"| {row['k']} | {row['rollback']} | {row['decode_tokens_per_s']:.1f} | "
-                f"{row['speedup_vs_plain']:.2f} | {row['tokens_equal_to_plain']:.0%} | {acc} | "
+                f"{_ratio(row)} | {row['tokens_equal_to_plain']:.0%} | {acc} | "
                 f"{row['mean_accepted_per_round']:.2f} | "
                 f"{_cost(row['draft_step_vs_plain'])} | {row['verify_step_vs_plain']:.2f} | "
                 f"{row['recompute_steps']} | {python} |"

@@ -138,7 +138,7 @@ def verify_cut(main_path: Path, draft_path: Path, node_name: str | None):
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     from qwen_export.runtime.ort_decoder import PAST_PREFIX, PRESENT_PREFIX
-    from qwen_export.runtime.verify_graph import DRAFT_LOGITS, MTP_STATES, PREDICTED_IDS, compose_verify_graph
+    from qwen_export.runtime.verify_graph import DRAFT_LOGITS, MTP_STATES, compose_verify_graph
 
     model = compose_verify_graph(main_path, draft_path)
     graph = model.graph
@@ -149,13 +149,13 @@ def verify_cut(main_path: Path, draft_path: Path, node_name: str | None):
     if node_name == "draft_hidden_states":
         kept.append(outputs[node_name])
     elif node_name is not None:
-        (node,) = [n for n in graph if n.name == node_name]
-        cut = node.outputs[0]
+        nodes = [n for n in graph if n.name == node_name]
+        if len(nodes) != 1:
+            raise SystemExit(f"verify_cut: {len(nodes)} nodes named {node_name!r} in the graph, not one")
+        cut = nodes[0].outputs[0]
         hidden = outputs["draft_hidden_states"].shape[-1]  # both cuts are [batch, sequence, hidden]
         cut.dtype, cut.shape = ir.DataType.FLOAT, ir.Shape(["batch", "sequence", hidden])
         kept.append(cut)
-    else:
-        assert PREDICTED_IDS in outputs
     graph.outputs.clear()
     graph.outputs.extend(kept)
     RemoveUnusedNodesPass()(model)

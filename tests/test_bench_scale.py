@@ -69,7 +69,10 @@ def test_result_fields(smoke):
     ]
     for x in disk["samples"]:
         assert x["write_gbps"] > 0 and x["read_gbps"] > 0
-        assert x["copy_floor_gbps"] == pytest.approx(1 / (1 / x["read_gbps"] + 1 / x["write_gbps"]), rel=0.01)
+        # each figure is rounded to 3 decimals: on a slow disk (0.08 GB/s writes in one CI run) that alone
+        # moves the recomputed floor by about 1e-3, more than 1% of it
+        floor = 1 / (1 / x["read_gbps"] + 1 / x["write_gbps"])
+        assert x["copy_floor_gbps"] == pytest.approx(floor, rel=0.01, abs=1.5e-3)
     assert disk["copy_floor_gbps_median"] > 0
     cases = {c["case"]: c for c in res["cases"]}
     assert set(cases) == {"fp8", "bf16"}

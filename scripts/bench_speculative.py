@@ -308,8 +308,10 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
         name: decoder.session.get_session_options().intra_op_num_threads
         for name, decoder in (("main", session.backend), ("verify", session.verify), ("draft", session.draft))
     }
-    # the main graph with the verify graph's threads (session.py gives a small model's verify graph one)
-    alike = Session.load(folder, threads=threads["verify"] or None)
+    # the main graph with the verify graph's threads (session.py gives a small model's verify graph one):
+    # one of the plain runs' sessions where the counts match
+    verify_threads = threads["verify"] or os.cpu_count()
+    alike = plain_sessions.get(verify_threads) or Session.load(folder, threads=verify_threads)
     return {
         "target": target,
         "threads": threads,
@@ -325,10 +327,9 @@ def bench_target(source: dict, target: str, work: Path, args) -> dict:
 
 
 def _ratio(row: dict) -> str:
-    """The median ratio to plain decoding and, where recorded, its range over the rounds."""
-    low, high = row.get("speedup_range") or (None, None)
-    spread = f" ({low:.2f}-{high:.2f})" if low is not None else ""
-    return f"{row['speedup_vs_plain']:.2f}{spread}"
+    """The median ratio to plain decoding and its range over the rounds."""
+    low, high = row["speedup_range"]
+    return f"{row['speedup_vs_plain']:.2f} ({low:.2f}-{high:.2f})"
 
 
 def _cost(ratio: float | None) -> str:
@@ -427,7 +428,7 @@ def render(result: dict) -> str:
         )
         caveat = (
             ""
-            if t.get("verify_in_place", True)
+            if t["verify_in_place"]
             else " (these graphs run on the copying path, which copies every output of every run, and "
             "the cuts differ in their outputs: differences of a few tens of us are within that)"
         )

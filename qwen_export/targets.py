@@ -245,6 +245,7 @@ def _ort_cpu(options: PipelineOptions) -> list[QwenPass]:
 
 def _ort_cpu_int4(kv_cache: str = "float32") -> Callable[[PipelineOptions], list[QwenPass]]:
     def pipeline(options: PipelineOptions) -> list[QwenPass]:
+        from qwen_export.passes.fold_cpu_shared_expert import FoldCpuSharedExpert
         from qwen_export.passes.logits_to_keep import LogitsToKeep
         from qwen_export.passes.lower_cpu_attention import UseCpuAttention
         from qwen_export.passes.quantize_weights import QuantizeWeights
@@ -252,7 +253,13 @@ def _ort_cpu_int4(kv_cache: str = "float32") -> Callable[[PipelineOptions], list
         from qwen_export.passes.use_cpu_kernels import UseCpuKernels
 
         quantize = QuantizeWeights(bits=4, fp16_scales=True)  # scales the kernels keep in float16, exactly
-        kernels = [UseCpuKernels(), UseCpuAttention(kv_cache), RemoveUnused(), LogitsToKeep()]
+        kernels = [
+            UseCpuKernels(),
+            FoldCpuSharedExpert(),
+            UseCpuAttention(kv_cache),
+            RemoveUnused(),
+            LogitsToKeep(),
+        ]
         return [*_ort(options, deltanet="qwen-cpu"), quantize, RemoveUnused(), *kernels]
 
     return pipeline

@@ -34,6 +34,7 @@ from passes_support import TINY_PRESETS, exported
 
 from qwen_export import cpu_kernels
 from qwen_export.errors import QwenExportError
+from qwen_export.passes.fold_cpu_shared_expert import FoldCpuSharedExpert
 from qwen_export.passes.int4_layout import pack_int4_groups, unpack_codes, unpack_int4_groups
 from qwen_export.passes.quantize_weights import dequantize_blockwise, quantize_blockwise
 from qwen_export.passes.use_cpu_kernels import UseCpuKernels
@@ -47,6 +48,10 @@ SAME_ARITHMETIC = 1e-5
 # Against fp64 products with the dequantized weights: the int8 activation rounding, about 1/254 of each
 # block's largest |x| per element (seen: 6e-3 of the largest output).
 INT8_ACTIVATIONS = 2e-2
+# Int4MoE's folded shared expert against the nodes it replaces: silu and sigmoid in another float order (seen:
+# 2.5e-7 over 10 seeds and 1 to 200 tokens); room for one flipped int8 rounding of a shared activation, which
+# moves an output by about 1/127 of that block's largest activation times a weight.
+SHARED_FOLD = 5e-3
 
 
 def _session(nodes, inputs, initializers, outputs=("y",), threads=2, library=None) -> ort.InferenceSession:
@@ -211,7 +216,9 @@ def test_packed_layout_round_trips():
         pack_int4_groups(np.zeros((4, 1, 8), np.uint8), np.zeros((4, 1), np.float32), 16)
 
 
-def moe_case(experts=8, hidden=64, inter=32, k=2, normalize=1, seed=3):
+def moe_weights(experts=8, hidden=64, inter=32, seed=3) -> tuple[dict, dict, tuple]:
+    """Random experts quantized to int4: QMoE's codes and scales, Int4MoE's packed ones, and the dequantized
+    fc1 [E, 2I, H] and fc2 [E, H, I]."""
     rng = np.random.default_rng(seed)
     fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32) * 0.1
     fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32) * 0.1
@@ -219,28 +226,33 @@ def moe_case(experts=8, hidden=64, inter=32, k=2, normalize=1, seed=3):
     q2, s2 = quantize_blockwise(fc2.reshape(-1, inter), 4, 32, fp16_scales=True)
     q1, s1 = q1.reshape(experts, 2 * inter, hidden // 2), s1.reshape(experts, 2 * inter, hidden // 32)
     q2, s2 = q2.reshape(experts, hidden, inter // 2), s2.reshape(experts, hidden, inter // 32)
+    p1, ps1 = pack_int4_groups(q1.reshape(experts, 2 * inter, hidden // 32, 16), s1, 32)
+    p2, ps2 = pack_int4_groups(q2.reshape(experts, hidden, inter // 32, 16), s2, 32)
+    dequantized = (
+        dequantize_blockwise(q1.reshape(-1, hidden // 32, 16), s1.reshape(-1, hidden // 32), 4, hidden),
+        dequantize_blockwise(q2.reshape(-1, inter // 32, 16), s2.reshape(-1, inter // 32), 4, inter),
+    )
+    return (
+        {"q1": q1, "s1": s1, "q2": q2, "s2": s2},
+        {"p1": p1, "ps1": ps1, "p2": p2, "ps2": ps2},
+        (dequantized[0].reshape(fc1.shape), dequantized[1].reshape(fc2.shape)),
+    )
+
+
+def moe_case(experts=8, hidden=64, inter=32, k=2, normalize=1, seed=3):
+    qmoe_weights, packed, dequantized = moe_weights(experts, hidden, inter, seed)
     attrs = dict(k=k, normalize_routing_weights=normalize)
     qmoe = helper.make_node(
         "QMoE", ["x", "r", "q1", "s1", "", "q2", "s2"], ["y"], domain="com.microsoft",
         activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
         expert_weight_bits=4, block_size=32, weights_prepacked=0, accuracy_level=4, **attrs,
     )  # fmt: skip
-    p1, ps1 = pack_int4_groups(q1.reshape(experts, 2 * inter, hidden // 32, 16), s1, 32)
-    p2, ps2 = pack_int4_groups(q2.reshape(experts, hidden, inter // 32, 16), s2, 32)
     ours = helper.make_node(
         "Int4MoE", ["x", "r", "p1", "ps1", "p2", "ps2"], ["y"], domain="qwen.cpu", fc1_block_size=32,
         fc2_block_size=32, **attrs,
     )  # fmt: skip
     inputs = [_x("x", None), _x("r", None)]
-    dequantized = (
-        dequantize_blockwise(q1.reshape(-1, hidden // 32, 16), s1.reshape(-1, hidden // 32), 4, hidden),
-        dequantize_blockwise(q2.reshape(-1, inter // 32, 16), s2.reshape(-1, inter // 32), 4, inter),
-    )
-    return (
-        _session([qmoe], inputs, {"q1": q1, "s1": s1, "q2": q2, "s2": s2}),
-        _session([ours], inputs, {"p1": p1, "ps1": ps1, "p2": p2, "ps2": ps2}),
-        (dequantized[0].reshape(fc1.shape), dequantized[1].reshape(fc2.shape)),
-    )
+    return _session([qmoe], inputs, qmoe_weights), _session([ours], inputs, packed), dequantized
 
 
 @pytest.mark.parametrize("k,normalize", [(2, 1), (1, 0), (4, 1), (2, 0)])
@@ -265,6 +277,68 @@ def test_int4_moe_matches_qmoe_and_the_dequantized_experts(k, normalize):
     y3 = ours.run(None, {"x": x3, "r": logits})[0]
     flat = ours.run(None, {"x": x3.reshape(6, 64), "r": logits})[0]
     np.testing.assert_array_equal(y3.reshape(6, 64), flat)
+
+
+def shared_moe_case(experts=8, hidden=64, inter=32, shared=64, k=2, seed=3):
+    """Int4MoE with its gated shared expert folded in (passes/fold_cpu_shared_expert.py), the nodes it
+    replaces (Split, routed Int4MoE, QuickGelu, Mul, Int4Linear, Sigmoid, GatedAdd), and the dequantized
+    shared down projection [H, I_s]."""
+    _, weights, experts_dequantized = moe_weights(experts, hidden, inter, seed)
+    rng = np.random.default_rng(seed + 1)
+    down = rng.standard_normal((hidden, shared)).astype(np.float32) * 0.1
+    q, scales = quantize_blockwise(down, 4, 32, fp16_scales=True)
+    weights["pd"], weights["psd"] = pack_int4_groups(q, scales, 32)
+    moe = dict(k=k, normalize_routing_weights=1, fc1_block_size=32, fc2_block_size=32)
+    folded = helper.make_node(
+        "Int4MoE", ["x", "m", "p1", "ps1", "p2", "ps2", "pd", "psd"], ["y"], domain="qwen.cpu",
+        shared_expert_size=shared, shared_block_size=32, **moe,
+    )  # fmt: skip
+    weights["sizes"] = np.array([experts, shared, shared, 1], np.int64)
+    packed = ["p1", "ps1", "p2", "ps2"]
+    nodes = [
+        helper.make_node("Split", ["m", "sizes"], ["r", "g", "u", "s"], axis=-1),
+        helper.make_node("Int4MoE", ["x", "r", *packed], ["routed"], domain="qwen.cpu", **moe),
+        helper.make_node("QuickGelu", ["g"], ["silu"], domain="com.microsoft", alpha=1.0),
+        helper.make_node("Mul", ["silu", "u"], ["h"]),
+        helper.make_node(
+            "Int4Linear", ["h", "pd", "psd"], ["shared"], domain="qwen.cpu", K=shared, N=hidden, block_size=32
+        ),
+        helper.make_node("Sigmoid", ["s"], ["gate"]),
+        helper.make_node("GatedAdd", ["routed", "shared", "gate"], ["y"], domain="com.microsoft"),
+    ]
+    inputs = [_x("x", None), _x("m", None)]
+    return (
+        _session([folded], inputs, {n: v for n, v in weights.items() if n != "sizes"}),
+        _session(nodes, inputs, weights),
+        (*experts_dequantized, dequantize_blockwise(q, scales, 4, shared)),
+    )
+
+
+def test_int4_moe_with_the_shared_expert_matches_the_nodes_it_replaces_and_numpy():
+    """1 and 5 tokens take the decode path (the shared down projection as more fc2 tasks), 37 tokens x 2
+    experts the fused per-expert blocks; [B, T, H] input with [B, T, E + 2 I_s + 1] logits."""
+    from test_quantize_weights import numpy_moe
+
+    experts, hidden, shared = 8, 64, 64
+    folded, nodes, (d1, d2, down) = shared_moe_case(experts=experts, hidden=hidden, shared=shared)
+    rng = np.random.default_rng(5)
+    for tokens in (1, 5, 37):
+        x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+        m = rng.standard_normal((tokens, experts + 2 * shared + 1)).astype(np.float32)
+        y = folded.run(None, {"x": x, "m": m})[0]
+        columns = [experts, experts + shared, experts + 2 * shared]
+        router, g, u, s = np.split(m.astype(np.float64), columns, -1)
+        expected = numpy_moe(x.astype(np.float64), router, d1, d2, 2)
+        expected += (g / (1 + np.exp(-g)) * u) @ down.T / (1 + np.exp(-s))
+        assert _relative(y, expected) < INT8_ACTIVATIONS, tokens
+        # silu and sigmoid in the kernel's float order: at most a flipped int8 rounding of the shared
+        # activations (one step of 1/127 of a block's largest) away from the replaced nodes
+        assert _relative(y, nodes.run(None, {"x": x, "m": m})[0]) < SHARED_FOLD, tokens
+    x3 = rng.standard_normal((2, 3, hidden)).astype(np.float32)
+    m3 = rng.standard_normal((2, 3, experts + 2 * shared + 1)).astype(np.float32)
+    y3 = folded.run(None, {"x": x3, "m": m3})[0]
+    flat = folded.run(None, {"x": x3.reshape(6, hidden), "m": m3.reshape(6, -1)})[0]
+    np.testing.assert_array_equal(y3.reshape(6, hidden), flat)
 
 
 # FloatMoE (fp32 experts) against the float64 NumPy experts and ONNX Runtime's own MoE: fp32 sums over H and
@@ -364,6 +438,9 @@ def test_bad_input_fails_with_the_kernels_reason():
     _, moe, _ = moe_case()
     with pytest.raises(Exception, match=r"Int4MoE: router logits must be \[tokens, experts\]"):
         moe.run(None, {"x": np.zeros((3, 64), np.float32), "r": np.zeros((2, 8), np.float32)})
+    shared, _, _ = shared_moe_case()
+    with pytest.raises(Exception, match=r"logits must be \[tokens, experts \+ 2 \* shared_expert_size"):
+        shared.run(None, {"x": np.zeros((3, 64), np.float32), "m": np.zeros((3, 8), np.float32)})
     _, float_moe, _ = float_moe_case()
     with pytest.raises(Exception, match="FloatMoE: the last dimension of X must be the hidden size"):
         float_moe.run(None, {"x": np.zeros((3, 63), np.float32), "r": np.zeros((3, 8), np.float32)})
@@ -383,6 +460,8 @@ EXPECTED_KERNELS = {
     "tiny-qwen3-next": {"Int4Linear": 18, "Int4MoE": 3, "GatedDeltaRule": 3, "Attention": 1},  # dense MLP: 3
     "tiny-qwen3.5": {"Int4Linear": 21, "GatedDeltaRule": 3, "Attention": 1},
 }
+# each MoE layer's shared down projection goes into its Int4MoE (passes/fold_cpu_shared_expert.py)
+FOLDED_SHARED_EXPERTS = {"tiny-qwen3.5-moe": 4, "tiny-qwen3-next": 3, "tiny-qwen3.5": 0}
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -392,9 +471,16 @@ def test_ort_cpu_int4_pipeline_runs_every_product_and_mixer_on_the_kernels(prese
     for p in passes:
         p(model)
     ops = collections.Counter(n.op_type for n in model.graph if n.domain == "qwen.cpu")
-    assert dict(ops) == EXPECTED_KERNELS[preset]
+    folded = FOLDED_SHARED_EXPERTS[preset]
+    expected = EXPECTED_KERNELS[preset]
+    assert dict(ops) == {**expected, "Int4Linear": expected["Int4Linear"] - folded}
+    fold = next(p for p in passes if isinstance(p, FoldCpuSharedExpert))
+    assert fold.stats.fired == ({"Int4MoE": folded} if folded else {}) and not fold.stats.kept
+    shared = [n for n in model.graph if n.op_type == "Int4MoE"]
+    assert all(len(n.inputs) == 8 and n.attributes["shared_expert_size"].value > 0 for n in shared)
     left = {f"{n.domain}::{n.op_type}" for n in model.graph}
     chain = {"MatMulNBits", "QMoE", "MoE", "CausalConvWithState", "LinearAttention", "GatedRMSNorm"}
+    chain.add("GatedAdd")  # folded into Int4MoE
     assert not {op for op in left if op.split("::")[1] in chain}, left
     assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
     use = next(p for p in passes if isinstance(p, UseCpuKernels))
@@ -473,13 +559,18 @@ def test_moe_without_renormalisation_stays_fp32_and_right(normalize):
     )  # the routed experts only: the router stays exact
     quantize(model)
     UseCpuKernels()(model)
+    fold = FoldCpuSharedExpert()
+    fold(model)  # refuses both: an fp32 shared expert, an fp32 routed MoE
     ops = collections.Counter(n.op_type for n in model.graph)
     if normalize:
         assert ops["Int4MoE"] == 1 and "MoE" not in ops, ops
+        why = "GatedAdd's shared expert is not Int4Linear(Mul(...)) gated by Sigmoid"
     else:
         assert ops["MoE"] == 1 and "QMoE" not in ops and "Int4MoE" not in ops, ops
         kept = "MoE without top-k renormalisation (QMoE's CPU kernel always renormalises)"
         assert quantize.stats.kept[kept] == 1
+        why = "GatedAdd whose first input is not a routed-only qwen.cpu Int4MoE"
+    assert fold.stats.kept == {why: 1} and not fold.stats.fired and ops["GatedAdd"] == 1
     actual = run(model, {"x": x})[0]
     right, wrong = (
         ref.moe(x, *(w for _, w, _ in weights), top_k=2, normalize=n)[0] for n in (normalize, 1 - normalize)

@@ -31,6 +31,8 @@ const char* moe_shape_error(const MoeShape& s) {
   if (s.hidden % s.fc1_block) return "hidden size must be a multiple of the fc1 block";
   if (s.inter % s.fc2_block) return "expert size must be a multiple of the fc2 block";
   if (s.hidden % kGroupRows || (2 * s.inter) % kGroupRows) return "hidden and 2*expert sizes must be multiples of 16";
+  if (s.shared_inter < 0 || (s.shared_inter > 0 && (s.shared_block % 32 || s.shared_inter % s.shared_block)))
+    return "the shared expert's size must be a multiple of its block, a multiple of 32";
   return "";
 }
 
@@ -40,7 +42,7 @@ void route_top_k(const float* logits, const MoeShape& shape, int32_t* experts, f
   float* p = grow(p_buffer, shape.experts);
   int32_t* order = grow(order_buffer, shape.experts);
   for (int64_t t = 0; t < shape.tokens; ++t) {
-    const float* row = logits + t * shape.experts;
+    const float* row = logits + t * shape.logits_stride();
     const float top = *std::max_element(row, row + shape.experts);
     float total = 0.f;
     for (int64_t e = 0; e < shape.experts; ++e) total += p[e] = std::exp(row[e] - top);
@@ -61,8 +63,10 @@ namespace {
 
 // One pass of int4_moe over `tokens` tokens (x, logits and y start at the pass's first token).
 void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Half* fc1_scales, const uint8_t* fc2,
-              const Half* fc2_scales, const MoeShape& s, float* y, const ParallelFor& parallel_for) {
+              const Half* fc2_scales, const MoeShape& s, float* y, const ParallelFor& parallel_for,
+              const SharedDown& shared) {
   const int64_t H = s.hidden, I = s.inter, T = s.tokens, K = s.top_k, rows = T * K;
+  const int64_t S = s.shared_inter, stride = s.logits_stride(), bs = S > 0 ? S / s.shared_block : 0;
   const int64_t b1 = H / s.fc1_block, b2 = I / s.fc2_block;
   // each elementwise step runs over independent rows in tasks of kRowsPerTask
   auto over_rows = [&](int64_t count, const std::function<void(int64_t, int64_t)>& body) {
@@ -82,7 +86,7 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
   over_rows(T, [&](int64_t t0, int64_t t1) {
     MoeShape part = s;
     part.tokens = t1 - t0;
-    route_top_k(logits + t0 * s.experts, part, chosen + t0 * K, weight + t0 * K);
+    route_top_k(logits + t0 * stride, part, chosen + t0 * K, weight + t0 * K);
   });
 
   // rows of the expert products, grouped by expert (tokens in order within an expert)
@@ -123,6 +127,26 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
       std::copy_n(xz + t * b1, b1, rz + r * b1);
     }
   });
+
+  // the shared expert's fc2 activations, silu(gate) * up from its logits columns, quantized per token
+  thread_local std::vector<int8_t> sq_buffer;
+  thread_local std::vector<float> ss_buffer, shared_out_buffer;
+  thread_local std::vector<int32_t> sz_buffer;
+  int8_t* sq = S > 0 ? grow(sq_buffer, T * S) : nullptr;
+  float* ss = S > 0 ? grow(ss_buffer, T * bs) : nullptr;
+  int32_t* sz = S > 0 ? grow(sz_buffer, T * bs) : nullptr;
+  float* shared_out = S > 0 ? grow(shared_out_buffer, T * H) : nullptr;
+  if (S > 0)
+    over_rows(T, [&](int64_t t0, int64_t t1) {
+      thread_local std::vector<float> act_buffer;
+      float* act = grow(act_buffer, S);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* gate = logits + t * stride + s.experts;
+        mul_silu(gate + S, gate, act, S);
+        quantize_rows(act, 1, S, s.shared_block, sq + t * S, ss + t * bs, sz + t * bs);
+      }
+    });
+  const QuantizedRows shared_rows{sq, ss, sz};
 
   const int64_t g1 = 2 * I / kGroupRows, g2 = H / kGroupRows;
   const int64_t expert1_bytes = g1 * packed_group_bytes(H), expert1_scales = g1 * group_scales(H, s.fc1_block);
@@ -173,15 +197,27 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
       int4_gemm({aq, as, az}, count, I, s.fc2_block, fc2 + blk.expert * expert2_bytes,
                 fc2_scales + blk.expert * expert2_scales, H, 0, g2, out + blk.r0 * H, H);
     });
+    if (S > 0) int4_gemm_parallel(shared_rows, T, S, s.shared_block, shared.packed, shared.scales, H, shared_out, H,
+                                  parallel_for);
   } else {
-    // decode: few rows; one task = one active expert x up to kGroupsPerTask groups of output rows
+    // decode: few rows; one task = one active expert x up to kGroupsPerTask groups of output rows. The fc2
+    // call also runs the shared expert's down projection, as more tasks of the same size: one hand-off.
     auto run_products = [&](const QuantizedRows& in, int64_t k, int64_t block, const uint8_t* packed,
-                            const Half* scales, int64_t n, int64_t expert_bytes, int64_t expert_scales, float* y_out) {
+                            const Half* scales, int64_t n, int64_t expert_bytes, int64_t expert_scales, float* y_out,
+                            bool with_shared) {
       const int64_t groups = n / kGroupRows;
       const int64_t tasks_per_expert = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
       const int64_t blocks = k / block;
       const int64_t tasks = static_cast<int64_t>(active.size()) * tasks_per_expert;
-      for_work(parallel_for, rows * n * k)(tasks, [&](int64_t task) {
+      const int64_t shared_tasks = with_shared ? (g2 + kGroupsPerTask - 1) / kGroupsPerTask : 0;
+      const int64_t work = rows * n * k + (with_shared ? T * H * S : 0);
+      for_work(parallel_for, work)(tasks + shared_tasks, [&](int64_t task) {
+        if (task >= tasks) {
+          const int64_t g0 = (task - tasks) * kGroupsPerTask;
+          int4_gemm(shared_rows, T, S, s.shared_block, shared.packed, shared.scales, H, g0,
+                    std::min(g2, g0 + kGroupsPerTask), shared_out, H);
+          return;
+        }
         const int64_t e = active[task / tasks_per_expert];
         const int64_t g0 = (task % tasks_per_expert) * kGroupsPerTask;
         const int64_t g_end = std::min(groups, g0 + kGroupsPerTask);
@@ -195,14 +231,14 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
     thread_local std::vector<int8_t> aq_buffer;
     thread_local std::vector<int32_t> az_buffer;
     float* h = grow(h_buffer, rows * 2 * I);
-    run_products({rq, rs, rz}, H, s.fc1_block, fc1, fc1_scales, 2 * I, expert1_bytes, expert1_scales, h);
+    run_products({rq, rs, rz}, H, s.fc1_block, fc1, fc1_scales, 2 * I, expert1_bytes, expert1_scales, h, false);
     int8_t* aq = grow(aq_buffer, rows * I);
     float* as = grow(as_buffer, rows * b2);
     int32_t* az = grow(az_buffer, rows * b2);
     over_rows(rows, [&](int64_t r0, int64_t r1) {
       activate(h + r0 * 2 * I, r1 - r0, aq + r0 * I, as + r0 * b2, az + r0 * b2);
     });
-    run_products({aq, as, az}, I, s.fc2_block, fc2, fc2_scales, H, expert2_bytes, expert2_scales, out);
+    run_products({aq, as, az}, I, s.fc2_block, fc2, fc2_scales, H, expert2_bytes, expert2_scales, out, S > 0);
   }
 
   // weighted sum in slot order, so the result does not depend on the thread schedule
@@ -215,6 +251,11 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
         const float* o = out + row_of[t * K + j] * H;
         for (int64_t c = 0; c < H; ++c) yt[c] += w * o[c];
       }
+      if (S > 0) {  // + shared * sigmoid(shared gate), as GatedAdd(routed, shared, Sigmoid(s)) did
+        const float gate = 1.f / (1.f + std::exp(-logits[t * stride + s.experts + 2 * S]));
+        const float* st = shared_out + t * H;
+        for (int64_t c = 0; c < H; ++c) yt[c] += st[c] * gate;
+      }
     }
   });
 }
@@ -223,13 +264,13 @@ void moe_pass(const float* x, const float* logits, const uint8_t* fc1, const Hal
 
 void int4_moe(const float* x, const float* logits, const uint8_t* fc1, const Half* fc1_scales,
               const uint8_t* fc2, const Half* fc2_scales, const MoeShape& s, float* y,
-              const ParallelFor& parallel_for) {
+              const ParallelFor& parallel_for, const SharedDown& shared) {
   // passes of at most kTokensPerPass tokens bound the scratch (each token is independent of the others)
   for (int64_t t0 = 0; t0 < s.tokens; t0 += kTokensPerPass) {
     MoeShape part = s;
     part.tokens = std::min(kTokensPerPass, s.tokens - t0);
-    moe_pass(x + t0 * s.hidden, logits + t0 * s.experts, fc1, fc1_scales, fc2, fc2_scales, part,
-             y + t0 * s.hidden, parallel_for);
+    moe_pass(x + t0 * s.hidden, logits + t0 * s.logits_stride(), fc1, fc1_scales, fc2, fc2_scales, part,
+             y + t0 * s.hidden, parallel_for, shared);
   }
 }
 

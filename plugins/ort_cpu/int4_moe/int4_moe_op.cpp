@@ -9,17 +9,21 @@ namespace {
 
 // ---- Int4MoE: routed SwiGLU experts with block-int4 weights ----------------------------------------
 struct MoeKernel {
-  int64_t top_k, normalize, fc1_block, fc2_block;
+  int64_t top_k, normalize, fc1_block, fc2_block, shared_inter, shared_block;
 };
+
+constexpr size_t kMoeRequiredInputs = 6;  // inputs 6 and 7: the shared expert's down projection (version 4)
 
 constexpr const char* kMoe = "Int4MoE";
 
 Status* create_moe(const CustomOp*, ApiTable, const KernelInfo* info, void** kernel) {
   return guarded(kMoe, [&] {
-    const int64_t one = 1, block = 32;
+    const int64_t one = 1, block = 32, none = 0;
     *kernel = new MoeKernel{attribute(info, kMoe, "k"), attribute(info, kMoe, "normalize_routing_weights", &one),
                             attribute(info, kMoe, "fc1_block_size", &block),
-                            attribute(info, kMoe, "fc2_block_size", &block)};
+                            attribute(info, kMoe, "fc2_block_size", &block),
+                            attribute(info, kMoe, "shared_expert_size", &none),
+                            attribute(info, kMoe, "shared_block_size", &block)};
   });
 }
 
@@ -42,6 +46,8 @@ Status* compute_moe(void* kernel, KernelContext* context) {
     shape.fc1_block = a.fc1_block;
     shape.fc2_block = a.fc2_block;
     shape.normalize = a.normalize != 0;
+    shape.shared_inter = a.shared_inter;
+    shape.shared_block = a.shared_block;
     const std::string why = moe_shape_error(shape);
     expect(why.empty(), "Int4MoE: " + why);
     expect(fc1.dims[2] * a.fc1_block == shape.hidden && fc2.dims[2] * a.fc2_block == shape.inter &&
@@ -52,20 +58,42 @@ Status* compute_moe(void* kernel, KernelContext* context) {
            "Int4MoE: scales do not match the expert weights");
     expect(!x.dims.empty() && x.dims.back() == shape.hidden, "Int4MoE: the last dimension of X must be the hidden size");
     shape.tokens = x.numel() / shape.hidden;
-    expect(logits.numel() == shape.tokens * shape.experts, "Int4MoE: router logits must be [tokens, experts]");
+    size_t inputs = 0;
+    check(g_api.KernelContextGetInputCount(context, &inputs));
+    const Value* given = nullptr;
+    if (inputs > kMoeRequiredInputs) check(g_api.KernelContextGetInput(context, kMoeRequiredInputs, &given));
+    SharedDown shared;
+    if (shape.shared_inter > 0) {
+      const Tensor down = input(context, 6, kUint8, kMoe, "shared expert down packed weight");
+      const Tensor down_scales = input(context, 7, kFloat16, kMoe, "shared expert down packed scales");
+      // [H/16, I_s/Bs, Bs/8, 64] and [H/16, I_s/Bs, 16]
+      expect(down.numel() == shape.hidden / kGroupRows * packed_group_bytes(shape.shared_inter) &&
+                 down_scales.numel() == shape.hidden / kGroupRows * group_scales(shape.shared_inter, a.shared_block),
+             "Int4MoE: the shared expert's down projection must be packed [H/16, shared_expert_size/B, B/8, 64]");
+      shared = {down.data<uint8_t>(), down_scales.data<Half>()};
+      expect(logits.numel() == shape.tokens * shape.logits_stride(),
+             "Int4MoE: with a shared expert the logits must be [tokens, experts + 2 * shared_expert_size + 1]");
+    } else {
+      expect(given == nullptr, "Int4MoE: a shared expert's down projection needs shared_expert_size > 0");
+      expect(logits.numel() == shape.tokens * shape.experts, "Int4MoE: router logits must be [tokens, experts]");
+    }
     float* y = output(context, x.dims);
     if (shape.tokens == 0) return;
     int4_moe(x.data<float>(), logits.data<float>(), fc1.data<uint8_t>(), fc1_scales.data<Half>(),
-             fc2.data<uint8_t>(), fc2_scales.data<Half>(), shape, y, pool(context));
+             fc2.data<uint8_t>(), fc2_scales.data<Half>(), shape, y, pool(context), shared);
   });
 }
 
-constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat16, kUint8, kFloat16};
+constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat16, kUint8, kFloat16, kUint8, kFloat16};
 
 }  // namespace
 
 const CustomOp& int4_moe_op() {
-  static const CustomOp op = make_op<6, kMoeInputs, 1, kMoe, create_moe, compute_moe, MoeKernel>();
+  static const CustomOp op = [] {
+    CustomOp o = make_op<8, kMoeInputs, 1, kMoe, create_moe, compute_moe, MoeKernel>();
+    o.GetInputCharacteristic = [](const CustomOp*, size_t i) { return i < kMoeRequiredInputs ? kRequired : kOptional; };
+    return o;
+  }();
   return op;
 }
 

@@ -25,7 +25,7 @@ DOMAIN = "qwen.cpu"
 # The version of the domain a graph imports. 2: Attention's past caches may be longer than their valid rows
 # (a buffer with room to grow) and may be the present caches' buffer (plugins/ort_cpu/attention/README.md).
 # 3: GatedDeltaRule's optional per-token states (POSITION_STATES).
-# 4: Int4MoE's optional gated shared expert (inputs 6 and 7, passes/fold_cpu_shared_expert.py).
+# 4: Int4MoE's and FloatMoE's optional gated shared expert (passes/fold_cpu_shared_expert.py).
 DOMAIN_VERSION = 4
 # Calls narrower than this compute each token as a one-token call would, bit for bit
 # (plugins/ort_cpu/common/step_tokens.h, kStepTokens; equal by tests/test_mtp.py).

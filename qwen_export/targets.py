@@ -234,12 +234,13 @@ def _ort_quantized(bits: int) -> Callable[[PipelineOptions], list[QwenPass]]:
 
 
 def _ort_cpu(options: PipelineOptions) -> list[QwenPass]:
+    from qwen_export.passes.fold_cpu_shared_expert import FoldCpuSharedExpert
     from qwen_export.passes.logits_to_keep import LogitsToKeep
     from qwen_export.passes.lower_cpu_attention import UseCpuAttention
     from qwen_export.passes.lower_cpu_moe import UseCpuFloatMoe
     from qwen_export.passes.remove_unused import RemoveUnused
 
-    kernels = [UseCpuFloatMoe(), UseCpuAttention(), RemoveUnused(), LogitsToKeep()]
+    kernels = [UseCpuFloatMoe(), FoldCpuSharedExpert(), UseCpuAttention(), RemoveUnused(), LogitsToKeep()]
     return [*_ort(options, deltanet="qwen-cpu"), *kernels]
 
 

@@ -347,6 +347,7 @@ MOE_LAYERS = {"tiny-qwen3.5-moe": 4, "tiny-qwen3-next": 3, "tiny-qwen3.5": 0}
 def test_pipelines_put_every_full_attention_layer_on_the_kernel(preset, target):
     from passes_support import exported
 
+    from qwen_export.passes.fold_cpu_shared_expert import FoldCpuSharedExpert
     from qwen_export.passes.lower_cpu_attention import UseCpuAttention
     from qwen_export.passes.lower_cpu_moe import UseCpuFloatMoe
     from qwen_export.targets import get_target, pipeline
@@ -370,6 +371,10 @@ def test_pipelines_put_every_full_attention_layer_on_the_kernel(preset, target):
         assert ops["qwen.cpu::FloatMoE"] == MOE_LAYERS[preset] and not ops["com.microsoft::MoE"], ops
         assert moe.stats.fired == ({"FloatMoE": MOE_LAYERS[preset]} if MOE_LAYERS[preset] else {})
         assert not moe.stats.kept
+    # and every MoE layer's gated shared expert inside its Int4MoE or FloatMoE
+    fold = next(p for p in passes if isinstance(p, FoldCpuSharedExpert))
+    assert fold.stats.fired_total == MOE_LAYERS[preset] and not fold.stats.kept
+    assert not ops["com.microsoft::GatedAdd"], ops
 
 
 def run_greedy(model_path, prompt: np.ndarray, steps: int, forced: np.ndarray | None = None):

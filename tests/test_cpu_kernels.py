@@ -48,9 +48,10 @@ SAME_ARITHMETIC = 1e-5
 # Against fp64 products with the dequantized weights: the int8 activation rounding, about 1/254 of each
 # block's largest |x| per element (seen: 6e-3 of the largest output).
 INT8_ACTIVATIONS = 2e-2
-# Int4MoE's folded shared expert against the nodes it replaces: silu and sigmoid in another float order (seen:
-# 2.5e-7 over 10 seeds and 1 to 200 tokens); room for one flipped int8 rounding of a shared activation, which
-# moves an output by about 1/127 of that block's largest activation times a weight.
+# Int4MoE's and FloatMoE's folded shared expert against the nodes it replaces: silu, sigmoid and (FloatMoE)
+# the down projection's sums in another float order (seen: 2.5e-7 and 3.9e-7 over 10 seeds and 1 to 200
+# tokens); room for one flipped int8 rounding of an int4 shared activation, which moves an output by about
+# 1/127 of that block's largest activation times a weight.
 SHARED_FOLD = 5e-3
 
 
@@ -279,48 +280,60 @@ def test_int4_moe_matches_qmoe_and_the_dequantized_experts(k, normalize):
     np.testing.assert_array_equal(y3.reshape(6, 64), flat)
 
 
-def shared_moe_case(experts=8, hidden=64, inter=32, shared=64, k=2, seed=3):
-    """Int4MoE with its gated shared expert folded in (passes/fold_cpu_shared_expert.py), the nodes it
-    replaces (Split, routed Int4MoE, QuickGelu, Mul, Int4Linear, Sigmoid, GatedAdd), and the dequantized
-    shared down projection [H, I_s]."""
-    _, weights, experts_dequantized = moe_weights(experts, hidden, inter, seed)
+def shared_moe_case(kind: str, experts=8, hidden=64, inter=32, shared=64, k=2, seed=3):
+    """Int4MoE ("int4") or FloatMoE ("float") with its gated shared expert folded in
+    (passes/fold_cpu_shared_expert.py), the seven nodes it replaces (Split, the routed op, QuickGelu, Mul, the
+    down projection, Sigmoid, GatedAdd), and the weights as floats: fc1, fc2 and the shared down [H, I_s]."""
     rng = np.random.default_rng(seed + 1)
     down = rng.standard_normal((hidden, shared)).astype(np.float32) * 0.1
-    q, scales = quantize_blockwise(down, 4, 32, fp16_scales=True)
-    weights["pd"], weights["psd"] = pack_int4_groups(q, scales, 32)
-    moe = dict(k=k, normalize_routing_weights=1, fc1_block_size=32, fc2_block_size=32)
+    moe = dict(k=k, normalize_routing_weights=1)
+    if kind == "int4":
+        _, weights, (fc1, fc2) = moe_weights(experts, hidden, inter, seed)
+        q, scales = quantize_blockwise(down, 4, 32, fp16_scales=True)
+        weights["pd"], weights["psd"] = pack_int4_groups(q, scales, 32)
+        down = dequantize_blockwise(q, scales, 4, shared)
+        op, experts_in, folded_in = "Int4MoE", ["p1", "ps1", "p2", "ps2"], ["pd", "psd"]
+        moe, shared_attrs = {**moe, "fc1_block_size": 32, "fc2_block_size": 32}, dict(shared_block_size=32)
+        down_node = helper.make_node(
+            "Int4Linear", ["h", "pd", "psd"], ["shared"], domain="qwen.cpu", K=shared, N=hidden, block_size=32
+        )
+    else:
+        _, _, (fc1, fc2) = float_moe_case(experts=experts, hidden=hidden, inter=inter, seed=seed)
+        weights = {"w1": fc1, "w2": fc2, "wd": np.ascontiguousarray(down.T), "wdt": down}
+        op, experts_in, folded_in, shared_attrs = "FloatMoE", ["w1", "w2"], ["wdt"], {}
+        down_node = helper.make_node("MatMul", ["h", "wd"], ["shared"])
     folded = helper.make_node(
-        "Int4MoE", ["x", "m", "p1", "ps1", "p2", "ps2", "pd", "psd"], ["y"], domain="qwen.cpu",
-        shared_expert_size=shared, shared_block_size=32, **moe,
+        op, ["x", "m", *experts_in, *folded_in], ["y"], domain="qwen.cpu", shared_expert_size=shared,
+        **shared_attrs, **moe,
     )  # fmt: skip
     weights["sizes"] = np.array([experts, shared, shared, 1], np.int64)
-    packed = ["p1", "ps1", "p2", "ps2"]
     nodes = [
         helper.make_node("Split", ["m", "sizes"], ["r", "g", "u", "s"], axis=-1),
-        helper.make_node("Int4MoE", ["x", "r", *packed], ["routed"], domain="qwen.cpu", **moe),
+        helper.make_node(op, ["x", "r", *experts_in], ["routed"], domain="qwen.cpu", **moe),
         helper.make_node("QuickGelu", ["g"], ["silu"], domain="com.microsoft", alpha=1.0),
         helper.make_node("Mul", ["silu", "u"], ["h"]),
-        helper.make_node(
-            "Int4Linear", ["h", "pd", "psd"], ["shared"], domain="qwen.cpu", K=shared, N=hidden, block_size=32
-        ),
+        down_node,
         helper.make_node("Sigmoid", ["s"], ["gate"]),
         helper.make_node("GatedAdd", ["routed", "shared", "gate"], ["y"], domain="com.microsoft"),
     ]
     inputs = [_x("x", None), _x("m", None)]
     return (
-        _session([folded], inputs, {n: v for n, v in weights.items() if n != "sizes"}),
-        _session(nodes, inputs, weights),
-        (*experts_dequantized, dequantize_blockwise(q, scales, 4, shared)),
+        _session([folded], inputs, {n: v for n, v in weights.items() if n in [*experts_in, *folded_in]}),
+        _session(nodes, inputs, {n: v for n, v in weights.items() if n != "wdt"}),
+        (fc1, fc2, down),
     )
 
 
-def test_int4_moe_with_the_shared_expert_matches_the_nodes_it_replaces_and_numpy():
-    """1 and 5 tokens take the decode path (the shared down projection as more fc2 tasks), 37 tokens x 2
-    experts the fused per-expert blocks; [B, T, H] input with [B, T, E + 2 I_s + 1] logits."""
+@pytest.mark.parametrize("kind", ["int4", "float"])
+def test_moe_with_the_shared_expert_matches_the_nodes_it_replaces_and_numpy(kind):
+    """Int4MoE: 1 and 5 tokens take the decode path (the shared down projection as more fc2 tasks), 37
+    tokens x 2 experts the fused per-expert blocks; FloatMoE: one path. [B, T, H] input with
+    [B, T, E + 2 I_s + 1] logits gives the 2-D call's bits."""
     from test_quantize_weights import numpy_moe
 
     experts, hidden, shared = 8, 64, 64
-    folded, nodes, (d1, d2, down) = shared_moe_case(experts=experts, hidden=hidden, shared=shared)
+    folded, nodes, (fc1, fc2, down) = shared_moe_case(kind, experts=experts, hidden=hidden, shared=shared)
+    tolerance = INT8_ACTIVATIONS if kind == "int4" else FLOAT_MOE
     rng = np.random.default_rng(5)
     for tokens in (1, 5, 37):
         x = rng.standard_normal((tokens, hidden)).astype(np.float32)
@@ -328,11 +341,9 @@ def test_int4_moe_with_the_shared_expert_matches_the_nodes_it_replaces_and_numpy
         y = folded.run(None, {"x": x, "m": m})[0]
         columns = [experts, experts + shared, experts + 2 * shared]
         router, g, u, s = np.split(m.astype(np.float64), columns, -1)
-        expected = numpy_moe(x.astype(np.float64), router, d1, d2, 2)
-        expected += (g / (1 + np.exp(-g)) * u) @ down.T / (1 + np.exp(-s))
-        assert _relative(y, expected) < INT8_ACTIVATIONS, tokens
-        # silu and sigmoid in the kernel's float order: at most a flipped int8 rounding of the shared
-        # activations (one step of 1/127 of a block's largest) away from the replaced nodes
+        expected = numpy_moe(x.astype(np.float64), router, fc1.astype(np.float64), fc2.astype(np.float64), 2)
+        expected += (g / (1 + np.exp(-g)) * u) @ down.T.astype(np.float64) / (1 + np.exp(-s))
+        assert _relative(y, expected) < tolerance, tokens
         assert _relative(y, nodes.run(None, {"x": x, "m": m})[0]) < SHARED_FOLD, tokens
     x3 = rng.standard_normal((2, 3, hidden)).astype(np.float32)
     m3 = rng.standard_normal((2, 3, experts + 2 * shared + 1)).astype(np.float32)
@@ -438,9 +449,10 @@ def test_bad_input_fails_with_the_kernels_reason():
     _, moe, _ = moe_case()
     with pytest.raises(Exception, match=r"Int4MoE: router logits must be \[tokens, experts\]"):
         moe.run(None, {"x": np.zeros((3, 64), np.float32), "r": np.zeros((2, 8), np.float32)})
-    shared, _, _ = shared_moe_case()
-    with pytest.raises(Exception, match=r"logits must be \[tokens, experts \+ 2 \* shared_expert_size"):
-        shared.run(None, {"x": np.zeros((3, 64), np.float32), "m": np.zeros((3, 8), np.float32)})
+    for kind, op in (("int4", "Int4MoE"), ("float", "FloatMoE")):
+        shared, _, _ = shared_moe_case(kind)
+        with pytest.raises(Exception, match=rf"{op}: with a shared expert the logits must be \[tokens"):
+            shared.run(None, {"x": np.zeros((3, 64), np.float32), "m": np.zeros((3, 8), np.float32)})
     _, float_moe, _ = float_moe_case()
     with pytest.raises(Exception, match="FloatMoE: the last dimension of X must be the hidden size"):
         float_moe.run(None, {"x": np.zeros((3, 63), np.float32), "r": np.zeros((3, 8), np.float32)})
@@ -569,7 +581,7 @@ def test_moe_without_renormalisation_stays_fp32_and_right(normalize):
         assert ops["MoE"] == 1 and "QMoE" not in ops and "Int4MoE" not in ops, ops
         kept = "MoE without top-k renormalisation (QMoE's CPU kernel always renormalises)"
         assert quantize.stats.kept[kept] == 1
-        why = "GatedAdd whose first input is not a routed-only qwen.cpu Int4MoE"
+        why = "GatedAdd whose first input is not a qwen.cpu Int4MoE or FloatMoE"
     assert fold.stats.kept == {why: 1} and not fold.stats.fired and ops["GatedAdd"] == 1
     actual = run(model, {"x": x})[0]
     right, wrong = (

@@ -1,6 +1,7 @@
 #include "float_moe/float_moe.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -167,8 +168,9 @@ void dot_rows(const float* const* a, int64_t rows, const float* w, int64_t k, in
 
 // One pass over `tokens` tokens (x, logits and y start at the pass's first token).
 void moe_pass(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& s,
-              float* y, const ParallelFor& parallel_for) {
+              float* y, const ParallelFor& parallel_for, const float* shared_down) {
   const int64_t T = s.tokens, H = s.hidden, I = s.inter, E = s.experts, K = s.top_k, pairs = T * K;
+  const int64_t S = s.shared_inter, stride = s.logits_stride();
   std::vector<int32_t> expert(pairs);
   std::vector<float> weight(pairs);
   route_top_k(logits, s, expert.data(), weight.data());
@@ -204,11 +206,27 @@ void moe_pass(const float* x, const float* logits, const float* fc1, const float
       mul_silu(up, gate.data(), up, (n1 - n0) / 2);
     }
   });
+  // the shared expert's activations, silu(gate) * up from its logits columns
+  std::vector<float> shared_act(S * T), shared_out(S > 0 ? T * H : 0);
+  for (int64_t t = 0; t < (S > 0 ? T : 0); ++t) {
+    const float* gate = logits + t * stride + E;
+    mul_silu(gate + S, gate, shared_act.data() + t * S, S);
+  }
   // 2. each pair's weighted expert output, in tasks of (expert, 64 fc2 rows); summed per token after, in
-  // slot order
+  // slot order. The shared expert's down projection is more tasks of 64 rows in the same hand-off.
   std::vector<float> out(pairs * H);
   const int64_t blocks2 = (H + kRowBlock - 1) / kRowBlock;
-  parallel_for(static_cast<int64_t>(used.size()) * blocks2, [&](int64_t task) {
+  const int64_t expert_tasks = static_cast<int64_t>(used.size()) * blocks2;
+  parallel_for(expert_tasks + (S > 0 ? blocks2 : 0), [&](int64_t task) {
+    if (task >= expert_tasks) {
+      const int64_t n0 = (task - expert_tasks) * kRowBlock, n1 = std::min(H, n0 + kRowBlock);
+      std::vector<const float*> rows(T);
+      for (int64_t t = 0; t < T; ++t) rows[t] = shared_act.data() + t * S;
+      std::vector<float> o(T * (n1 - n0));
+      dot_rows(rows.data(), T, shared_down, S, n0, n1, o.data(), n1 - n0);
+      for (int64_t t = 0; t < T; ++t) std::copy_n(o.data() + t * (n1 - n0), n1 - n0, shared_out.data() + t * H + n0);
+      return;
+    }
     const int64_t e = used[task / blocks2], n0 = (task % blocks2) * kRowBlock;
     const int64_t n1 = std::min(H, n0 + kRowBlock), count = start[e + 1] - start[e];
     std::vector<const float*> rows(count);
@@ -225,6 +243,10 @@ void moe_pass(const float* x, const float* logits, const float* fc1, const float
     std::copy_n(out.data() + t * K * H, H, yt);
     for (int64_t j = 1; j < K; ++j)
       for (int64_t c = 0; c < H; ++c) yt[c] += out[(t * K + j) * H + c];
+    if (S > 0) {  // + shared * sigmoid(shared gate), as GatedAdd(routed, shared, Sigmoid(s)) did
+      const float gate = 1.f / (1.f + std::exp(-logits[t * stride + E + 2 * S]));
+      for (int64_t c = 0; c < H; ++c) yt[c] += shared_out[t * H + c] * gate;
+    }
   });
 }
 
@@ -235,16 +257,17 @@ const char* float_moe_loops() { return dot_rows_choice().name; }
 const char* float_moe_shape_error(const MoeShape& s) {
   if (s.top_k < 1 || s.top_k > s.experts) return "top_k must be in [1, experts]";
   if (s.hidden % 4 || s.inter % 2 || (2 * s.inter) % 4) return "hidden size must be a multiple of 4, expert size of 2";
+  if (s.shared_inter < 0) return "the shared expert's size must not be negative";
   return "";
 }
 
 void float_moe(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& shape,
-               float* y, const ParallelFor& parallel_for) {
+               float* y, const ParallelFor& parallel_for, const float* shared_down) {
   for (int64_t t0 = 0; t0 < shape.tokens; t0 += kTokensPerPass) {
     MoeShape part = shape;
     part.tokens = std::min(kTokensPerPass, shape.tokens - t0);
-    moe_pass(x + t0 * shape.hidden, logits + t0 * shape.experts, fc1, fc2, part, y + t0 * shape.hidden,
-             parallel_for);
+    moe_pass(x + t0 * shape.hidden, logits + t0 * shape.logits_stride(), fc1, fc2, part, y + t0 * shape.hidden,
+             parallel_for, shared_down);
   }
 }
 

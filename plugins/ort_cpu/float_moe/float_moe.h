@@ -17,9 +17,12 @@
 
 namespace qwen_cpu {
 
-// y [tokens, H] from x [tokens, H] and router logits [tokens, E] (shape's block sizes are not used).
+// y [tokens, H] from x [tokens, H] and router logits [tokens, shape.logits_stride()] (shape's block sizes are
+// not used). With shape.shared_inter = I_s > 0 the gated shared expert is folded in, as in int4_moe.h:
+// y[t] += sigmoid(s) * ((silu(gate) * up) down^T) with gate, up and s from the logits row after the router's
+// E columns, and `shared_down` its down projection transposed, [H, I_s].
 void float_moe(const float* x, const float* logits, const float* fc1, const float* fc2, const MoeShape& shape,
-               float* y, const ParallelFor& parallel_for);
+               float* y, const ParallelFor& parallel_for, const float* shared_down = nullptr);
 
 // The dot loops this process runs: "x86-64-v4", "avx2" or "baseline" (CPUID, or QWEN_CPU_KERNELS=avx2|portable).
 const char* float_moe_loops();

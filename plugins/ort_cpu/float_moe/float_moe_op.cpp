@@ -8,16 +8,19 @@ namespace ort {
 namespace {
 
 struct FloatMoeKernel {
-  int64_t top_k, normalize;
+  int64_t top_k, normalize, shared_inter;
 };
+
+constexpr size_t kFloatMoeRequiredInputs = 4;  // input 4: the shared expert's down projection (version 4)
 
 constexpr const char* kFloatMoe = "FloatMoE";
 
 Status* create_float_moe(const CustomOp*, ApiTable, const KernelInfo* info, void** kernel) {
   return guarded(kFloatMoe, [&] {
-    const int64_t one = 1;
+    const int64_t one = 1, none = 0;
     *kernel = new FloatMoeKernel{attribute(info, kFloatMoe, "k"),
-                                 attribute(info, kFloatMoe, "normalize_routing_weights", &one)};
+                                 attribute(info, kFloatMoe, "normalize_routing_weights", &one),
+                                 attribute(info, kFloatMoe, "shared_expert_size", &none)};
   });
 }
 
@@ -36,6 +39,7 @@ Status* compute_float_moe(void* kernel, KernelContext* context) {
     shape.inter = fc1.dims[1] / 2;
     shape.top_k = a.top_k;
     shape.normalize = a.normalize != 0;
+    shape.shared_inter = a.shared_inter;
     expect(fc2.dims == std::vector<int64_t>{shape.experts, shape.hidden, shape.inter} && fc1.dims[1] % 2 == 0,
            "FloatMoE: fc1 [E, 2I, H] and fc2 [E, H, I] do not agree");
     const std::string why = float_moe_shape_error(shape);
@@ -43,21 +47,42 @@ Status* compute_float_moe(void* kernel, KernelContext* context) {
     expect(!x.dims.empty() && x.dims.back() == shape.hidden,
            "FloatMoE: the last dimension of X must be the hidden size");
     shape.tokens = x.numel() / shape.hidden;
-    expect(logits.numel() == shape.tokens * shape.experts, "FloatMoE: router logits must be [tokens, experts]");
+    size_t inputs = 0;
+    check(g_api.KernelContextGetInputCount(context, &inputs));
+    const Value* given = nullptr;
+    if (inputs > kFloatMoeRequiredInputs)
+      check(g_api.KernelContextGetInput(context, kFloatMoeRequiredInputs, &given));
+    const float* shared_down = nullptr;
+    if (shape.shared_inter > 0) {
+      const Tensor down = input(context, 4, kFloat, kFloatMoe, "shared expert down weight");
+      expect(down.dims == std::vector<int64_t>{shape.hidden, shape.shared_inter},
+             "FloatMoE: the shared expert's down projection must be [H, shared_expert_size] (transposed)");
+      shared_down = down.data<float>();
+      expect(logits.numel() == shape.tokens * shape.logits_stride(),
+             "FloatMoE: with a shared expert the logits must be [tokens, experts + 2 * shared_expert_size + 1]");
+    } else {
+      expect(given == nullptr, "FloatMoE: a shared expert's down projection needs shared_expert_size > 0");
+      expect(logits.numel() == shape.tokens * shape.experts, "FloatMoE: router logits must be [tokens, experts]");
+    }
     float* y = output(context, x.dims);
     if (shape.tokens == 0) return;
     float_moe(x.data<float>(), logits.data<float>(), fc1.data<float>(), fc2.data<float>(), shape, y,
-              pool(context));
+              pool(context), shared_down);
   });
 }
 
-constexpr ElementType kFloatMoeInputs[] = {kFloat, kFloat, kFloat, kFloat};
+constexpr ElementType kFloatMoeInputs[] = {kFloat, kFloat, kFloat, kFloat, kFloat};
 
 }  // namespace
 
 const CustomOp& float_moe_op() {
-  static const CustomOp op =
-      make_op<4, kFloatMoeInputs, 1, kFloatMoe, create_float_moe, compute_float_moe, FloatMoeKernel>();
+  static const CustomOp op = [] {
+    CustomOp o = make_op<5, kFloatMoeInputs, 1, kFloatMoe, create_float_moe, compute_float_moe, FloatMoeKernel>();
+    o.GetInputCharacteristic = [](const CustomOp*, size_t i) {
+      return i < kFloatMoeRequiredInputs ? kRequired : kOptional;
+    };
+    return o;
+  }();
   return op;
 }
 

@@ -326,16 +326,16 @@ def shared_moe_case(kind: str, experts=8, hidden=64, inter=32, shared=64, k=2, s
 
 @pytest.mark.parametrize("kind", ["int4", "float"])
 def test_moe_with_the_shared_expert_matches_the_nodes_it_replaces_and_numpy(kind):
-    """Int4MoE: 1 and 5 tokens take the decode path (the shared down projection as more fc2 tasks), 37
-    tokens x 2 experts the fused per-expert blocks; FloatMoE: one path. [B, T, H] input with
-    [B, T, E + 2 I_s + 1] logits gives the 2-D call's bits."""
+    """Int4MoE: 1 and 5 tokens take the decode path (the shared down projection as more fc2 tasks), 37 and
+    130 tokens x 2 experts the fused per-expert blocks; FloatMoE: one path, its shared activations in tasks
+    of 64 tokens. [B, T, H] input with [B, T, E + 2 I_s + 1] logits gives the 2-D call's bits."""
     from test_quantize_weights import numpy_moe
 
     experts, hidden, shared = 8, 64, 64
     folded, nodes, (fc1, fc2, down) = shared_moe_case(kind, experts=experts, hidden=hidden, shared=shared)
     tolerance = INT8_ACTIVATIONS if kind == "int4" else FLOAT_MOE
     rng = np.random.default_rng(5)
-    for tokens in (1, 5, 37):
+    for tokens in (1, 5, 37, 130):
         x = rng.standard_normal((tokens, hidden)).astype(np.float32)
         m = rng.standard_normal((tokens, experts + 2 * shared + 1)).astype(np.float32)
         y = folded.run(None, {"x": x, "m": m})[0]

@@ -206,12 +206,14 @@ void moe_pass(const float* x, const float* logits, const float* fc1, const float
       mul_silu(up, gate.data(), up, (n1 - n0) / 2);
     }
   });
-  // the shared expert's activations, silu(gate) * up from its logits columns
+  // the shared expert's activations, silu(gate) * up from its logits columns, in tasks of 64 tokens
   std::vector<float> shared_act(S * T), shared_out(S > 0 ? T * H : 0);
-  for (int64_t t = 0; t < (S > 0 ? T : 0); ++t) {
-    const float* gate = logits + t * stride + E;
-    mul_silu(gate + S, gate, shared_act.data() + t * S, S);
-  }
+  parallel_for(S > 0 ? (T + kRowBlock - 1) / kRowBlock : 0, [&](int64_t task) {
+    for (int64_t t = task * kRowBlock; t < std::min(T, (task + 1) * kRowBlock); ++t) {
+      const float* gate = logits + t * stride + E;
+      mul_silu(gate + S, gate, shared_act.data() + t * S, S);
+    }
+  });
   // 2. each pair's weighted expert output, in tasks of (expert, 64 fc2 rows); summed per token after, in
   // slot order. The shared expert's down projection is more tasks of 64 rows in the same hand-off.
   std::vector<float> out(pairs * H);

@@ -4,6 +4,7 @@ venv a baseline commit runs in, for the benchmarks that measure this tree agains
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -56,6 +57,15 @@ def baseline_sides(rev: str, folder: Path) -> dict[str, Path]:
     """The Python of each side of a this-tree-against-`rev` benchmark: "before" (a venv at `rev`, in `folder`)
     and "after" (this one)."""
     return {"before": baseline_python(rev, folder / "baseline"), "after": Path(sys.executable)}
+
+
+def baseline_parser(doc: str, baseline: str) -> argparse.ArgumentParser:
+    """The options every this-tree-against-a-commit benchmark takes: --baseline, --rounds and --out."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--baseline", default=baseline, help="the commit to compare with")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    return parser
 
 
 def alternating_rounds(

@@ -14,7 +14,6 @@ venv's packages. Writes benchmarks/decode_ab.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -22,7 +21,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, alternating_rounds, baseline_sides, produced_by, provenance, write_results
+from bench_common import (
+    REPO,
+    alternating_rounds,
+    baseline_parser,
+    baseline_sides,
+    produced_by,
+    provenance,
+    write_results,
+)
 
 BASELINE = "f7e26a1"  # before Int4MoE and FloatMoE took in the gated shared expert (6d01427, ba1f95a)
 # name -> (the build's source arguments, intra-op threads)
@@ -85,13 +92,10 @@ def render(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = baseline_parser(__doc__, BASELINE)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES))
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
     measured = cases(args.sources, args.targets)
     with tempfile.TemporaryDirectory(prefix="bench-decode-ab-") as tmp:

@@ -14,7 +14,6 @@ shared: only ratios measured side by side mean much). Writes benchmarks/decode_o
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -22,7 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, alternating_rounds, baseline_sides, produced_by, provenance, write_results
+from bench_common import (
+    alternating_rounds,
+    baseline_parser,
+    baseline_sides,
+    produced_by,
+    provenance,
+    write_results,
+)
 
 BASELINE = "7a2106d"  # before the decode recurrence kept its sums in registers and FloatMoE read 8 rows
 # One measurement, run by each side's Python: per case, the median of `calls` timed calls after 20 warm ones.
@@ -152,11 +158,8 @@ def render(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = baseline_parser(__doc__, BASELINE)
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-decode-ops-") as tmp:
         sides = baseline_sides(args.baseline, Path(tmp))

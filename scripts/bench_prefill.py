@@ -15,7 +15,6 @@ Writes benchmarks/prefill.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -23,7 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_common import REPO, alternating_rounds, baseline_sides, produced_by, provenance, write_results
+from bench_common import (
+    alternating_rounds,
+    baseline_parser,
+    baseline_sides,
+    produced_by,
+    provenance,
+    write_results,
+)
 
 PRESET = "small-qwen3.5-moe"
 TARGET = "ort-cpu-int4"
@@ -126,12 +132,9 @@ def render(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=BASELINE, help="the commit to compare with")
+    parser = baseline_parser(__doc__, BASELINE)
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-prefill-") as tmp:
         tmp = Path(tmp)

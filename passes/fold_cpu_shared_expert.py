@@ -58,7 +58,7 @@ class FoldCpuSharedExpert(QwenPass):
                 attributes["shared_block_size"] = ir.AttrInt64("shared_block_size", _int(down, "block_size"))
                 shared_weights = list(down.inputs[1:3])
             else:
-                shared_weights = [_transposed(graph, down.inputs[1], unique(f"{down.inputs[1].name}.T"))]
+                shared_weights = [_transposed(graph, down.inputs[1], unique(f"{down.inputs[1].name}.cpu"))]
             required = ROUTED_OPS[moe.op_type][0]
             new = ir.Node(
                 CPU_DOMAIN,

@@ -64,6 +64,15 @@ inline Tensor input(KernelContext* context, size_t index, ElementType type, cons
   return t;
 }
 
+// Whether an optional input `index` was given (a node may omit trailing optional inputs or leave one empty).
+inline bool input_given(KernelContext* context, size_t index) {
+  size_t count = 0;
+  check(g_api.KernelContextGetInputCount(context, &count));
+  const Value* value = nullptr;
+  if (index < count) check(g_api.KernelContextGetInput(context, index, &value));
+  return value != nullptr;
+}
+
 inline float* output(KernelContext* context, const std::vector<int64_t>& dims, size_t index = 0) {
   Value* value = nullptr;
   check(g_api.KernelContextGetOutput(context, index, dims.data(), dims.size(), &value));
@@ -130,9 +139,10 @@ Status* guarded(const char* op, Kernel&& body) {
   }
 }
 
+// An op of `Inputs` inputs, the first `RequiredInputs` of them required and the rest optional.
 template <size_t Inputs, const ElementType (&InputTypes)[Inputs], size_t Outputs, const char* const& Name,
           Status* (*Create)(const CustomOp*, ApiTable, const KernelInfo*, void**),
-          Status* (*Compute)(void*, KernelContext*), typename Kernel>
+          Status* (*Compute)(void*, KernelContext*), typename Kernel, size_t RequiredInputs = Inputs>
 CustomOp make_op() {
   CustomOp op{};
   op.version = kApiVersion;
@@ -143,7 +153,7 @@ CustomOp make_op() {
   op.GetOutputType = [](const CustomOp*, size_t) { return kFloat; };
   op.GetOutputTypeCount = [](const CustomOp*) { return Outputs; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.GetInputCharacteristic = [](const CustomOp*, size_t) { return kRequired; };
+  op.GetInputCharacteristic = [](const CustomOp*, size_t i) { return i < RequiredInputs ? kRequired : kOptional; };
   op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return kRequired; };
   op.GetInputMemoryType = [](const CustomOp*, size_t) { return kMemTypeDefault; };
   op.GetVariadicInputMinArity = [](const CustomOp*) { return 1; };

@@ -47,11 +47,6 @@ Status* compute_float_moe(void* kernel, KernelContext* context) {
     expect(!x.dims.empty() && x.dims.back() == shape.hidden,
            "FloatMoE: the last dimension of X must be the hidden size");
     shape.tokens = x.numel() / shape.hidden;
-    size_t inputs = 0;
-    check(g_api.KernelContextGetInputCount(context, &inputs));
-    const Value* given = nullptr;
-    if (inputs > kFloatMoeRequiredInputs)
-      check(g_api.KernelContextGetInput(context, kFloatMoeRequiredInputs, &given));
     const float* shared_down = nullptr;
     if (shape.shared_inter > 0) {
       const Tensor down = input(context, 4, kFloat, kFloatMoe, "shared expert down weight");
@@ -61,7 +56,8 @@ Status* compute_float_moe(void* kernel, KernelContext* context) {
       expect(logits.numel() == shape.tokens * shape.logits_stride(),
              "FloatMoE: with a shared expert the logits must be [tokens, experts + 2 * shared_expert_size + 1]");
     } else {
-      expect(given == nullptr, "FloatMoE: a shared expert's down projection needs shared_expert_size > 0");
+      expect(!input_given(context, kFloatMoeRequiredInputs),
+             "FloatMoE: a shared expert's down projection needs shared_expert_size > 0");
       expect(logits.numel() == shape.tokens * shape.experts, "FloatMoE: router logits must be [tokens, experts]");
     }
     float* y = output(context, x.dims);
@@ -76,13 +72,8 @@ constexpr ElementType kFloatMoeInputs[] = {kFloat, kFloat, kFloat, kFloat, kFloa
 }  // namespace
 
 const CustomOp& float_moe_op() {
-  static const CustomOp op = [] {
-    CustomOp o = make_op<5, kFloatMoeInputs, 1, kFloatMoe, create_float_moe, compute_float_moe, FloatMoeKernel>();
-    o.GetInputCharacteristic = [](const CustomOp*, size_t i) {
-      return i < kFloatMoeRequiredInputs ? kRequired : kOptional;
-    };
-    return o;
-  }();
+  static const CustomOp op = make_op<5, kFloatMoeInputs, 1, kFloatMoe, create_float_moe, compute_float_moe,
+                                     FloatMoeKernel, kFloatMoeRequiredInputs>();
   return op;
 }
 

@@ -58,10 +58,6 @@ Status* compute_moe(void* kernel, KernelContext* context) {
            "Int4MoE: scales do not match the expert weights");
     expect(!x.dims.empty() && x.dims.back() == shape.hidden, "Int4MoE: the last dimension of X must be the hidden size");
     shape.tokens = x.numel() / shape.hidden;
-    size_t inputs = 0;
-    check(g_api.KernelContextGetInputCount(context, &inputs));
-    const Value* given = nullptr;
-    if (inputs > kMoeRequiredInputs) check(g_api.KernelContextGetInput(context, kMoeRequiredInputs, &given));
     SharedDown shared;
     if (shape.shared_inter > 0) {
       const Tensor down = input(context, 6, kUint8, kMoe, "shared expert down packed weight");
@@ -74,7 +70,8 @@ Status* compute_moe(void* kernel, KernelContext* context) {
       expect(logits.numel() == shape.tokens * shape.logits_stride(),
              "Int4MoE: with a shared expert the logits must be [tokens, experts + 2 * shared_expert_size + 1]");
     } else {
-      expect(given == nullptr, "Int4MoE: a shared expert's down projection needs shared_expert_size > 0");
+      expect(!input_given(context, kMoeRequiredInputs),
+             "Int4MoE: a shared expert's down projection needs shared_expert_size > 0");
       expect(logits.numel() == shape.tokens * shape.experts, "Int4MoE: router logits must be [tokens, experts]");
     }
     float* y = output(context, x.dims);
@@ -89,11 +86,7 @@ constexpr ElementType kMoeInputs[] = {kFloat, kFloat, kUint8, kFloat16, kUint8, 
 }  // namespace
 
 const CustomOp& int4_moe_op() {
-  static const CustomOp op = [] {
-    CustomOp o = make_op<8, kMoeInputs, 1, kMoe, create_moe, compute_moe, MoeKernel>();
-    o.GetInputCharacteristic = [](const CustomOp*, size_t i) { return i < kMoeRequiredInputs ? kRequired : kOptional; };
-    return o;
-  }();
+  static const CustomOp op = make_op<8, kMoeInputs, 1, kMoe, create_moe, compute_moe, MoeKernel, kMoeRequiredInputs>();
   return op;
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_export.errors import QwenExportError
-from qwen_export.runtime.sampling import SamplingConfig
+from qwen_export.runtime.sampling import GREEDY, SamplingConfig
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -50,10 +50,23 @@ class RunRequest:
             sampling = SamplingConfig(
                 greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
             )
-            token_ids = [int(t) for t in ids.split(",")] if ids is not None else None
-            stop_ids = [int(t) for t in stop.split(",")] if stop else None
         except ValueError as e:
             raise QwenExportError(str(e)) from None
+        token_ids = _token_ids("--ids", ids) if ids is not None else None
+        stop_ids = _token_ids("--stop", stop) if stop else None
+        given = [  # options of sampling set away from their defaults, which greedy decoding would ignore
+            option
+            for option, value, default in (
+                ("--temperature", temperature, GREEDY.temperature),
+                ("--top-k", top_k, GREEDY.top_k),
+                ("--top-p", top_p, GREEDY.top_p),
+                ("--seed", seed, GREEDY.seed),
+            )
+            if value != default
+        ]
+        if greedy and given:
+            options = ", ".join(given)
+            raise QwenExportError(f"{options} only apply to sampling: add --sample (decoding is greedy)")
         if (images or videos) and prompt is None:
             raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")
         frames = [[Path(f) for f in v.split(",")] for v in videos]
@@ -67,6 +80,14 @@ class RunRequest:
             artifact, prompt, token_ids, max_new_tokens, sampling, stop_ids, list(images), frames,
             speculative or 0,
         )  # fmt: skip
+
+
+def _token_ids(option: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        message = f"{option} {text!r}: token ids are comma-separated integers, e.g. 1,2,3"
+        raise QwenExportError(message) from None
 
 
 @dataclass

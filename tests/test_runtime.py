@@ -90,6 +90,36 @@ def test_sampling_is_seeded_and_filters_work(artifact):
     assert session.generate(prompt, 10, SamplingConfig(greedy=False, top_p=1e-6, seed=1)).tokens == greedy
 
 
+SAMPLING_OPTIONS = [["--temperature", "0.7"], ["--top-k", "5"], ["--top-p", "0.9"], ["--seed", "1"]]
+
+
+@pytest.mark.parametrize("option", SAMPLING_OPTIONS, ids=[o[0] for o in SAMPLING_OPTIONS])
+def test_run_refuses_sampling_options_without_sample(artifact, option):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    args = ["run", str(artifact), "--ids", "1,2,3", "--max-new-tokens", "2", *option]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert f"{option[0]} only apply to sampling: add --sample" in refused.output
+    sampled = CliRunner().invoke(app, [*args, "--sample", "--json"])
+    assert sampled.exit_code == 0, sampled.output
+    assert len(json.loads(sampled.stdout.strip().splitlines()[-1])["ids"]) == 2
+
+
+@pytest.mark.parametrize("option", ["--ids", "--stop"])
+def test_run_names_a_malformed_token_id_list(artifact, option):
+    from typer.testing import CliRunner
+
+    from qwen_export.cli import app
+
+    args = ["run", str(artifact), "--ids", "1,2", option, "1,x"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert f"{option} '1,x': token ids are comma-separated integers" in refused.output
+
+
 def test_timings_are_reported(artifact):
     result = Session.load(artifact).generate([[1, 2, 3]], 8)
     assert result.time_to_first_token_s > 0 and result.decode_tokens_per_s > 0

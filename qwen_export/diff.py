@@ -260,6 +260,11 @@ def diff_artifact(
     tol = tolerance_for(precision, random_weights=has_random_weights(info))
     source_dir = Path(info["source_dir"]) if info.get("source_dir") else None
     against_path = Path(against) if against is not None else None
+    if against_path is not None and not against_path.is_dir():
+        raise QwenExportError(
+            f"--against {against_path}: no such folder (a golden folder from `qwen-export golden`, or a "
+            "checkpoint folder)"
+        )
     if golden is None and against_path is not None and (against_path / "manifest.json").is_file():
         golden = load_golden(against_path)
     reference_dir = against_path if against_path is not None and golden is None else source_dir

@@ -119,8 +119,8 @@ def _validated_precision(artifact: Path, info: dict) -> str:
     precision = artifact_precision(info)
     if precision not in VALIDATED_PRECISIONS:
         raise QwenExportError(
-            f"{artifact}: a {precision} artifact; validate holds fp32/bf16/fp16 artifacts to their max |Δ| "
-            f"and identical greedy tokens. Use `qwen-export diff {artifact}`, which applies the "
+            f"{artifact}: an artifact in {precision}; validate holds fp32/bf16/fp16 artifacts to their "
+            f"max |Δ| and identical greedy tokens. Use `qwen-export diff {artifact}`, which applies the "
             f"{precision} tolerances"
         )
     return precision

@@ -118,6 +118,13 @@ def test_cli_exit_code_on_fault(artifact, tmp_path):
     assert "first layer out of tolerance: 1" in result.output
 
 
+def test_cli_names_a_missing_against_folder(artifact, tmp_path):
+    missing = tmp_path / "no-such-golden"
+    result = runner.invoke(app, ["diff", str(artifact), "--against", str(missing)])
+    assert result.exit_code == 2
+    assert f"--against {missing}: no such folder" in result.output
+
+
 class PlantLayerEpsilon(QwenPass):
     """A buggy rewrite: layer 2's post-attention RMSNorm gets epsilon 0.5."""
 

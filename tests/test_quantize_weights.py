@@ -331,4 +331,4 @@ def test_validate_points_a_quantized_artifact_to_diff(tmp_path):
     out = build(tmp_path / "int8", preset="tiny-qwen3.5", target="ort-int8").out_dir
     result = CliRunner().invoke(app, ["validate", str(out), "--golden", str(repo_golden_dir("tiny-qwen3.5"))])
     assert result.exit_code == 2
-    assert "int8 artifact" in result.output and f"qwen-export diff {out}" in result.output
+    assert "an artifact in int8" in result.output and f"qwen-export diff {out}" in result.output

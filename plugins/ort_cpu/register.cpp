@@ -2,6 +2,10 @@
 // SessionOptions.register_custom_ops_library loads this library, and QwenCpuKernelsBackend for tools.
 // Each op's wrapper is in its folder (int4_linear/, int4_moe/, float_moe/, gated_delta_rule/, attention/,
 // dist_collective/).
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
 #include "common/ort_op.h"
 #include "float_moe/float_moe.h"
 #include "gated_delta_rule/gated_delta_rule.h"
@@ -10,6 +14,17 @@
 namespace qwen_cpu::ort {
 
 Api g_api;
+
+// Whether the ops read their inputs' shapes without allocating (ONNX Runtime 1.24 or newer, asked of its
+// version string "1.31.1": GetApi logs an error for a version the runtime lacks). QWEN_CPU_ORT_API=17
+// keeps the calls of API 17 on any runtime (tests compare the two ways).
+bool reads_shape_references(const char* version) {
+  const char* forced = std::getenv("QWEN_CPU_ORT_API");
+  if (forced != nullptr && std::strcmp(forced, "17") == 0) return false;
+  int major = 0, minor = 0;
+  if (version == nullptr || std::sscanf(version, "%d.%d", &major, &minor) != 2) return false;
+  return major > 1 || (major == 1 && minor >= 24);
+}
 
 const CustomOp& int4_linear_op();
 const CustomOp& int4_moe_op();
@@ -36,12 +51,19 @@ extern "C" __attribute__((visibility("default"))) const char* QwenCpuDeltaRuleLo
   return qwen_cpu::delta_rule_loops();
 }
 
+// Whether the ops read input shapes through ONNX Runtime 1.24's reference call (reads_shape_references;
+// set when a session registers the library), for tests (ctypes).
+extern "C" __attribute__((visibility("default"))) int QwenCpuReadsShapeReferences() {
+  return qwen_cpu::ort::g_api.shape_references ? 1 : 0;
+}
+
 extern "C" __attribute__((visibility("default"))) qwen_cpu::ort::Status* RegisterCustomOps(
     qwen_cpu::ort::SessionOptions* options, const qwen_cpu::ort::ApiBase* base) {
   using namespace qwen_cpu::ort;
   ApiTable table = base->GetApi(kApiVersion);
   if (table == nullptr) return nullptr;  // cannot even report: ORT older than 1.17 loads nothing from us
   qwen_cpu::ort::g_api.table = table;
+  qwen_cpu::ort::g_api.shape_references = qwen_cpu::ort::reads_shape_references(base->GetVersionString());
   CustomOpDomain* domain = nullptr;
   if (Status* s = qwen_cpu::ort::g_api.CreateCustomOpDomain("qwen.cpu", &domain)) return s;
   if (Status* s = qwen_cpu::ort::g_api.CustomOpDomainAdd(domain, &qwen_cpu::ort::int4_linear_op())) return s;

@@ -50,6 +50,9 @@ enum Slot : size_t {
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelContextParallelFor = 274,
+  // API 24 (ONNX Runtime 1.24): an input's element type and a pointer to its dims, with nothing allocated
+  // (GetTensorTypeAndShape allocates an info object per call, and ReleaseTensorTypeAndShapeInfo frees it)
+  kGetTensorElementTypeAndShapeDataReference = 414,
 };
 
 using ApiTable = void* const*;  // const OrtApi*
@@ -91,6 +94,7 @@ struct CustomOp {  // OrtCustomOp, the 26 fields of ORT >= 1.17 headers
 // Typed calls into the table.
 struct Api {
   ApiTable table = nullptr;
+  bool shape_references = false;  // read input shapes through the slot above (register.cpp decides)
 
   template <typename Fn>
   Fn fn(Slot slot) const {
@@ -119,6 +123,11 @@ struct Api {
   }
   Status* GetDimensions(const TensorTypeAndShapeInfo* info, int64_t* dims, size_t count) const {
     return fn<Status* (*)(const TensorTypeAndShapeInfo*, int64_t*, size_t)>(kGetDimensions)(info, dims, count);
+  }
+  Status* GetTensorElementTypeAndShapeDataReference(const Value* value, ElementType* type, const int64_t** dims,
+                                                     size_t* count) const {
+    return fn<Status* (*)(const Value*, ElementType*, const int64_t**, size_t*)>(
+        kGetTensorElementTypeAndShapeDataReference)(value, type, dims, count);
   }
   Status* GetTensorTypeAndShape(const Value* value, TensorTypeAndShapeInfo** out) const {
     return fn<Status* (*)(const Value*, TensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(value, out);

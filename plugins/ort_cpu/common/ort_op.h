@@ -45,10 +45,8 @@ struct Tensor {
   }
 };
 
-inline Tensor input(KernelContext* context, size_t index, ElementType type, const char* op, const char* name) {
-  Tensor t;
-  check(g_api.KernelContextGetInput(context, index, &t.value));
-  if (t.value == nullptr) throw Error(std::string(op) + ": input " + name + " is missing");
+// The element type and dims of `t.value`: through the info object API 17 allocates (and frees) per call.
+inline void read_shape_info(Tensor& t) {
   TensorTypeAndShapeInfo* info = nullptr;
   check(g_api.GetTensorTypeAndShape(t.value, &info));
   size_t rank = 0;
@@ -60,6 +58,20 @@ inline Tensor input(KernelContext* context, size_t index, ElementType type, cons
   }
   g_api.ReleaseTensorTypeAndShapeInfo(info);
   check(status);
+}
+
+inline Tensor input(KernelContext* context, size_t index, ElementType type, const char* op, const char* name) {
+  Tensor t;
+  check(g_api.KernelContextGetInput(context, index, &t.value));
+  if (t.value == nullptr) throw Error(std::string(op) + ": input " + name + " is missing");
+  if (g_api.shape_references) {  // ORT >= 1.24: nothing allocated (on the trained model, 9% of a decode step)
+    const int64_t* dims = nullptr;
+    size_t rank = 0;
+    check(g_api.GetTensorElementTypeAndShapeDataReference(t.value, &t.type, &dims, &rank));
+    t.dims.assign(dims, dims + rank);
+  } else {
+    read_shape_info(t);
+  }
   if (t.type != type) throw Error(std::string(op) + ": input " + name + " has the wrong element type");
   return t;
 }

@@ -66,6 +66,8 @@ class RunRequest:
         ]
         if greedy and given:
             options = ", ".join(given)
+            if speculative is not None:  # adding --sample would be refused in turn
+                raise QwenExportError(f"--speculative decodes greedily (lossless); drop {options}")
             raise QwenExportError(f"{options} only apply to sampling: add --sample (decoding is greedy)")
         if (images or videos) and prompt is None:
             raise QwenExportError("images and videos go with --prompt TEXT (the processor places them)")

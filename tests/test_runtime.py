@@ -106,6 +106,9 @@ def test_run_refuses_sampling_options_without_sample(artifact, option):
     sampled = CliRunner().invoke(app, [*args, "--sample", "--json"])
     assert sampled.exit_code == 0, sampled.output
     assert len(json.loads(sampled.stdout.strip().splitlines()[-1])["ids"]) == 2
+    speculative = CliRunner().invoke(app, [*args, "--speculative", "1"])  # greedy only: drop, not add
+    assert speculative.exit_code == 2
+    assert f"--speculative decodes greedily (lossless); drop {option[0]}" in speculative.output
 
 
 @pytest.mark.parametrize("option", ["--ids", "--stop"])

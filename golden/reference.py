@@ -27,6 +27,7 @@ def load_reference(model_dir: str | Path, dtype: str = "fp32"):
     from qwen_export.exporter import fp8
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would land in our CLIs' output
     model_dir = Path(model_dir)
     config = read_config_json(model_dir)
     spec = spec_from_config(config, model_dir / "config.json")

@@ -12,13 +12,13 @@ import pytest
 # (torch and transformers do): triton.language's own helpers are decorated at import. The ahead-of-time
 # compile tests run their compiler in child processes without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Each pytest-xdist worker gets its share of the cores for torch's and OpenBLAS's thread pools (both read this
-# at their import, which comes later): two workers each running pools as wide as the machine oversubscribe its
-# two cores. Measured on the 2-core CI machine: the suite took 887 s as it was and 703 s with this (ONNX
-# Runtime's pools, also limited to one thread, gained nothing more). A test that needs several threads sets
-# them itself.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+# Each pytest-xdist worker runs torch's and OpenBLAS's thread pools on its share of the cores (both read
+# OMP_NUM_THREADS at their import, which comes later): two workers with pools as wide as the machine
+# oversubscribe its two cores (ONNX Runtime's pools at one thread as well gained nothing more). Set in the
+# workers only: the controlling process loads this file first, and the workers inherit its environment.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 from checkpoints import MULTIMODAL_CLASSES  # noqa: E402  (after the interpreter switch)
 

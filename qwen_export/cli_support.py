@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from qwen_export.errors import QwenExportError
+from qwen_export.golden.perplexity import WINDOW
+from qwen_export.quality import DEFAULT_WINDOWS
 
 err = Console(stderr=True)
 
@@ -93,11 +95,14 @@ TextOpt = Annotated[
     Path | None,
     typer.Option(
         help="Score this text file instead: held-out perplexity, next-token agreement and KL against the "
-        "reference, in windows of 256 tokens (needs the checkpoint's tokenizer.json)."
+        f"reference, in windows of {WINDOW} tokens (needs the checkpoint's tokenizer.json)."
     ),
 ]
 WindowsOpt = Annotated[
-    int | None, typer.Option(min=1, help="With --text: how many windows to score (default: 16).")
+    int | None,
+    typer.Option(
+        min=1, help=f"With --text: how many windows to score, from its start (default: {DEFAULT_WINDOWS})."
+    ),
 ]
 
 

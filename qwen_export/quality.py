@@ -37,6 +37,7 @@ class TextQuality:
     windows: int
     window: int
     predicted_tokens: int
+    text_windows: int  # how many the text holds: `windows` scores its first ones
     perplexity: float
     reference_perplexity: float
     top1_agreement: float  # argmax of the artifact's next-token logits == the reference's
@@ -59,6 +60,13 @@ class TextQuality:
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"perplexity_delta": self.perplexity_delta, "passed": self.passed}
 
+    def _subset_note(self) -> str:
+        """Where the text holds more windows than were scored (perplexity varies along a text): how to score
+        them all, which is what the trained reference's logged perplexity covers."""
+        if self.windows >= self.text_windows:
+            return ""
+        return f" (the text holds {self.text_windows}: --windows {self.text_windows} scores them all)"
+
     def render(self, console: Console) -> None:
         from rich.table import Table
 
@@ -69,7 +77,7 @@ class TextQuality:
             "top-1 agreement",
             "KL mean",
             title=f"{self.artifact} ({self.precision}) on {self.text}: {self.windows} windows of "
-            f"{self.window} tokens, {self.predicted_tokens} predicted",
+            f"{self.window} tokens, {self.predicted_tokens} predicted{self._subset_note()}",
         )
         table.add_row(
             f"{self.perplexity:.4f}",
@@ -83,8 +91,9 @@ class TextQuality:
         console.print(f"{verdict} the {self.precision} tolerances {self.tolerances}")
 
 
-def text_windows(source_dir: Path, text_file: Path, windows: int) -> np.ndarray:
-    """The text's token windows, tokenized with the checkpoint's tokenizer.json."""
+def text_windows(source_dir: Path, text_file: Path, windows: int) -> tuple[np.ndarray, int]:
+    """The text's first `windows` token windows, tokenized with the checkpoint's tokenizer.json, and how
+    many windows the whole text holds."""
     from qwen_export.golden.perplexity import WINDOW, token_windows
     from qwen_export.runtime.tokenizer import Tokenizer
 
@@ -97,7 +106,7 @@ def text_windows(source_dir: Path, text_file: Path, windows: int) -> np.ndarray:
     batch = token_windows(ids, WINDOW, windows)
     if len(batch) == 0:
         raise QwenExportError(f"{text_file}: {len(ids)} tokens, fewer than one window of {WINDOW}")
-    return batch
+    return batch, len(ids) // WINDOW
 
 
 def scores(logits: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +175,7 @@ def text_quality(
     if not info.get("source_dir"):
         raise QwenExportError(f"{artifact}: the artifact does not name its source checkpoint")
     source_dir = Path(info["source_dir"])
-    batch = text_windows(source_dir, Path(text_file), windows or DEFAULT_WINDOWS)
+    batch, available = text_windows(source_dir, Path(text_file), windows or DEFAULT_WINDOWS)
     decoder = token_decoder(model_path, info)
     metrics = compare_on_windows(
         lambda ids: decoder.prefill(ids).logits,
@@ -181,6 +190,7 @@ def text_quality(
         windows=int(batch.shape[0]),
         window=int(batch.shape[1]),
         predicted_tokens=int(batch.shape[0] * (batch.shape[1] - 1)),
+        text_windows=available,
         **metrics,
         tolerances={k: v for k, v in tolerance_for(precision).items() if k in ("top1_min", "kl_mean_max")},
     )

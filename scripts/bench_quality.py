@@ -129,7 +129,7 @@ def main() -> None:
 
     from qwen_export.quality import compare_on_windows, reference_logits, text_windows
 
-    batch = text_windows(args.model, text, args.windows)
+    batch, _ = text_windows(args.model, text, args.windows)
     references = reference_logits(args.model, batch)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as work:

@@ -511,6 +511,19 @@ def test_diff_text_scores_the_trained_model_on_held_out_text(trained_export):
     report = json.loads(result.stdout)
     # An fp32 export is the reference up to float rounding: same perplexity, same predictions.
     assert report["precision"] == "fp32" and report["windows"] == 4 and report["predicted_tokens"] == 4 * 255
+    # the windows the text holds, as the training script counted them when it logged the held-out perplexity
+    log = json.loads((materialize(TRAINED) / "training_log.json").read_text())
+    assert report["text_windows"] == log["final"]["heldout_windows"]
+    # the table says it scored a part, and how to score the whole text
+    from rich.console import Console
+
+    from qwen_export.quality import TextQuality
+
+    fields = {k: v for k, v in report.items() if k not in ("perplexity_delta", "passed")}
+    console = Console(record=True, width=400)
+    TextQuality(**fields).render(console)
+    title = " ".join(console.export_text().split())  # rich wraps the title to the table's width
+    assert f"--windows {log['final']['heldout_windows']} scores them all" in title
     assert abs(report["perplexity_delta"]) < 1e-5
     assert report["top1_agreement"] == 1.0 and report["kl_mean"] < 1e-9
     assert 1.0 < report["reference_perplexity"] < 100

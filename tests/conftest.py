@@ -15,8 +15,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # Each pytest-xdist worker runs torch's and OpenBLAS's thread pools on its share of the cores (both read
 # OMP_NUM_THREADS at their import, which comes later): two workers with pools as wide as the machine
 # oversubscribe its two cores: on the 2-core CI machine, fresh clones, the suite took 877-887 s with two
-# threads a worker and 637 s with one (ONNX Runtime's pools at one thread as well gained nothing more). Set in
-# the workers only: the controlling process loads this file first, and the workers inherit its environment.
+# threads a worker and 637-749 s with one (ONNX Runtime's pools at one thread as well gained nothing more).
+# Set in the workers only: the controlling process loads this file first, and the workers inherit its
+# environment.
 if "PYTEST_XDIST_WORKER" in os.environ:
     _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))

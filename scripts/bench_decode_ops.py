@@ -1,15 +1,18 @@
 """The qwen.cpu decode ops alone, this tree's kernel library against a baseline commit's, in the same run:
 GatedDeltaRule's recurrence (one token, and a 3-token speculative verify step) at the shapes of the trained
-reference model (golden/trained-qwen3.5-moe) and of the small preset, and FloatMoE for one token at the small
+reference model (golden/trained-qwen3.5-moe) and of the small preset, FloatMoE for one token at the small
 preset's shape (64 experts, top 4, fresh router logits every call, so the chosen experts are read from memory
-as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer.
+as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer, and one token of
+Attention over a 64K-key cache at the small preset's shape on two threads, its caches bound in place as the
+runtime binds them.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
 Python: a clone at the baseline installed into a venv that borrows this venv's packages), then each case runs
-as a one-node ONNX Runtime session on one thread, the sides taking turns in fresh processes (this machine is
-shared: only ratios measured side by side mean much). Writes benchmarks/decode_ops.{json,md}.
+as a one-node ONNX Runtime session (one thread; the attention case two), the sides taking turns in fresh
+processes (this machine is shared: only ratios measured side by side mean much). Writes decode_ops.{json,md}
+in --out (benchmarks/; the AVX2 machine's results are kept as benchmarks/decode_ops_avx2_machine.*).
 
-    python scripts/bench_decode_ops.py [--baseline REV] [--rounds 5]
+    python scripts/bench_decode_ops.py [--baseline REV] [--rounds 5] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,26 +47,26 @@ rng = np.random.default_rng(0)
 library = str(cpu_kernels.library_path())
 
 
-def session(node, inputs, weights, outputs):
+def session(node, inputs, weights, outputs, threads=1, version=1):
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         [numpy_helper.from_array(v, n) for n, v in weights.items()],
     )
     model = helper.make_model(graph, ir_version=10, opset_imports=[
-        helper.make_opsetid("", 21), helper.make_opsetid("qwen.cpu", 1)])
+        helper.make_opsetid("", 21), helper.make_opsetid("qwen.cpu", version)])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def timed(run):
+def timed(run, n=None):
     for _ in range(20):
         run()
     times = []
-    for _ in range(calls):
+    for _ in range(n or calls):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
@@ -109,6 +112,35 @@ def float_moe(experts, hidden, inter, k):
     return us, read / us / 1e3, read / peer / 1e3
 
 
+# One token over `context` past keys, the caches [1, kv, rows, hd] bound as past and present (the op writes
+# the new row in place, as runtime/in_place.py binds them): us, and the GB/s of the past keys and values read.
+def attention_decode(context, kv, group, hd, threads=2):
+    f = np.float32
+    rows = context + 1024  # room to grow, as the runtime's buffers have
+    names = ["q", "k", "v", "past_k", "past_v", "bias"]
+    node = helper.make_node("Attention", names, ["y", "present_k", "present_v"], domain="qwen.cpu",
+                            num_heads=kv * group, kv_num_heads=kv, scale=hd ** -0.5)
+    s = session(node, names, {}, ["y", "present_k", "present_v"], threads=threads, version=4)
+    caches = {n: (rng.standard_normal((1, kv, rows, hd)) * 0.1).astype(f) for n in ("k", "v")}
+    feeds = {
+        "q": rng.standard_normal((1, 1, kv * group * hd)).astype(f),
+        "k": rng.standard_normal((1, 1, kv * hd)).astype(f),
+        "v": rng.standard_normal((1, 1, kv * hd)).astype(f),
+        "bias": np.zeros((1, 1, 1, context + 1), f),
+    }
+    binding = s.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for name, cache in caches.items():
+        value = ort.OrtValue.ortvalue_from_numpy(cache)
+        binding.bind_ortvalue_input("past_" + name, value)
+        binding.bind_ortvalue_output("present_" + name, value)
+    binding.bind_output("y", "cpu")
+    us = timed(lambda: s.run_with_iobinding(binding), n=max(calls // 20, 50))
+    read = 2 * kv * context * hd * 4  # the past keys and values
+    return us, read / us / 1e3
+
+
 cases = {
     "GatedDeltaRule trained model, 1 token": delta_rule(2, 4, 32, 32, 1),
     "GatedDeltaRule trained model, 3 tokens": delta_rule(2, 4, 32, 32, 3),
@@ -117,7 +149,10 @@ cases = {
 }
 moe_us, moe_gbs, peer_gbs = float_moe(64, 1024, 256, 4)
 cases["FloatMoE small preset, 1 token"] = moe_us
-print(json.dumps({"us": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": peer_gbs}))
+att_us, att_gbs = attention_decode(65536, 2, 4, 128)
+cases["Attention small preset, 1 token over 64K keys (2 threads)"] = att_us
+print(json.dumps({"us": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": peer_gbs,
+                  "attention_gb_s": att_gbs}))
 """
 
 
@@ -140,7 +175,9 @@ def render(result: dict) -> str:
         f"{result['rounds']} alternating rounds of fresh processes. Before: the kernel library at commit "
         f"{result['baseline']}; after: this commit's. GatedDeltaRule at the trained reference model's "
         "shapes (2 key and 4 value heads of 32) and the small preset's (8 and 16 heads of 64); FloatMoE at "
-        "the small preset's (64 experts, H 1024, I 256, top 4), new router logits every call.",
+        "the small preset's (64 experts, H 1024, I 256, top 4), new router logits every call; Attention at "
+        "the small preset's (8 query and 2 kv heads of 128) over 65536 past keys, on two threads, the "
+        f"caches bound as past and present (median of {max(result['calls'] // 20, 50)} calls).",
         "",
         "| case | before (us) | after (us) | after / before (median of rounds) |",
         "|---|---:|---:|---:|",
@@ -154,6 +191,14 @@ def render(result: dict) -> str:
         f"{moe['after_gb_s']:.1f} after; NumPy reads as many bytes at {moe['numpy_read_gb_s']:.1f} GB/s "
         "(one thread, the memory peer).",
     ]
+    if "attention" in result:
+        att = result["attention"]
+        lines += [
+            "",
+            f"Attention over 64K keys: the past keys and values read at {att['before_gb_s']:.1f} GB/s "
+            f"before and {att['after_gb_s']:.1f} after (the floor against this machine's bandwidth: "
+            "scripts/bench_long_context.py).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +232,16 @@ def main() -> int:
                 r["numpy_read_gb_s"] for r in rounds["after"] + rounds["before"]
             ),
         },
+        **(
+            {
+                "attention": {
+                    side: statistics.median(r["attention_gb_s"] for r in rounds[key])
+                    for side, key in (("before_gb_s", "before"), ("after_gb_s", "after"))
+                }
+            }
+            if all("attention_gb_s" in r for r in rounds["before"] + rounds["after"])
+            else {}
+        ),
         "rounds_us": rounds,
     }
     write_results(args.out, "decode_ops", result, render)

@@ -47,7 +47,7 @@ constexpr int kDecodeRows = 1;  // 8 ymm of sums (64 head dims; measured the sam
 // read the 512-key block from L2) and the first pass asks for the values 4 KiB ahead. One 64K-key layer of
 // the small preset, 2 threads: 6.6-6.9 -> 5.0-5.3 ms (README; 2-16 KiB ahead, chunks of 16-64 keys and
 // prefetching into L2 only measured within the host's noise of this). The second row's pass asks for the
-// next chunk, so memory keeps streaming while the rows after the first sum from L1 (README: 0.94-0.97x).
+// next chunk, so memory keeps streaming while the rows after the first sum from L1 (README: 0.96-0.98x).
 constexpr int64_t kPrefetchBytes = 4096, kPrefetchValues = 4096;
 constexpr int64_t kValueChunkKeys = 32;
 inline Lanes lanes_zero() { return _mm256_setzero_ps(); }

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ BASELINE = "7a2106d"  # before the decode recurrence kept its sums in registers 
 # before and after, each case's calls alternating between their sessions in pairs, the order flipping every
 # pair). Per case and library, the median of `calls` timed calls after 20 warm ones.
 MEASURE = """
-import itertools, json, sys, time
+import json, sys, time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -175,7 +176,7 @@ print(json.dumps({"cases": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": 
 """
 
 
-def measure(python: Path, calls: int, folder: Path, libraries: list[str] = ()) -> dict:
+def measure(python: Path, calls: int, folder: Path, libraries: Sequence[str] = ()) -> dict:
     """Run in `folder`, outside the repository: `python -c` puts the working directory first on sys.path, and
     the repository's own qwen_export there would stand in for the baseline's."""
     out = subprocess.run(

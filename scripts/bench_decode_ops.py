@@ -3,8 +3,8 @@ GatedDeltaRule's recurrence (one token, and a 3-token speculative verify step) a
 reference model (golden/trained-qwen3.5-moe) and of the small preset, FloatMoE for one token at the small
 preset's shape (64 experts, top 4, fresh router logits every call, so the chosen experts are read from memory
 as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer, and one token of
-Attention over a 64K-key cache at the small preset's shape on two threads, its caches bound in place as the
-runtime binds them.
+Attention and of AttentionKv16 over a 64K-key cache at the small preset's shape on two threads, its caches
+bound in place as the runtime binds them.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
 Python: a clone at the baseline installed into a venv that borrows this venv's packages), then each case runs
@@ -53,10 +53,12 @@ libraries = sys.argv[2:] or [str(cpu_kernels.library_path())]
 rng = np.random.default_rng(0)
 
 
-def sessions(node, inputs, weights, outputs, threads=1, version=1):
+def sessions(node, inputs, weights, outputs, threads=1, version=1, types=None):
+    types = types or {}  # name -> element type where not float
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [node], "g",
+        [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in inputs],
+        [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None) for n in outputs],
         [numpy_helper.from_array(v, n) for n, v in weights.items()],
     )
     model = helper.make_model(graph, ir_version=10, opset_imports=[
@@ -131,15 +133,19 @@ def float_moe(experts, hidden, inter, k):
 
 
 # One token over `context` past keys, the caches [1, kv, rows, hd] bound as past and present (the op writes
-# the new row in place, as runtime/in_place.py binds them; both libraries' sessions the same caches).
-def attention_decode(context, kv, group, hd, threads=2):
+# the new row in place, as runtime/in_place.py binds them; both libraries' sessions the same caches), in
+# float or (`half`: AttentionKv16) float16.
+def attention_decode(context, kv, group, hd, threads=2, half=False):
     f = np.float32
     rows = context + 1024  # room to grow, as the runtime's buffers have
     names = ["q", "k", "v", "past_k", "past_v", "bias"]
-    node = helper.make_node("Attention", names, ["y", "present_k", "present_v"], domain="qwen.cpu",
-                            num_heads=kv * group, kv_num_heads=kv, scale=hd ** -0.5)
-    made = sessions(node, names, {}, ["y", "present_k", "present_v"], threads=threads, version=4)
-    caches = {n: (rng.standard_normal((1, kv, rows, hd)) * 0.1).astype(f) for n in ("k", "v")}
+    node = helper.make_node("AttentionKv16" if half else "Attention", names, ["y", "present_k", "present_v"],
+                            domain="qwen.cpu", num_heads=kv * group, kv_num_heads=kv, scale=hd ** -0.5)
+    caches_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    types = {n: caches_type for n in ("past_k", "past_v", "present_k", "present_v")}
+    made = sessions(node, names, {}, ["y", "present_k", "present_v"], threads=threads, version=4, types=types)
+    cache_dtype = np.float16 if half else f
+    caches = {n: (rng.standard_normal((1, kv, rows, hd)) * 0.1).astype(cache_dtype) for n in ("k", "v")}
     values = {n: ort.OrtValue.ortvalue_from_numpy(c) for n, c in caches.items()}
     feeds = {
         "q": rng.standard_normal((1, 1, kv * group * hd)).astype(f),
@@ -158,7 +164,7 @@ def attention_decode(context, kv, group, hd, threads=2):
         binding.bind_output("y", "cpu")
         runs.append(lambda i, s=s, b=binding: s.run_with_iobinding(b))
     out = timed(runs, n=max(calls // 20, 50))
-    read = 2 * kv * context * hd * 4  # the past keys and values
+    read = 2 * kv * context * hd * np.dtype(cache_dtype).itemsize  # the past keys and values
     return out, [read / us / 1e3 for us in out["us"]]
 
 
@@ -171,8 +177,10 @@ cases = {
 cases["FloatMoE small preset, 1 token"], moe_gbs, peer_gbs = float_moe(64, 1024, 256, 4)
 attention_case = "Attention small preset, 1 token over 64K keys (2 threads)"
 cases[attention_case], att_gbs = attention_decode(65536, 2, 4, 128)
+kv16_case = "AttentionKv16 small preset, 1 token over 64K keys (2 threads)"
+cases[kv16_case], kv16_gbs = attention_decode(65536, 2, 4, 128, half=True)
 print(json.dumps({"cases": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": peer_gbs,
-                  "attention_gb_s": att_gbs}))
+                  "attention_gb_s": att_gbs, "attention_kv16_gb_s": kv16_gbs}))
 """
 
 
@@ -215,7 +223,8 @@ def render(result: dict) -> str:
         "shapes (2 key and 4 value heads of 32) and the small preset's (8 and 16 heads of 64); FloatMoE at "
         "the small preset's (64 experts, H 1024, I 256, top 4), new router logits every call; Attention at "
         "the small preset's (8 query and 2 kv heads of 128) over 65536 past keys, on two threads, the "
-        f"caches bound as past and present ({max(result['calls'] // 20, 50)} calls).",
+        "caches (float, and float16 for AttentionKv16) bound as past and present "
+        f"({max(result['calls'] // 20, 50)} calls).",
         "",
     ]
     if paired:
@@ -239,14 +248,15 @@ def render(result: dict) -> str:
         f"{moe['after_gb_s']:.1f} after; NumPy reads as many bytes at {moe['numpy_read_gb_s']:.1f} GB/s "
         "(one thread, the memory peer).",
     ]
-    if "attention" in result:
-        att = result["attention"]
-        lines += [
-            "",
-            f"Attention over 64K keys: the past keys and values read at {att['before_gb_s']:.1f} GB/s "
-            f"before and {att['after_gb_s']:.1f} after (the floor against this machine's bandwidth: "
-            "scripts/bench_long_context.py).",
-        ]
+    for key, op in (("attention", "Attention"), ("attention_kv16", "AttentionKv16 (float16 caches)")):
+        if key in result:
+            att = result[key]
+            lines += [
+                "",
+                f"{op} over 64K keys: the past keys and values read at {att['before_gb_s']:.1f} GB/s "
+                f"before and {att['after_gb_s']:.1f} after (the floor against this machine's bandwidth: "
+                "scripts/bench_long_context.py).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +267,7 @@ def in_order(result: dict, swapped: int) -> dict:
     for row in result["cases"].values():
         row["us"].reverse()
         row["ratio"], row["faster"] = 1 / row["ratio"], row["pairs"] - row["faster"]
-    for key in ("float_moe_gb_s", "attention_gb_s"):
+    for key in ("float_moe_gb_s", "attention_gb_s", "attention_kv16_gb_s"):
         result[key].reverse()
     return {**result, "swapped": True}
 
@@ -305,6 +315,10 @@ def summary(per_side: dict[str, list[dict]], paired: list[dict] | None) -> dict:
         "attention": {
             "before_gb_s": rate("attention_gb_s", "before"),
             "after_gb_s": rate("attention_gb_s", "after"),
+        },
+        "attention_kv16": {
+            "before_gb_s": rate("attention_kv16_gb_s", "before"),
+            "after_gb_s": rate("attention_kv16_gb_s", "after"),
         },
     }
 

@@ -122,6 +122,9 @@ CASES = {
     "decode-mha": (1, 1, 20, 4, 4, 32, ()),
     "decode-narrow-heads": (1, 1, 37, 4, 2, 32, ()),  # 32 dims, two query heads a kv head (trained model's)
     "decode-one-kv-head": (3, 1, 65, 6, 1, 16, (5, 0, 64)),
+    # eight and sixteen query heads a kv head (Qwen3.5-35B-A3B's, -397B's): float16 rows in groups of four
+    "decode-eight-heads-a-kv-head": (2, 1, 1100, 16, 2, 64, (0, 37)),
+    "decode-sixteen-heads-a-kv-head": (1, 1, 45, 32, 2, 64, ()),
     "no-past-prompt": (2, 7, 0, 8, 2, 64, (3, 0)),
     "prefill-tiles": (1, 40, 0, 8, 2, 32, ()),  # 16 tokens per 64-row tile: three tiles
     "prefill-with-past": (1, 9, 33, 4, 2, 64, ()),
@@ -169,7 +172,17 @@ def test_one_thread_and_broadcast_bias_give_the_same_output():
     np.testing.assert_array_equal(ours(8, 2, scale).run(None, flat)[0], two)
 
 
-@pytest.mark.parametrize("name", ["decode", "decode-long-split", "no-past-prompt", "prefill-with-past"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "decode",
+        "decode-long-split",
+        "decode-eight-heads-a-kv-head",
+        "decode-sixteen-heads-a-kv-head",
+        "no-past-prompt",
+        "prefill-with-past",
+    ],
+)
 def test_kv16_cache_is_float16_with_float_arithmetic(name):
     b, t, p, nh, kv, hd, pad = CASES[name]
     f, mask = case(b, t, p, nh, kv, hd, pad, seed=2)
@@ -282,6 +295,7 @@ STEP_CASES = {
     "verify-15-padded": (2, 15, 3000, 8, 2, 64, (0, 700)),
     "verify-across-a-split-change": (1, 6, 32765, 4, 1, 16, (9,)),  # 512-key ranges, then 1024
     "first-tokens": (1, 4, 0, 4, 2, 32, ()),
+    "verify-4-eight-heads-a-kv-head": (1, 4, 600, 16, 2, 64, ()),
 }
 
 

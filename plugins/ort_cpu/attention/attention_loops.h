@@ -67,34 +67,44 @@ inline __m128 sum4(Lanes a, Lanes b, Lanes c, Lanes d) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// Four rows (G = 4) over two float16 keys at a time, on 8 lanes: each key vector is converted once for
-// the four rows, where the loop below converts it once per row (the conversions bound that loop: one
-// 64K-key layer of the small preset, AVX2, 0.95-0.96x the time from 1K to 64K keys, README). Each (row, key)
-// sums over d in the same order, and sum4 reduces a vector the same way wherever it sits: the same bits.
-// Returns the keys done (a multiple of two). Float keys keep the loop below (this one: 0.96x at 64K, 1.07x
-// at 1K, where the extra loads of the queries cost more than the loads of keys it saves).
+// Float16 caches on 8 lanes (AVX2), rows in groups of four (G = 4, 8 or 16: Qwen3.5's 0.8B-9B, 35B-A3B and
+// 122B/397B): the decode loops convert each key and value vector once per group of four rows, where one
+// pass per row converted it once per row (the conversions bound those loops). Before, G = 8 and 16 took the
+// path for many rows, which converts each 512-key block into a float copy first (1.85x the time at G = 4).
+inline bool float16_row_groups(int64_t rows) { return kLanes == 8 && rows % 4 == 0 && rows <= 16; }
+
+// Four rows by two float16 keys at a time, for each group of four rows: one 64K-key layer of the small preset
+// (G = 4), AVX2: 0.93-0.95x the time, and 0.935x at 1K keys (README). Each (row, key) sums over d in the same
+// order, and sum4 reduces a vector the same way wherever it sits: the same bits as the loop below. Returns
+// the keys done (a multiple of two). Float keys keep the loop below (this one: 0.96x at 64K, 1.07x at 1K,
+// where the extra loads of the queries cost more than the loads of keys it saves).
 template <typename T>
-int64_t scores_four_rows_two_keys(const float* q, const T* keys, int64_t count, int64_t hd, float* s,
-                                  int64_t ld) {
+int64_t scores_row_groups_two_keys(const float* q, int64_t rows, const T* keys, int64_t count, int64_t hd,
+                                   float* s, int64_t ld) {
   int64_t j = 0;
   for (; j + 2 <= count; j += 2) {
     const T *k0 = keys + j * hd, *k1 = k0 + hd;
     if (kPrefetchBytes > 0) prefetch_ahead(k0, 2 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
-    Lanes a[4][2];
-    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = lanes_zero();
-    for (int64_t d = 0; d < hd; d += kLanes) {
-      const Lanes x0 = lanes_load(k0 + d), x1 = lanes_load(k1 + d);
-      for (int r = 0; r < 4; ++r) {
-        const Lanes y = lanes_load(q + r * hd + d);
-        a[r][0] = lanes_fmadd(y, x0, a[r][0]);
-        a[r][1] = lanes_fmadd(y, x1, a[r][1]);
+    for (int64_t g = 0; g < rows; g += 4) {
+      const float* qg = q + g * hd;
+      float* sg = s + g * ld + j;
+      Lanes a[4][2];
+      for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = lanes_zero();
+      for (int64_t d = 0; d < hd; d += kLanes) {
+        const Lanes x0 = lanes_load(k0 + d), x1 = lanes_load(k1 + d);
+        for (int r = 0; r < 4; ++r) {
+          const Lanes y = lanes_load(qg + r * hd + d);
+          a[r][0] = lanes_fmadd(y, x0, a[r][0]);
+          a[r][1] = lanes_fmadd(y, x1, a[r][1]);
+        }
       }
+      const __m128 s01 = sum4(a[0][0], a[0][1], a[1][0], a[1][1]);
+      const __m128 s23 = sum4(a[2][0], a[2][1], a[3][0], a[3][1]);
+      _mm_storel_pi(reinterpret_cast<__m64*>(sg), s01);  // rows g and g + 1, keys j and j + 1
+      _mm_storeh_pi(reinterpret_cast<__m64*>(sg + ld), s01);
+      _mm_storel_pi(reinterpret_cast<__m64*>(sg + 2 * ld), s23);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(sg + 3 * ld), s23);
     }
-    const __m128 s01 = sum4(a[0][0], a[0][1], a[1][0], a[1][1]), s23 = sum4(a[2][0], a[2][1], a[3][0], a[3][1]);
-    _mm_storel_pi(reinterpret_cast<__m64*>(s + j), s01);  // rows 0 and 1, keys j and j + 1
-    _mm_storeh_pi(reinterpret_cast<__m64*>(s + ld + j), s01);
-    _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * ld + j), s23);
-    _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * ld + j), s23);
   }
   return j;
 }
@@ -108,7 +118,8 @@ bool scores_few_rows(const float* q, int64_t rows, const T* keys, int64_t count,
                      int64_t ld) {
   if (hd % kLanes != 0) return false;
   int64_t j = 0;
-  if (sizeof(T) == sizeof(Half) && rows == 4 && kLanes == 8) j = scores_four_rows_two_keys(q, keys, count, hd, s, ld);
+  if (sizeof(T) == sizeof(Half) && float16_row_groups(rows))
+    j = scores_row_groups_two_keys(q, rows, keys, count, hd, s, ld);
   for (; j + 4 <= count; j += 4) {
     const T *k0 = keys + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
     if (kPrefetchBytes > 0) prefetch_ahead(k0, 4 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
@@ -158,8 +169,14 @@ void accumulate_rows(const float* p, int64_t ld, const T* values, int64_t count,
   }
 }
 
+// Decode's rows of float16 keys and values, converted as they are loaded: fewer than 8, or groups of four on
+// AVX2. Prefill tiles (ld = kBlockKeys) of 8 rows or more convert a block first and keep their own sums.
+inline bool few_float16_rows(int64_t rows, int64_t ld) {
+  return rows < 8 || (float16_row_groups(rows) && ld != kBlockKeys);
+}
+
 bool scores_half(const float* q, int64_t rows, const Half* keys, int64_t count, int64_t hd, float* s, int64_t ld) {
-  return rows < 8 && scores_few_rows(q, rows, keys, count, hd, s, ld);  // prefill tiles: converted blocks
+  return few_float16_rows(rows, ld) && scores_few_rows(q, rows, keys, count, hd, s, ld);
 }
 
 // Any number of rows, kAccRows then one at a time (rows x 64 or 32 head dims in registers, each value vector
@@ -180,7 +197,8 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
     for (; r < rows; ++r) accumulate_rows<1, 2>(p + r * ld, ld, values, count, hd, acc + r * hd);
     return true;
   }
-  if (rows < 8 && hd % (8 * kLanes) == 0) {  // few rows (decode): whole rows of values, see kDecodeRows
+  const bool groups = sizeof(T) == sizeof(Half) && float16_row_groups(rows);
+  if ((rows < 8 || groups) && hd % (8 * kLanes) == 0) {  // few rows (decode): whole rows, see kDecodeRows
     const int64_t chunk = kValueChunkKeys > 0 ? kValueChunkKeys : count;
     // each chunk read from memory by its first rows, then from L1; where the values are chunked (AVX2), the
     // first rows ask for the values 4 KiB ahead and the next rows for the next chunk
@@ -188,11 +206,12 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
     for (int64_t j = 0; j < count; j += chunk) {
       const int64_t n = count - j < chunk ? count - j : chunk;
       const T* vj = values + j * hd;
-      if (sizeof(T) == sizeof(Half) && rows == 4 && kLanes == 8) {
-        // float16 values, G = 4, AVX2: four rows by two vectors, each value vector converted once for the
-        // four rows (one pass per row converted it four times): 0.91-0.98x the time at 64K keys, 0.93x at
+      if (groups) {
+        // float16 values: four rows by two vectors, each value vector converted once per group of four rows
+        // (one pass per row converted it once per row): G = 4, 0.91-0.98x the time at 64K keys, 0.93x at
         // 1K. Two rows by four vectors took 1.13x this; float values keep the passes per row (README).
-        accumulate_rows<4, 2>(p + j, ld, vj, n, hd, acc, next);
+        for (int64_t g = 0; g < rows; g += 4)
+          accumulate_rows<4, 2>(p + g * ld + j, ld, vj, n, hd, acc + g * hd, g == 0 ? next : 0);
         continue;
       }
       for (r = 0; r + kDecodeRows <= rows; r += kDecodeRows)
@@ -212,7 +231,7 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
 
 bool accumulate_half(const float* p, int64_t rows, int64_t ld, const Half* values, int64_t count, int64_t hd,
                      float* acc) {
-  return rows < 8 && accumulate_tiles(p, rows, ld, values, count, hd, acc);
+  return few_float16_rows(rows, ld) && accumulate_tiles(p, rows, ld, values, count, hd, acc);
 }
 
 // Many rows (prefill tiles) against a key block transposed to [hd][kBlockKeys]: kAccRows rows x four vectors

@@ -3,8 +3,9 @@ GatedDeltaRule's recurrence (one token, and a 3-token speculative verify step) a
 reference model (golden/trained-qwen3.5-moe) and of the small preset, FloatMoE for one token at the small
 preset's shape (64 experts, top 4, fresh router logits every call, so the chosen experts are read from memory
 as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer, and one token of
-Attention and of AttentionKv16 over a 64K-key cache at the small preset's shape on two threads, its caches
-bound in place as the runtime binds them.
+Attention and of AttentionKv16 over a 64K-key cache at the small preset's shape (and AttentionKv16 at
+Qwen3.5-35B-A3B's: 16 query heads, 2 kv heads of 256) on two threads, its caches bound in place as the
+runtime binds them.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
 Python: a clone at the baseline installed into a venv that borrows this venv's packages), then each case runs
@@ -179,8 +180,11 @@ attention_case = "Attention small preset, 1 token over 64K keys (2 threads)"
 cases[attention_case], att_gbs = attention_decode(65536, 2, 4, 128)
 kv16_case = "AttentionKv16 small preset, 1 token over 64K keys (2 threads)"
 cases[kv16_case], kv16_gbs = attention_decode(65536, 2, 4, 128, half=True)
+g8_case = "AttentionKv16 Qwen3.5-35B-A3B's heads (16 query, 2 kv of 256), 1 token over 64K keys (2 threads)"
+cases[g8_case], g8_gbs = attention_decode(65536, 2, 8, 256, half=True)
 print(json.dumps({"cases": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": peer_gbs,
-                  "attention_gb_s": att_gbs, "attention_kv16_gb_s": kv16_gbs}))
+                  "attention_gb_s": att_gbs, "attention_kv16_gb_s": kv16_gbs,
+                  "attention_kv16_g8_gb_s": g8_gbs}))
 """
 
 
@@ -222,7 +226,8 @@ def render(result: dict) -> str:
         f"{result['baseline']}; after: this commit's. GatedDeltaRule at the trained reference model's "
         "shapes (2 key and 4 value heads of 32) and the small preset's (8 and 16 heads of 64); FloatMoE at "
         "the small preset's (64 experts, H 1024, I 256, top 4), new router logits every call; Attention at "
-        "the small preset's (8 query and 2 kv heads of 128) over 65536 past keys, on two threads, the "
+        "the small preset's (8 query and 2 kv heads of 128; AttentionKv16 also at Qwen3.5-35B-A3B's 16 query "
+        "and 2 kv heads of 256) over 65536 past keys, on two threads, the "
         "caches (float, and float16 for AttentionKv16) bound as past and present "
         f"({max(result['calls'] // 20, 50)} calls).",
         "",
@@ -248,7 +253,11 @@ def render(result: dict) -> str:
         f"{moe['after_gb_s']:.1f} after; NumPy reads as many bytes at {moe['numpy_read_gb_s']:.1f} GB/s "
         "(one thread, the memory peer).",
     ]
-    for key, op in (("attention", "Attention"), ("attention_kv16", "AttentionKv16 (float16 caches)")):
+    for key, op in (
+        ("attention", "Attention"),
+        ("attention_kv16", "AttentionKv16 (float16 caches)"),
+        ("attention_kv16_g8", "AttentionKv16 at G = 8 (Qwen3.5-35B-A3B's heads)"),
+    ):
         if key in result:
             att = result[key]
             lines += [
@@ -267,7 +276,7 @@ def in_order(result: dict, swapped: int) -> dict:
     for row in result["cases"].values():
         row["us"].reverse()
         row["ratio"], row["faster"] = 1 / row["ratio"], row["pairs"] - row["faster"]
-    for key in ("float_moe_gb_s", "attention_gb_s", "attention_kv16_gb_s"):
+    for key in ("float_moe_gb_s", "attention_gb_s", "attention_kv16_gb_s", "attention_kv16_g8_gb_s"):
         result[key].reverse()
     return {**result, "swapped": True}
 
@@ -319,6 +328,10 @@ def summary(per_side: dict[str, list[dict]], paired: list[dict] | None) -> dict:
         "attention_kv16": {
             "before_gb_s": rate("attention_kv16_gb_s", "before"),
             "after_gb_s": rate("attention_kv16_gb_s", "after"),
+        },
+        "attention_kv16_g8": {
+            "before_gb_s": rate("attention_kv16_g8_gb_s", "before"),
+            "after_gb_s": rate("attention_kv16_g8_gb_s", "after"),
         },
     }
 

@@ -188,6 +188,14 @@ print(json.dumps({"cases": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": 
 """
 
 
+# The Attention cases' read rates: the results' key (the measurement prints it + "_gb_s") and the op's label.
+ATTENTION_RATES = (
+    ("attention", "Attention"),
+    ("attention_kv16", "AttentionKv16 (float16 caches)"),
+    ("attention_kv16_g8", "AttentionKv16 at G = 8 (Qwen3.5-35B-A3B's heads)"),
+)
+
+
 def measure(python: Path, calls: int, folder: Path, libraries: Sequence[str] = ()) -> dict:
     """Run in `folder`, outside the repository: `python -c` puts the working directory first on sys.path, and
     the repository's own qwen_export there would stand in for the baseline's."""
@@ -253,11 +261,7 @@ def render(result: dict) -> str:
         f"{moe['after_gb_s']:.1f} after; NumPy reads as many bytes at {moe['numpy_read_gb_s']:.1f} GB/s "
         "(one thread, the memory peer).",
     ]
-    for key, op in (
-        ("attention", "Attention"),
-        ("attention_kv16", "AttentionKv16 (float16 caches)"),
-        ("attention_kv16_g8", "AttentionKv16 at G = 8 (Qwen3.5-35B-A3B's heads)"),
-    ):
+    for key, op in ATTENTION_RATES:
         if key in result:
             att = result[key]
             lines += [
@@ -276,7 +280,7 @@ def in_order(result: dict, swapped: int) -> dict:
     for row in result["cases"].values():
         row["us"].reverse()
         row["ratio"], row["faster"] = 1 / row["ratio"], row["pairs"] - row["faster"]
-    for key in ("float_moe_gb_s", "attention_gb_s", "attention_kv16_gb_s", "attention_kv16_g8_gb_s"):
+    for key in ("float_moe_gb_s", *(f"{name}_gb_s" for name, _ in ATTENTION_RATES)):
         result[key].reverse()
     return {**result, "swapped": True}
 
@@ -321,17 +325,9 @@ def summary(per_side: dict[str, list[dict]], paired: list[dict] | None) -> dict:
                 r["numpy_read_gb_s"] for r, _ in side_results["before"] + side_results["after"]
             ),
         },
-        "attention": {
-            "before_gb_s": rate("attention_gb_s", "before"),
-            "after_gb_s": rate("attention_gb_s", "after"),
-        },
-        "attention_kv16": {
-            "before_gb_s": rate("attention_kv16_gb_s", "before"),
-            "after_gb_s": rate("attention_kv16_gb_s", "after"),
-        },
-        "attention_kv16_g8": {
-            "before_gb_s": rate("attention_kv16_g8_gb_s", "before"),
-            "after_gb_s": rate("attention_kv16_g8_gb_s", "after"),
+        **{
+            name: {f"{side}_gb_s": rate(f"{name}_gb_s", side) for side in ("before", "after")}
+            for name, _ in ATTENTION_RATES
         },
     }
 

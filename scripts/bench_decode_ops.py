@@ -4,7 +4,8 @@ reference model (golden/trained-qwen3.5-moe) and of the small preset, FloatMoE f
 preset's shape (64 experts, top 4, fresh router logits every call, so the chosen experts are read from memory
 as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer, and one token of
 Attention and of AttentionKv16 over a 64K-key cache at the small preset's shape (and AttentionKv16 at
-Qwen3.5-35B-A3B's: 16 query heads, 2 kv heads of 256) on two threads, its caches bound in place as the
+Qwen3.5-35B-A3B's: 16 query heads, 2 kv heads of 256, and at Qwen3.5-27B's: 24 query heads, 4 kv heads of
+256) on two threads, its caches bound in place as the
 runtime binds them.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
@@ -182,9 +183,11 @@ kv16_case = "AttentionKv16 small preset, 1 token over 64K keys (2 threads)"
 cases[kv16_case], kv16_gbs = attention_decode(65536, 2, 4, 128, half=True)
 g8_case = "AttentionKv16 Qwen3.5-35B-A3B's heads (16 query, 2 kv of 256), 1 token over 64K keys (2 threads)"
 cases[g8_case], g8_gbs = attention_decode(65536, 2, 8, 256, half=True)
+g6_case = "AttentionKv16 Qwen3.5-27B's heads (24 query, 4 kv of 256), 1 token over 64K keys (2 threads)"
+cases[g6_case], g6_gbs = attention_decode(65536, 4, 6, 256, half=True)
 print(json.dumps({"cases": cases, "float_moe_gb_s": moe_gbs, "numpy_read_gb_s": peer_gbs,
                   "attention_gb_s": att_gbs, "attention_kv16_gb_s": kv16_gbs,
-                  "attention_kv16_g8_gb_s": g8_gbs}))
+                  "attention_kv16_g8_gb_s": g8_gbs, "attention_kv16_g6_gb_s": g6_gbs}))
 """
 
 
@@ -193,6 +196,7 @@ ATTENTION_RATES = (
     ("attention", "Attention"),
     ("attention_kv16", "AttentionKv16 (float16 caches)"),
     ("attention_kv16_g8", "AttentionKv16 at G = 8 (Qwen3.5-35B-A3B's heads)"),
+    ("attention_kv16_g6", "AttentionKv16 at G = 6 (Qwen3.5-27B's heads)"),
 )
 
 
@@ -235,8 +239,8 @@ def render(result: dict) -> str:
         "shapes (2 key and 4 value heads of 32) and the small preset's (8 and 16 heads of 64); FloatMoE at "
         "the small preset's (64 experts, H 1024, I 256, top 4), new router logits every call; Attention at "
         "the small preset's (8 query and 2 kv heads of 128; AttentionKv16 also at Qwen3.5-35B-A3B's 16 query "
-        "and 2 kv heads of 256) over 65536 past keys, on two threads, the "
-        "caches (float, and float16 for AttentionKv16) bound as past and present "
+        "and 2 kv heads of 256 and at Qwen3.5-27B's 24 query and 4 kv heads of 256) over 65536 past keys, on "
+        "two threads, the caches (float, and float16 for AttentionKv16) bound as past and present "
         f"({max(result['calls'] // 20, 50)} calls).",
         "",
     ]

@@ -125,6 +125,8 @@ CASES = {
     # eight and sixteen query heads a kv head (Qwen3.5-35B-A3B's, -397B's): float16 rows in groups of four
     "decode-eight-heads-a-kv-head": (2, 1, 1100, 16, 2, 64, (0, 37)),
     "decode-sixteen-heads-a-kv-head": (1, 1, 45, 32, 2, 64, ()),
+    # six (Qwen3.5-27B's): a group of four rows and a last pair
+    "decode-six-heads-a-kv-head": (2, 1, 700, 24, 4, 64, (0, 21)),
     "no-past-prompt": (2, 7, 0, 8, 2, 64, (3, 0)),
     "prefill-tiles": (1, 40, 0, 8, 2, 32, ()),  # 16 tokens per 64-row tile: three tiles
     "prefill-with-past": (1, 9, 33, 4, 2, 64, ()),
@@ -179,6 +181,8 @@ def test_one_thread_and_broadcast_bias_give_the_same_output():
         "decode-long-split",
         "decode-eight-heads-a-kv-head",
         "decode-sixteen-heads-a-kv-head",
+        "decode-six-heads-a-kv-head",
+        "decode-one-kv-head",  # six rows too, heads of 16: the pair's scores beside the narrow sums
         "no-past-prompt",
         "prefill-with-past",
     ],
@@ -296,6 +300,7 @@ STEP_CASES = {
     "verify-across-a-split-change": (1, 6, 32765, 4, 1, 16, (9,)),  # 512-key ranges, then 1024
     "first-tokens": (1, 4, 0, 4, 2, 32, ()),
     "verify-4-eight-heads-a-kv-head": (1, 4, 600, 16, 2, 64, ()),
+    "verify-3-six-heads-a-kv-head": (1, 3, 300, 12, 2, 64, ()),
 }
 
 

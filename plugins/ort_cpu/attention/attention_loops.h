@@ -67,17 +67,42 @@ inline __m128 sum4(Lanes a, Lanes b, Lanes c, Lanes d) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// Float16 caches on 8 lanes (AVX2), rows in groups of four (G = 4, 8 or 16: Qwen3.5's 0.8B-9B, 35B-A3B and
-// 122B/397B): the decode loops convert each key and value vector once per group of four rows, where one
-// pass per row converted it once per row (the conversions bound those loops). Before, G = 8 and 16 took the
-// path for many rows, which converts each 512-key block into a float copy first (1.85x the time at G = 4).
-inline bool float16_row_groups(int64_t rows) { return kLanes == 8 && rows % 4 == 0 && rows <= 16; }
+// Float16 caches on 8 lanes (AVX2), rows in groups of four and a last pair (G = 4, 6, 8 or 16: Qwen3.5's
+// 0.8B-9B, 27B, 35B-A3B and 122B/397B): the decode loops convert each key and value vector once per group,
+// where one pass per row converted it once per row (the conversions bound those loops). Before, G = 8 and
+// 16 took the path for many rows, which converts each 512-key block into a float copy first (1.85x the time
+// at G = 4), and G = 6 one pass per row.
+inline bool float16_row_groups(int64_t rows) { return kLanes == 8 && rows >= 4 && rows % 2 == 0 && rows <= 16; }
 
-// Four rows by two float16 keys at a time, for each group of four rows: one 64K-key layer of the small preset
-// (G = 4), AVX2: 0.93-0.95x the time, and 0.935x at 1K keys (README). Each (row, key) sums over d in the same
-// order, and sum4 reduces a vector the same way wherever it sits: the same bits as the loop below. Returns
-// the keys done (a multiple of two). Float keys keep the loop below (this one: 0.96x at 64K, 1.07x at 1K,
-// where the extra loads of the queries cost more than the loads of keys it saves).
+// R rows by two keys: R = 4, or 2 for the last pair of rows (G = 6). Each (row, key) sums over d in the same
+// order, and sum4 reduces a vector the same way wherever it sits: the same bits as one pass per row.
+template <int R, typename T>
+inline void row_group_two_keys(const float* qg, const T* k0, const T* k1, int64_t hd, float* sg, int64_t ld) {
+  static_assert(R == 2 || R == 4);
+  Lanes a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = lanes_zero();
+  for (int64_t d = 0; d < hd; d += kLanes) {
+    const Lanes x0 = lanes_load(k0 + d), x1 = lanes_load(k1 + d);
+    for (int r = 0; r < R; ++r) {
+      const Lanes y = lanes_load(qg + r * hd + d);
+      a[r][0] = lanes_fmadd(y, x0, a[r][0]);
+      a[r][1] = lanes_fmadd(y, x1, a[r][1]);
+    }
+  }
+  const __m128 s01 = sum4(a[0][0], a[0][1], a[1][0], a[1][1]);
+  _mm_storel_pi(reinterpret_cast<__m64*>(sg), s01);  // rows g and g + 1, keys j and j + 1
+  _mm_storeh_pi(reinterpret_cast<__m64*>(sg + ld), s01);
+  if constexpr (R == 4) {
+    const __m128 s23 = sum4(a[2][0], a[2][1], a[3][0], a[3][1]);
+    _mm_storel_pi(reinterpret_cast<__m64*>(sg + 2 * ld), s23);
+    _mm_storeh_pi(reinterpret_cast<__m64*>(sg + 3 * ld), s23);
+  }
+}
+
+// Four rows by two float16 keys at a time, for each group of four rows (and two by two for a last pair): one
+// 64K-key layer of the small preset (G = 4), AVX2: 0.93-0.95x the time, and 0.935x at 1K keys (README).
+// Returns the keys done (a multiple of two). Float keys keep the loop below (this one: 0.96x at 64K, 1.07x
+// at 1K, where the extra loads of the queries cost more than the loads of keys it saves).
 template <typename T>
 int64_t scores_row_groups_two_keys(const float* q, int64_t rows, const T* keys, int64_t count, int64_t hd,
                                    float* s, int64_t ld) {
@@ -85,26 +110,9 @@ int64_t scores_row_groups_two_keys(const float* q, int64_t rows, const T* keys, 
   for (; j + 2 <= count; j += 2) {
     const T *k0 = keys + j * hd, *k1 = k0 + hd;
     if (kPrefetchBytes > 0) prefetch_ahead(k0, 2 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
-    for (int64_t g = 0; g < rows; g += 4) {
-      const float* qg = q + g * hd;
-      float* sg = s + g * ld + j;
-      Lanes a[4][2];
-      for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = lanes_zero();
-      for (int64_t d = 0; d < hd; d += kLanes) {
-        const Lanes x0 = lanes_load(k0 + d), x1 = lanes_load(k1 + d);
-        for (int r = 0; r < 4; ++r) {
-          const Lanes y = lanes_load(qg + r * hd + d);
-          a[r][0] = lanes_fmadd(y, x0, a[r][0]);
-          a[r][1] = lanes_fmadd(y, x1, a[r][1]);
-        }
-      }
-      const __m128 s01 = sum4(a[0][0], a[0][1], a[1][0], a[1][1]);
-      const __m128 s23 = sum4(a[2][0], a[2][1], a[3][0], a[3][1]);
-      _mm_storel_pi(reinterpret_cast<__m64*>(sg), s01);  // rows g and g + 1, keys j and j + 1
-      _mm_storeh_pi(reinterpret_cast<__m64*>(sg + ld), s01);
-      _mm_storel_pi(reinterpret_cast<__m64*>(sg + 2 * ld), s23);
-      _mm_storeh_pi(reinterpret_cast<__m64*>(sg + 3 * ld), s23);
-    }
+    int64_t g = 0;
+    for (; g + 4 <= rows; g += 4) row_group_two_keys<4>(q + g * hd, k0, k1, hd, s + g * ld + j, ld);
+    if (g < rows) row_group_two_keys<2>(q + g * hd, k0, k1, hd, s + g * ld + j, ld);
   }
   return j;
 }
@@ -209,9 +217,12 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
       if (groups) {
         // float16 values: four rows by two vectors, each value vector converted once per group of four rows
         // (one pass per row converted it once per row): G = 4, 0.91-0.98x the time at 64K keys, 0.93x at
-        // 1K. Two rows by four vectors took 1.13x this; float values keep the passes per row (README).
-        for (int64_t g = 0; g < rows; g += 4)
+        // 1K. Two rows by four vectors took 1.13x this, so they take a last pair only (G = 6); float values
+        // keep the passes per row (README).
+        int64_t g = 0;
+        for (; g + 4 <= rows; g += 4)
           accumulate_rows<4, 2>(p + g * ld + j, ld, vj, n, hd, acc + g * hd, g == 0 ? next : 0);
+        if (g < rows) accumulate_rows<2, 4>(p + g * ld + j, ld, vj, n, hd, acc + g * hd);
         continue;
       }
       for (r = 0; r + kDecodeRows <= rows; r += kDecodeRows)

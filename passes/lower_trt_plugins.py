@@ -129,8 +129,11 @@ class LowerTrtPlugins(QwenPass):
             fired=dict(lowered),
             kept=dict(Counter(kept.values())),
             extras={
-                "kept_as_qwen": kept, "casts": casts, "functions_removed": len(removed), "dtype": self.dtype,
-            },  # fmt: skip
+                "kept_as_qwen": kept,
+                "casts": casts,
+                "functions_removed": len(removed),
+                "dtype": self.dtype,
+            },
         )
         return ir.passes.PassResult(model, bool(lowered or removed))
 

@@ -385,4 +385,3 @@ class LowerToTrtRtx(QwenPass):
                 node.attributes["allowzero"] = ir.AttrInt64("allowzero", 1)
                 changed += 1
         return changed
-

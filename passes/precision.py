@@ -501,4 +501,3 @@ def _gate_chain(loop: ir.Node) -> set[ir.Node]:
             chain.add(node)
             frontier.extend(v for v in node.inputs if v is not None and not _is_const(v))
     return chain
-

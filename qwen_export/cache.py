@@ -36,6 +36,7 @@ def cache_root() -> Path:
     """The cache folder: QWEN_EXPORT_CACHE, default ~/.cache/qwen-export."""
     return Path(os.environ.get("QWEN_EXPORT_CACHE", Path.home() / ".cache" / "qwen-export"))
 
+
 AREAS = {
     "presets": "built-in models' checkpoints (random weights, rebuilt in seconds)",
     "exports": "exports that engine builds start from",

@@ -118,7 +118,9 @@ def build_ranks(
             "target": target,
             "tp": tp,
             "ep": ep,
-            "collectives": "loopback (ONNX Runtime CPU, one process)" if kind in CPU_KINDS else (
+            "collectives": "loopback (ONNX Runtime CPU, one process)"
+            if kind in CPU_KINDS
+            else (
                 f"TensorRT DistCollective over NCCL: build one engine per rank on the target GPUs "
                 f"({precision}), run them with runtime/trt_ranks"
             ),

@@ -22,6 +22,7 @@ PRESENT_PREFIX = "present."
 def _tensorrt_module(target: str):
     """tensorrt_rtx_bindings (the pip wheels) for trt-rtx engines, tensorrt for trt engines."""
     from qwen_export.engines.toolchain import import_trt_rtx
+
     rtx = get_target(target).backend == "tensorrt-rtx"
     try:
         return import_trt_rtx() if rtx else importlib.import_module("tensorrt")

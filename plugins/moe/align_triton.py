@@ -139,26 +139,28 @@ COUNT_SPEC = KernelSpec(
     num_stages=1,
     variants=_NO_ACT,
 )
+_SCAN_SIGNATURE = {
+    "counts_ptr": "*i32", "offsets_ptr": "*i32", "cursor_ptr": "*i32", "n_chunks": "i32",
+    "E": "i32", "block_m": "i32", "BLOCK_E": "constexpr",
+}  # fmt: skip
 SCAN_SPEC = KernelSpec(
     name="moe.align_scan",
     kernel=align_scan_kernel,
-    signature={
-        "counts_ptr": "*i32", "offsets_ptr": "*i32", "cursor_ptr": "*i32", "n_chunks": "i32",
-        "E": "i32", "block_m": "i32", "BLOCK_E": "constexpr",
-    },  # fmt: skip
+    signature=_SCAN_SIGNATURE,
     constexprs={"BLOCK_E": 512},
     num_warps=4,
     num_stages=1,
     variants=_NO_ACT,
 )
+_SCATTER_SIGNATURE = {
+    "ids_ptr": "*i32", "cursor_ptr": "*i32", "offsets_ptr": "*i32", "sorted_ids_ptr": "*i32",
+    "expert_ids_ptr": "*i32", "n_pairs": "i32", "E": "i32", "block_m": "i32", "n_blocks": "i32",
+    "CHUNK": "constexpr", "BLOCK_B": "constexpr", "SEARCH_STEPS": "constexpr",
+}  # fmt: skip
 SCATTER_SPEC = KernelSpec(
     name="moe.align_scatter",
     kernel=align_scatter_kernel,
-    signature={
-        "ids_ptr": "*i32", "cursor_ptr": "*i32", "offsets_ptr": "*i32", "sorted_ids_ptr": "*i32",
-        "expert_ids_ptr": "*i32", "n_pairs": "i32", "E": "i32", "block_m": "i32", "n_blocks": "i32",
-        "CHUNK": "constexpr", "BLOCK_B": "constexpr", "SEARCH_STEPS": "constexpr",
-    },  # fmt: skip
+    signature=_SCATTER_SIGNATURE,
     constexprs={"CHUNK": 1024, "BLOCK_B": 256, "SEARCH_STEPS": SEARCH_STEPS},
     num_warps=4,
     num_stages=1,

@@ -28,8 +28,6 @@ MAX_EXPERTS = 4096
 DECODE_MAX_TOKENS = 16  # up to this many tokens the router runs its decode tile
 
 
-
-
 def act_of(dtype) -> str:
     """The activation name of a variant for tensors of `dtype` (fp32, checked under the interpreter only,
     runs with fp16's constexprs)."""
@@ -177,14 +175,15 @@ LOGITS_SPEC = KernelSpec(
     per_sm={sm: {"num_stages": 2} for sm in ("sm_86", "sm_89", "sm_120a")},
 )
 
+_TOPK_SIGNATURE = {
+    "logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32",
+    "top_k": "i32", "normalize": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr",
+    "MAX_TOP_K": "constexpr",
+}  # fmt: skip
 TOPK_SPEC = KernelSpec(
     name="moe.router_topk",
     kernel=router_topk_kernel,
-    signature={
-        "logits_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32",
-        "top_k": "i32", "normalize": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr",
-        "MAX_TOP_K": "constexpr",
-    },  # fmt: skip
+    signature=_TOPK_SIGNATURE,
     # a [8 tokens, 512 experts] tile: 16 values per thread per array at 8 warps; Ampere / Ada spill a few
     # registers at that size (ptxas caps them at 128 there), so they take 4 tokens per program
     constexprs={"BLOCK_T": 8, "BLOCK_E": 512, "MAX_TOP_K": MAX_TOP_K},

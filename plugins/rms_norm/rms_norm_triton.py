@@ -147,10 +147,6 @@ SPECS: list[KernelSpec] = list(SPEC_BY_CLASS.values())
 # The SM whose frozen configuration a launch uses; CPU tensors (the interpreter) run as sm_90a.
 
 
-
-
-
-
 def width_class(dim: int, classes=WIDTH_CLASSES) -> int:
     """The narrowest BLOCK_N that holds a row of `dim`, else the widest (which loops over the row)."""
     fitting = [n for n in classes if n >= dim]

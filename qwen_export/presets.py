@@ -50,6 +50,17 @@ _TINY_TEXT: dict[str, Any] = dict(
 _TINY_MOE: dict[str, Any] = dict(
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
 )
+# small-qwen3.5-moe: Qwen3.5-35B-A3B's shape at about 0.5B parameters
+_SMALL_MOE: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=1024, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+    linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
+    linear_value_head_dim=64, linear_conv_kernel_dim=4,
+    rms_norm_eps=1e-6, max_position_embeddings=262144,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+    num_experts=64, num_experts_per_tok=4,
+    moe_intermediate_size=256, shared_expert_intermediate_size=256,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -126,30 +137,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "small-qwen3.5-moe",
             "Qwen3_5MoeForCausalLM",
-            dict(
-                vocab_size=32000,
-                hidden_size=1024,
-                num_hidden_layers=8,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                head_dim=128,
-                linear_num_key_heads=8,
-                linear_num_value_heads=16,
-                linear_key_head_dim=64,
-                linear_value_head_dim=64,
-                linear_conv_kernel_dim=4,
-                rms_norm_eps=1e-6,
-                max_position_embeddings=262144,
-                rope_parameters={
-                    "rope_type": "default",
-                    "rope_theta": 10000000.0,
-                    "partial_rotary_factor": 0.25,
-                },
-                num_experts=64,
-                num_experts_per_tok=4,
-                moe_intermediate_size=256,
-                shared_expert_intermediate_size=256,
-            ),
+            _SMALL_MOE,
             "about 0.5B parameters shaped like Qwen3.5-35B-A3B (8 layers, 64 experts top-4), for benchmarks",
         ),
     ]

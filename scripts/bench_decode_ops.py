@@ -5,8 +5,7 @@ preset's shape (64 experts, top 4, fresh router logits every call, so the chosen
 as in decode), beside NumPy summing as many bytes (k random experts) as the memory peer, and one token of
 Attention and of AttentionKv16 over a 64K-key cache at the small preset's shape (and AttentionKv16 at
 Qwen3.5-35B-A3B's: 16 query heads, 2 kv heads of 256, and at Qwen3.5-27B's: 24 query heads, 4 kv heads of
-256) on two threads, its caches bound in place as the
-runtime binds them.
+256) on two threads, its caches bound in place as the runtime binds them.
 
 Each side builds its library with its own code (`qwen_export.cpu_kernels.library_path()`, run by that side's
 Python: a clone at the baseline installed into a venv that borrows this venv's packages), then each case runs

@@ -73,6 +73,10 @@ inline __m128 sum4(Lanes a, Lanes b, Lanes c, Lanes d) {
 // 16 took the path for many rows, which converts each 512-key block into a float copy first (1.85x the time
 // at G = 4), and G = 6 one pass per row.
 inline bool float16_row_groups(int64_t rows) { return kLanes == 8 && rows >= 4 && rows % 2 == 0 && rows <= 16; }
+template <typename T>
+inline bool row_groups(int64_t rows) {  // float keys and values keep one pass per row
+  return sizeof(T) == sizeof(Half) && float16_row_groups(rows);
+}
 
 // R rows by two keys: R = 4, or 2 for the last pair of rows (G = 6). Each (row, key) sums over d in the same
 // order, and sum4 reduces a vector the same way wherever it sits: the same bits as one pass per row.
@@ -126,8 +130,7 @@ bool scores_few_rows(const float* q, int64_t rows, const T* keys, int64_t count,
                      int64_t ld) {
   if (hd % kLanes != 0) return false;
   int64_t j = 0;
-  if (sizeof(T) == sizeof(Half) && float16_row_groups(rows))
-    j = scores_row_groups_two_keys(q, rows, keys, count, hd, s, ld);
+  if (row_groups<T>(rows)) j = scores_row_groups_two_keys(q, rows, keys, count, hd, s, ld);
   for (; j + 4 <= count; j += 4) {
     const T *k0 = keys + j * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
     if (kPrefetchBytes > 0) prefetch_ahead(k0, 4 * hd * static_cast<int64_t>(sizeof(T)), kPrefetchBytes);
@@ -177,8 +180,9 @@ void accumulate_rows(const float* p, int64_t ld, const T* values, int64_t count,
   }
 }
 
-// Decode's rows of float16 keys and values, converted as they are loaded: fewer than 8, or groups of four on
-// AVX2. Prefill tiles (ld = kBlockKeys) of 8 rows or more convert a block first and keep their own sums.
+// Decode's rows of float16 keys and values, converted as they are loaded: fewer than 8, or row groups on AVX2
+// (float16_row_groups). Prefill tiles (ld = kBlockKeys) of 8 rows or more convert a block first and keep
+// their own sums.
 inline bool few_float16_rows(int64_t rows, int64_t ld) {
   return rows < 8 || (float16_row_groups(rows) && ld != kBlockKeys);
 }
@@ -205,7 +209,7 @@ bool accumulate_tiles(const float* p, int64_t rows, int64_t ld, const T* values,
     for (; r < rows; ++r) accumulate_rows<1, 2>(p + r * ld, ld, values, count, hd, acc + r * hd);
     return true;
   }
-  const bool groups = sizeof(T) == sizeof(Half) && float16_row_groups(rows);
+  const bool groups = row_groups<T>(rows);
   if ((rows < 8 || groups) && hd % (8 * kLanes) == 0) {  // few rows (decode): whole rows, see kDecodeRows
     const int64_t chunk = kValueChunkKeys > 0 ? kValueChunkKeys : count;
     // each chunk read from memory by its first rows, then from L1; where the values are chunked (AVX2), the

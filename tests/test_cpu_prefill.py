@@ -72,7 +72,9 @@ def reference_delta_rule(proj, conv_w, past_conv, past_state, dt_bias, neg_exp_a
     return out.reshape(b_, t_, NV * dv), present_conv, state
 
 
-def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV, positions: bool = False):
+def delta_rule_case(
+    batch: int, tokens: int, seed: int = 0, dv: int = DV, positions: bool = False, threads: int = 2
+):
     """A one-node GatedDeltaRule session and its inputs; `positions`: with the optional per-token states
     (outputs 3 and 4, domain version 3)."""
     rng = np.random.default_rng(seed)
@@ -98,7 +100,7 @@ def delta_rule_case(batch: int, tokens: int, seed: int = 0, dv: int = DV, positi
         domain="qwen.cpu", num_k_heads=NK, num_v_heads=NV, head_k_dim=DK, head_v_dim=dv, conv_kernel=KERNEL,
         epsilon=1e-6,
     )  # fmt: skip
-    session = _session([node], [_x(n, None) for n in inputs], weights, outputs=outputs)
+    session = _session([node], [_x(n, None) for n in inputs], weights, outputs=outputs, threads=threads)
     return session, inputs, weights
 
 
@@ -135,6 +137,25 @@ def test_decode_steps_match_the_reference_at_every_column_blocking(dv, monkeypat
     assert np.abs(y - expected[0]).max() / np.abs(expected[0]).max() < CHUNKED_VS_RECURRENT
     assert np.abs(state - expected[2]).max() / np.abs(expected[2]).max() < CHUNKED_VS_RECURRENT
     np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
+
+
+@pytest.mark.parametrize("dv", [20, 64], ids=["scalar-columns", "64-columns"])
+def test_decode_of_many_heads_on_two_threads_gives_one_threads_bits(dv, monkeypatch):
+    """Decode at batch 32: 32 x 4 heads of 32 x dv state, 4 multiply-adds an element, past the work that
+    goes to ORT's pool (common/parallel.h; the small preset's one-sequence step is as much). The heads'
+    tasks on two threads give the one-thread session's bits, and the reference's values."""
+    monkeypatch.delenv("QWEN_CPU_DELTA_RULE", raising=False)
+    runs = []
+    for threads in (1, 2):
+        session, inputs, weights = delta_rule_case(32, 1, seed=dv, dv=dv, threads=threads)
+        runs.append(session.run(None, inputs))
+    expected = reference_delta_rule(**inputs, **weights)
+    y, conv, state = runs[1]
+    assert np.abs(y - expected[0]).max() / np.abs(expected[0]).max() < CHUNKED_VS_RECURRENT
+    assert np.abs(state - expected[2]).max() / np.abs(expected[2]).max() < CHUNKED_VS_RECURRENT
+    np.testing.assert_array_equal(conv, expected[1].astype(np.float32))
+    for one, two in zip(*runs, strict=True):
+        np.testing.assert_array_equal(one, two)
 
 
 _WIDTH_CASE = """

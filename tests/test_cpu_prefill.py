@@ -8,6 +8,7 @@
   change no result.
 - The per-token states a speculative verify step asks for equal the states of calls that stop at each
   token.
+- Decode of many heads, on ORT's pool, gives the bits of one thread.
 - An ort-cpu-int4 build of a tiny preset, its delta rule forced onto the chunked path, still decodes the
   golden's greedy tokens as far as the recurrence does, and the same tokens as the recurrence.
 """

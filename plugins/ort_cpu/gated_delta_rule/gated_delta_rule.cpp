@@ -181,15 +181,17 @@ __attribute__((always_inline)) inline void delta_step_body(const float* from, fl
 
 // out[t * out_stride + c] = sum_j w[c, j] * window(c, t + j) for tokens [0, T) and channels [0, n) of a block,
 // where window position i is state[c, i] for i < keep and token i - keep of x (row stride `stride`) after. The
-// weights come transposed, wt[j * wt_stride + c]. W channels at a time sum in a register, the rest one by one;
+// weight w[c, j] is wt[j * tap_stride + c * channel_stride]: transposed to [K, C] (channel_stride 1, a vector of
+// channels one load) or as the op takes them, [C, K] (gathered a lane at a time, as the state's window is); the
+// same values either way, so the same bits. W channels at a time sum in a register, the rest one by one;
 // every token takes the same operations, wherever its window lies, so a token's outputs do not depend on how
 // many tokens the call has (common/step_tokens.h). (A separate auto-vectorised loop for the tokens whose window
 // reaches into the state rounded each product in the AVX-512 copy, where the register loop fused them.)
 template <int W>
-__attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel,
-                                                       const float* state, int64_t keep, const float* x,
-                                                       int64_t stride, int64_t T, int64_t n, float* out,
-                                                       int64_t out_stride) {
+__attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t tap_stride,
+                                                       int64_t channel_stride, int64_t kernel, const float* state,
+                                                       int64_t keep, const float* x, int64_t stride, int64_t T,
+                                                       int64_t n, float* out, int64_t out_stride) {
   for (int64_t t = 0; t < T; ++t) {
     float* row = out + t * out_stride;
     int64_t c = 0;
@@ -198,7 +200,11 @@ __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t 
       for (int64_t j = 0; j < kernel; ++j) {
         const int64_t i = t + j;
         VecF<W> w, in;
-        std::memcpy(&w, wt + j * wt_stride + c, sizeof w);
+        if (channel_stride == 1) {
+          std::memcpy(&w, wt + j * tap_stride + c, sizeof w);
+        } else {
+          for (int l = 0; l < W; ++l) w[l] = wt[j * tap_stride + (c + l) * channel_stride];
+        }
         if (i < keep) {
           for (int l = 0; l < W; ++l) in[l] = state[(c + l) * keep + i];
         } else {
@@ -212,7 +218,7 @@ __attribute__((always_inline)) inline void conv_tokens(const float* wt, int64_t 
       float acc = 0.f;
       for (int64_t j = 0; j < kernel; ++j) {
         const int64_t i = t + j;
-        acc += wt[j * wt_stride + c] * (i < keep ? state[c * keep + i] : x[(i - keep) * stride + c]);
+        acc += wt[j * tap_stride + c * channel_stride] * (i < keep ? state[c * keep + i] : x[(i - keep) * stride + c]);
       }
       row[c] = acc;
     }
@@ -416,8 +422,9 @@ struct DeltaRuleLoops {
   void (*rms_norm)(const float* x, int64_t n, float eps, const float* w, float* y);
   void (*delta_step)(const float* from, float* state, const float* q, const float* k, const float* v, float decay,
                      float beta, int64_t dk, int64_t dv, float* kv, float* o);
-  void (*conv_tokens)(const float* wt, int64_t wt_stride, int64_t kernel, const float* state, int64_t keep,
-                      const float* x, int64_t stride, int64_t T, int64_t n, float* out, int64_t out_stride);
+  void (*conv_tokens)(const float* wt, int64_t tap_stride, int64_t channel_stride, int64_t kernel,
+                      const float* state, int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n,
+                      float* out, int64_t out_stride);
   void (*small_gemm)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                      int64_t n, int64_t p, bool accumulate);
   void (*delta_chunk)(float* state, const float* q, const float* k, const float* v, const float* beta,
@@ -435,10 +442,11 @@ struct DeltaRuleLoops {
                              float decay, float beta, int64_t dk, int64_t dv, float* kv, float* o) {             \
     delta_step_body<W>(from, state, q, k, v, decay, beta, dk, dv, kv, o);                                        \
   }                                                                                                              \
-  attributes void conv_tokens(const float* wt, int64_t wt_stride, int64_t kernel, const float* state,            \
-                              int64_t keep, const float* x, int64_t stride, int64_t T, int64_t n, float* out,     \
-                              int64_t out_stride) {                                                              \
-    qwen_cpu::conv_tokens<W>(wt, wt_stride, kernel, state, keep, x, stride, T, n, out, out_stride);              \
+  attributes void conv_tokens(const float* wt, int64_t tap_stride, int64_t channel_stride, int64_t kernel,      \
+                              const float* state, int64_t keep, const float* x, int64_t stride, int64_t T,        \
+                              int64_t n, float* out, int64_t out_stride) {                                       \
+    qwen_cpu::conv_tokens<W>(wt, tap_stride, channel_stride, kernel, state, keep, x, stride, T, n, out,          \
+                             out_stride);                                                                        \
   }                                                                                                              \
   attributes void small_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,    \
                              int64_t m, int64_t n, int64_t p, bool accumulate) {                                 \
@@ -514,9 +522,16 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
   std::unique_ptr<float[]> conv_rows;
   float* conv = B * T * C <= kKeptScratchFloats ? grow(conv_buffer, B * T * C)
                                                 : (conv_rows.reset(new float[B * T * C]), conv_rows.get());
-  float* conv_wt = grow(conv_wt_buffer, K * C);  // the conv weights as [K, C]
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];
+  // A call of several tokens transposes the conv weights to [K, C] once (a vector of channels one load for
+  // every token); a one-token call (decode) reads them as given, [C, K], in order: in a model they come from
+  // memory every step, and the transpose's strided pass took 11 of a small-preset decode layer's 58-70 us.
+  const bool transposed = T > 1;
+  float* conv_wt = nullptr;
+  if (transposed) {
+    conv_wt = grow(conv_wt_buffer, K * C);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < K; ++j) conv_wt[j * C + c] = conv_w[c * K + j];
+  }
   const int64_t qk_channels = 2 * s.nk * s.dk;
   // the first channel and the width of the head that holds channel c (q and k heads are dk wide, v heads dv)
   const auto head_of = [&](int64_t c) -> std::pair<int64_t, int64_t> {
@@ -537,7 +552,8 @@ void gated_delta_rule(const float* proj, const float* conv_w, const float* past_
       const auto [first, width] = head_of(c);
       const int64_t n = std::min(c1, first + width) - c;
       float* rows = head_rows(b, first) + (c - first);
-      f.conv_tokens(conv_wt + c, C, K, state + (c - c0) * keep, keep, x + (c - c0), W, T, n, rows, width);
+      const float *wt = transposed ? conv_wt + c : conv_w + c * K, *window = state + (c - c0) * keep;
+      f.conv_tokens(wt, transposed ? C : 1, transposed ? 1 : K, K, window, keep, x + (c - c0), W, T, n, rows, width);
       if (n == width) {
         silu_inplace(rows, T * width);
       } else {
